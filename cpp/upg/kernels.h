@@ -1,0 +1,61 @@
+// CPU kernel interface. One implementation per instruction set (scalar reference, AVX2, AVX-512),
+// chosen at run time; the model graph calls only what is declared here.
+#pragma once
+#include <cstdint>
+#include "upg/quant.h"
+
+namespace upg {
+
+// A read-only weight matrix [rows, cols] of any UPG type, pointing into the mapped file.
+struct WeightView {
+  DType type = DType::F32;
+  int block = 0;                    // elements per scale block (quantized types), else 0
+  int64_t rows = 0, cols = 0;
+  const uint8_t* codes = nullptr;   // dense data, or the qs / ql section
+  const uint8_t* high = nullptr;    // q3: the qh section
+  const uint16_t* scales = nullptr; // quantized: f16 [rows][cols / block]
+  // Sparse exact outliers (CSR), all null when absent:
+  // W[r][o_col[i]] += f16(o_val[i]) for i in [o_rowptr[r], o_rowptr[r + 1]).
+  const int32_t* o_rowptr = nullptr;
+  const int32_t* o_col = nullptr;
+  const uint16_t* o_val = nullptr;
+};
+
+struct Kernels {
+  const char* name;  // "scalar", "avx2", "avx512"
+
+  // Decode: y[r] = sum_k W[r][k] * x[k] for r in [r0, r1). Outliers are added in the same pass.
+  // y points at element 0 of the full output (only [r0, r1) is written).
+  void (*matvec)(const WeightView& w, const float* x, float* y, int64_t r0, int64_t r1);
+
+  // Prefill: y[t * ldy + r] = sum_k W[r][k] * x[t * cols + k] for t in [0, n), r in [r0, r1).
+  // Blocked: each weight tile is decoded once per block of tokens, never once per token.
+  void (*matmul)(const WeightView& w, const float* x, int64_t n, float* y, int64_t ldy,
+                 int64_t r0, int64_t r1);
+
+  // out[k] = W[r][k] for k in [0, cols), outliers included (embedding lookup).
+  void (*dequant_row)(const WeightView& w, int64_t r, float* out);
+
+  // Attention helpers over one head's KV rows, which are f32 or f16.
+  float (*dot_f32)(const float* a, const float* b, int64_t n);
+  float (*dot_f16)(const float* a, const uint16_t* b, int64_t n);
+  void (*axpy_f32)(float a, const float* x, float* y, int64_t n);   // y += a * x
+  void (*axpy_f16)(float a, const uint16_t* x, float* y, int64_t n);
+  void (*to_f16)(const float* x, uint16_t* y, int64_t n);            // round to nearest even
+};
+
+// The kernels used by the engine: named by the UPG_SIMD environment variable (scalar, avx2,
+// avx512) when set, else the best this CPU runs. Throws std::runtime_error when UPG_SIMD names a
+// path this CPU or build cannot run.
+const Kernels& kernels();
+
+// A path by name, or nullptr if it is not built in or this CPU cannot run it.
+const Kernels* kernels_by_name(const char* name);
+
+// Quantizers (the writer's side). Rows [r0, r1) of src ([rows, cols] f32, row-major) go into the
+// sections of a quantized matrix laid out as docs/FORMAT.md says; `out` is its first byte and
+// holds quant_sections(type, rows, cols, block).total() bytes. Callers split rows across threads.
+void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_t cols,
+                   uint8_t* out, int64_t r0, int64_t r1);
+
+}  // namespace upg

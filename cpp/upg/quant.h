@@ -1,0 +1,114 @@
+// UPG tensor types: the one C++ definition of each type's layout (docs/FORMAT.md is the spec).
+// The writer (through the bindings), every CPU path and the Metal kernels follow this header.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace upg {
+
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4 = 4, Q3 = 5, I32 = 6 };
+constexpr int kNumDTypes = 7;
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+    case DType::Q8_0: return "q8_0";
+    case DType::Q4: return "q4";
+    case DType::Q3: return "q3";
+    case DType::I32: return "i32";
+  }
+  return "?";
+}
+
+inline bool is_quantized(DType t) { return t == DType::Q8_0 || t == DType::Q4 || t == DType::Q3; }
+
+// Element size in bytes of a dense type, 0 for quantized types.
+inline int dense_elem_size(DType t) {
+  switch (t) {
+    case DType::F32: case DType::I32: return 4;
+    case DType::F16: case DType::BF16: return 2;
+    default: return 0;
+  }
+}
+
+constexpr uint64_t kTensorAlign = 64;     // every tensor and every section inside one
+constexpr uint64_t kDataAlign = 16384;    // the data section (Apple GPU page)
+inline uint64_t pad64(uint64_t n) { return (n + 63) & ~uint64_t(63); }
+
+// Byte sizes of the sections of a quantized [rows, cols] matrix, in file order. Section i starts
+// at the sum of the padded sizes before it.
+struct QuantSections {
+  uint64_t codes;   // qs (q8_0, q4) or ql (q3)
+  uint64_t high;    // qh (q3 only), else 0
+  uint64_t scales;  // f16 per block
+  uint64_t total() const { return pad64(codes) + pad64(high) + pad64(scales); }
+  uint64_t high_offset() const { return pad64(codes); }
+  uint64_t scales_offset() const { return pad64(codes) + pad64(high); }
+};
+
+inline QuantSections quant_sections(DType t, uint64_t rows, uint64_t cols, uint64_t block) {
+  const uint64_t nb = cols / block;
+  QuantSections s{0, 0, rows * nb * 2};
+  if (t == DType::Q8_0) s.codes = rows * cols;
+  if (t == DType::Q4) s.codes = rows * cols / 2;
+  if (t == DType::Q3) { s.codes = rows * cols / 4; s.high = rows * cols / 8; }
+  return s;
+}
+
+// Code of element j of a q3 block (B = block size) from its ql and qh bytes.
+inline int q3_code(const uint8_t* ql, const uint8_t* qh, int B, int j) {
+  const int lo = (ql[j % (B / 4)] >> (2 * (j / (B / 4)))) & 3;
+  const int hi = (qh[j % (B / 8)] >> (j / (B / 8))) & 1;
+  return lo | (hi << 2);
+}
+
+// ---- half and bfloat16 conversions (portable; SIMD paths use F16C where present) ----
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) { bits = sign; }
+    else {  // subnormal: normalize
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f; std::memcpy(&f, &bits, 4); return f;
+}
+
+// Round to nearest even, as numpy's float32 -> float16 cast.
+inline uint16_t f32_to_f16(float f) {
+  uint32_t x; std::memcpy(&x, &f, 4);
+  const uint16_t sign = (x >> 16) & 0x8000;
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0);  // inf / nan
+  if (ax >= 0x477ff000u) return sign | 0x7c00;                                    // overflow
+  if (ax < 0x38800000u) {                                                         // subnormal / zero
+    if (ax < 0x33000000u) return sign;
+    // value = m * 2^(e-150); in units of the f16 subnormal step 2^-24 that is m >> (126 - e)
+    const uint32_t e = ax >> 23, m = (ax & 0x7fffff) | 0x800000;
+    const int shift = 126 - int(e);
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    uint32_t res = m >> shift;
+    if (rem > half || (rem == half && (res & 1))) ++res;
+    return sign | uint16_t(res);
+  }
+  uint32_t res = ((ax >> 13) - (112u << 10));
+  const uint32_t rem = ax & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (res & 1))) ++res;
+  return sign | uint16_t(res);
+}
+
+inline float bf16_to_f32(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float f; std::memcpy(&f, &bits, 4); return f;
+}
+
+}  // namespace upg
