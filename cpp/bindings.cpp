@@ -1,7 +1,163 @@
-// placeholder: the engine bindings land here
+// The upg_backend._core module: thin wrappers, numpy in and out, the GIL released while computing.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <mutex>
+
+#include "upg/format.h"
+#include "upg/model.h"
+#include "upg/sampler.h"
+
 namespace py = pybind11;
+using namespace upg;
+
 void bind_kernels(py::module_& m);
+
+namespace {
+
+// A read-only numpy view of bytes inside the mapping, keeping `owner` (the mapping) alive.
+py::array readonly_view(const py::dtype& dtype, std::vector<py::ssize_t> shape, const void* ptr, py::handle owner) {
+  py::array a(dtype, std::move(shape), ptr, owner);
+  a.attr("setflags")(py::arg("write") = false);
+  return a;
+}
+
+ModelConfig config_from_dict(const py::dict& d) {
+  ModelConfig c;
+  c.hidden_size = d["hidden_size"].cast<int>();
+  c.intermediate_size = d["intermediate_size"].cast<int>();
+  c.num_hidden_layers = d["num_hidden_layers"].cast<int>();
+  c.num_attention_heads = d["num_attention_heads"].cast<int>();
+  c.num_key_value_heads = d["num_key_value_heads"].cast<int>();
+  c.head_dim = d["head_dim"].cast<int>();
+  c.rotary_dim = d["rotary_dim"].cast<int>();
+  c.vocab_size = d["vocab_size"].cast<int>();
+  c.rms_norm_eps = d["rms_norm_eps"].cast<float>();
+  c.rope_theta = d["rope_theta"].cast<float>();
+  c.longrope = d["rope_type"].cast<std::string>() == "longrope";
+  c.original_max_position_embeddings = d["original_max_position_embeddings"].cast<int>();
+  c.short_factor = d["short_factor"].cast<std::vector<float>>();
+  c.long_factor = d["long_factor"].cast<std::vector<float>>();
+  c.attention_factor = d["attention_factor"].cast<float>();
+  c.tie_word_embeddings = d["tie_word_embeddings"].cast<bool>();
+  return c;
+}
+
+// One session is not safe to use from two threads at once; the lock makes that an orderly wait.
+struct PySession {
+  PySession(std::shared_ptr<Model> m, int n_ctx, const std::string& kv, int n_threads, int n_batch)
+      : model(m), session(m, n_ctx, kv_type(kv), n_threads, n_batch) {}
+  static KVType kv_type(const std::string& s) {
+    if (s == "f16") return KVType::F16;
+    if (s == "f32") return KVType::F32;
+    throw std::invalid_argument("kv_type must be 'f16' or 'f32', got '" + s + "'");
+  }
+  std::shared_ptr<Model> model;
+  Session session;
+  Rng rng{0};
+  std::mutex mu;
+};
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
+  m.doc() = "upg-backend C++ core: UPG reader, Phi3 engine, sampler and CPU kernels";
+  py::register_exception<FormatError>(m, "UPGFormatError", PyExc_ValueError);
+
+  py::class_<UPGFile, std::shared_ptr<UPGFile>>(m, "File")
+      .def(py::init<const std::string&>(), py::arg("path"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("header", [](const UPGFile& f) { return py::bytes(f.header()).attr("decode")("utf-8"); })
+      .def_property_readonly("file_size", &UPGFile::file_size)
+      .def_property_readonly("data_offset", &UPGFile::data_offset)
+      .def_property_readonly("tensors", [](const UPGFile& f) {
+        py::list out;
+        for (const auto& t : f.tensors()) {
+          py::dict d;
+          d["name"] = t.name;
+          d["dtype"] = dtype_name(t.dtype);
+          d["dims"] = py::tuple(py::cast(t.dims));
+          d["block"] = t.block;
+          d["offset"] = t.offset;
+          d["nbytes"] = t.nbytes;
+          d["crc32"] = t.crc32;
+          out.append(d);
+        }
+        return out;
+      })
+      .def("data", [](py::object self, const std::string& name) {
+        const UPGFile& f = self.cast<const UPGFile&>();
+        const TensorInfo* t = f.find(name);
+        if (!t) throw py::key_error("no tensor named '" + name + "'");
+        return readonly_view(py::dtype::of<uint8_t>(), {py::ssize_t(t->nbytes)}, f.data(*t), self);
+      }, py::arg("name"))
+      .def("verify", &UPGFile::verify, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<Model, std::shared_ptr<Model>>(m, "Model")
+      .def(py::init([](const std::string& path, const py::dict& config) {
+             ModelConfig c = config_from_dict(config);
+             py::gil_scoped_release nogil;
+             return std::make_shared<Model>(path, c);
+           }), py::arg("path"), py::arg("config"))
+      .def_property_readonly("n_vocab", [](const Model& m) { return m.config().vocab_size; });
+
+  py::class_<SamplingParams>(m, "SamplingParams")
+      .def(py::init<>())
+      .def_readwrite("temperature", &SamplingParams::temperature)
+      .def_readwrite("top_k", &SamplingParams::top_k)
+      .def_readwrite("top_p", &SamplingParams::top_p)
+      .def_readwrite("min_p", &SamplingParams::min_p)
+      .def_readwrite("typical_p", &SamplingParams::typical_p)
+      .def_readwrite("repeat_penalty", &SamplingParams::repeat_penalty)
+      .def_readwrite("presence_penalty", &SamplingParams::presence_penalty)
+      .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
+      .def_readwrite("penalty_last_n", &SamplingParams::penalty_last_n)
+      .def_property("logit_bias",
+          [](const SamplingParams& p) {
+            py::dict d;
+            for (const auto& [k, v] : p.logit_bias) d[py::int_(k)] = v;
+            return d;
+          },
+          [](SamplingParams& p, const py::dict& d) {
+            p.logit_bias.clear();
+            for (const auto& [k, v] : d) p.logit_bias.emplace_back(k.cast<int32_t>(), v.cast<float>());
+          });
+
+  py::class_<PySession>(m, "Session")
+      .def(py::init<std::shared_ptr<Model>, int, const std::string&, int, int>(), py::arg("model"), py::arg("n_ctx"),
+           py::arg("kv_type") = "f16", py::arg("n_threads") = 0, py::arg("n_batch") = 512)
+      .def("eval", [](PySession& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, bool logits_all) {
+             if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
+             const int64_t n = tokens.shape(0);
+             const int64_t vocab = s.model->config().vocab_size;
+             py::array_t<float> out(std::vector<py::ssize_t>{logits_all ? n : 1, vocab});
+             const int32_t* tp = tokens.data();
+             float* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard<std::mutex> lock(s.mu);
+               s.session.eval(tp, n, logits_all, op);
+             }
+             return out;
+           }, py::arg("tokens"), py::arg("logits_all") = false)
+      .def_property_readonly("n_past", [](PySession& s) { return s.session.n_past(); })
+      .def_property_readonly("n_ctx", [](PySession& s) { return s.session.n_ctx(); })
+      .def("truncate", [](PySession& s, int64_t n) {
+             std::lock_guard<std::mutex> lock(s.mu);
+             s.session.truncate(n);
+           }, py::arg("n"))
+      .def("set_seed", [](PySession& s, uint64_t seed) { s.rng = Rng(seed); }, py::arg("seed"))
+      .def("sample", [](PySession& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+                        const SamplingParams& p, py::array_t<int32_t, py::array::c_style | py::array::forcecast> history) {
+             const int32_t vocab = s.model->config().vocab_size;
+             if (logits.ndim() != 1 || logits.shape(0) != vocab)
+               throw std::invalid_argument("logits must be a 1-D array of n_vocab floats");
+             if (history.ndim() != 1) throw std::invalid_argument("history must be a 1-D array");
+             py::gil_scoped_release nogil;
+             std::lock_guard<std::mutex> lock(s.mu);
+             return sample_token(logits.data(), vocab, p, history.data(), history.shape(0), s.rng);
+           }, py::arg("logits"), py::arg("params"), py::arg("history"));
+
   bind_kernels(m);
 }

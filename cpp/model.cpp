@@ -1,1 +1,251 @@
-// placeholder until the engine lands
+#include "upg/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace upg {
+namespace {
+
+std::string layer_name(int i, const char* rest) { return "model.layers." + std::to_string(i) + "." + rest; }
+
+// out[i] = x[i] / rms(x) * w[i], the statistic in double (transformers computes it in float32).
+void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
+  double ss = 0;
+  for (int i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float scale = float(1.0 / std::sqrt(ss / n + eps));
+  for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * scale);
+}
+
+// Rotate-half (NeoX) RoPE on the first rotary_dim dims of one head: pairs (i, i + rotary_dim/2).
+void rope(float* v, const float* cos, const float* sin, int half) {
+  for (int i = 0; i < half; ++i) {
+    const float a = v[i], b = v[i + half];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+}  // namespace
+
+void ModelConfig::check() const {
+  auto positive = [](int v, const char* name) {
+    if (v <= 0) throw std::invalid_argument(std::string("config: ") + name + " must be positive");
+  };
+  positive(hidden_size, "hidden_size");
+  positive(intermediate_size, "intermediate_size");
+  positive(num_hidden_layers, "num_hidden_layers");
+  positive(num_attention_heads, "num_attention_heads");
+  positive(num_key_value_heads, "num_key_value_heads");
+  positive(head_dim, "head_dim");
+  positive(vocab_size, "vocab_size");
+  if (num_attention_heads % num_key_value_heads) throw std::invalid_argument("config: heads must be a multiple of kv heads");
+  if (rotary_dim <= 0 || rotary_dim > head_dim || rotary_dim % 2) throw std::invalid_argument("config: bad rotary_dim");
+  if (longrope && (short_factor.size() != size_t(rotary_dim / 2) || long_factor.size() != size_t(rotary_dim / 2)))
+    throw std::invalid_argument("config: longrope factors must have rotary_dim / 2 entries");
+  if (!(rms_norm_eps > 0) || !(rope_theta > 0)) throw std::invalid_argument("config: eps and rope_theta must be positive");
+}
+
+Model::Model(const std::string& path, const ModelConfig& config) : file_(path), cfg_(config) {
+  cfg_.check();
+  const uint64_t hidden = cfg_.hidden_size, inter = cfg_.intermediate_size, hd = cfg_.head_dim;
+  const uint64_t qkv_rows = (cfg_.num_attention_heads + 2 * uint64_t(cfg_.num_key_value_heads)) * hd;
+  embed_ = file_.weight("model.embed_tokens.weight", cfg_.vocab_size, hidden);
+  lm_head_ = cfg_.tie_word_embeddings ? embed_ : file_.weight("lm_head.weight", cfg_.vocab_size, hidden);
+  final_norm_ = file_.vector_f32("model.norm.weight", hidden);
+  for (int i = 0; i < cfg_.num_hidden_layers; ++i) {
+    layers_.push_back(LayerWeights{
+        file_.vector_f32(layer_name(i, "input_layernorm.weight"), hidden),
+        file_.weight(layer_name(i, "self_attn.qkv_proj.weight"), qkv_rows, hidden),
+        file_.weight(layer_name(i, "self_attn.o_proj.weight"), hidden, uint64_t(cfg_.num_attention_heads) * hd),
+        file_.vector_f32(layer_name(i, "post_attention_layernorm.weight"), hidden),
+        file_.weight(layer_name(i, "mlp.gate_up_proj.weight"), 2 * inter, hidden),
+        file_.weight(layer_name(i, "mlp.down_proj.weight"), hidden, inter),
+    });
+  }
+  // Inverse frequencies in float32, computed as transformers computes them.
+  const int half = cfg_.rotary_dim / 2;
+  for (int i = 0; i < half; ++i) {
+    const float expo = float(2 * i) / float(cfg_.rotary_dim);
+    const float base = float(std::pow(double(cfg_.rope_theta), double(expo)));
+    inv_freq_short_.push_back(1.0f / ((cfg_.longrope ? cfg_.short_factor[i] : 1.0f) * base));
+    inv_freq_long_.push_back(1.0f / ((cfg_.longrope ? cfg_.long_factor[i] : 1.0f) * base));
+  }
+}
+
+Session::Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_threads, int n_batch)
+    : model_(std::move(model)), k_(kernels()), n_ctx_(n_ctx), n_batch_(n_batch), kv_type_(kv_type),
+      pool_(n_threads > 0 ? n_threads : std::max(1u, std::thread::hardware_concurrency())) {
+  if (n_ctx < 1) throw std::invalid_argument("n_ctx must be at least 1");
+  if (n_batch < 1) throw std::invalid_argument("n_batch must be at least 1");
+  n_batch_ = std::min(n_batch_, n_ctx_);
+  const ModelConfig& c = model_->config();
+  const size_t kv = size_t(c.num_hidden_layers) * c.num_key_value_heads * size_t(n_ctx) * c.head_dim;
+  if (kv_type == KVType::F32) {
+    k_f32_.assign(kv, 0.0f);
+    v_f32_.assign(kv, 0.0f);
+  } else {
+    k_f16_.assign(kv, 0);
+    v_f16_.assign(kv, 0);
+  }
+  const size_t nb = size_t(n_batch_);
+  const size_t qkv_rows = size_t(c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  x_.resize(nb * c.hidden_size);
+  xn_.resize(nb * c.hidden_size);
+  qkv_.resize(nb * qkv_rows);
+  attn_.resize(nb * c.num_attention_heads * c.head_dim);
+  gu_.resize(nb * 2 * size_t(c.intermediate_size));
+  act_.resize(nb * size_t(c.intermediate_size));
+  proj_.resize(nb * c.hidden_size);
+  scores_.resize(size_t(pool_.size()) * n_ctx);
+  cos_.resize(nb * (c.rotary_dim / 2));
+  sin_.resize(nb * (c.rotary_dim / 2));
+  pos_.resize(nb);
+}
+
+void Session::truncate(int64_t n) {
+  if (n < 0 || n > n_past_) throw std::invalid_argument("truncate: position out of range");
+  n_past_ = n;
+}
+
+void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+  const int32_t vocab = model_->config().vocab_size;
+  if (n < 1) throw std::invalid_argument("eval needs at least one token");
+  if (n > n_ctx_ - n_past_)
+    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
+                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= vocab)
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+  for (int64_t done = 0; done < n;) {
+    const int64_t m = std::min<int64_t>(n_batch_, n - done);
+    const bool last = done + m == n;
+    // Rows of this batch go to their place in out; only the final row is kept otherwise.
+    forward(tokens + done, m, all_logits, all_logits ? out + done * vocab : (last ? out : nullptr));
+    done += m;
+  }
+}
+
+void Session::matmul(const WeightView& w, const float* x, int64_t n, float* y) {
+  pool_.run([&](int t, int nt) {
+    int64_t r0, r1;
+    split_range(w.rows, t, nt, 16, r0, r1);
+    if (r0 >= r1) return;
+    if (n == 1) k_.matvec(w, x, y, r0, r1);
+    else k_.matmul(w, x, n, y, w.rows, r0, r1);
+  });
+}
+
+void Session::forward(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+  const ModelConfig& c = model_->config();
+  const int hidden = c.hidden_size, hd = c.head_dim, inter = c.intermediate_size;
+  const int n_heads = c.num_attention_heads, n_kv = c.num_key_value_heads, half = c.rotary_dim / 2;
+  const int64_t qkv_rows = int64_t(n_heads + 2 * n_kv) * hd;
+
+  // Positions, and cos/sin for them. LongRoPE picks its factors by this pass's sequence length.
+  const bool long_factors = c.longrope && n_past_ + n > c.original_max_position_embeddings;
+  const std::vector<float>& inv_freq = model_->inv_freq(long_factors);
+  for (int64_t t = 0; t < n; ++t) {
+    pos_[t] = n_past_ + t;
+    for (int i = 0; i < half; ++i) {
+      const float angle = float(pos_[t]) * inv_freq[i];
+      cos_[t * half + i] = float(std::cos(double(angle))) * c.attention_factor;
+      sin_[t * half + i] = float(std::sin(double(angle))) * c.attention_factor;
+    }
+  }
+
+  for (int64_t t = 0; t < n; ++t) k_.dequant_row(model_->embed(), tokens[t], &x_[t * hidden]);
+
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& L = model_->layers()[l];
+    // Attention block: x += o_proj(attention(rope(qkv_proj(norm(x)))))
+    for (int64_t t = 0; t < n; ++t) rmsnorm(&xn_[t * hidden], &x_[t * hidden], L.attn_norm, hidden, c.rms_norm_eps);
+    matmul(L.qkv, xn_.data(), n, qkv_.data());
+    for (int64_t t = 0; t < n; ++t) {
+      float* row = &qkv_[t * qkv_rows];
+      for (int h = 0; h < n_heads + n_kv; ++h) rope(row + h * hd, &cos_[t * half], &sin_[t * half], half);
+    }
+    attention(l, n);
+    matmul(L.o, attn_.data(), n, proj_.data());
+    for (int64_t i = 0; i < n * hidden; ++i) x_[i] += proj_[i];
+
+    // MLP block: x += down(silu(gate) * up), gate and up from one fused projection.
+    for (int64_t t = 0; t < n; ++t) rmsnorm(&xn_[t * hidden], &x_[t * hidden], L.mlp_norm, hidden, c.rms_norm_eps);
+    matmul(L.gate_up, xn_.data(), n, gu_.data());
+    pool_.run([&](int th, int nth) {
+      int64_t t0, t1;
+      split_range(n, th, nth, 1, t0, t1);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* g = &gu_[t * 2 * inter];
+        float* a = &act_[t * inter];
+        for (int i = 0; i < inter; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * g[inter + i];
+      }
+    });
+    matmul(L.down, act_.data(), n, proj_.data());
+    for (int64_t i = 0; i < n * hidden; ++i) x_[i] += proj_[i];
+  }
+  n_past_ += n;
+  if (!out) return;
+
+  // Final norm and the vocabulary projection: every row, or only the last.
+  const int64_t first = all_logits ? 0 : n - 1;
+  for (int64_t t = first; t < n; ++t) rmsnorm(&xn_[t * hidden], &x_[t * hidden], model_->final_norm(), hidden, c.rms_norm_eps);
+  matmul(model_->lm_head(), &xn_[first * hidden], n - first, out);
+}
+
+// Causal grouped-query attention of this pass's n tokens over the cache. Writes each token's K and V
+// first, then every (token, head) pair runs on some thread with its own score buffer.
+void Session::attention(int layer, int64_t n) {
+  const ModelConfig& c = model_->config();
+  const int hd = c.head_dim, n_heads = c.num_attention_heads, n_kv = c.num_key_value_heads;
+  const int64_t qkv_rows = int64_t(n_heads + 2 * n_kv) * hd;
+  const int group = n_heads / n_kv;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const bool f16 = kv_type_ == KVType::F16;
+  auto kv_index = [&](int g, int64_t p) { return ((size_t(layer) * n_kv + g) * n_ctx_ + p) * hd; };
+
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = &qkv_[t * qkv_rows];
+    for (int g = 0; g < n_kv; ++g) {
+      const float* kr = row + (n_heads + g) * hd;
+      const float* vr = row + (n_heads + n_kv + g) * hd;
+      const size_t at = kv_index(g, pos_[t]);
+      if (f16) {
+        k_.to_f16(kr, &k_f16_[at], hd);
+        k_.to_f16(vr, &v_f16_[at], hd);
+      } else {
+        std::copy(kr, kr + hd, &k_f32_[at]);
+        std::copy(vr, vr + hd, &v_f32_[at]);
+      }
+    }
+  }
+
+  pool_.run([&](int th, int nth) {
+    int64_t w0, w1;
+    split_range(n * n_heads, th, nth, 1, w0, w1);
+    float* s = &scores_[size_t(th) * n_ctx_];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t t = w / n_heads;
+      const int h = int(w % n_heads), g = h / group;
+      const float* q = &qkv_[t * qkv_rows + h * hd];
+      const int64_t len = pos_[t] + 1;
+      const size_t base = kv_index(g, 0);
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        s[j] = scale * (f16 ? k_.dot_f16(q, &k_f16_[base + j * hd], hd) : k_.dot_f32(q, &k_f32_[base + j * hd], hd));
+        mx = std::max(mx, s[j]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+      const float inv = float(1.0 / sum);
+      float* o = &attn_[t * n_heads * hd + h * hd];
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t j = 0; j < len; ++j) {
+        if (f16) k_.axpy_f16(s[j] * inv, &v_f16_[base + j * hd], o, hd);
+        else k_.axpy_f32(s[j] * inv, &v_f32_[base + j * hd], o, hd);
+      }
+    }
+  });
+}
+
+}  // namespace upg

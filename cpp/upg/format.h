@@ -1,0 +1,78 @@
+// The UPG reader: maps a file read-only and checks every field against the file before any use
+// (docs/FORMAT.md, "Validation"). Bad files raise FormatError; nothing reads out of bounds.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "upg/kernels.h"
+#include "upg/quant.h"
+
+namespace upg {
+
+class FormatError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct TensorInfo {
+  std::string name;
+  DType dtype;
+  int block;                  // quantized types only
+  std::vector<uint64_t> dims; // outermost first
+  uint64_t offset;            // relative to the data section
+  uint64_t nbytes;
+  uint32_t crc32;
+};
+
+// A read-only memory mapping of a whole file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
+};
+
+class UPGFile {
+ public:
+  explicit UPGFile(const std::string& path);  // validates preamble and directory
+
+  const std::string& header() const { return header_; }
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const TensorInfo* find(const std::string& name) const;
+  const uint8_t* data(const TensorInfo& t) const { return map_.data() + data_offset_ + t.offset; }
+  uint64_t file_size() const { return map_.size(); }
+  uint64_t data_offset() const { return data_offset_; }
+
+  // Checks every tensor's crc32; the error names the first tensor that fails.
+  void verify() const;
+
+  // A weight matrix by name, checked to have `rows` x `cols`, with its outlier companion (checked
+  // entry by entry) when present. Dense types give block 0.
+  WeightView weight(const std::string& name, uint64_t rows, uint64_t cols) const;
+
+  // A 1-D f32 vector by name, checked to have n elements.
+  const float* vector_f32(const std::string& name, uint64_t n) const;
+
+ private:
+  void parse();
+  MappedFile map_;
+  std::string path_;
+  std::string header_;
+  uint64_t data_offset_ = 0, data_size_ = 0;
+  std::vector<TensorInfo> tensors_;
+  std::unordered_map<std::string, size_t> index_;
+};
+
+uint32_t crc32(const uint8_t* p, uint64_t n, uint32_t crc = 0);
+
+}  // namespace upg
