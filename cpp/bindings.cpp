@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 
+#include "upg/bandwidth.h"
 #include "upg/format.h"
 #include "upg/model.h"
 #include "upg/sampler.h"
@@ -158,6 +159,10 @@ PYBIND11_MODULE(_core, m) {
              std::lock_guard<std::mutex> lock(s.mu);
              return sample_token(logits.data(), vocab, p, history.data(), history.shape(0), s.rng);
            }, py::arg("logits"), py::arg("params"), py::arg("history"));
+
+  m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes") = uint64_t(1) << 30,
+        py::arg("n_threads") = 0, py::arg("reps") = 5, py::call_guard<py::gil_scoped_release>(),
+        "Best memory read rate in GB/s over a buffer of `bytes` read by n_threads threads (0: all cores).");
 
   bind_kernels(m);
 }

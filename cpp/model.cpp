@@ -75,7 +75,7 @@ Model::Model(const std::string& path, const ModelConfig& config) : file_(path), 
 
 Session::Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_threads, int n_batch)
     : model_(std::move(model)), k_(kernels()), n_ctx_(n_ctx), n_batch_(n_batch), kv_type_(kv_type),
-      pool_(n_threads > 0 ? n_threads : std::max(1u, std::thread::hardware_concurrency())) {
+      pool_(n_threads) {
   if (n_ctx < 1) throw std::invalid_argument("n_ctx must be at least 1");
   if (n_batch < 1) throw std::invalid_argument("n_batch must be at least 1");
   n_batch_ = std::min(n_batch_, n_ctx_);

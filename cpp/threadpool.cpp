@@ -1,8 +1,11 @@
 #include "upg/threadpool.h"
 
+#include <algorithm>
+
 namespace upg {
 
-ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads) {
+ThreadPool::ThreadPool(int n_threads)
+    : n_(n_threads > 0 ? n_threads : int(std::max(1u, std::thread::hardware_concurrency()))) {
   for (int i = 1; i < n_; ++i) threads_.emplace_back(&ThreadPool::worker, this, i);
 }
 

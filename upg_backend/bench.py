@@ -1,0 +1,182 @@
+"""`upg bench`: prefill and decode speed, time to first token, load time and peak memory.
+
+Decode streams every weight once per token, so its floor is weight bytes / memory bandwidth; the
+report puts the achieved weight bandwidth next to the machine's measured read bandwidth. A model is
+a .upg file or a synthetic one of a named shape (random weights, written once and cached).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig
+
+# Real shapes with random weights: speed and memory depend on shapes and types, not on values.
+SHAPES: dict[str, dict[str, Any]] = {
+    "phi-4": dict(architectures=["Phi3ForCausalLM"], hidden_size=5120, intermediate_size=17920,
+                  num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10, vocab_size=100352,
+                  rope_theta=250000.0, rms_norm_eps=1e-5, max_position_embeddings=16384,
+                  tie_word_embeddings=False),
+    "phi-4-mini": dict(architectures=["Phi3ForCausalLM"], hidden_size=3072, intermediate_size=8192,
+                       num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
+                       rope_theta=10000.0, partial_rotary_factor=0.75, rms_norm_eps=1e-5,
+                       max_position_embeddings=131072, tie_word_embeddings=True),
+    "small": dict(architectures=["Phi3ForCausalLM"], hidden_size=1024, intermediate_size=3584,
+                  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=32064,
+                  rope_theta=250000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                  tie_word_embeddings=False),
+}
+
+
+def _matrix_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    out = [("model.embed_tokens.weight", (cfg.vocab_size, h))]
+    for n in range(L):
+        p = f"model.layers.{n}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.qkv_proj.weight", (cfg.qkv_rows, h)),
+                (p + "self_attn.o_proj.weight", (h, cfg.num_attention_heads * cfg.head_dim)),
+                (p + "post_attention_layernorm.weight", (h,)), (p + "mlp.gate_up_proj.weight", (2 * i, h)),
+                (p + "mlp.down_proj.weight", (h, i))]
+    out.append(("model.norm.weight", (h,)))
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", (cfg.vocab_size, h)))
+    return out
+
+
+def synthetic_model(shape: str, type: str, path: Path, block: int = 32) -> Path:
+    """Writes (once) a model of a named shape with random weights of the given type."""
+    from .format import TensorSource, write_upg
+
+    if path.exists():
+        return path
+    hf = SHAPES[shape]
+    cfg = ModelConfig.from_hf(hf)
+    rng = np.random.default_rng(0)
+    tile = rng.standard_normal((64, 1 << 16), dtype=np.float32) * 0.02  # repeated: values do not matter
+
+    def random_matrix(rows: int, cols: int) -> np.ndarray:
+        reps = -(-rows * cols // tile.size)
+        return np.tile(tile.reshape(-1), reps)[: rows * cols].reshape(rows, cols)
+
+    sources = []
+    for name, dims in _matrix_shapes(cfg):
+        if len(dims) == 1:
+            sources.append(TensorSource(name, "f32", dims, lambda n=dims[0]: np.ones(n, np.float32)))
+        else:
+            quantized = type in ("q8_0", "q4", "q3")
+            sources.append(TensorSource(name, type, dims, lambda d=dims: random_matrix(*d), block=block if quantized else 0))
+    header = {"architecture": cfg.architecture, "config": hf, "chat_templates": {},
+              "quantization": {"default": type, "block": block}, "provenance": {"source": f"synthetic {shape}"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_upg(path, header, sources)
+    return path
+
+
+@dataclasses.dataclass
+class BenchResult:
+    model: str
+    type: str
+    threads: int
+    file_bytes: int
+    weight_bytes_per_token: int
+    load_s: float
+    prefill_tokens: int
+    prefill_tps: float
+    ttft_s: float
+    decode_tokens: int
+    decode_tps: float
+    decode_gbps: float
+    machine_gbps: float
+    peak_rss_bytes: int
+    kv_bytes: int
+
+    @property
+    def roofline(self) -> float:
+        return self.decode_gbps / self.machine_gbps
+
+    def table(self) -> str:
+        rows = [("model", self.model), ("weights", f"{self.type}, {self.file_bytes / 1e9:.2f} GB file"),
+                ("threads", self.threads), ("load", f"{self.load_s:.2f} s"),
+                ("prefill", f"{self.prefill_tps:.1f} tok/s ({self.prefill_tokens} tokens)"),
+                ("time to first token", f"{self.ttft_s:.2f} s"),
+                ("decode", f"{self.decode_tps:.2f} tok/s ({self.decode_tokens} tokens, median of runs)"),
+                ("decode weight bandwidth", f"{self.decode_gbps:.1f} GB/s = {100 * self.roofline:.0f}% of "
+                                            f"measured {self.machine_gbps:.1f} GB/s"),
+                ("peak RSS", f"{self.peak_rss_bytes / 1e9:.2f} GB (file {self.file_bytes / 1e9:.2f} + KV "
+                             f"{self.kv_bytes / 1e9:.2f} + {(self.peak_rss_bytes - self.file_bytes - self.kv_bytes) / 1e6:.0f} MB)")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str) -> dict[str, Any]:
+    """Runs in a fresh process so that peak RSS is the engine's alone."""
+    from .format import UPGFile
+
+    upg = UPGFile(path)
+    cfg = upg.config
+    # Bytes one decode step reads: every matrix (outliers too), one embedding row, and the
+    # embedding again as the lm_head when tied.
+    matrices = [t for t in upg.tensors.values() if len(t.dims) == 2 or ".outlier_" in t.name]
+    embed = upg.tensors["model.embed_tokens.weight"]
+    per_token = sum(t.nbytes for t in matrices) - embed.nbytes + embed.nbytes // embed.dims[0]
+    if cfg.tie_word_embeddings:
+        per_token += embed.nbytes
+    machine = _core.measure_read_bandwidth(1 << 30, threads)
+    del upg
+
+    t0 = time.perf_counter()
+    model = _core.Model(path, cfg.engine_dict())
+    session = _core.Session(model, prompt + gen + 1, kv_type, threads)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(1)
+    session.eval(np.array([1], np.int32))  # warm-up: the weights come into the page cache
+    session.truncate(0)
+
+    prefill, ttft, decode = [], [], []
+    greedy = _core.SamplingParams()
+    greedy.temperature = 0.0
+    for _ in range(runs):
+        session.truncate(0)
+        tokens = rng.integers(0, cfg.vocab_size, prompt, dtype=np.int32)
+        t0 = time.perf_counter()
+        logits = session.eval(tokens)
+        tok = session.sample(logits[-1], greedy, tokens)
+        t1 = time.perf_counter()
+        prefill.append(prompt / (t1 - t0))
+        ttft.append(t1 - t0)
+        t0 = time.perf_counter()
+        for _ in range(gen):
+            logits = session.eval(np.array([tok], np.int32))
+            tok = session.sample(logits[-1], greedy, tokens)
+        decode.append(gen / (time.perf_counter() - t0))
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt + gen + 1) * (2 if kv_type == "f16" else 4)
+    tps = statistics.median(decode)
+    return dict(file_bytes=os.path.getsize(path), weight_bytes_per_token=per_token, load_s=load_s,
+                prefill_tokens=prompt, prefill_tps=statistics.median(prefill), ttft_s=statistics.median(ttft),
+                decode_tokens=gen, decode_tps=tps, decode_gbps=per_token * tps / 1e9, machine_gbps=machine,
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, kv_bytes=kv_bytes)
+
+
+def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
+              kv_type: str = "f16", cache_dir: Path | None = None) -> BenchResult:
+    """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES."""
+    if model in SHAPES:
+        cache = cache_dir or Path(os.environ.get("UPG_CACHE", Path.home() / ".cache" / "upg"))
+        path = synthetic_model(model, type, cache / f"synthetic-{model}-{type}.upg")
+    else:
+        path = Path(model)
+        type = json.loads(_core.File(str(path)).header).get("quantization", {}).get("default", "?")
+    threads = threads or os.cpu_count() or 1
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        r = pool.apply(_measure, (str(path), threads, prompt, gen, runs, kv_type))
+    return BenchResult(model=model, type=type, threads=threads, **r)
