@@ -1,0 +1,87 @@
+// UPG tensor types as the Metal kernels see them: a mirror of cpp/upg/quant.h (docs/FORMAT.md is
+// the spec). Metal cannot include the C++ header, so the constants are repeated here and
+// tests/test_metal_kernels.py checks that both headers agree. Shared by the .metal sources, the
+// Objective-C++ host (cpp/metal/) and the CPU harness (tests/metal_harness/). Includers provide
+// the fixed-width integer types (<metal_stdlib> in Metal, <stdint.h> on the host).
+#pragma once
+
+// dtype codes of the tensor directory (upg::DType).
+#define UPG_DTYPE_F32 0
+#define UPG_DTYPE_F16 1
+#define UPG_DTYPE_BF16 2
+#define UPG_DTYPE_Q8_0 3
+#define UPG_DTYPE_Q4 4
+#define UPG_DTYPE_Q3 5
+#define UPG_DTYPE_I32 6
+
+#define UPG_TENSOR_ALIGN 64     // every tensor and every section inside one (upg::kTensorAlign)
+#define UPG_DATA_ALIGN 16384    // the data section: one Apple GPU page (upg::kDataAlign)
+#define UPG_Q4_ZERO 8           // q4 element value: d * (q - 8)
+#define UPG_Q3_ZERO 4           // q3 element value: d * (q - 4)
+
+// Index vocabulary of the kernels (as in ggml-metal): tgpig = threadgroup_position_in_grid,
+// tpitg = thread_position_in_threadgroup, ntg = threads_per_threadgroup,
+// tiisg = thread_index_in_simdgroup, sgitg = simdgroup_index_in_threadgroup.
+
+// Tuning constants: the host sizes its dispatches from these.
+#define UPG_SIMD_WIDTH 32
+#define UPG_MV_SG 2             // mat-vec: simdgroups per threadgroup
+#define UPG_MV_ROWS 4           // mat-vec: rows owned by one simdgroup
+#define UPG_MM_TM 32            // mat-mat: weight rows per threadgroup (8 per simdgroup)
+#define UPG_MM_TN 16            // mat-mat: tokens per threadgroup
+#define UPG_MM_TK 32            // mat-mat: k step staged in threadgroup memory
+#define UPG_MM_SG 4             // mat-mat: simdgroups per threadgroup (UPG_MM_TM / 8)
+#define UPG_ATTN_SG 4           // attention: simdgroups per threadgroup
+#define UPG_ATTN_MAX_HEAD_DIM 256  // head_dim: a multiple of 32, at most this
+#define UPG_REDUCE_THREADS 256  // rms_norm and argmax: threads per threadgroup
+
+// A weight matrix [rows, cols] of any type, as one buffer holding its sections (FORMAT.md), plus
+// the optional CSR outliers in their own buffers.
+struct UpgMatArgs {
+  int32_t rows;
+  int32_t cols;
+  int32_t block;          // elements per scale block (quantized types), else 0
+  uint32_t high_offset;   // q3: byte offset of the qh section, = pad64(codes)
+  uint32_t scales_offset; // quantized: byte offset of the f16 scales, = pad64(codes) + pad64(high)
+  int32_t has_outliers;   // 1 when the rowptr/col/val buffers are bound
+  int32_t n_tokens;       // mat-mat and get_rows: tokens (rows of x / entries of ids)
+  int32_t ldy;            // mat-mat: stride of y between tokens (>= rows)
+};
+
+struct UpgNormArgs {
+  int32_t n;      // elements per row
+  float eps;
+};
+
+// Rotate-half (NeoX) RoPE over the first rot_dims of each head: pairs (i, i + rot_dims/2).
+// inv_freq[i] = 1 / (factor[i] * theta^(2i/rot_dims)); cos and sin are scaled by attn_factor
+// (LongRoPE); factor[] is bound only when has_factors.
+struct UpgRopeArgs {
+  int32_t n_tokens;
+  int32_t n_heads;        // heads rotated per token (query heads + key heads)
+  int32_t head_dim;
+  int32_t rot_dims;       // partial rotary: an even number <= head_dim
+  int32_t token_stride;   // floats between consecutive tokens
+  int32_t pos0;           // position of token 0
+  float theta;
+  float attn_factor;
+  int32_t has_factors;
+};
+
+// KV cache of one layer: [n_kv_heads][kv_stride positions][head_dim], f16 or f32.
+struct UpgAttnArgs {
+  int32_t n_heads;
+  int32_t n_kv_heads;     // divides n_heads (GQA)
+  int32_t head_dim;
+  int32_t n_kv;           // decode: positions to attend; prefill: positions before token 0 (pos0)
+  int32_t kv_stride;      // positions per KV head in the cache (n_ctx)
+  int32_t q_stride;       // floats between the queries of consecutive tokens
+  int32_t n_tokens;       // prefill: query tokens
+  float scale;            // softmax scale, 1/sqrt(head_dim)
+};
+
+struct UpgEltArgs {
+  int32_t n;              // elements (add) or elements per token (silu_mul)
+  int32_t n_tokens;
+  int32_t in_stride;      // silu_mul: floats between tokens of gate_up (>= 2n)
+};
