@@ -1,0 +1,69 @@
+"""Shared test helpers: tiny random Hugging Face checkpoints and the shared test data."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def shared_dir() -> Path:
+    """The project's shared/ folder (beside the repository, or $UPG_SHARED_DIR)."""
+    for candidate in (os.environ.get("UPG_SHARED_DIR"), Path(__file__).resolve().parents[2] / "shared"):
+        if candidate and (Path(candidate) / "phi-4" / "tokenizer.json").is_file():
+            return Path(candidate)
+    raise RuntimeError("shared/phi-4 not found: set UPG_SHARED_DIR to the folder holding phi-4/")
+
+
+# A tiny model: small vocab (the engine does not need a matching tokenizer), weights scaled so
+# logits are far from zero and relative comparisons mean something.
+BASE_CONFIG = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.1, tie_word_embeddings=False,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_hf_checkpoint(out_dir: Path, architecture: str = "Phi3ForCausalLM", seed: int = 0,
+                       dtype: str = "float32", max_shard_size: str | None = None, **config) -> Path:
+    """Saves a randomly initialized Phi3ForCausalLM or LlamaForCausalLM with the Phi-4 tokenizer files.
+
+    Args:
+        out_dir: the checkpoint directory to create.
+        architecture: "Phi3ForCausalLM" or "LlamaForCausalLM".
+        seed: torch seed of the random weights.
+        dtype: "float32", "float16" or "bfloat16" storage of the weights.
+        max_shard_size: split the safetensors into shards with an index (e.g. "200KB").
+        **config: overrides of BASE_CONFIG (Hugging Face config field names).
+
+    Returns:
+        out_dir.
+    """
+    import torch
+    import transformers
+
+    cfg_cls = {"Phi3ForCausalLM": transformers.Phi3Config, "LlamaForCausalLM": transformers.LlamaConfig}[architecture]
+    cfg = cfg_cls(**{**BASE_CONFIG, **config})
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(cfg).eval()
+    with torch.no_grad():  # norm weights initialize to ones: make them vary so a norm bug shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.to(getattr(torch, dtype))
+    out_dir = Path(out_dir)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_dir() / "phi-4" / name, out_dir / name)
+    return out_dir
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: `hf_checkpoint(**kwargs)` -> a new checkpoint directory (see make_hf_checkpoint)."""
+    counter = iter(range(1000))
+
+    def make(**kwargs) -> Path:
+        return make_hf_checkpoint(tmp_path / f"hf{next(counter)}", **kwargs)
+    return make

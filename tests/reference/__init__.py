@@ -1,0 +1,1 @@
+"""Independent numpy references that the C++ core is tested against."""

@@ -1,0 +1,227 @@
+"""Hugging Face checkpoints (config.json, tokenizer files, *.safetensors) -> one .upg file.
+
+Phi3ForCausalLM tensors are written as they are; LlamaForCausalLM is fused to the same layout
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj). Every fix-up of checkpoint tensors is in
+`_tensor_plan`.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .format import BLOCKS, QUANTIZED, TensorSource, write_upg
+
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4", "q3")
+# tensors some checkpoints carry that the graph recomputes
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted (the message names the file and tensor)."""
+
+
+class _Checkpoint:
+    """The safetensors files of a checkpoint, read one tensor at a time."""
+
+    def __init__(self, src: Path):
+        from safetensors import safe_open  # an optional dependency: only conversion needs it
+
+        index = src / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (src / shard).is_file():
+                    first = next(n for n, s in weight_map.items() if s == shard)
+                    raise ConversionError(f"{index}: shard {shard} (holding {first}) is missing from {src}")
+        else:
+            shards = sorted(p.name for p in src.glob("*.safetensors"))
+            if not shards:
+                raise ConversionError(f"{src}: no *.safetensors files")
+        self.files = {shard: safe_open(str(src / shard), framework="numpy") for shard in shards}
+        self.where: dict[str, str] = {}
+        for shard, f in self.files.items():
+            for name in f.keys():
+                self.where[name] = shard
+        if index.is_file():
+            for name, shard in weight_map.items():
+                if self.where.get(name) != shard:
+                    raise ConversionError(f"{index}: tensor {name} is not in its shard {shard}")
+        self.src = src
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.files[self.where[name]].get_slice(name).get_shape())
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as float32; raises ConversionError on NaN or Inf."""
+        shard = self.where[name]
+        f = self.files[shard]
+        if f.get_slice(name).get_dtype() == "BF16":
+            w = _read_bf16(self.src / shard, name)
+        else:
+            w = f.get_tensor(name).astype(np.float32)
+        if not np.isfinite(w).all():
+            raise ConversionError(f"{shard}: tensor {name} contains NaN or Inf")
+        return w
+
+
+def _read_bf16(path: Path, name: str) -> np.ndarray:
+    """A bf16 tensor widened to float32 (safetensors' numpy loader has no bfloat16)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n))[name]
+    begin, end = meta["data_offsets"]
+    bits = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + n + begin)
+    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: {e}") from e
+
+
+def _tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], list[tuple[str, tuple[int, ...]]]]]:
+    """The graph's tensors: (UPG name, shape, [(checkpoint name, shape), ...] concatenated by rows)."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    llama = cfg.architecture == "LlamaForCausalLM"
+    plan = [("model.embed_tokens.weight", (cfg.vocab_size, h), None)]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        qkv = [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+               (p + "self_attn.v_proj.weight", (kv, h))]
+        gate_up = [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h))]
+        plan += [(p + "input_layernorm.weight", (h,), None),
+                 (p + "self_attn.qkv_proj.weight", (q + 2 * kv, h), qkv if llama else None),
+                 (p + "self_attn.o_proj.weight", (h, q), None),
+                 (p + "post_attention_layernorm.weight", (h,), None),
+                 (p + "mlp.gate_up_proj.weight", (2 * inter, h), gate_up if llama else None),
+                 (p + "mlp.down_proj.weight", (h, inter), None)]
+    plan.append(("model.norm.weight", (h,), None))
+    if not cfg.tie_word_embeddings:
+        plan.append(("lm_head.weight", (cfg.vocab_size, h), None))
+    return [(name, shape, parts or [(name, shape)]) for name, shape, parts in plan]
+
+
+def _chat_templates(src: Path, tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    """Named Jinja2 chat templates: tokenizer_config's `chat_template` (a string, or a list of
+    {"name", "template"}) and a chat_template.jinja file, which wins for "default"."""
+    templates: dict[str, str] = {}
+    tpl = tokenizer_config.get("chat_template")
+    if isinstance(tpl, str):
+        templates["default"] = tpl
+    elif isinstance(tpl, list):
+        templates.update({t["name"]: t["template"] for t in tpl})
+    jinja = src / "chat_template.jinja"
+    if jinja.is_file():
+        templates["default"] = jinja.read_text(encoding="utf-8")
+    return templates
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("upg-backend")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
+               outliers: float = 0.0, progress: bool = True) -> None:
+    """Converts a Hugging Face checkpoint directory to a .upg file.
+
+    Args:
+        src_dir: directory with config.json, tokenizer.json, *.safetensors (and optionally
+            tokenizer_config.json, generation_config.json, chat_template.jinja).
+        out_path: the .upg file to write; it exists only if conversion succeeded.
+        type: weight type of the matrices: f32, f16, bf16, q8_0, q4 or q3 (1-D tensors are f32).
+        block: elements per scale block of quantized types, 32 or 64.
+        outliers: fraction of each row of a quantized matrix kept exactly in f16.
+        progress: show a progress bar with an ETA on stderr.
+
+    Raises:
+        ConversionError: a file or tensor is missing or invalid, or the model is not supported.
+        ValueError: the arguments are invalid.
+    """
+    if type not in WEIGHT_TYPES:
+        raise ValueError(f"unknown weight type {type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
+    quantized = type in QUANTIZED
+    if quantized and block not in BLOCKS:
+        raise ValueError(f"block must be 32 or 64, got {block}")
+    if not 0.0 <= outliers < 1.0 or (outliers and not quantized):
+        raise ValueError(f"outliers must be a fraction in [0, 1) and needs a quantized type, got {outliers} with {type}")
+
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{src}: config.json is missing")
+    hf_config = _read_json(config_path)
+    try:
+        cfg = ModelConfig.from_hf(hf_config)
+    except ValueError as e:
+        raise ConversionError(f"{config_path}: {e}") from e
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{config_path}: hidden_act {hf_config['hidden_act']!r} is not supported (only silu)")
+    if not (src / "tokenizer.json").is_file():
+        raise ConversionError(f"{src}: tokenizer.json is missing")
+    tokenizer_config = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
+
+    ckpt = _Checkpoint(src)
+    plan = _tensor_plan(cfg)
+    used = set()
+    for _, _, parts in plan:
+        for name, shape in parts:
+            if name not in ckpt.where:
+                raise ConversionError(f"{src}: tensor {name} is missing from the checkpoint")
+            if ckpt.shape(name) != shape:
+                raise ConversionError(f"{ckpt.where[name]}: tensor {name} has shape {list(ckpt.shape(name))}, "
+                                      f"config.json implies {list(shape)}")
+            used.add(name)
+    for name in ckpt.where:
+        ignorable = name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+        if name not in used and not ignorable:
+            raise ConversionError(f"{ckpt.where[name]}: tensor {name} is not supported by the "
+                                  f"{cfg.architecture} graph")
+
+    def loader(parts):
+        def load():  # Llama's separate projections are stacked by rows into the fused matrix
+            arrays = [ckpt.load(name) for name, _ in parts]
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        return load
+
+    sources = []
+    for name, shape, parts in plan:
+        dtype = type if len(shape) == 2 else "f32"
+        q = dtype in QUANTIZED
+        sources.append(TensorSource(name, dtype, shape, loader(parts), block if q else 0, outliers if q else 0.0))
+
+    header = {
+        "architecture": cfg.architecture,
+        "config": hf_config,
+        "tokenizer": _read_json(src / "tokenizer.json"),
+        "tokenizer_config": {k: v for k, v in tokenizer_config.items() if k != "chat_template"},
+        "chat_templates": _chat_templates(src, tokenizer_config),
+        "generation": generation,
+        "quantization": {"default": type, "block": block if quantized else 0, "overrides": {},
+                         "outliers": outliers},
+        "provenance": {"source": src.resolve().name, "source_format": "hf",
+                       "converter": f"upg_backend {_package_version()}",
+                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    }
+    total = sum(int(np.prod(s.shape)) for s in sources)
+    with tqdm(total=total, unit="w", unit_scale=True, desc=Path(out_path).name, disable=not progress) as bar:
+        write_upg(out_path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
+
