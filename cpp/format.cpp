@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 
@@ -58,6 +59,92 @@ bool valid_utf8(const std::string& s) {
     i += extra + 1;
   }
   return true;
+}
+
+// True when s is one JSON object (RFC 8259 syntax), checked without recursion so that deeply
+// nested input cannot exhaust the stack.
+bool is_json_object(const std::string& s) {
+  size_t i = 0;
+  auto ws = [&] { while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i; };
+  auto literal = [&](const char* w) {
+    const size_t n = std::strlen(w);
+    if (s.compare(i, n, w) != 0) return false;
+    i += n;
+    return true;
+  };
+  auto string = [&] {
+    if (i >= s.size() || s[i] != '"') return false;
+    for (++i; i < s.size(); ++i) {
+      const unsigned char c = s[i];
+      if (c == '"') { ++i; return true; }
+      if (c < 0x20) return false;
+      if (c == '\\') {
+        if (++i >= s.size()) return false;
+        if (s[i] == 'u') {
+          for (int k = 0; k < 4; ++k)
+            if (++i >= s.size() || !std::isxdigit(static_cast<unsigned char>(s[i]))) return false;
+        } else if (!std::strchr("\"\\/bfnrt", s[i]) || s[i] == '\0') {
+          return false;
+        }
+      }
+    }
+    return false;
+  };
+  auto number = [&] {
+    const size_t start = i;
+    if (i < s.size() && s[i] == '-') ++i;
+    auto digits = [&] { const size_t b = i; while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i; return i > b; };
+    if (i < s.size() && s[i] == '0') ++i;
+    else if (!digits()) return false;
+    if (i < s.size() && s[i] == '.') { ++i; if (!digits()) return false; }
+    if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+      ++i;
+      if (i < s.size() && (s[i] == '+' || s[i] == '-')) ++i;
+      if (!digits()) return false;
+    }
+    return i > start;
+  };
+
+  std::vector<char> stack;  // open containers: '{' or '['
+  ws();
+  if (i >= s.size() || s[i] != '{') return false;
+  bool want_value = true;   // at a value position (after '[', ':' or ',')
+  while (true) {
+    ws();
+    if (i >= s.size()) return false;
+    if (want_value) {
+      const char c = s[i];
+      if (c == '{' || c == '[') {
+        if (stack.size() >= 1000) return false;
+        stack.push_back(c);
+        ++i;
+        ws();
+        if (i < s.size() && s[i] == (c == '{' ? '}' : ']')) { ++i; stack.pop_back(); want_value = false; }
+        else if (c == '{') { if (!string()) return false; ws(); if (i >= s.size() || s[i++] != ':') return false; }
+        if (stack.empty()) break;
+        continue;
+      }
+      const size_t at = i;
+      auto from_here = [&](auto parse) { i = at; return parse(); };  // each alternative starts afresh
+      if (!(from_here(string) || from_here(number) || literal("true") || literal("false") || literal("null")))
+        return false;
+      want_value = false;
+      continue;
+    }
+    // after a value: ',' or the closing bracket of the innermost container
+    const char c = s[i++];
+    if (c == ',') {
+      if (stack.back() == '{') { ws(); if (!string()) return false; ws(); if (i >= s.size() || s[i++] != ':') return false; }
+      want_value = true;
+    } else if (c == (stack.back() == '{' ? '}' : ']')) {
+      stack.pop_back();
+      if (stack.empty()) break;
+    } else {
+      return false;
+    }
+  }
+  ws();
+  return i == s.size();
 }
 
 // Product of dims, or 0 on overflow past 2^62 elements.
@@ -159,9 +246,7 @@ void UPGFile::parse() {
                       ") does not match the file size " + std::to_string(fsize) + " (truncated file?)");
 
   header_.assign(reinterpret_cast<const char*>(map_.data() + header_off), header_size);
-  const size_t first = header_.find_first_not_of(" \t\r\n");
-  if (first == std::string::npos || header_[first] != '{' || !valid_utf8(header_))
-    throw FormatError("header is not a UTF-8 JSON object");
+  if (!valid_utf8(header_) || !is_json_object(header_)) throw FormatError("header is not a UTF-8 JSON object");
 
   Cursor dir(map_.data() + dir_off, dir_size, "directory");
   const uint32_t count = dir.get<uint32_t>("tensor count");

@@ -57,6 +57,8 @@ class ModelConfig:
                 raise ValueError(f"config is missing {key!r}")
             return hf[key]
 
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         # transformers 5 moved rope settings into rope_parameters; older files use rope_scaling

@@ -1,0 +1,54 @@
+"""A tiny random chat model with a matching tokenizer, for the runtime, server and plugin tests.
+
+The tokenizer is a byte-level BPE trained here on a few sentences (every byte is a token, so any
+text round-trips), with ChatML special tokens and the SmolLM2-style ChatML template.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import make_hf_checkpoint
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["Hello world, how are you today?", "The quick brown fox jumps over the lazy dog.",
+          "Große Straße, café, naïve, 東京, 🎉 emoji", "user assistant system: answer the question."] * 20
+
+
+def make_tokenizer_files(out_dir: Path, vocab_size: int = 384) -> int:
+    """Writes tokenizer.json, tokenizer_config.json (with the chat template) and
+    generation_config.json into out_dir; returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": CHATML}))
+    (out_dir / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
+    return tok.get_vocab_size()
+
+
+def make_chat_model(out_dir: Path, seed: int = 0) -> Path:
+    """Converts a tiny random Llama-architecture chat model to out_dir/model.upg and returns its path."""
+    from upg_backend.convert import convert_hf
+
+    out_dir = Path(out_dir)
+    hf = out_dir / "hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer_files(hf)
+    make_hf_checkpoint(hf, architecture="LlamaForCausalLM", seed=seed, vocab_size=vocab, max_position_embeddings=512,
+                       bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    make_tokenizer_files(hf)  # make_hf_checkpoint copied Phi-4's tokenizer files over ours
+    path = out_dir / "model.upg"
+    convert_hf(hf, path, type="f32", progress=False)
+    return path

@@ -1,0 +1,233 @@
+"""The `upg` command.
+
+Each subcommand is one function registered with `@subcommand(name, help, arguments)`: `arguments`
+adds its options to the subparser, the function gets the parsed namespace and returns the exit
+status. Import heavy modules inside the function, so `upg --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+from ._core import UPGFormatError
+
+
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Registers the decorated function as `upg NAME`."""
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        SUBCOMMANDS[name] = Subcommand(help, arguments, run)
+        return run
+    return register
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    from .convert import WEIGHT_TYPES  # light: numpy and tqdm only
+
+    p.add_argument("src", help="Hugging Face checkpoint directory (config.json, tokenizer.json, *.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="the .upg file to write")
+    p.add_argument("--type", default="f16", choices=WEIGHT_TYPES, help="weight type of the matrices (default f16)")
+    p.add_argument("--block", type=int, default=32, choices=(32, 64), help="quantization block size (default 32)")
+    p.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of each row of a quantized matrix kept exactly in f16 (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@subcommand("convert", "convert a Hugging Face checkpoint to a .upg file", _convert_arguments)
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_hf
+
+    convert_hf(args.src, args.output, type=args.type, block=args.block, outliers=args.outliers,
+               progress=not args.quiet)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _file_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a .upg file")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+@subcommand("inspect", "show a .upg file's model, tensors and provenance", _file_argument)
+def _inspect(args: argparse.Namespace) -> int:
+    from .format import iter_model_tensors, UPGFile
+
+    upg = UPGFile(args.file)
+    cfg = upg.config
+    weights = sum(t.n_elements for t in iter_model_tensors(upg))
+    tensor_bytes = sum(t.nbytes for t in upg.tensors.values())
+    rope = cfg.rope_type + (f", partial {cfg.partial_rotary_factor:g}" if cfg.partial_rotary_factor != 1 else "")
+    print(f"file          {upg.path} ({upg.file_size:,} bytes, {_size(upg.file_size)})")
+    print(f"architecture  {upg.architecture}")
+    print(f"config        hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, heads {cfg.num_attention_heads}"
+          f" (kv {cfg.num_key_value_heads}, head_dim {cfg.head_dim}), mlp {cfg.intermediate_size},"
+          f" vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}, rope {rope} theta {cfg.rope_theta:g},"
+          f" tied embeddings {'yes' if cfg.tie_word_embeddings else 'no'}")
+    print(f"quantization  {upg.header.get('quantization', {})}")
+    print(f"weights       {weights:,} in {_size(tensor_bytes)}: {8 * tensor_bytes / max(weights, 1):.3f} bits per weight")
+    print(f"templates     {', '.join(upg.header.get('chat_templates', {})) or '(none)'}")
+    print("provenance    " + ", ".join(f"{k} {v}" for k, v in upg.header.get("provenance", {}).items()))
+    width = max((len(n) for n in upg.tensors), default=4)
+    print(f"\n{'tensor':<{width}}  {'type':<5} {'shape':<16} {'bytes':>12}")
+    for t in upg.tensors.values():
+        shape = "x".join(map(str, t.dims)) + (f" /{t.block}" if t.block else "")
+        print(f"{t.name:<{width}}  {t.dtype:<5} {shape:<16} {t.nbytes:>12,}")
+    return 0
+
+
+@subcommand("verify", "check a .upg file: structure, every tensor's crc32, the model graph", _file_argument)
+def _verify(args: argparse.Namespace) -> int:
+    from .format import UPGFile
+
+    UPGFile(args.file).verify()
+    print("OK")
+    return 0
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="a .upg file (default: the built-in model)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"), help="KV cache type (default f16)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repeat-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per answer at most (default: until done)")
+
+
+def _load(args: argparse.Namespace):
+    from .llama import Llama
+    from .sampling import SamplingParams
+
+    llama = Llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads, kv_type=args.kv_type)
+    sampling = SamplingParams.from_kwargs(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                          min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+    return llama, sampling
+
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("-s", "--system", help="system prompt")
+
+
+@subcommand("chat", "chat with a model in the terminal (/reset clears the conversation, /exit quits)",
+            _chat_arguments)
+def _chat(args: argparse.Namespace) -> int:
+    llama, sampling = _load(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and input history)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(start)
+            print("(conversation cleared)")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        answer = []
+        for chunk in llama.create_chat_completion(messages, max_tokens=args.max_tokens, stream=True, sampling=sampling):
+            text = chunk["choices"][0]["delta"].get("content", "")
+            answer.append(text)
+            print(text, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _complete_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+
+
+@subcommand("complete", "continue a prompt (streamed to stdout)", _complete_arguments)
+def _complete(args: argparse.Namespace) -> int:
+    llama, sampling = _load(args)
+    for chunk in llama.create_completion(args.prompt, max_tokens=args.max_tokens, stop=args.stop, stream=True,
+                                         sampling=sampling):
+        print(chunk["choices"][0]["text"], end="", flush=True)
+    print()
+    return 0
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="model id shown to clients (default: the file name)")
+    p.add_argument("--api-key", default=os.environ.get("UPG_API_KEY"),
+                   help="require this bearer token (default: $UPG_API_KEY; none: no key)")
+
+
+@subcommand("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_arguments)
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    llama, _ = _load(args)
+    serve(llama, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key)
+    return 0
+
+
+@subcommand("backends", "list the model backends installed (entry-point group local_llm.backends)")
+def _backends(args: argparse.Namespace) -> int:
+    from .plugin import ENTRY_POINT_GROUP, discover
+
+    found = discover()
+    if not found:
+        print(f"no backends installed in the {ENTRY_POINT_GROUP} group")
+    for d in found:
+        status = f"file types {', '.join(d.backend.file_types)}" if d.backend else f"ERROR {d.error}"
+        print(f"{d.entry_point}  [{d.distribution}]  {status}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upg", description="Run and manage models in the UPG format.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in SUBCOMMANDS.items():
+        cmd.arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the `upg` command; returns the exit status. Expected failures (bad files, bad
+    arguments, missing files) print one line to stderr, without a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (UPGFormatError, ValueError, FileNotFoundError) as e:
+        print(f"upg {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
