@@ -119,7 +119,7 @@ class BenchResult:
 
 
 def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str) -> dict[str, Any]:
-    """Runs in a fresh process so that peak RSS is the engine's alone."""
+    """Runs in a fresh process so that peak RSS is the engine's alone (the mapped file's pages count)."""
     from .format import UPGFile
 
     upg = UPGFile(path)
@@ -131,7 +131,6 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
     per_token = sum(t.nbytes for t in matrices) - embed.nbytes + embed.nbytes // embed.dims[0]
     if cfg.tie_word_embeddings:
         per_token += embed.nbytes
-    machine = _core.measure_read_bandwidth(1 << 30, threads)
     del upg
 
     t0 = time.perf_counter()
@@ -163,7 +162,7 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
     tps = statistics.median(decode)
     return dict(file_bytes=os.path.getsize(path), weight_bytes_per_token=per_token, load_s=load_s,
                 prefill_tokens=prompt, prefill_tps=statistics.median(prefill), ttft_s=statistics.median(ttft),
-                decode_tokens=gen, decode_tps=tps, decode_gbps=per_token * tps / 1e9, machine_gbps=machine,
+                decode_tokens=gen, decode_tps=tps, decode_gbps=per_token * tps / 1e9,
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, kv_bytes=kv_bytes)
 
 
@@ -179,4 +178,5 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
     threads = threads or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         r = pool.apply(_measure, (str(path), threads, prompt, gen, runs, kv_type))
-    return BenchResult(model=model, type=type, threads=threads, **r)
+    machine = _core.measure_read_bandwidth(1 << 30, threads)  # here, so its buffer stays out of the child's RSS
+    return BenchResult(model=model, type=type, threads=threads, machine_gbps=machine, **r)

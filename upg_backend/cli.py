@@ -190,7 +190,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 @subcommand("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_arguments)
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra dependencies: pip install 'upg-backend[server]' ({e})") from e
 
     llama, _ = _load(args)
     serve(llama, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key)
@@ -207,6 +210,29 @@ def _backends(args: argparse.Namespace) -> int:
     for d in found:
         status = f"file types {', '.join(d.backend.file_types)}" if d.backend else f"ERROR {d.error}"
         print(f"{d.entry_point}  [{d.distribution}]  {status}")
+    return 0
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a .upg file, or a synthetic shape with random weights: phi-4, phi-4-mini, small")
+    p.add_argument("--type", default="q4", help="weight type of a synthetic model (default q4)")
+    p.add_argument("--threads", type=int, default=0, help="threads (default: one per core)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="decode length (default 128)")
+    p.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
+    p.add_argument("--kv-type", default="f16", choices=("f16", "f32"))
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@subcommand("bench", "measure prefill and decode speed, time to first token and peak memory", _bench_arguments)
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import run_bench
+
+    r = run_bench(args.model, type=args.type, threads=args.threads, prompt=args.prompt_tokens, gen=args.gen_tokens,
+                  runs=args.runs, kv_type=args.kv_type)
+    print(json.dumps(dataclasses.asdict(r) | {"roofline": r.roofline}, indent=2) if args.json else r.table())
     return 0
 
 
