@@ -38,24 +38,10 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _matrix_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    out = [("model.embed_tokens.weight", (cfg.vocab_size, h))]
-    for n in range(L):
-        p = f"model.layers.{n}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.qkv_proj.weight", (cfg.qkv_rows, h)),
-                (p + "self_attn.o_proj.weight", (h, cfg.num_attention_heads * cfg.head_dim)),
-                (p + "post_attention_layernorm.weight", (h,)), (p + "mlp.gate_up_proj.weight", (2 * i, h)),
-                (p + "mlp.down_proj.weight", (h, i))]
-    out.append(("model.norm.weight", (h,)))
-    if not cfg.tie_word_embeddings:
-        out.append(("lm_head.weight", (cfg.vocab_size, h)))
-    return out
-
-
 def synthetic_model(shape: str, type: str, path: Path, block: int = 32) -> Path:
     """Writes (once) a model of a named shape with random weights of the given type."""
     from .format import TensorSource, write_upg
+    from .recipes import graph_tensors
 
     if path.exists():
         return path
@@ -69,7 +55,7 @@ def synthetic_model(shape: str, type: str, path: Path, block: int = 32) -> Path:
         return np.tile(tile.reshape(-1), reps)[: rows * cols].reshape(rows, cols)
 
     sources = []
-    for name, dims in _matrix_shapes(cfg):
+    for name, dims in graph_tensors(cfg):
         if len(dims) == 1:
             sources.append(TensorSource(name, "f32", dims, lambda n=dims[0]: np.ones(n, np.float32)))
         else:

@@ -34,23 +34,28 @@ def subcommand(name: str, help: str, arguments: Callable[[argparse.ArgumentParse
 
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
-    from .convert import WEIGHT_TYPES  # light: numpy and tqdm only
+    from .recipes import RECIPES, WEIGHT_TYPES  # light: numpy only
 
-    p.add_argument("src", help="Hugging Face checkpoint directory (config.json, tokenizer.json, *.safetensors)")
+    p.add_argument("src", help="a Hugging Face checkpoint directory (config.json, tokenizer.json, *.safetensors) or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="the .upg file to write")
     p.add_argument("--type", default="f16", choices=WEIGHT_TYPES, help="weight type of the matrices (default f16)")
     p.add_argument("--block", type=int, default=32, choices=(32, 64), help="quantization block size (default 32)")
     p.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of each row of a quantized matrix kept exactly in f16 (default 0)")
+    p.add_argument("--recipe", default=None, choices=tuple(RECIPES),
+                   help="a named quantization recipe, mixed types per tensor (replaces --type/--block/--outliers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-@subcommand("convert", "convert a Hugging Face checkpoint to a .upg file", _convert_arguments)
+@subcommand("convert", "convert a Hugging Face checkpoint or a GGUF file to a .upg file", _convert_arguments)
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert_hf
+    if args.src.endswith(".gguf"):
+        from .gguf_source import convert_gguf as convert
+    else:
+        from .convert import convert_hf as convert
 
-    convert_hf(args.src, args.output, type=args.type, block=args.block, outliers=args.outliers,
-               progress=not args.quiet)
+    convert(args.src, args.output, type=args.type, block=args.block, outliers=args.outliers, recipe=args.recipe,
+            progress=not args.quiet)
     print(f"wrote {args.output}")
     return 0
 
@@ -235,6 +240,11 @@ def _bench(args: argparse.Namespace) -> int:
     print(json.dumps(dataclasses.asdict(r) | {"roofline": r.roofline}, indent=2) if args.json else r.table())
     return 0
 
+
+
+from .quality import register as _register_quality  # noqa: E402  (registers `upg quality`)
+
+_register_quality()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upg", description="Run and manage models in the UPG format.")

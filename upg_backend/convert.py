@@ -2,7 +2,7 @@
 
 Phi3ForCausalLM tensors are written as they are; LlamaForCausalLM is fused to the same layout
 (q/k/v -> qkv_proj, gate/up -> gate_up_proj). Every fix-up of checkpoint tensors is in
-`_tensor_plan`.
+`tensor_plan`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .format import BLOCKS, QUANTIZED, TensorSource, write_upg
+from .format import write_upg
+from .recipes import Recipe, get_recipe
 
-WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4", "q3")
 # tensors some checkpoints carry that the graph recomputes
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -91,7 +91,7 @@ def _read_json(path: Path) -> Any:
         raise ConversionError(f"{path}: {e}") from e
 
 
-def _tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], list[tuple[str, tuple[int, ...]]]]]:
+def tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], list[tuple[str, tuple[int, ...]]]]]:
     """The graph's tensors: (UPG name, shape, [(checkpoint name, shape), ...] concatenated by rows)."""
     h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -137,7 +137,7 @@ def _package_version() -> str:
 
 
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
-               outliers: float = 0.0, progress: bool = True) -> None:
+               outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True) -> None:
     """Converts a Hugging Face checkpoint directory to a .upg file.
 
     Args:
@@ -147,19 +147,14 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         type: weight type of the matrices: f32, f16, bf16, q8_0, q4 or q3 (1-D tensors are f32).
         block: elements per scale block of quantized types, 32 or 64.
         outliers: fraction of each row of a quantized matrix kept exactly in f16.
+        recipe: a named or custom mixed recipe (upg_backend.recipes); replaces type, block and outliers.
         progress: show a progress bar with an ETA on stderr.
 
     Raises:
         ConversionError: a file or tensor is missing or invalid, or the model is not supported.
         ValueError: the arguments are invalid.
     """
-    if type not in WEIGHT_TYPES:
-        raise ValueError(f"unknown weight type {type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
-    quantized = type in QUANTIZED
-    if quantized and block not in BLOCKS:
-        raise ValueError(f"block must be 32 or 64, got {block}")
-    if not 0.0 <= outliers < 1.0 or (outliers and not quantized):
-        raise ValueError(f"outliers must be a fraction in [0, 1) and needs a quantized type, got {outliers} with {type}")
+    rec = get_recipe(recipe, type, block, outliers)
 
     src = Path(src_dir)
     if not src.is_dir():
@@ -172,15 +167,13 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         cfg = ModelConfig.from_hf(hf_config)
     except ValueError as e:
         raise ConversionError(f"{config_path}: {e}") from e
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{config_path}: hidden_act {hf_config['hidden_act']!r} is not supported (only silu)")
     if not (src / "tokenizer.json").is_file():
         raise ConversionError(f"{src}: tokenizer.json is missing")
     tokenizer_config = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
 
     ckpt = _Checkpoint(src)
-    plan = _tensor_plan(cfg)
+    plan = tensor_plan(cfg)
     used = set()
     for _, _, parts in plan:
         for name, shape in parts:
@@ -202,11 +195,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         return load
 
-    sources = []
-    for name, shape, parts in plan:
-        dtype = type if len(shape) == 2 else "f32"
-        q = dtype in QUANTIZED
-        sources.append(TensorSource(name, dtype, shape, loader(parts), block if q else 0, outliers if q else 0.0))
+    sources = [rec.source(name, shape, loader(parts), cfg.tie_word_embeddings) for name, shape, parts in plan]
 
     header = {
         "architecture": cfg.architecture,
@@ -215,8 +204,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         "tokenizer_config": {k: v for k, v in tokenizer_config.items() if k != "chat_template"},
         "chat_templates": _chat_templates(src, tokenizer_config),
         "generation": generation,
-        "quantization": {"default": type, "block": block if quantized else 0, "overrides": {},
-                         "outliers": outliers},
+        "quantization": rec.header(sources),
         "provenance": {"source": src.resolve().name, "source_format": "hf",
                        "converter": f"upg_backend {_package_version()}",
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

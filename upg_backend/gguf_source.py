@@ -1,0 +1,324 @@
+"""GGUF files (llama.cpp) -> .upg: configuration, tokenizer and tensors rebuilt in Hugging Face form.
+
+The GGUF metadata gives the config.json fields, the vocabulary and merges give a tokenizer.json,
+and every tensor is dequantized to float32 with `gguf.quants.dequantize` and renamed to the UPG
+(Hugging Face, fused) layout. Every GGUF fix-up is in `_tensor_plan`: llama.cpp's converter
+permutes the Q and K rows of Llama models for its adjacent-pairs RoPE, and this undoes it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .convert import ConversionError, _package_version
+from .format import write_upg
+from .recipes import Recipe, get_recipe
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+_CONTROL, _USER_DEFINED = 3, 4
+
+# tokenizer.ggml.pre -> pre-tokenizer of the byte-level BPE: llama.cpp's split for that name
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS: dict[str, tuple[str, str | None]] = {
+    # name: (kind, regex); "gpt2" is GPT-2's own split, built into the ByteLevel pre-tokenizer
+    "default": ("gpt2", None), "gpt2": ("gpt2", None),
+    "smollm": ("digits+gpt2", None),  # as SmolLM's tokenizer.json: each digit alone, then GPT-2's split
+    **{n: ("split", _LLAMA3_SPLIT) for n in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")},
+    **{n: ("split", _QWEN2_SPLIT) for n in ("qwen2", "deepseek-r1-qwen")},
+}
+
+
+class _GGUF:
+    """A GGUF file: its metadata as Python values and its tensors by name."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader  # an optional dependency: only GGUF conversion needs it
+
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        try:
+            self.reader = GGUFReader(str(path))
+        except (ValueError, OSError, KeyError) as e:
+            raise ConversionError(f"{path}: not a readable GGUF file: {e}") from e
+        self.path = path
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        arch = self.get("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise ConversionError(f"{path}: architecture {arch!r} is not supported; supported: "
+                                  f"{', '.join(ARCHITECTURES)}")
+        self.arch = arch
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def need(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ConversionError(f"{self.path}: metadata key {key} is missing")
+        return value
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Dims outermost first, as PyTorch (GGUF lists them innermost first)."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor dequantized to float32, in PyTorch dims."""
+        from gguf import quants
+
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind not in TENSOR_TYPES:
+            raise ConversionError(f"{self.path}: tensor {name} has GGUF type {kind}, which is not supported; "
+                                  f"supported: {', '.join(TENSOR_TYPES)}")
+        w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.shape(name))
+        if not np.isfinite(w).all():
+            raise ConversionError(f"{self.path}: tensor {name} contains NaN or Inf")
+        return w
+
+
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _hf_config(g: _GGUF, tied: bool) -> dict[str, Any]:
+    """config.json fields from the `<arch>.*` metadata keys."""
+    a = g.arch
+    hidden = int(g.need(f"{a}.embedding_length"))
+    heads = int(g.need(f"{a}.attention.head_count"))
+    head_dim = int(g.get(f"{a}.attention.key_length") or hidden // heads)
+    tokens = g.get("tokenizer.ggml.tokens") or []
+    vocab = int(g.get(f"{a}.vocab_size")
+                or (g.shape("token_embd.weight")[0] if "token_embd.weight" in g.tensors else len(tokens)))
+    context = int(g.need(f"{a}.context_length"))
+    scaling = g.get(f"{a}.rope.scaling.type")
+    if scaling not in (None, "none") and a == "llama":
+        raise ConversionError(f"{g.path}: rope scaling {scaling!r} is not supported")
+    config: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[a]],
+        "model_type": a,
+        "hidden_size": hidden,
+        "intermediate_size": int(g.need(f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(g.need(f"{a}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g.get(f"{a}.attention.head_count_kv") or heads),
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "rms_norm_eps": _f32(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(g.get(f"{a}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": context,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    rope_dim = g.get(f"{a}.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        if a == "llama":
+            raise ConversionError(f"{g.path}: partial rotary ({rope_dim} of {head_dim} dims) needs phi3")
+        config["partial_rotary_factor"] = int(rope_dim) / head_dim
+    for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                       ("pad_token_id", "padding_token_id")):
+        if (value := g.get(f"tokenizer.ggml.{field}")) is not None:
+            config[key] = int(value)
+    if "rope_factors_long.weight" in g.tensors:  # Phi-3 LongRoPE: the factors are tensors in a GGUF
+        original = int(g.need(f"{a}.rope.scaling.original_context_length"))
+        config["original_max_position_embeddings"] = original
+        config["rope_scaling"] = {
+            "type": "longrope", "rope_type": "longrope",
+            "long_factor": [float(x) for x in g.load("rope_factors_long.weight")],
+            "short_factor": [float(x) for x in g.load("rope_factors_short.weight")],
+            "original_max_position_embeddings": original}
+        if (attn := g.get(f"{a}.rope.scaling.attn_factor")) is not None:
+            config["rope_scaling"]["attention_factor"] = float(attn)
+    return config
+
+
+def _pre_tokenizer(g: _GGUF) -> Any:
+    from tokenizers import Regex, pre_tokenizers
+
+    name = g.get("tokenizer.ggml.pre", "default")
+    if name not in _PRE_TOKENIZERS:
+        raise ConversionError(f"{g.path}: pre-tokenizer {name!r} (tokenizer.ggml.pre) is not supported; "
+                              f"supported: {', '.join(_PRE_TOKENIZERS)}")
+    kind, regex = _PRE_TOKENIZERS[name]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind != "split")
+    if kind == "split":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"), byte_level])
+    if kind == "digits+gpt2":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
+def _tokenizer_json(g: _GGUF) -> dict[str, Any]:
+    """tokenizer.json of the byte-level BPE the GGUF describes (vocabulary, merges, token types)."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    model = g.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ConversionError(f"{g.path}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
+                              "only byte-level BPE ('gpt2') is")
+    tokens = list(g.need("tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in g.need("tokenizer.ggml.merges")]
+    types = list(g.get("tokenizer.ggml.token_type") or [])
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+    tok.pre_tokenizer = _pre_tokenizer(g)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    return json.loads(tok.to_str())
+
+
+def _tokenizer_config(g: _GGUF) -> dict[str, Any]:
+    tokens = g.get("tokenizer.ggml.tokens") or []
+    config: dict[str, Any] = {}
+    for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        if (i := g.get(f"tokenizer.ggml.{field}")) is not None and 0 <= int(i) < len(tokens):
+            config[key] = tokens[int(i)]
+    config["add_bos_token"] = bool(g.get("tokenizer.ggml.add_bos_token", False))
+    config["add_eos_token"] = bool(g.get("tokenizer.ggml.add_eos_token", False))
+    return config
+
+
+def _generation(g: _GGUF) -> dict[str, Any]:
+    """generation_config.json: BOS, and every end-of-turn id the file names (EOS first)."""
+    eos = [int(i) for key in ("eos_token_id", "eot_token_id", "eom_token_id")
+           if (i := g.get(f"tokenizer.ggml.{key}")) is not None]
+    generation: dict[str, Any] = {"eos_token_id": list(dict.fromkeys(eos))}
+    if (bos := g.get("tokenizer.ggml.bos_token_id")) is not None:
+        generation["bos_token_id"] = int(bos)
+    return generation
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `LlamaModel.permute`, which reorders each head's rows from
+    rotate-half (first half, second half) to adjacent pairs: reshape(n_head, 2, d/2, ...).swapaxes(1, 2)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+Loader = Callable[[], np.ndarray]
+
+
+def _tensor_plan(g: _GGUF, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], Loader, list[str]]]:
+    """The graph's tensors: (UPG name, shape, loader, GGUF tensors it reads)."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    q, kv = heads * hd, kv_heads * hd
+    llama = g.arch == "llama"
+
+    def part(name: str, shape: tuple[int, ...], permuted_heads: int = 0):
+        return name, shape, permuted_heads if llama else 0  # llama.cpp permutes Llama's Q and K only
+
+    def rows(*parts) -> tuple[Loader, list[tuple[str, tuple[int, ...]]]]:  # stacked by rows, as fused
+        def load() -> np.ndarray:
+            arrays = [_unpermute(g.load(name), n) if n else g.load(name) for name, _, n in parts]
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        return load, [(name, shape) for name, shape, _ in parts]
+
+    plan = [("model.embed_tokens.weight", (cfg.vocab_size, h), rows(part("token_embd.weight", (cfg.vocab_size, h))))]
+    for i in range(cfg.num_hidden_layers):
+        b, p = f"blk.{i}.", f"model.layers.{i}."
+        if b + "attn_qkv.weight" in g.tensors:
+            qkv = rows(part(b + "attn_qkv.weight", (q + 2 * kv, h)))
+        else:
+            qkv = rows(part(b + "attn_q.weight", (q, h), heads), part(b + "attn_k.weight", (kv, h), kv_heads),
+                       part(b + "attn_v.weight", (kv, h)))
+        if b + "ffn_gate.weight" in g.tensors:
+            gate_up = rows(part(b + "ffn_gate.weight", (inter, h)), part(b + "ffn_up.weight", (inter, h)))
+        else:  # Phi-3 files keep gate_up_proj fused under the name ffn_up
+            gate_up = rows(part(b + "ffn_up.weight", (2 * inter, h)))
+        plan += [(p + "input_layernorm.weight", (h,), rows(part(b + "attn_norm.weight", (h,)))),
+                 (p + "self_attn.qkv_proj.weight", (q + 2 * kv, h), qkv),
+                 (p + "self_attn.o_proj.weight", (h, q), rows(part(b + "attn_output.weight", (h, q)))),
+                 (p + "post_attention_layernorm.weight", (h,), rows(part(b + "ffn_norm.weight", (h,)))),
+                 (p + "mlp.gate_up_proj.weight", (2 * inter, h), gate_up),
+                 (p + "mlp.down_proj.weight", (h, inter), rows(part(b + "ffn_down.weight", (h, inter))))]
+    plan.append(("model.norm.weight", (h,), rows(part("output_norm.weight", (h,)))))
+    if not cfg.tie_word_embeddings:
+        plan.append(("lm_head.weight", (cfg.vocab_size, h), rows(part("output.weight", (cfg.vocab_size, h)))))
+    return [(name, shape, load, parts) for name, shape, (load, parts) in plan]
+
+
+# tensors a GGUF may carry that the plan does not read: consumed into the config, or recomputed
+_CONSUMED = ("rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
+                 outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True) -> None:
+    """Converts a GGUF file (architecture llama or phi3, byte-level BPE tokenizer) to a .upg file.
+
+    Args:
+        src: the .gguf file.
+        out_path: the .upg file to write; it exists only if conversion succeeded.
+        type: weight type of the matrices: f32, f16, bf16, q8_0, q4 or q3 (1-D tensors are f32).
+        block: elements per scale block of quantized types, 32 or 64.
+        outliers: fraction of each row of a quantized matrix kept exactly in f16.
+        recipe: a recipe (or the name of one in recipes.RECIPES) that replaces type, block and outliers.
+        progress: show a progress bar with an ETA on stderr.
+
+    Raises:
+        ConversionError: the file, a metadata key or a tensor is missing or unsupported (the message
+            names the file and tensor).
+        ValueError: the arguments are invalid.
+    """
+    rec = get_recipe(recipe, type, block, outliers)
+    g = _GGUF(Path(src))
+    tied = "output.weight" not in g.tensors
+    hf_config = _hf_config(g, tied)
+    try:
+        cfg = ModelConfig.from_hf(hf_config)
+    except ValueError as e:
+        raise ConversionError(f"{g.path}: {e}") from e
+
+    plan = _tensor_plan(g, cfg)
+    used = set(_CONSUMED)
+    for _, _, _, parts in plan:
+        for name, shape in parts:
+            if name not in g.tensors:
+                raise ConversionError(f"{g.path}: tensor {name} is missing")
+            if g.shape(name) != shape:
+                raise ConversionError(f"{g.path}: tensor {name} has shape {list(g.shape(name))}, "
+                                      f"the metadata implies {list(shape)}")
+            if g.tensors[name].tensor_type.name not in TENSOR_TYPES:
+                raise ConversionError(f"{g.path}: tensor {name} has GGUF type {g.tensors[name].tensor_type.name}, "
+                                      f"which is not supported; supported: {', '.join(TENSOR_TYPES)}")
+            used.add(name)
+    unused = sorted(set(g.tensors) - used)
+    if unused:
+        raise ConversionError(f"{g.path}: tensor {unused[0]} is not supported by the {cfg.architecture} graph")
+
+    sources = [rec.source(name, shape, load, tied) for name, shape, load, _ in plan]
+    template = g.get("tokenizer.chat_template")
+    header = {
+        "architecture": cfg.architecture,
+        "config": hf_config,
+        "tokenizer": _tokenizer_json(g),
+        "tokenizer_config": _tokenizer_config(g),
+        "chat_templates": {"default": template} if template else {},
+        "generation": _generation(g),
+        "quantization": rec.header(sources),
+        "provenance": {"source": g.path.name, "source_format": "gguf",
+                       "converter": f"upg_backend {_package_version()}",
+                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    }
+    total = sum(int(np.prod(s.shape)) for s in sources)
+    with tqdm(total=total, unit="w", unit_scale=True, desc=Path(out_path).name, disable=not progress) as bar:
+        write_upg(out_path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
