@@ -123,7 +123,6 @@ def test_bad_input(models, tmp_path):
 
 
 def test_cli_quality(models, tmp_path, capsys):
-    quality.register()
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     assert cli.main(["quality", str(models["q4"]), "--reference", str(models["src"]), "--text", str(text),

@@ -242,9 +242,30 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 
-from .quality import register as _register_quality  # noqa: E402  (registers `upg quality`)
+def _quality_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the quantized .upg file")
+    p.add_argument("--reference", required=True, metavar="SRC",
+                   help="the unquantized source: Hugging Face directory, .gguf or .upg (converted to f32 on the fly)")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
+    p.add_argument("--n-ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
 
-_register_quality()
+
+@subcommand("quality", "measure a quantized model's KL divergence and perplexity against its source",
+            _quality_arguments)
+def _quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .quality import measure
+
+    text = Path(args.text).read_text(encoding="utf-8")
+    r = measure(args.model, args.reference, text, n_ctx=args.n_ctx, n_threads=args.threads)
+    print(f"tokens          {r.n_tokens}")
+    print(f"mean KLD        {r.mean_kld:.5f}")
+    print(f"p99 KLD         {r.p99_kld:.5f}")
+    print(f"perplexity      {r.perplexity:.4f} (reference {r.reference_perplexity:.4f})")
+    print(f"top-1 agreement {100 * r.top1_agreement:.2f}%")
+    return 0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upg", description="Run and manage models in the UPG format.")

@@ -6,7 +6,6 @@ of the softmaxed logits, and the negative log-likelihood of the actual next toke
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -155,30 +154,3 @@ def measure(model: str | os.PathLike, reference: str | os.PathLike, text: str, n
     with reference_upg(reference) as ref:
         return compare(model, ref, np.asarray(tokens), n_ctx, n_threads)
 
-
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="the quantized .upg file")
-    p.add_argument("--reference", required=True, metavar="SRC",
-                   help="the unquantized source: Hugging Face directory, .gguf or .upg (converted to f32 on the fly)")
-    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
-    p.add_argument("--n-ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
-
-
-def _run(args: argparse.Namespace) -> int:
-    text = Path(args.text).read_text(encoding="utf-8")
-    r = measure(args.model, args.reference, text, n_ctx=args.n_ctx, n_threads=args.threads)
-    print(f"tokens          {r.n_tokens}")
-    print(f"mean KLD        {r.mean_kld:.5f}")
-    print(f"p99 KLD         {r.p99_kld:.5f}")
-    print(f"perplexity      {r.perplexity:.4f} (reference {r.reference_perplexity:.4f})")
-    print(f"top-1 agreement {100 * r.top1_agreement:.2f}%")
-    return 0
-
-
-def register() -> None:
-    """Adds `upg quality` to the command line (cli.py calls this)."""
-    from .cli import subcommand
-
-    subcommand("quality", "measure a quantized model's KL divergence and perplexity against its source",
-               _arguments)(_run)
