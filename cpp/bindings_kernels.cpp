@@ -1,3 +1,195 @@
+// _core.quantize / matvec / matmul / simd_paths: the kernels, for the writer, tests and benchmarks.
+// Every argument is checked here so that no kernel reads out of bounds; computing releases the GIL.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "upg/kernels.h"
+
 namespace py = pybind11;
-void bind_kernels(py::module_& m) {}
+using upg::DType;
+
+namespace {
+
+template <class T>
+using CArray = py::array_t<T, py::array::c_style>;  // exactly this dtype, C-contiguous
+using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using Outliers = std::tuple<CArray<int32_t>, CArray<int32_t>, CArray<uint16_t>>;
+
+const char* const kPaths[] = {"scalar", "avx2", "avx512"};  // worst to best
+
+DType parse_type(const std::string& name) {
+  for (int t = 0; t < upg::kNumDTypes; ++t)
+    if (name == upg::dtype_name(DType(t)) && DType(t) != DType::I32) return DType(t);
+  throw py::value_error("unknown tensor type '" + name + "' (f32, f16, bf16, q8_0, q4, q3)");
+}
+
+// Checks rows, cols and block against the type; returns the matrix's byte size.
+uint64_t matrix_nbytes(DType type, int block, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0 || rows > (int64_t(1) << 31) || cols > (int64_t(1) << 31))
+    throw py::value_error("rows and cols must be in 1..2^31");
+  if (!upg::is_quantized(type)) {
+    if (block != 0) throw py::value_error(std::string(upg::dtype_name(type)) + " takes block 0");
+    return uint64_t(rows) * uint64_t(cols) * uint64_t(upg::dense_elem_size(type));
+  }
+  if (block != 32 && block != 64) throw py::value_error("block must be 32 or 64");
+  if (cols % block != 0) throw py::value_error("cols must be a multiple of block");
+  return upg::quant_sections(type, rows, cols, block).total();
+}
+
+const upg::Kernels& pick_path(const std::optional<std::string>& path) {
+  if (!path) return upg::kernels();
+  if (const upg::Kernels* k = upg::kernels_by_name(path->c_str())) return *k;
+  throw py::value_error("kernel path '" + *path + "' is not built in or not supported by this CPU");
+}
+
+// A view over `data` after checking its size; outliers checked as docs/FORMAT.md requires.
+upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, int64_t rows, int64_t cols,
+                          const std::optional<Outliers>& outliers) {
+  const uint64_t nbytes = matrix_nbytes(type, block, rows, cols);
+  if (data.ndim() != 1 || uint64_t(data.size()) != nbytes)
+    throw py::value_error("data must be a 1-D uint8 array of " + std::to_string(nbytes) + " bytes");
+  upg::WeightView w;
+  w.type = type;
+  w.block = upg::is_quantized(type) ? block : 0;
+  w.rows = rows;
+  w.cols = cols;
+  w.codes = data.data();
+  if (upg::is_quantized(type)) {
+    const upg::QuantSections s = upg::quant_sections(type, rows, cols, block);
+    if (type == DType::Q3) w.high = w.codes + s.high_offset();
+    w.scales = reinterpret_cast<const uint16_t*>(w.codes + s.scales_offset());
+  }
+  if (!outliers) return w;
+  const auto& [rowptr, col, val] = *outliers;
+  if (rowptr.ndim() != 1 || rowptr.size() != rows + 1) throw py::value_error("outlier rowptr must be int32[rows + 1]");
+  if (col.ndim() != 1 || val.ndim() != 1 || col.size() != val.size())
+    throw py::value_error("outlier col (int32) and val (uint16) must be 1-D of equal length");
+  const int32_t* rp = rowptr.data();
+  const int32_t* c = col.data();
+  if (rp[0] != 0 || rp[rows] != col.size()) throw py::value_error("outlier rowptr must run from 0 to nnz");
+  for (int64_t r = 0; r < rows; ++r) {
+    if (rp[r + 1] < rp[r]) throw py::value_error("outlier rowptr must be non-decreasing");
+    for (int32_t i = rp[r]; i < rp[r + 1]; ++i)
+      if (c[i] < 0 || c[i] >= cols || (i > rp[r] && c[i] <= c[i - 1]))
+        throw py::value_error("outlier cols must lie in 0..cols-1, strictly increasing within a row");
+  }
+  w.o_rowptr = rp;
+  w.o_col = c;
+  w.o_val = val.data();
+  return w;
+}
+
+py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads) {
+  const DType type = parse_type(type_name);
+  if (src.ndim() != 2) throw py::value_error("w must be a 2-D float32 array");
+  const int64_t rows = src.shape(0), cols = src.shape(1);
+  const uint64_t nbytes = matrix_nbytes(type, block, rows, cols);
+  if (n_threads < 0) throw py::value_error("n_threads must be >= 0");
+  if (n_threads == 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads = int(std::min<int64_t>(n_threads, rows));
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>(nbytes));
+  uint8_t* o = out.mutable_data();
+  const float* x = src.data();
+  bool finite = true;
+  {
+    py::gil_scoped_release release;
+    // Codes of non-finite inputs are meaningless (and casting NaN to int is undefined).
+    if (upg::is_quantized(type))
+      for (int64_t i = 0; i < rows * cols && finite; ++i) finite = std::isfinite(x[i]);
+    if (finite) {
+      std::memset(o, 0, nbytes);  // section padding
+      std::vector<std::thread> pool;
+      for (int t = 0; t < n_threads; ++t)
+        pool.emplace_back(upg::quantize_rows, type, block, x, rows, cols, o, rows * t / n_threads,
+                          rows * (t + 1) / n_threads);
+      for (auto& th : pool) th.join();
+    }
+  }
+  if (!finite) throw py::value_error("w has non-finite values; they cannot be quantized");
+  return out;
+}
+
+// The output rows [r0, r1) to compute (r1 None = rows); the others are left NaN.
+std::pair<int64_t, int64_t> row_range(int64_t rows, int64_t r0, std::optional<int64_t> r1) {
+  const int64_t end = r1.value_or(rows);
+  if (r0 < 0 || r0 > end || end > rows) throw py::value_error("need 0 <= r0 <= r1 <= rows");
+  return {r0, end};
+}
+
+template <class A>
+void fill_nan_if_partial(A& y, int64_t rows, std::pair<int64_t, int64_t> range) {
+  if (range.first != 0 || range.second != rows)
+    std::fill_n(y.mutable_data(), y.size(), std::numeric_limits<float>::quiet_NaN());
+}
+
+py::array_t<float> matvec(const std::string& type_name, int block, const CArray<uint8_t>& data, int64_t rows,
+                          int64_t cols, const FArray& x, const std::optional<std::string>& path,
+                          const std::optional<Outliers>& outliers, int64_t r0, std::optional<int64_t> r1) {
+  const upg::WeightView w = make_view(parse_type(type_name), block, data, rows, cols, outliers);
+  if (x.ndim() != 1 || x.size() != cols) throw py::value_error("x must be float32[cols]");
+  const auto range = row_range(rows, r0, r1);
+  const upg::Kernels& k = pick_path(path);
+  py::array_t<float> y(static_cast<py::ssize_t>(rows));
+  fill_nan_if_partial(y, rows, range);
+  float* yp = y.mutable_data();
+  const float* xp = x.data();
+  {
+    py::gil_scoped_release release;
+    k.matvec(w, xp, yp, range.first, range.second);
+  }
+  return y;
+}
+
+py::array_t<float> matmul(const std::string& type_name, int block, const CArray<uint8_t>& data, int64_t rows,
+                          int64_t cols, const FArray& x, const std::optional<std::string>& path,
+                          const std::optional<Outliers>& outliers, int64_t r0, std::optional<int64_t> r1) {
+  const upg::WeightView w = make_view(parse_type(type_name), block, data, rows, cols, outliers);
+  if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be float32[n, cols]");
+  const int64_t n = x.shape(0);
+  const auto range = row_range(rows, r0, r1);
+  const upg::Kernels& k = pick_path(path);
+  py::array_t<float> y({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(rows)});
+  fill_nan_if_partial(y, rows, range);
+  float* yp = y.mutable_data();
+  const float* xp = x.data();
+  {
+    py::gil_scoped_release release;
+    k.matmul(w, xp, n, yp, rows, range.first, range.second);
+  }
+  return y;
+}
+
+std::vector<std::string> simd_paths() {
+  std::vector<std::string> out;
+  for (const char* p : kPaths)
+    if (upg::kernels_by_name(p)) out.emplace_back(p);
+  return out;
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  using namespace pybind11::literals;
+  m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0,
+        "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md).");
+  m.def("matvec", &matvec, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
+        "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(),
+        "y = W x for a UPG matrix; path None uses the engine's choice (UPG_SIMD or the best). Only "
+        "rows [r0, r1) are computed, the others are NaN.");
+  m.def("matmul", &matmul, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
+        "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(),
+        "y[t] = W x[t] for every row t of x: float32[n, rows] (rows [r0, r1) only, as matvec).");
+  m.def("simd_paths", &simd_paths, "Kernel paths this build and CPU run, best last.");
+}

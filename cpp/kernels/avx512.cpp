@@ -1,1 +1,114 @@
-// placeholder until the kernels land
+// AVX-512 (F, BW, VL, DQ) kernels: 16 f32 lanes per register, 32 registers.
+// GCC 12's AVX-512 intrinsics initialize their "undefined" operands from themselves, which
+// -Wuninitialized reports at every use (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "kernels/simd_kernels.h"
+
+namespace upg {
+namespace {
+
+struct V512 {
+  static constexpr int W = 16;
+  static constexpr int kMatvecRows = 4;  // rows sharing each x load in matvec (best of 1..8)
+  static constexpr int kMR = 6, kNT = 4;  // matmul register tile: 24 accumulators (best of 3x8 .. 8x3)
+  using reg = __m512;
+  using ireg = __m512i;
+
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg set1(float f) { return _mm512_set1_ps(f); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
+
+  static reg load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static reg load_bf16(const uint16_t* p) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
+  static void store_f16(uint16_t* p, reg v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // out[0, n) = f32 of n halves (n <= kScaleGroup).
+  static void halves_to_f32(const uint16_t* p, int n, float* out) {
+    int i = 0;
+    for (; i + W <= n; i += W) store(out + i, load_f16(p + i));
+    if (i < n) {
+      const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+      const __m256i h = _mm256_maskz_loadu_epi16(m, p + i);
+      _mm512_mask_storeu_ps(out + i, m, _mm512_cvtph_ps(h));
+    }
+  }
+
+  static __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+  static ireg widen_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(load16(p)); }
+  static ireg widen_i8(const uint8_t* p) { return _mm512_cvtepi8_epi32(load16(p)); }
+  // Lane l = p[idx[l]] of the first N bytes at p (N = 4, 8 or 16), zero-extended.
+  template <int N>
+  static ireg gather_bytes(const uint8_t* p, const int8_t* idx) {
+    __m128i v;
+    if constexpr (N == 16) v = load16(p);
+    if constexpr (N == 8) v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    if constexpr (N == 4) {
+      int32_t u;
+      __builtin_memcpy(&u, p, 4);
+      v = _mm_cvtsi32_si128(u);
+    }
+    return _mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, load16(reinterpret_cast<const uint8_t*>(idx))));
+  }
+  static ireg srlv(ireg v, const int32_t* sh) { return _mm512_srlv_epi32(v, _mm512_loadu_si512(sh)); }
+  template <int S>
+  static ireg srli(ireg v) { return _mm512_srli_epi32(v, S); }
+  template <int S>
+  static ireg slli(ireg v) { return _mm512_slli_epi32(v, S); }
+  static ireg and_(ireg v, int m) { return _mm512_and_si512(v, _mm512_set1_epi32(m)); }
+  static ireg or_(ireg a, ireg b) { return _mm512_or_si512(a, b); }
+  static ireg sub(ireg v, int m) { return _mm512_sub_epi32(v, _mm512_set1_epi32(m)); }
+  static reg cvt(ireg v) { return _mm512_cvtepi32_ps(v); }
+
+  // Grouped q4 / q3 (simd_kernels.h). vpermps is a 16-entry f32 table lookup: lane l = t[v[l] & 15].
+  static constexpr bool kLookup16 = true;
+  static reg lookup(ireg v, reg table) { return _mm512_permutexvar_ps(v, table); }
+  static reg q4_values() { return _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); }
+  static reg q3_values() { return _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3); }
+  static ireg load_codes(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static ireg srl(ireg v, unsigned n) { return _mm512_srli_epi32(v, n); }
+  static ireg sll(ireg v, unsigned n) { return _mm512_slli_epi32(v, n); }
+  // Lane l = dword idx[l] of the 2W = 32 qh bytes at p.
+  static ireg high_lanes(const uint8_t* p, const int32_t* idx) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_permutexvar_epi32(_mm512_loadu_si512(idx), _mm512_castsi256_si512(h));
+  }
+  // Bits 0-1 from lo, bits 2 and up from hi: (lo & 3) | (hi & ~3) in one vpternlogd.
+  static ireg low2_high(ireg lo, ireg hi) { return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(3), 0xe4); }
+  // The scale of each lane of a group of BPG blocks: lane l is in block l * BPG / 16.
+  template <int BPG>
+  static reg group_scales(const uint16_t* p) {
+    __m128i h;
+    if constexpr (BPG == 2) {
+      uint32_t u;
+      __builtin_memcpy(&u, p, 4);
+      h = _mm_cvtsi32_si128(int32_t(u));
+    }
+    if constexpr (BPG == 4) h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    if constexpr (BPG == 8) h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m512i lane_block = _mm512_srli_epi32(
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                           _mm512_set1_epi32(BPG)), 4);
+    return _mm512_permutexvar_ps(lane_block, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
+  }
+};
+
+}  // namespace
+
+extern const Kernels kAvx512Kernels = make_kernels<V512>("avx512");
+
+}  // namespace upg
+#pragma GCC diagnostic pop

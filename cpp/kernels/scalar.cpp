@@ -1,1 +1,116 @@
-// placeholder until the kernels land
+// The reference kernels: plain C++ that follows docs/FORMAT.md literally. Every SIMD path is
+// tested against the same numpy reference as this one; it is also the only path off x86.
+#include "upg/kernels.h"
+
+namespace upg {
+namespace {
+
+constexpr int kMaxSpan = 64;  // elements decoded at a time: one block, or a dense chunk
+
+// The elements [k0, k0 + n) of row r, by the spec's formulas; for quantized types exactly one
+// block (k0 a multiple of the block, n = block).
+void decode(const WeightView& w, int64_t r, int64_t k0, int n, float* out) {
+  const int64_t i0 = r * w.cols + k0;  // element index in row-major order
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(w.codes) + i0;
+  const int B = w.block;
+  const int64_t g = i0 / (B ? B : 1);  // quantized: global block index = r * nb + k0 / B
+  const float d = B ? f16_to_f32(w.scales[g]) : 0.0f;
+  switch (w.type) {
+    case DType::F32:
+      for (int j = 0; j < n; ++j) out[j] = reinterpret_cast<const float*>(w.codes)[i0 + j];
+      return;
+    case DType::F16:
+      for (int j = 0; j < n; ++j) out[j] = f16_to_f32(h[j]);
+      return;
+    case DType::BF16:
+      for (int j = 0; j < n; ++j) out[j] = bf16_to_f32(h[j]);
+      return;
+    case DType::Q8_0:
+      for (int j = 0; j < B; ++j) out[j] = d * float(int8_t(w.codes[i0 + j]));
+      return;
+    case DType::Q4:
+      for (int j = 0; j < B; ++j) {
+        const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
+        out[j] = d * float((j < B / 2 ? byte & 15 : byte >> 4) - 8);
+      }
+      return;
+    case DType::Q3:
+      for (int j = 0; j < B; ++j) out[j] = d * float(q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - 4);
+      return;
+    default: return;
+  }
+}
+
+int span(const WeightView& w, int64_t k0) {
+  return w.block ? w.block : int(w.cols - k0 < kMaxSpan ? w.cols - k0 : kMaxSpan);
+}
+
+float outlier_dot(const WeightView& w, int64_t r, const float* x) {
+  if (!w.o_rowptr) return 0.0f;
+  float s = 0.0f;
+  for (int32_t i = w.o_rowptr[r]; i < w.o_rowptr[r + 1]; ++i) s += f16_to_f32(w.o_val[i]) * x[w.o_col[i]];
+  return s;
+}
+
+// One output: the sum over spans of (the sum within the span).
+float row_dot(const WeightView& w, int64_t r, const float* x) {
+  float v[kMaxSpan];
+  float acc = 0.0f;
+  for (int64_t k0 = 0; k0 < w.cols;) {
+    const int n = span(w, k0);
+    decode(w, r, k0, n, v);
+    float part = 0.0f;
+    for (int j = 0; j < n; ++j) part += v[j] * x[k0 + j];
+    acc += part;
+    k0 += n;
+  }
+  return acc + outlier_dot(w, r, x);
+}
+
+void matvec(const WeightView& w, const float* x, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) y[r] = row_dot(w, r, x);
+}
+
+// The reference has no tiling: the blocked-decode contract is about speed, not results.
+void matmul(const WeightView& w, const float* x, int64_t n, float* y, int64_t ldy, int64_t r0,
+            int64_t r1) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t r = r0; r < r1; ++r) y[t * ldy + r] = row_dot(w, r, x + t * w.cols);
+}
+
+void dequant_row(const WeightView& w, int64_t r, float* out) {
+  for (int64_t k0 = 0; k0 < w.cols; k0 += span(w, k0)) decode(w, r, k0, span(w, k0), out + k0);
+  if (!w.o_rowptr) return;
+  for (int32_t i = w.o_rowptr[r]; i < w.o_rowptr[r + 1]; ++i) out[w.o_col[i]] += f16_to_f32(w.o_val[i]);
+}
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+float dot_f16(const float* a, const uint16_t* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * f16_to_f32(b[i]);
+  return s;
+}
+
+void axpy_f32(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+void axpy_f16(float a, const uint16_t* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * f16_to_f32(x[i]);
+}
+
+void to_f16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]);
+}
+
+}  // namespace
+
+extern const Kernels kScalarKernels = {"scalar",  matvec,   matmul,   dequant_row, dot_f32,
+                                       dot_f16,   axpy_f32, axpy_f16, to_f16};
+
+}  // namespace upg

@@ -1,0 +1,93 @@
+"""CPU kernel throughput: matvec GB/s (1 and 2 threads) and matmul GFLOP/s, per type and path.
+
+Run: python3 benchmarks/kernels_bench.py [--rows 5120] [--cols 17920] [--types q4,q8_0,...]
+
+matvec streams a Phi-4 down_proj-shaped matrix (5120 x 17920); GB/s counts the matrix bytes read
+per call, to compare with the machine's memory bandwidth, measured here as a numpy copy of 1 GiB
+(bytes read + written / time). Two threads split the rows (the GIL is released while computing).
+matmul GFLOP/s is 2 * rows * cols * n / time for n = 64 tokens over a slice of the rows.
+"""
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from upg_backend import _core
+
+TYPES = {"f32": 0, "f16": 0, "bf16": 0, "q8_0": 32, "q4": 32, "q3": 32}
+
+
+def median_time(fn, reps):
+    fn()  # warm up: page faults, caches
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def aligned64(a):
+    """A copy of a at a 64-byte aligned address, as tensors in a mapped UPG file are (numpy's
+    own large arrays are only 16-byte aligned, which splits every 64-byte load across two lines)."""
+    buf = np.empty(a.nbytes + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start:start + a.nbytes].view(a.dtype)
+    out[...] = a
+    return out
+
+
+def memory_bandwidth():
+    """GB/s of a 1 GiB numpy copy, counting bytes read and written."""
+    a = np.ones(1 << 28, np.float32)
+    b = np.empty_like(a)
+    return 2 * a.nbytes / median_time(lambda: np.copyto(b, a), 5) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=5120)
+    ap.add_argument("--cols", type=int, default=17920)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--paths", default=",".join(_core.simd_paths()))
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    rows, cols = args.rows, args.cols
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    x = rng.standard_normal(cols, dtype=np.float32)
+    x64 = rng.standard_normal((64, cols), dtype=np.float32)
+    pool = ThreadPoolExecutor(2)
+
+    print(f"memory bandwidth (numpy copy, read + write): {memory_bandwidth():.1f} GB/s")
+    print(f"matvec {rows} x {cols}; matmul n = 64\n")
+    print(f"| type | path | MB | matvec 1T ms | 1T GB/s | matvec 2T ms | 2T GB/s | matmul GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for type_ in args.types.split(","):
+        block = TYPES[type_]
+        data = aligned64(_core.quantize(type_, block, w))
+        mb = data.nbytes / 1e6
+        for path in args.paths.split(","):
+            reps = 1 if path == "scalar" else args.reps
+            t1 = median_time(lambda: _core.matvec(type_, block, data, rows, cols, x, path), reps)
+            half = rows // 2
+
+            def two_threads():
+                parts = [pool.submit(_core.matvec, type_, block, data, rows, cols, x, path, r0=r0, r1=r1)
+                         for r0, r1 in ((0, half), (half, rows))]
+                for p in parts:
+                    p.result()
+
+            t2 = median_time(two_threads, reps)
+            mm_rows = 32 if path == "scalar" else 1024  # a row slice keeps the slow path short
+            tm = median_time(lambda: _core.matmul(type_, block, data, rows, cols, x64, path, r1=mm_rows),
+                             reps)
+            gflops = 2 * mm_rows * cols * 64 / tm / 1e9
+            print(f"| {type_} | {path} | {mb:.0f} | {t1 * 1e3:.2f} | {data.nbytes / t1 / 1e9:.1f} "
+                  f"| {t2 * 1e3:.2f} | {data.nbytes / t2 / 1e9:.1f} | {gflops:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

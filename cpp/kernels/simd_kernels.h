@@ -1,0 +1,517 @@
+// The SIMD kernels, written once over a vector traits type V that avx2.cpp and avx512.cpp define
+// (V::W float lanes, V::kMR x V::kNT matmul register tile, integer lane helpers).
+//
+// Included only by those two files and wrapped in an anonymous namespace, so each gets its own
+// copy built with its own instruction set. For the same reason nothing here calls an inline
+// function with external linkage (quant.h's converters): the linker could keep the copy compiled
+// with AVX-512 for every caller, the baseline path included.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "upg/kernels.h"
+
+namespace upg {
+namespace {
+
+// Tuning constants (matmul): a tile of kMR weight rows x kTileK columns is decoded to f32 once
+// (4 KiB a row, L1-resident) and reused by up to kTokenBlock tokens, whose x slices
+// (kTokenBlock x kTileK f32 = 256 KiB) stay in L2. kTileK 512 and 2048 measured slower.
+constexpr int64_t kTileK = 1024;
+constexpr int64_t kTokenBlock = 64;
+constexpr int kScaleGroup = 64;  // matvec: block scales converted to f32 per batch
+// matvec: software prefetch distance along each row's code stream. With the hardware prefetcher
+// alone, q4 rows streamed from DRAM ran at about half their L2-resident speed.
+constexpr int kPrefetchBytes = 2048;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// Which ql / qh byte and bit each lane of a q3 chunk reads (docs/FORMAT.md): element
+// j = c * W + l of a block takes ql byte j % (B/4) at bit 2 * (j / (B/4)) and qh byte j % (B/8)
+// at bit j / (B/8). Byte indices feed a pshufb, shifts a per-lane shift.
+template <int B, int W>
+struct Q3Lanes {
+  static constexpr int kChunks = B / W;
+  int8_t lo_byte[kChunks][16];
+  int32_t lo_shift[kChunks][W];
+  int8_t hi_byte[kChunks][16];
+  int32_t hi_shift[kChunks][W];
+  constexpr Q3Lanes() : lo_byte(), lo_shift(), hi_byte(), hi_shift() {
+    for (int c = 0; c < kChunks; ++c)
+      for (int l = 0; l < W; ++l) {
+        const int j = c * W + l;
+        lo_byte[c][l] = int8_t(j % (B / 4));
+        lo_shift[c][l] = 2 * (j / (B / 4));
+        hi_byte[c][l] = int8_t(j % (B / 8));
+        hi_shift[c][l] = j / (B / 8);
+      }
+  }
+};
+template <int B, int W>
+constexpr Q3Lanes<B, W> kQ3Lanes{};
+
+// The codes of global block g (= row * nb + block) as B / W vectors of (q - zero point), unscaled.
+template <class V, DType T, int B>
+inline void decode_codes(const WeightView& w, int64_t g, typename V::reg* out) {
+  constexpr int W = V::W, NC = B / W;
+  if constexpr (T == DType::Q8_0) {
+    const uint8_t* p = w.codes + g * B;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) out[c] = V::cvt(V::widen_i8(p + c * W));
+  } else if constexpr (T == DType::Q4) {
+    // Byte i holds element i (low nibble) and element i + B/2 (high nibble).
+    const uint8_t* p = w.codes + g * (B / 2);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC / 2; ++c) {
+      const auto v = V::widen_u8(p + c * W);
+      out[c] = V::cvt(V::sub(V::and_(v, 15), 8));
+      out[NC / 2 + c] = V::cvt(V::sub(V::template srli<4>(v), 8));
+    }
+  } else {
+    static_assert(T == DType::Q3, "quantized types only");
+    const uint8_t* ql = w.codes + g * (B / 4);
+    const uint8_t* qh = w.high + g * (B / 8);
+    constexpr const Q3Lanes<B, W>& L = kQ3Lanes<B, W>;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const auto lo = V::and_(V::srlv(V::template gather_bytes<B / 4>(ql, L.lo_byte[c]), L.lo_shift[c]), 3);
+      const auto hi = V::and_(V::srlv(V::template gather_bytes<B / 8>(qh, L.hi_byte[c]), L.hi_shift[c]), 1);
+      out[c] = V::cvt(V::sub(V::or_(lo, V::template slli<2>(hi)), 4));
+    }
+  }
+}
+
+// W dense elements starting at element i, and one element (tails).
+template <class V, DType T>
+inline typename V::reg load_dense(const uint8_t* base, int64_t i) {
+  if constexpr (T == DType::F32) return V::load(reinterpret_cast<const float*>(base) + i);
+  if constexpr (T == DType::F16) return V::load_f16(reinterpret_cast<const uint16_t*>(base) + i);
+  if constexpr (T == DType::BF16) return V::load_bf16(reinterpret_cast<const uint16_t*>(base) + i);
+}
+template <DType T>
+inline float dense_at(const uint8_t* base, int64_t i) {
+  if constexpr (T == DType::F32) return reinterpret_cast<const float*>(base)[i];
+  const uint16_t h = reinterpret_cast<const uint16_t*>(base)[i];
+  if constexpr (T == DType::F16) return half_to_float(h);
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float outlier_dot(const WeightView& w, int64_t r, const float* x) {
+  float s = 0.0f;
+  for (int32_t i = w.o_rowptr[r]; i < w.o_rowptr[r + 1]; ++i) s += half_to_float(w.o_val[i]) * x[w.o_col[i]];
+  return s;
+}
+
+// Calls f(integral_constant<DType, T>, integral_constant<int, B>) for w's type and block
+// (B = 0 for dense types); the bindings and the engine have validated both.
+template <class F>
+inline void visit_type(const WeightView& w, F&& f) {
+  using D = DType;
+  const bool b64 = w.block == 64;
+  switch (w.type) {
+    case D::F32: return f(std::integral_constant<D, D::F32>{}, std::integral_constant<int, 0>{});
+    case D::F16: return f(std::integral_constant<D, D::F16>{}, std::integral_constant<int, 0>{});
+    case D::BF16: return f(std::integral_constant<D, D::BF16>{}, std::integral_constant<int, 0>{});
+    case D::Q8_0:
+      if (b64) return f(std::integral_constant<D, D::Q8_0>{}, std::integral_constant<int, 64>{});
+      return f(std::integral_constant<D, D::Q8_0>{}, std::integral_constant<int, 32>{});
+    case D::Q4:
+      if (b64) return f(std::integral_constant<D, D::Q4>{}, std::integral_constant<int, 64>{});
+      return f(std::integral_constant<D, D::Q4>{}, std::integral_constant<int, 32>{});
+    case D::Q3:
+      if (b64) return f(std::integral_constant<D, D::Q3>{}, std::integral_constant<int, 64>{});
+      return f(std::integral_constant<D, D::Q3>{}, std::integral_constant<int, 32>{});
+    default: return;
+  }
+}
+
+// ---- matvec ----
+
+// Grouped decoding of q4 and q3. One wide load of 4W code bytes holds whole blocks; field k of
+// every 32-bit lane (a nibble of q4, a 2-bit ql pair of q3) comes out with a shift, not with a
+// widening byte shuffle per W codes, and indexes a table of (q - zero point) in registers
+// (vpermps: 16 entries on AVX-512, 8 on AVX2, so q4 is grouped on AVX-512 only). The lanes
+// then hold weights in a scrambled order, so x is permuted to match, once per call for all rows.
+//
+// q4: 8 nibbles per lane; nibble k of lane l is byte 4l + k/2 of the group, high half if k is odd.
+// q3: 16 ql fields per lane; field k of lane l is ql byte 4l + k/4, bits 2(k%4). The high bits of
+// a lane's 16 codes all lie in one qh dword of its block (high_dword), at bit
+// 8(k/4) + 2(k%4) + high_shift.
+template <DType T, int B, int W>
+struct GroupOrder {
+  static constexpr int kFields = T == DType::Q4 ? 8 : 16;  // codes per 32-bit lane
+  static constexpr int kSize = kFields * W;                // weights per group
+  int32_t src[kSize];      // permuted position k * W + l -> x offset within the group
+  int32_t high_dword[W];   // q3: the group's qh dword that lane l reads
+  int32_t high_shift[W];   // q3: and its extra shift
+  constexpr GroupOrder() : src(), high_dword(), high_shift() {
+    for (int k = 0; k < kFields; ++k)
+      for (int l = 0; l < W; ++l) {
+        if (T == DType::Q4) {
+          const int byte = 4 * l + k / 2;
+          src[k * W + l] = byte / (B / 2) * B + byte % (B / 2) + (k % 2) * (B / 2);
+        } else {
+          const int byte = 4 * l + k / 4;
+          src[k * W + l] = byte / (B / 4) * B + byte % (B / 4) + (k % 4) * (B / 4);
+        }
+      }
+    for (int l = 0; l < W; ++l) {  // q3: lane l starts at ql byte i0 of block 4l / (B/4)
+      const int i0 = 4 * l % (B / 4);
+      high_dword[l] = 4 * l / (B / 4) * (B / 32) + i0 % (B / 8) / 4;
+      high_shift[l] = i0 / (B / 8);
+    }
+  }
+};
+template <DType T, int B, int W>
+constexpr GroupOrder<T, B, W> kGroupOrder{};
+
+template <class V, DType T>
+constexpr bool kGrouped = (T == DType::Q4 && V::kLookup16) || T == DType::Q3;
+
+// Per-thread scratch that grows to the largest size asked for, then is reused (no allocation
+// in steady state).
+class Scratch {
+ public:
+  ~Scratch() { ::operator delete(p_); }
+  float* get(int64_t n) {
+    if (n > n_) {
+      ::operator delete(p_);
+      p_ = static_cast<float*>(::operator new(size_t(n) * sizeof(float)));
+      n_ = n;
+    }
+    return p_;
+  }
+
+ private:
+  float* p_ = nullptr;
+  int64_t n_ = 0;
+};
+
+// x in group order for the whole groups of a row (the blocks after them use x as is).
+template <class V, DType T, int B>
+const float* permute_x(const float* x, int64_t cols) {
+  constexpr auto& order = kGroupOrder<T, B, V::W>;
+  constexpr int G = order.kSize;
+  static thread_local Scratch scratch;
+  const int64_t n = cols / G * G;
+  float* xp = scratch.get(n > 0 ? n : 1);
+  for (int64_t g = 0; g < n; g += G)
+    for (int j = 0; j < G; ++j) xp[g + j] = x[g + order.src[j]];
+  return xp;
+}
+
+// Unscaled dot of one group of codes (global block index b of its first block) with xp.
+template <class V, DType T, int B>
+inline typename V::reg group_dot(const WeightView& w, int64_t b, const float* xp) {
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  reg dot[2] = {V::zero(), V::zero()};  // two chains halve the FMA latency
+  if constexpr (T == DType::Q4) {
+    prefetch(w.codes + b * (B / 2));
+    const auto v = V::load_codes(w.codes + b * (B / 2));
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k)
+      dot[k % 2] = V::fma(V::lookup(V::srl(v, 4 * k), V::q4_values()), V::load(xp + k * W), dot[k % 2]);
+  } else {
+    constexpr auto& order = kGroupOrder<T, B, W>;
+    prefetch(w.codes + b * (B / 4));
+    prefetch(w.high + b * (B / 8));
+    const auto lo = V::load_codes(w.codes + b * (B / 4));
+    const auto hi = V::srlv(V::high_lanes(w.high + b * (B / 8), order.high_dword), order.high_shift);
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k) {
+      const int bit = 8 * (k / 4) + 2 * (k % 4);  // of this field's high bit in hi; wanted at bit 2
+      const auto h = bit >= 2 ? V::srl(hi, bit - 2) : V::sll(hi, 2 - bit);
+      const auto code = V::low2_high(V::srl(lo, 2 * k), h);  // bits 0-2 = the 3-bit code
+      dot[k % 2] = V::fma(V::lookup(code, V::q3_values()), V::load(xp + k * W), dot[k % 2]);
+    }
+  }
+  return V::add(dot[0], dot[1]);
+}
+
+// out[i] = dot(row r + i, x) for R rows of a quantized matrix, decoded in registers. Two
+// accumulators per row hide the FMA latency of the scale step. xp: x in group order.
+template <class V, DType T, int B, int R>
+inline void rows_dot_q(const WeightView& w, const float* x, const float* xp, int64_t r, float* out) {
+  using reg = typename V::reg;
+  constexpr int W = V::W, NC = B / W;
+  const int64_t nb = w.cols / B;
+  reg acc0[R], acc1[R];
+  for (int i = 0; i < R; ++i) acc0[i] = acc1[i] = V::zero();
+  int64_t b_start = 0;  // first block left to the per-block loop
+  if constexpr (kGrouped<V, T>) {
+    constexpr int G = kGroupOrder<T, B, W>.kSize, BPG = G / B;  // weights and blocks per group
+    const int64_t ng = w.cols / G;
+    for (int64_t g = 0; g < ng; ++g) {
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const int64_t b = (r + i) * nb + g * BPG;
+        const reg dot = group_dot<V, T, B>(w, b, xp + g * G);
+        acc0[i] = V::fma(V::template group_scales<BPG>(w.scales + b), dot, acc0[i]);
+      }
+    }
+    b_start = ng * BPG;
+  }
+  alignas(64) float sc[R][kScaleGroup];
+  auto block = [&](int64_t b, int bb, reg(&acc)[R]) {
+    reg xv[NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) xv[c] = V::load(x + b * B + c * W);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const int64_t g = (r + i) * nb + b;
+      prefetch(w.codes + g * (T == DType::Q8_0 ? B : (T == DType::Q4 ? B / 2 : B / 4)));
+      if constexpr (T == DType::Q3) prefetch(w.high + g * (B / 8));
+      reg q[NC];
+      decode_codes<V, T, B>(w, g, q);
+      reg dot = V::mul(q[0], xv[0]);
+#pragma GCC unroll 8
+      for (int c = 1; c < NC; ++c) dot = V::fma(q[c], xv[c], dot);
+      acc[i] = V::fma(V::set1(sc[i][bb]), dot, acc[i]);
+    }
+  };
+  for (int64_t b0 = b_start; b0 < nb; b0 += kScaleGroup) {
+    const int n = int(min64(kScaleGroup, nb - b0));
+    for (int i = 0; i < R; ++i) V::halves_to_f32(w.scales + (r + i) * nb + b0, n, sc[i]);
+    int bb = 0;
+    for (; bb + 1 < n; bb += 2) {
+      block(b0 + bb, bb, acc0);
+      block(b0 + bb + 1, bb + 1, acc1);
+    }
+    if (bb < n) block(b0 + bb, bb, acc0);
+  }
+  for (int i = 0; i < R; ++i) out[i] = V::hsum(V::add(acc0[i], acc1[i]));
+}
+
+template <class V, DType T, int R>
+inline void rows_dot_dense(const WeightView& w, const float* x, int64_t r, float* out) {
+  using reg = typename V::reg;
+  constexpr int W = V::W;
+  const int64_t K = w.cols;
+  reg acc0[R], acc1[R];
+  for (int i = 0; i < R; ++i) acc0[i] = acc1[i] = V::zero();
+  int64_t k = 0;
+  for (; k + 2 * W <= K; k += 2 * W) {
+    const reg x0 = V::load(x + k), x1 = V::load(x + k + W);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      prefetch(w.codes + ((r + i) * K + k) * (T == DType::F32 ? 4 : 2));
+      acc0[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k), x0, acc0[i]);
+      acc1[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k + W), x1, acc1[i]);
+    }
+  }
+  for (; k + W <= K; k += W) {
+    const reg x0 = V::load(x + k);
+    for (int i = 0; i < R; ++i) acc0[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k), x0, acc0[i]);
+  }
+  for (int i = 0; i < R; ++i) {
+    float s = V::hsum(V::add(acc0[i], acc1[i]));
+    for (int64_t kk = k; kk < K; ++kk) s += dense_at<T>(w.codes, (r + i) * K + kk) * x[kk];
+    out[i] = s;
+  }
+}
+
+template <class V, DType T, int B, int R>
+inline void rows_dot(const WeightView& w, const float* x, const float* xp, int64_t r, float* out) {
+  if constexpr (B == 0) rows_dot_dense<V, T, R>(w, x, r, out);
+  else rows_dot_q<V, T, B, R>(w, x, xp, r, out);
+}
+
+template <class V>
+void matvec(const WeightView& w, const float* x, float* y, int64_t r0, int64_t r1) {
+  visit_type(w, [&](auto t, auto b) {
+    constexpr DType T = decltype(t)::value;
+    constexpr int B = decltype(b)::value;
+    constexpr int R = V::kMatvecRows;
+    const float* xp = nullptr;
+    if constexpr (B != 0 && kGrouped<V, T>) xp = permute_x<V, T, B>(x, w.cols);
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) rows_dot<V, T, B, R>(w, x, xp, r, y + r);
+    for (; r < r1; ++r) rows_dot<V, T, B, 1>(w, x, xp, r, y + r);
+  });
+  if (w.o_rowptr)
+    for (int64_t r = r0; r < r1; ++r) y[r] += outlier_dot(w, r, x);
+}
+
+// ---- decode to f32 (matmul tiles, embedding rows) ----
+
+// out[0, k1 - k0) = row r, columns [k0, k1), outliers excluded; quantized k0, k1 are block-aligned.
+template <class V, DType T, int B>
+inline void decode_range(const WeightView& w, int64_t r, int64_t k0, int64_t k1, float* out) {
+  constexpr int W = V::W;
+  if constexpr (B == 0) {
+    const int64_t base = r * w.cols;
+    int64_t k = k0;
+    for (; k + W <= k1; k += W) V::store(out + (k - k0), load_dense<V, T>(w.codes, base + k));
+    for (; k < k1; ++k) out[k - k0] = dense_at<T>(w.codes, base + k);
+  } else {
+    const int64_t nb = w.cols / B;
+    for (int64_t b = k0 / B; b < k1 / B; ++b) {
+      typename V::reg q[B / W];
+      decode_codes<V, T, B>(w, r * nb + b, q);
+      const auto d = V::set1(half_to_float(w.scales[r * nb + b]));
+      float* o = out + (b * B - k0);
+#pragma GCC unroll 8
+      for (int c = 0; c < B / W; ++c) V::store(o + c * W, V::mul(q[c], d));
+    }
+  }
+}
+
+template <class V>
+void dequant_row(const WeightView& w, int64_t r, float* out) {
+  visit_type(w, [&](auto t, auto b) {
+    decode_range<V, decltype(t)::value, decltype(b)::value>(w, r, 0, w.cols, out);
+  });
+  if (w.o_rowptr)
+    for (int32_t i = w.o_rowptr[r]; i < w.o_rowptr[r + 1]; ++i) out[w.o_col[i]] += half_to_float(w.o_val[i]);
+}
+
+// ---- matmul ----
+
+// s[t][i] = dot(wt row i, x row t) over k in [0, klen): the register tile of kMR rows x NT tokens,
+// vectorized along k (both operands are k-contiguous), reduced across lanes once per tile.
+template <class V, int NT>
+inline void micro_tile(const float* wt, const float* x, int64_t ldx, int64_t klen,
+                       float (&s)[V::kNT][V::kMR]) {
+  using reg = typename V::reg;
+  constexpr int W = V::W, MR = V::kMR;
+  reg acc[NT][MR];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[t][i] = V::zero();
+  int64_t k = 0;
+  for (; k + W <= klen; k += W) {
+    reg wv[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) wv[i] = V::load(wt + i * kTileK + k);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const reg xv = V::load(x + t * ldx + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[t][i] = V::fma(wv[i], xv, acc[t][i]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int i = 0; i < MR; ++i) {
+      float v = V::hsum(acc[t][i]);
+      for (int64_t kk = k; kk < klen; ++kk) v += wt[i * kTileK + kk] * x[t * ldx + kk];
+      s[t][i] = v;
+    }
+}
+
+template <class V, int NT = V::kNT>
+inline void micro_tile_n(int nt, const float* wt, const float* x, int64_t ldx, int64_t klen,
+                         float (&s)[V::kNT][V::kMR]) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return micro_tile_n<V, NT - 1>(nt, wt, x, ldx, klen, s);
+  }
+  micro_tile<V, NT>(wt, x, ldx, klen, s);
+}
+
+template <class V>
+void matmul(const WeightView& w, const float* x, int64_t n, float* y, int64_t ldy, int64_t r0,
+            int64_t r1) {
+  constexpr int MR = V::kMR, NT = V::kNT;
+  alignas(64) static thread_local float tile[MR * kTileK];  // [MR][kTileK] decoded weights
+  const int64_t K = w.cols;
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
+    const int64_t t1 = min64(n, t0 + kTokenBlock);
+    for (int64_t r = r0; r < r1; r += MR) {
+      const int mr = int(min64(MR, r1 - r));
+      for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+        const int64_t klen = min64(kTileK, K - k0);
+        visit_type(w, [&](auto t, auto b) {
+          for (int i = 0; i < mr; ++i)
+            decode_range<V, decltype(t)::value, decltype(b)::value>(w, r + i, k0, k0 + klen, tile + i * kTileK);
+        });
+        for (int i = mr; i < MR; ++i)
+          for (int64_t k = 0; k < klen; ++k) tile[i * kTileK + k] = 0.0f;
+        for (int64_t t = t0; t < t1; t += NT) {
+          float s[NT][MR];
+          const int nt = int(min64(NT, t1 - t));
+          micro_tile_n<V>(nt, tile, x + t * K + k0, K, klen, s);
+          for (int j = 0; j < nt; ++j)
+            for (int i = 0; i < mr; ++i) {
+              float& out = y[(t + j) * ldy + r + i];
+              out = k0 == 0 ? s[j][i] : out + s[j][i];
+            }
+        }
+      }
+      if (w.o_rowptr)
+        for (int64_t t = t0; t < t1; ++t)
+          for (int i = 0; i < mr; ++i) y[t * ldy + r + i] += outlier_dot(w, r + i, x + t * K);
+    }
+  }
+}
+
+// ---- attention helpers ----
+
+template <class V>
+float dot_f32(const float* a, const float* b, int64_t n) {
+  auto acc0 = V::zero(), acc1 = V::zero();
+  int64_t i = 0;
+  for (; i + 2 * V::W <= n; i += 2 * V::W) {
+    acc0 = V::fma(V::load(a + i), V::load(b + i), acc0);
+    acc1 = V::fma(V::load(a + i + V::W), V::load(b + i + V::W), acc1);
+  }
+  for (; i + V::W <= n; i += V::W) acc0 = V::fma(V::load(a + i), V::load(b + i), acc0);
+  float s = V::hsum(V::add(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <class V>
+float dot_f16(const float* a, const uint16_t* b, int64_t n) {
+  auto acc0 = V::zero(), acc1 = V::zero();
+  int64_t i = 0;
+  for (; i + 2 * V::W <= n; i += 2 * V::W) {
+    acc0 = V::fma(V::load(a + i), V::load_f16(b + i), acc0);
+    acc1 = V::fma(V::load(a + i + V::W), V::load_f16(b + i + V::W), acc1);
+  }
+  for (; i + V::W <= n; i += V::W) acc0 = V::fma(V::load(a + i), V::load_f16(b + i), acc0);
+  float s = V::hsum(V::add(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * half_to_float(b[i]);
+  return s;
+}
+
+template <class V>
+void axpy_f32(float a, const float* x, float* y, int64_t n) {
+  const auto av = V::set1(a);
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, V::load(x + i), V::load(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+template <class V>
+void axpy_f16(float a, const uint16_t* x, float* y, int64_t n) {
+  const auto av = V::set1(a);
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, V::load_f16(x + i), V::load(y + i)));
+  for (; i < n; ++i) y[i] += a * half_to_float(x[i]);
+}
+
+template <class V>
+void to_f16(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) V::store_f16(y + i, V::load(x + i));
+  for (; i < n; ++i) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+template <class V>
+constexpr Kernels make_kernels(const char* name) {
+  return {name,       matvec<V>,   matmul<V>,   dequant_row<V>, dot_f32<V>,
+          dot_f16<V>, axpy_f32<V>, axpy_f16<V>, to_f16<V>};
+}
+
+}  // namespace
+}  // namespace upg

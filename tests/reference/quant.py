@@ -1,0 +1,112 @@
+"""Numpy reference quantizers and decoders for every UPG tensor type, written from docs/FORMAT.md.
+
+Independent of the C++ code. Choices the spec leaves to the writer (cpp/kernels/quantize.cpp
+makes the same ones): codes are ``round(x / f16(d))`` with ties to even (``np.rint``), against the
+scale as stored; a scale that rounds to zero gives zero codes; ``m`` (q4, q3) is the first element
+of largest magnitude in the block.
+"""
+
+import numpy as np
+
+DENSE = ("f32", "f16", "bf16")
+QUANTIZED = ("q8_0", "q4", "q3")
+# type -> (zero point, lowest code, highest code)
+_CODES = {"q8_0": (0, -127, 127), "q4": (8, 0, 15), "q3": (4, 0, 7)}
+
+
+def pad64(n):
+    """Bytes a section of n bytes takes in the file."""
+    return (n + 63) & ~63
+
+
+def _section(a):
+    b = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    return np.concatenate([b, np.zeros(pad64(b.size) - b.size, np.uint8)])
+
+
+def f32_to_bf16_bits(x):
+    """bfloat16 bits of float32 values, rounded to nearest even (NaNs stay quiet NaNs)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), ((bits >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def _scales(x, type_):
+    """f16 scale of each block of x [rows, nb, B] and the f32 value the codes are computed with."""
+    if type_ == "q8_0":
+        d = np.abs(x).max(axis=-1) / np.float32(127)
+    else:
+        m = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        d = m / np.float32(-8 if type_ == "q4" else -4)
+    d16 = d.astype(np.float16)
+    return d16, d16.astype(np.float32)
+
+
+def quantize(type_, block, w):
+    """The file bytes (uint8) of a float32 [rows, cols] matrix stored as type_."""
+    w = np.ascontiguousarray(w, np.float32)
+    if type_ == "f32":
+        return w.view(np.uint8).reshape(-1).copy()
+    if type_ == "f16":
+        return w.astype(np.float16).view(np.uint8).reshape(-1)
+    if type_ == "bf16":
+        return f32_to_bf16_bits(w).view(np.uint8).reshape(-1)
+    rows, cols = w.shape
+    B = block
+    x = w.reshape(rows, cols // B, B)
+    d16, d = _scales(x, type_)
+    zero, lo, hi = _CODES[type_]
+    safe = np.where(d == 0, np.float32(1), d)[..., None]
+    q = np.clip(np.rint(x / safe) + zero, lo, hi).astype(np.int64)
+    q = np.where(d[..., None] == 0, zero, q)
+    if type_ == "q8_0":
+        return np.concatenate([_section(q.astype(np.int8)), _section(d16)])
+    if type_ == "q4":
+        codes = q[..., : B // 2] | (q[..., B // 2 :] << 4)
+        return np.concatenate([_section(codes.astype(np.uint8)), _section(d16)])
+    # q3: ql byte i holds the low bits of elements i + k*B/4 at bits 2k; qh byte i the high bit of
+    # element i + k*B/8 at bit k.
+    q4k = q.reshape(rows, -1, 4, B // 4)
+    ql = ((q4k & 3) << (2 * np.arange(4))[:, None]).sum(axis=-2)
+    q8k = q.reshape(rows, -1, 8, B // 8)
+    qh = (((q8k >> 2) & 1) << np.arange(8)[:, None]).sum(axis=-2)
+    return np.concatenate([_section(ql.astype(np.uint8)), _section(qh.astype(np.uint8)), _section(d16)])
+
+
+def dequantize(type_, block, data, rows, cols):
+    """The float32 [rows, cols] matrix that the bytes of a type_ tensor encode."""
+    data = np.asarray(data, np.uint8)
+    if type_ == "f32":
+        return data.view(np.float32).reshape(rows, cols).copy()
+    if type_ == "f16":
+        return data.view(np.float16).astype(np.float32).reshape(rows, cols)
+    if type_ == "bf16":
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(rows, cols)
+    B, nb = block, cols // block
+    n_codes = {"q8_0": rows * cols, "q4": rows * cols // 2, "q3": rows * cols // 4}[type_]
+    n_high = rows * cols // 8 if type_ == "q3" else 0
+    start = pad64(n_codes) + pad64(n_high)
+    d = data[start : start + rows * nb * 2].view(np.float16).astype(np.float32).reshape(rows, nb, 1)
+    j = np.arange(B)
+    if type_ == "q8_0":
+        q = data[:n_codes].view(np.int8).astype(np.int64).reshape(rows, nb, B)
+    elif type_ == "q4":
+        by = data[:n_codes].astype(np.int64).reshape(rows, nb, B // 2)
+        q = np.where(j < B // 2, by[..., j % (B // 2)] & 15, by[..., j % (B // 2)] >> 4) - 8
+    else:
+        ql = data[:n_codes].astype(np.int64).reshape(rows, nb, B // 4)
+        qh = data[pad64(n_codes) : pad64(n_codes) + n_high].astype(np.int64).reshape(rows, nb, B // 8)
+        low = (ql[..., j % (B // 4)] >> (2 * (j // (B // 4)))) & 3
+        high = (qh[..., j % (B // 8)] >> (j // (B // 8))) & 1
+        q = (low | (high << 2)) - 4
+    return (d * q.astype(np.float32)).reshape(rows, cols)
+
+
+def add_outliers(w, rowptr, col, val_bits):
+    """W + the CSR outliers (values as f16 bits), as float64."""
+    out = np.asarray(w, np.float64).copy()
+    vals = np.asarray(val_bits, np.uint16).view(np.float16).astype(np.float64)
+    for r in range(out.shape[0]):
+        for i in range(rowptr[r], rowptr[r + 1]):
+            out[r, col[i]] += vals[i]
+    return out
