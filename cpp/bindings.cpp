@@ -148,6 +148,19 @@ PYBIND11_MODULE(_core, m) {
              std::lock_guard<std::mutex> lock(s.mu);
              s.session.truncate(n);
            }, py::arg("n"))
+      .def("save_kv", [](PySession& s) {
+             std::vector<uint8_t> kv;
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard<std::mutex> lock(s.mu);
+               kv = s.session.save_kv();
+             }
+             return py::array_t<uint8_t>(py::ssize_t(kv.size()), kv.data());
+           }, "The KV cache of positions [0, n_past) as bytes.")
+      .def("load_kv", [](PySession& s, int64_t n_past, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> kv) {
+             std::lock_guard<std::mutex> lock(s.mu);
+             s.session.load_kv(n_past, kv.data(), size_t(kv.size()));
+           }, py::arg("n_past"), py::arg("kv"))
       .def("set_seed", [](PySession& s, uint64_t seed) { s.rng = Rng(seed); }, py::arg("seed"))
       .def("sample", [](PySession& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
                         const SamplingParams& p, py::array_t<int32_t, py::array::c_style | py::array::forcecast> history) {

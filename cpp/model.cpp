@@ -108,6 +108,44 @@ void Session::truncate(int64_t n) {
   n_past_ = n;
 }
 
+template <typename Fn>
+void Session::for_each_kv_head(int64_t n, Fn fn) const {
+  const ModelConfig& c = model_->config();
+  for (size_t head = 0; head < size_t(c.num_hidden_layers) * c.num_key_value_heads; ++head)
+    fn(head * n_ctx_ * c.head_dim, size_t(n) * c.head_dim);
+}
+
+std::vector<uint8_t> Session::save_kv() const {
+  const bool f16 = kv_type_ == KVType::F16;
+  const size_t elem = f16 ? 2 : 4;
+  const auto* k = f16 ? reinterpret_cast<const uint8_t*>(k_f16_.data()) : reinterpret_cast<const uint8_t*>(k_f32_.data());
+  const auto* v = f16 ? reinterpret_cast<const uint8_t*>(v_f16_.data()) : reinterpret_cast<const uint8_t*>(v_f32_.data());
+  std::vector<uint8_t> out;
+  for_each_kv_head(n_past_, [&](size_t at, size_t count) {
+    out.insert(out.end(), k + at * elem, k + (at + count) * elem);
+    out.insert(out.end(), v + at * elem, v + (at + count) * elem);
+  });
+  return out;
+}
+
+void Session::load_kv(int64_t n_past, const uint8_t* data, size_t size) {
+  if (n_past < 0 || n_past > n_ctx_) throw std::invalid_argument("load_kv: n_past out of range for this context");
+  const ModelConfig& c = model_->config();
+  const bool f16 = kv_type_ == KVType::F16;
+  const size_t elem = f16 ? 2 : 4;
+  if (size != 2 * size_t(c.num_hidden_layers) * c.num_key_value_heads * size_t(n_past) * c.head_dim * elem)
+    throw std::invalid_argument("load_kv: state size does not match this model, kv_type and n_past");
+  auto* k = f16 ? reinterpret_cast<uint8_t*>(k_f16_.data()) : reinterpret_cast<uint8_t*>(k_f32_.data());
+  auto* v = f16 ? reinterpret_cast<uint8_t*>(v_f16_.data()) : reinterpret_cast<uint8_t*>(v_f32_.data());
+  for_each_kv_head(n_past, [&](size_t at, size_t count) {
+    const size_t bytes = count * elem;
+    std::copy(data, data + bytes, k + at * elem);
+    std::copy(data + bytes, data + 2 * bytes, v + at * elem);
+    data += 2 * bytes;
+  });
+  n_past_ = n_past;
+}
+
 void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
   const int32_t vocab = model_->config().vocab_size;
   if (n < 1) throw std::invalid_argument("eval needs at least one token");

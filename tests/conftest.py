@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite tests the installed package. Python puts the working directory first on sys.path for
+# `python -m` and `python -c`, which in a checkout would import the source tree (without the
+# compiled `_core`); the test subprocesses inherit this setting, which turns that off.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def shared_dir() -> Path:
     """The project's shared/ folder (beside the repository, or $UPG_SHARED_DIR)."""

@@ -259,6 +259,21 @@ def test_state_save_and_load(llama):
     assert llama("Hello world how", max_tokens=6, temperature=0)["choices"][0]["text"] == a
 
 
+def test_state_moves_between_instances_and_refuses_a_mismatch(llama, model_path):
+    llama.eval(llama.tokenize(b"Hello world"))
+    state = llama.save_state()
+    with Llama(model_path, n_ctx=128, n_threads=1) as other:
+        other.load_state(state)  # no evaluation: the next logits come from the restored cache alone
+        other.eval(other.tokenize(b" how", add_bos=False))
+        llama.eval(llama.tokenize(b" how", add_bos=False))
+        np.testing.assert_array_equal(other.scores, llama.scores)
+    with Llama(model_path, n_ctx=128, n_threads=1, kv_type="f32") as f32, pytest.raises(ValueError, match="state size"):
+        f32.load_state(state)
+    too_small = len(state.input_ids) - 1
+    with Llama(model_path, n_ctx=too_small, n_threads=1) as small, pytest.raises(ValueError, match="n_past out of range"):
+        small.load_state(state)
+
+
 def test_bad_arguments(llama, model_path):
     with pytest.raises(ValueError, match="unknown sampling parameter"):
         llama("x", temprature=0.5)

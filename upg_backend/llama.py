@@ -30,10 +30,11 @@ _CONSTRAINT_CANDIDATES = 64
 
 @dataclasses.dataclass(frozen=True)
 class LlamaState:
-    """A saved context: the tokens in it and the logits after the last one."""
+    """A saved context: the tokens in it, the logits after the last one and the KV cache."""
 
     input_ids: np.ndarray  # int32 [n_tokens]
     scores: np.ndarray     # float32 [n_tokens or 1, n_vocab], as `Llama.scores`
+    kv: np.ndarray         # uint8: the engine's KV cache of the n_tokens positions
 
 
 @dataclasses.dataclass
@@ -504,17 +505,17 @@ class Llama:
     # ----- state and lifetime -----
 
     def save_state(self) -> LlamaState:
-        """The context's tokens and logits (restored by `load_state`)."""
-        self._live()
-        return LlamaState(self.input_ids.copy(), self._scores.copy())
+        """The context's tokens, logits and KV cache (restored by `load_state`)."""
+        return LlamaState(self.input_ids.copy(), self._scores.copy(), self._live().save_kv())
 
     def load_state(self, state: LlamaState) -> None:
-        """Restores a saved context. The KV cache of the prefix shared with the current context is
-        kept; the rest of the saved tokens is evaluated again (the engine recomputes it exactly)."""
-        tokens = [int(t) for t in state.input_ids]
-        keep = _common_prefix(self._input_ids, tokens)
-        self._truncate(keep)
-        self.eval(tokens[keep:])
+        """Restores a saved context, KV cache included: nothing is evaluated again.
+
+        Raises:
+            ValueError: the state comes from another model, kv_type or a larger context.
+        """
+        self._live().load_kv(len(state.input_ids), state.kv)
+        self._input_ids = [int(t) for t in state.input_ids]
         self._scores = np.array(state.scores, dtype=np.float32)
 
     def close(self) -> None:

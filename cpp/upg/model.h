@@ -78,12 +78,19 @@ class Session {
   int64_t n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
   void truncate(int64_t n);  // keeps positions [0, n) of the KV cache
+
+  // The KV cache of positions [0, n_past) as bytes (per layer and kv head: K rows, then V rows),
+  // and its inverse; load_kv throws std::invalid_argument when the size does not fit n_past.
+  std::vector<uint8_t> save_kv() const;
+  void load_kv(int64_t n_past, const uint8_t* data, size_t size);
   const Model& model() const { return *model_; }
 
  private:
   void forward(const int32_t* tokens, int64_t n, bool all_logits, float* out);
   void matmul(const WeightView& w, const float* x, int64_t n, float* y);
   void attention(int layer, int64_t n);
+  // Calls fn(first element, element count) of the first n positions of every layer and kv head.
+  template <typename Fn> void for_each_kv_head(int64_t n, Fn fn) const;
 
   std::shared_ptr<const Model> model_;
   const Kernels& k_;
