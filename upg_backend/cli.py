@@ -111,7 +111,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="a .upg file (default: the built-in model)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"), help="KV cache type (default f16)")
+    p.add_argument("--kv-type", default="f16", choices=("f16", "f32"), help="KV cache type (default f16)")
     p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)

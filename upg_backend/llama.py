@@ -23,7 +23,7 @@ from .json_schema import JsonConstraint
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
-KV_TYPES = ("f16", "f32", "q8_0")
+KV_TYPES = ("f16", "f32")
 # candidates tried per step by a JSON constraint before the rest of the vocabulary
 _CONSTRAINT_CANDIDATES = 64
 
