@@ -76,6 +76,7 @@ class BenchResult:
     file_bytes: int
     weight_bytes_per_token: int
     load_s: float
+    load_and_first_token_s: float
     prefill_tokens: int
     prefill_tps: float
     ttft_s: float
@@ -92,7 +93,8 @@ class BenchResult:
 
     def table(self) -> str:
         rows = [("model", self.model), ("weights", f"{self.type}, {self.file_bytes / 1e9:.2f} GB file"),
-                ("threads", self.threads), ("load", f"{self.load_s:.2f} s"),
+                ("threads", self.threads),
+                ("load", f"{self.load_s:.2f} s (map and check; {self.load_and_first_token_s:.2f} s with a first token)"),
                 ("prefill", f"{self.prefill_tps:.1f} tok/s ({self.prefill_tokens} tokens)"),
                 ("time to first token", f"{self.ttft_s:.2f} s"),
                 ("decode", f"{self.decode_tps:.2f} tok/s ({self.decode_tokens} tokens, median of runs)"),
@@ -102,6 +104,16 @@ class BenchResult:
                              f"{self.kv_bytes / 1e9:.2f} + {(self.peak_rss_bytes - self.file_bytes - self.kv_bytes) / 1e6:.0f} MB)")]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes (mapped file pages count). VmHWM, unlike
+    ru_maxrss, does not inherit the parent's peak across the process start."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the portable figure
 
 
 def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str) -> dict[str, Any]:
@@ -126,6 +138,7 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
     rng = np.random.default_rng(1)
     session.eval(np.array([1], np.int32))  # warm-up: the weights come into the page cache
     session.truncate(0)
+    first_token_s = time.perf_counter() - t0
 
     prefill, ttft, decode = [], [], []
     greedy = _core.SamplingParams()
@@ -147,9 +160,10 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt + gen + 1) * (2 if kv_type == "f16" else 4)
     tps = statistics.median(decode)
     return dict(file_bytes=os.path.getsize(path), weight_bytes_per_token=per_token, load_s=load_s,
+                load_and_first_token_s=first_token_s,
                 prefill_tokens=prompt, prefill_tps=statistics.median(prefill), ttft_s=statistics.median(ttft),
                 decode_tokens=gen, decode_tps=tps, decode_gbps=per_token * tps / 1e9,
-                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, kv_bytes=kv_bytes)
+                peak_rss_bytes=_peak_rss(), kv_bytes=kv_bytes)
 
 
 def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
