@@ -307,8 +307,14 @@ const TensorInfo* UPGFile::find(const std::string& name) const {
 }
 
 void UPGFile::verify() const {
-  for (const auto& t : tensors_)
+  const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+  for (const auto& t : tensors_) {
     if (crc32(data(t), t.nbytes) != t.crc32) throw FormatError("tensor '" + t.name + "': crc32 mismatch (corrupted data)");
+    // Unmap the pages just read (they stay in the page cache), so checking a file larger than
+    // memory allows keeps this process's resident set to about one tensor.
+    const uint64_t begin = (data_offset_ + t.offset) / page * page, end = data_offset_ + t.offset + t.nbytes;
+    ::madvise(const_cast<uint8_t*>(map_.data()) + begin, end - begin, MADV_DONTNEED);
+  }
 }
 
 const float* UPGFile::vector_f32(const std::string& name, uint64_t n) const {

@@ -1,0 +1,110 @@
+"""Peak memory of converting a Phi-4-shaped Hugging Face checkpoint (not a test).
+
+Writes a checkpoint with Phi-4's exact shapes (bf16 safetensors in shards, random values: memory
+does not depend on them), then runs `upg convert` in a child process and reports its peak resident
+set (VmHWM) against the issue's bound: 4 GB plus the largest tensor (as f32, the converter's
+working type).
+
+    python3 benchmarks/convert_memory.py --work /tmp/convert-mem --type q4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from upg_backend.bench import SHAPES
+from upg_backend.config import ModelConfig
+
+SHARD_BYTES = 5 * 2**30
+
+
+def hf_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Phi3ForCausalLM's checkpoint tensors (fused projections, as Phi-4 ships them)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    out = [("model.embed_tokens.weight", (cfg.vocab_size, h))]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.qkv_proj.weight", (cfg.qkv_rows, h)),
+                (p + "self_attn.o_proj.weight", (h, cfg.num_attention_heads * hd)),
+                (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_up_proj.weight", (2 * cfg.intermediate_size, h)),
+                (p + "mlp.down_proj.weight", (h, cfg.intermediate_size))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (cfg.vocab_size, h))]
+
+
+def write_checkpoint(out: Path, shared: Path) -> None:
+    """bf16 shards written tensor by tensor (safetensors layout: u64 header size, JSON, data)."""
+    hf = dict(SHAPES["phi-4"], torch_dtype="bfloat16", model_type="phi3")
+    cfg = ModelConfig.from_hf(hf)
+    out.mkdir(parents=True, exist_ok=True)
+    tile = (np.random.default_rng(0).standard_normal(1 << 20, dtype=np.float32) * 0.02).view(np.uint32)
+    tile = (tile >> 16).astype(np.uint16).tobytes()  # bf16 bits
+    shards, current, size = [], [], 0
+    for name, shape in hf_tensors(cfg):
+        n = int(np.prod(shape)) * 2
+        if current and size + n > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape, n))
+        size += n
+    shards.append(current)
+    weight_map = {}
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for name, shape, n in tensors:
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[name] = fname
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for _, _, n in tensors:
+                for start in range(0, n, len(tile)):
+                    f.write(tile[: min(len(tile), n - start)])
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(hf))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(shared / "phi-4" / f, out / f)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="folder for the checkpoint and the output (about 40 GB)")
+    ap.add_argument("--type", default="q4")
+    ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    args = ap.parse_args()
+    src, out = args.work / "phi-4-hf", args.work / f"phi-4-{args.type}.upg"
+    if not (src / "config.json").is_file():
+        t = time.perf_counter()
+        write_checkpoint(src, args.shared)
+        print(f"checkpoint written in {time.perf_counter() - t:.0f} s")
+    cfg = ModelConfig.from_hf(json.loads((src / "config.json").read_text()))
+    largest = max(int(np.prod(s)) for _, s in hf_tensors(cfg)) * 4
+    probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+             "print('child peak RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(p.returncode)")
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "upg_backend.cli", "convert", str(src),
+                          "-o", str(out), "--type", args.type, "--quiet"], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if res.returncode:
+        print(res.stdout, res.stderr)
+        return 1
+    peak = int(res.stdout.strip().split()[-1])
+    bound = 4e9 + largest
+    print(f"converted to {args.type} in {seconds:.0f} s; output {out.stat().st_size / 1e9:.2f} GB")
+    print(f"peak RSS {peak / 1e9:.2f} GB; bound 4 GB + largest tensor as f32 ({largest / 1e9:.2f} GB) = "
+          f"{bound / 1e9:.2f} GB: {'within' if peak <= bound else 'OVER'}")
+    return 0 if peak <= bound else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
