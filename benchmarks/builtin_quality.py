@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import re
 import sys
 import tempfile
 from pathlib import Path
 
+from doc_block import fill
 from upg_backend import Llama
 from upg_backend.convert import convert_hf
 from upg_backend.quality import compare_many
@@ -24,7 +24,6 @@ from upg_backend.quality import compare_many
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "tests" / "data" / "builtin-hf"
 DOC = ROOT / "docs" / "QUANTIZATION.md"
-BEGIN, END = "<!-- builtin-quality:begin -->", "<!-- builtin-quality:end -->"
 TYPES = ("f16", "q8_0", "q4", "q3")
 
 
@@ -61,11 +60,7 @@ def main() -> int:
                      f"{100 * r.top1_agreement:.1f}% |")
     table = "\n".join(lines)
     print(table)
-    doc = DOC.read_text(encoding="utf-8")
-    if BEGIN not in doc or END not in doc:
-        sys.exit(f"{DOC} has no {BEGIN} ... {END} block to fill")
-    DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{table}\n{END}", doc,
-                          flags=re.S), encoding="utf-8")
+    fill(DOC, "builtin-quality", table)
     return 0
 
 

@@ -14,12 +14,12 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from doc_block import fill
 from upg_backend.format import UPGFile, iter_model_tensors
 from upg_backend.gguf_source import convert_gguf
 from upg_backend.quality import compare_many
@@ -29,7 +29,6 @@ from upg_backend.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "QUANTIZATION.md"
 TEXT = ROOT / "benchmarks" / "data" / "river.txt"
-BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
 VARIANTS = ("f16", "q8_0", "q4", "q4-mixed", "q3", "q3-mixed", "q3-outliers")
 
 
@@ -79,11 +78,7 @@ def main() -> int:
                      f"{100 * r.top1_agreement:.1f}% |")
     table = "\n".join(lines)
     print(table)
-    doc = DOC.read_text(encoding="utf-8")
-    if BEGIN not in doc or END not in doc:
-        sys.exit(f"{DOC} has no {BEGIN} ... {END} block to fill")
-    DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{table}\n{END}", doc,
-                          flags=re.S), encoding="utf-8")
+    fill(DOC, "quality-table", table)
     return 0
 
 
