@@ -52,6 +52,20 @@ def accuracies(converted):
     return {t: accuracy(Llama(str(p), n_ctx=256)) for t, p in converted.items() if t != "f32"}
 
 
+def test_held_out_questions_are_never_trained_on():
+    data = _training_data()
+    user_turns = [(m[0]["content"] if m[0]["role"] == "system" else None, turn["content"])
+                  for m in data.conversations(20000, seed=0) for turn in m if turn["role"] == "user"]
+    trained_pairs, trained_questions = set(user_turns), {q for _, q in user_turns}
+    for task in data.TASKS:
+        for messages, _ in data.heldout(250, seed=1, task=task):
+            system = messages[0]["content"] if messages[0]["role"] == "system" else None
+            question = messages[-1]["content"]
+            # greetings are held out by phrasing and system message together, the rest by operands
+            assert (system, question) not in trained_pairs
+            assert task == "greeting" or question not in trained_questions, question
+
+
 def test_shipped_model_loads_by_default_and_answers_held_out_questions():
     llm = Llama()
     assert Path(llm.model_path).resolve() == BUILTIN_MODEL.resolve()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from . import _core
 from .config import ModelConfig
@@ -64,7 +65,9 @@ def synthetic_model(shape: str, type: str, path: Path, block: int = 32) -> Path:
     header = {"architecture": cfg.architecture, "config": hf, "chat_templates": {},
               "quantization": {"default": type, "block": block}, "provenance": {"source": f"synthetic {shape}"}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_upg(path, header, sources)
+    total = sum(int(np.prod(s.shape)) for s in sources)
+    with tqdm(total=total, unit="w", unit_scale=True, desc=f"writing {path.name}") as bar:
+        write_upg(path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
     return path
 
 
