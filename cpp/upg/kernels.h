@@ -54,7 +54,8 @@ const Kernels* kernels_by_name(const char* name);
 
 // Quantizers (the writer's side). Rows [r0, r1) of src ([rows, cols] f32, row-major) go into the
 // sections of a quantized matrix laid out as docs/FORMAT.md says; `out` is its first byte and
-// holds quant_sections(type, rows, cols, block).total() bytes. Callers split rows across threads.
+// holds quant_sections(type, rows, cols, block).total() bytes. Dense types (block 0) are written
+// row-major. Callers split rows across threads.
 void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_t cols,
                    uint8_t* out, int64_t r0, int64_t r1);
 
