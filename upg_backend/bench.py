@@ -171,8 +171,22 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
 
 def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
               kv_type: str = "f16", cache_dir: Path | None = None) -> BenchResult:
-    """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES."""
+    """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES.
+
+    Raises:
+        ValueError: a count is not positive or the weight type is unknown.
+        UPGFormatError: the file is not a valid model.
+    """
+    from .recipes import WEIGHT_TYPES
+
+    for name, value in (("prompt", prompt), ("gen", gen), ("runs", runs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (one per core) or more, got {threads}")
     if model in SHAPES:
+        if type not in WEIGHT_TYPES:
+            raise ValueError(f"unknown weight type {type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
         cache = cache_dir or Path(os.environ.get("UPG_CACHE", Path.home() / ".cache" / "upg"))
         path = synthetic_model(model, type, cache / f"synthetic-{model}-{type}.upg")
     else:
