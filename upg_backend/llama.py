@@ -124,14 +124,16 @@ class Llama:
         config = upg.config
         self._n_ctx = n_ctx or config.max_position_embeddings
         self._model = _core.Model(self.model_path, config.engine_dict())
-        self._session = _core.Session(self._model, self._n_ctx, kv_type, n_threads or 0)
+        self._session = _core.Session(self._model, self._n_ctx, kv_type, n_threads or 0, n_batch)
         self.tokenizer = Tokenizer(header.get("tokenizer"), header.get("tokenizer_config"))
         self._n_vocab = int(self._model.n_vocab)
         self.metadata: dict[str, Any] = {k: v for k, v in header.items() if k != "tokenizer"}
         self._eos_ids = self._end_of_turn_ids(header)
         self.chat_template = self._chat_template(header, chat_format, chat_template)
         self._input_ids: list[int] = []
-        self._scores = np.zeros((0, self._n_vocab), dtype=np.float32)
+        # With logits_all, rows live in _score_buf (grown by doubling, so appending one token's
+        # logits at a time stays linear) and _scores is a view of its first n_tokens rows.
+        self._score_buf = self._scores = np.zeros((0, self._n_vocab), dtype=np.float32)
         self.set_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
         if verbose:
             print(f"upg: loaded {self.model_path} ({config.architecture}, {config.num_hidden_layers} layers, "
@@ -233,7 +235,19 @@ class Llama:
             batch = tokens[start:start + self.n_batch].astype(np.int32)
             logits = np.asarray(session.eval(batch, self.logits_all), dtype=np.float32)
             self._input_ids.extend(int(t) for t in batch)
-            self._scores = np.concatenate([self._scores, logits]) if self.logits_all else logits
+            self._append_scores(logits)
+
+    def _append_scores(self, logits: np.ndarray) -> None:
+        if not self.logits_all:
+            self._scores = logits
+            return
+        n, need = len(self._scores), len(self._scores) + len(logits)
+        if need > len(self._score_buf):
+            buf = np.empty((min(self._n_ctx, max(need, 2 * len(self._score_buf))), self._n_vocab), np.float32)
+            buf[:n] = self._scores
+            self._score_buf = buf
+        self._score_buf[n:need] = logits
+        self._scores = self._score_buf[:need]
 
     def _last_logits(self) -> np.ndarray:
         if not len(self._scores):
@@ -516,7 +530,7 @@ class Llama:
         """
         self._live().load_kv(len(state.input_ids), state.kv)
         self._input_ids = [int(t) for t in state.input_ids]
-        self._scores = np.array(state.scores, dtype=np.float32)
+        self._score_buf = self._scores = np.array(state.scores, dtype=np.float32)
 
     def close(self) -> None:
         """Frees the session and the model; the object cannot be used afterwards."""
