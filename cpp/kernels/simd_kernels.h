@@ -466,48 +466,34 @@ void matmul(const WeightView& w, const float* x, int64_t n, float* y, int64_t ld
 
 // ---- attention helpers ----
 
+// One definition for f32 and f16 KV rows: E is the row's element type.
 template <class V>
-float dot_f32(const float* a, const float* b, int64_t n) {
+inline typename V::reg load_row(const float* p) { return V::load(p); }
+template <class V>
+inline typename V::reg load_row(const uint16_t* p) { return V::load_f16(p); }
+inline float to_float(float f) { return f; }
+inline float to_float(uint16_t h) { return half_to_float(h); }
+
+template <class V, typename E>
+float dot(const float* a, const E* b, int64_t n) {
   auto acc0 = V::zero(), acc1 = V::zero();
   int64_t i = 0;
   for (; i + 2 * V::W <= n; i += 2 * V::W) {
-    acc0 = V::fma(V::load(a + i), V::load(b + i), acc0);
-    acc1 = V::fma(V::load(a + i + V::W), V::load(b + i + V::W), acc1);
+    acc0 = V::fma(V::load(a + i), load_row<V>(b + i), acc0);
+    acc1 = V::fma(V::load(a + i + V::W), load_row<V>(b + i + V::W), acc1);
   }
-  for (; i + V::W <= n; i += V::W) acc0 = V::fma(V::load(a + i), V::load(b + i), acc0);
+  for (; i + V::W <= n; i += V::W) acc0 = V::fma(V::load(a + i), load_row<V>(b + i), acc0);
   float s = V::hsum(V::add(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
 
-template <class V>
-float dot_f16(const float* a, const uint16_t* b, int64_t n) {
-  auto acc0 = V::zero(), acc1 = V::zero();
-  int64_t i = 0;
-  for (; i + 2 * V::W <= n; i += 2 * V::W) {
-    acc0 = V::fma(V::load(a + i), V::load_f16(b + i), acc0);
-    acc1 = V::fma(V::load(a + i + V::W), V::load_f16(b + i + V::W), acc1);
-  }
-  for (; i + V::W <= n; i += V::W) acc0 = V::fma(V::load(a + i), V::load_f16(b + i), acc0);
-  float s = V::hsum(V::add(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * half_to_float(b[i]);
-  return s;
-}
-
-template <class V>
-void axpy_f32(float a, const float* x, float* y, int64_t n) {
+template <class V, typename E>
+void axpy(float a, const E* x, float* y, int64_t n) {
   const auto av = V::set1(a);
   int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, V::load(x + i), V::load(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
-template <class V>
-void axpy_f16(float a, const uint16_t* x, float* y, int64_t n) {
-  const auto av = V::set1(a);
-  int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, V::load_f16(x + i), V::load(y + i)));
-  for (; i < n; ++i) y[i] += a * half_to_float(x[i]);
+  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, load_row<V>(x + i), V::load(y + i)));
+  for (; i < n; ++i) y[i] += a * to_float(x[i]);
 }
 
 template <class V>
@@ -519,8 +505,8 @@ void to_f16(const float* x, uint16_t* y, int64_t n) {
 
 template <class V>
 constexpr Kernels make_kernels(const char* name) {
-  return {name,       matvec<V>,   matmul<V>,   dequant_row<V>, dot_f32<V>,
-          dot_f16<V>, axpy_f32<V>, axpy_f16<V>, to_f16<V>};
+  return {name,          matvec<V>,      matmul<V>,         dequant_row<V>, dot<V, float>,
+          dot<V, uint16_t>, axpy<V, float>, axpy<V, uint16_t>, to_f16<V>};
 }
 
 }  // namespace
