@@ -121,6 +121,24 @@ py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FAr
   return out;
 }
 
+// x [n][w.cols] quantized to 8 bits by path k when w's type multiplies such activations.
+struct QuantizedInput {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+  upg::ActQ8 view;
+  QuantizedInput(const upg::Kernels& k, const upg::WeightView& w, const float* x, int64_t n) {
+    if (!upg::uses_act_q8(w.type)) return;
+    const int64_t nb = w.cols / w.block;
+    q.resize(size_t(n * w.cols));
+    d.resize(size_t(n * nb));
+    sum.resize(size_t(n * nb));
+    for (int64_t t = 0; t < n; ++t)
+      k.quantize_act(x + t * w.cols, w.cols, w.block, &q[t * w.cols], &d[t * nb], &sum[t * nb]);
+    view = {w.block, q.data(), d.data(), sum.data()};
+  }
+};
+
 // The output rows [r0, r1) to compute (r1 None = rows); the others are left NaN.
 std::pair<int64_t, int64_t> row_range(int64_t rows, int64_t r0, std::optional<int64_t> r1) {
   const int64_t end = r1.value_or(rows);
@@ -147,7 +165,8 @@ py::array_t<float> matvec(const std::string& type_name, int block, const CArray<
   const float* xp = x.data();
   {
     py::gil_scoped_release release;
-    k.matvec(w, xp, yp, range.first, range.second);
+    const QuantizedInput xq(k, w, xp, 1);
+    k.matvec(w, xp, xq.view, yp, range.first, range.second);
   }
   return y;
 }
@@ -166,9 +185,30 @@ py::array_t<float> matmul(const std::string& type_name, int block, const CArray<
   const float* xp = x.data();
   {
     py::gil_scoped_release release;
-    k.matmul(w, xp, n, yp, rows, range.first, range.second);
+    const QuantizedInput xq(k, w, xp, n);
+    k.matmul(w, xp, xq.view, n, yp, rows, range.first, range.second);
   }
   return y;
+}
+
+// (codes int8[n], scales float32[n / block]) of a float32[n] row, by one path.
+std::pair<py::array_t<int8_t>, py::array_t<float>> quantize_act(const FArray& x, int block,
+                                                               const std::optional<std::string>& path) {
+  if (block != 32 && block != 64) throw py::value_error("block must be 32 or 64");
+  if (x.ndim() != 1 || x.size() % block != 0) throw py::value_error("x must be float32[n], n a multiple of block");
+  const upg::Kernels& k = pick_path(path);
+  const int64_t n = x.size();
+  py::array_t<int8_t> q(static_cast<py::ssize_t>(n));
+  py::array_t<float> d(static_cast<py::ssize_t>(n / block));
+  std::vector<int32_t> sum(size_t(n / block));
+  k.quantize_act(x.data(), n, block, q.mutable_data(), d.mutable_data(), sum.data());
+  const int8_t* qp = q.data();
+  for (int64_t b = 0; b < n / block; ++b) {  // the sums are internal; they must agree with the codes
+    int32_t s = 0;
+    for (int j = 0; j < block; ++j) s += qp[b * block + j];
+    if (s != sum[size_t(b)]) throw std::logic_error("quantize_act: block sum disagrees with its codes");
+  }
+  return {q, d};
 }
 
 std::vector<std::string> simd_paths() {
@@ -191,5 +231,7 @@ void bind_kernels(py::module_& m) {
   m.def("matmul", &matmul, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
         "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(),
         "y[t] = W x[t] for every row t of x: float32[n, rows] (rows [r0, r1) only, as matvec).");
+  m.def("quantize_act", &quantize_act, "x"_a, "block"_a, "path"_a = py::none(),
+        "The 8-bit activations that q8_0 and q4 weights multiply (kernels.h): (codes, scales).");
   m.def("simd_paths", &simd_paths, "Kernel paths this build and CPU run, best last.");
 }

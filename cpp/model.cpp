@@ -164,13 +164,29 @@ void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out
   }
 }
 
+// Quantized once per matmul, before the threads split the rows (each reads every token's row).
+ActQ8 Session::quantize_act(const float* x, int64_t n, int64_t cols, int block) {
+  const size_t nq = size_t(n * cols), nb = size_t(n * cols / block);
+  if (xq_.size() < nq) xq_.resize(nq);
+  if (xq_d_.size() < nb) xq_d_.resize(nb), xq_sum_.resize(nb);
+  auto rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      k_.quantize_act(x + t * cols, cols, block, &xq_[t * cols], &xq_d_[t * cols / block],
+                      &xq_sum_[t * cols / block]);
+  };
+  if (n == 1) rows(0, 1);  // not worth waking the pool
+  else pool_.run([&](int t, int nt) { rows(n * t / nt, n * (t + 1) / nt); });
+  return ActQ8{block, xq_.data(), xq_d_.data(), xq_sum_.data()};
+}
+
 void Session::matmul(const WeightView& w, const float* x, int64_t n, float* y) {
+  const ActQ8 xq = uses_act_q8(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
   pool_.run([&](int t, int nt) {
     int64_t r0, r1;
     split_range(w.rows, t, nt, 16, r0, r1);
     if (r0 >= r1) return;
-    if (n == 1) k_.matvec(w, x, y, r0, r1);
-    else k_.matmul(w, x, n, y, w.rows, r0, r1);
+    if (n == 1) k_.matvec(w, x, xq, y, r0, r1);
+    else k_.matmul(w, x, xq, n, y, w.rows, r0, r1);
   });
 }
 

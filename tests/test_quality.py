@@ -34,8 +34,13 @@ def models(tmp_path_factory):
     return out
 
 
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}  # transformers' Llama layer -> the file's fused tensor
+
+
 def hf_model(upg: UPGFile):
-    """transformers' LlamaForCausalLM with the file's weights, quantized ones decoded by the reference."""
+    """transformers' LlamaForCausalLM with the file's weights, quantized ones decoded by the reference,
+    and the inputs of q8_0 / q4 layers quantized to 8 bits as the engine's kernels quantize them."""
     import transformers
 
     config = transformers.LlamaConfig(**{k: v for k, v in upg.header["config"].items()
@@ -59,6 +64,20 @@ def hf_model(upg: UPGFile):
         else:
             state[name] = w
     model = transformers.LlamaForCausalLM(config).eval()
+    hooked = 0
+    for module_name, module in model.named_modules():
+        head, _, leaf = module_name.rpartition(".")
+        fused = f"{head}.{FUSED.get(leaf, leaf)}" if head else leaf
+        if module_name == "lm_head" and "lm_head.weight" not in upg.tensors:
+            fused = "model.embed_tokens"
+        info = upg.tensors.get(fused + ".weight")
+        if isinstance(module, torch.nn.Linear) and info is not None and info.dtype in ref.ACT_Q8_TYPES:
+            def quantize_input(_, args, info=info):
+                x = args[0].detach().numpy()
+                return (torch.from_numpy(ref.activations_as_used(info.dtype, info.block, x).astype(np.float32)),)
+            module.register_forward_pre_hook(quantize_input)
+            hooked += 1
+    assert hooked in (0, 7 * cfg.num_hidden_layers + 1), hooked  # every projection and the head, or none
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
     return model
 

@@ -71,9 +71,7 @@ struct V256 {
   static ireg sub(ireg v, int m) { return _mm256_sub_epi32(v, _mm256_set1_epi32(m)); }
   static reg cvt(ireg v) { return _mm256_cvtepi32_ps(v); }
 
-  // Grouped q3 (simd_kernels.h). vpermps is an 8-entry f32 table lookup, lane l = t[v[l] & 7]:
-  // enough for q3's codes, not for q4's.
-  static constexpr bool kLookup16 = false;
+  // Grouped q3 (simd_kernels.h). vpermps is an 8-entry f32 table lookup, lane l = t[v[l] & 7].
   static reg lookup(ireg v, reg table) { return _mm256_permutevar8x32_ps(table, v); }
   static reg q3_values() { return _mm256_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3); }
   static ireg load_codes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -104,6 +102,67 @@ struct V256 {
         _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(BPG)), 3);
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h)), lane_block);
   }
+
+  // ---- 8-bit activations (simd_kernels.h): vpmaddubsw, whose pairs must not saturate ----
+  // q4 codes stay unsigned (0..15); q8_0 codes stay signed and lend their sign to the activations.
+  static constexpr int kNTi8 = 4;  // tokens per matmul register tile
+  template <DType T>
+  static constexpr int kZero = T == DType::Q4 ? 8 : 0;
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg abs(reg v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+  static float hmax(reg v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static ireg round_i32(reg v) { return _mm256_cvtps_epi32(v); }
+  static void store_i8(int8_t* p, ireg v) {
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+  }
+  static ireg izero() { return _mm256_setzero_si256(); }
+  static ireg add_i32(ireg a, ireg b) { return _mm256_add_epi32(a, b); }
+  static int32_t hsum_i32(ireg v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+  }
+  static ireg set1_i32(int32_t v) { return _mm256_set1_epi32(v); }
+  static ireg load_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static void store_i(void* p, ireg v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  static ireg bcast4(const void* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
+  // acc + the products of w and a summed in groups (exact: |pair| <= 128 * 127 * 2 < 2^15).
+  template <DType T>
+  static ireg dpbusd(ireg acc, ireg w, ireg a) {
+    __m256i p;
+    if constexpr (T == DType::Q4) p = _mm256_maddubs_epi16(w, a);
+    else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
+  static ireg q8_codes(const uint8_t* p) { return load_i(p); }
+  // 32 q4 codes: a block of 32 from 16 bytes, or half c of a block of 64 from 32 bytes.
+  template <int B>
+  static ireg q4_codes(const uint8_t* p, int c) {
+    const __m256i m = _mm256_set1_epi8(15);
+    if constexpr (B == 64) return _mm256_and_si256(c ? _mm256_srli_epi16(load_i(p), 4) : load_i(p), m);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m);
+  }
+  template <int P>
+  static ireg acc_init(const int32_t* sum, int z) {
+    static_assert(P == 1, "a vector holds at most one block");
+    return _mm256_setr_epi32(-z * sum[0], 0, 0, 0, 0, 0, 0, 0);
+  }
+  template <int P>
+  static reg block_scales(const float* s) { return _mm256_set1_ps(s[0]); }
+  static __m256i first_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, first_n(n), v); }
+  static reg load_n(const float* p, int n) { return _mm256_maskload_ps(p, first_n(n)); }
 };
 
 }  // namespace

@@ -1,4 +1,4 @@
-// AVX-512 (F, BW, VL, DQ) kernels: 16 f32 lanes per register, 32 registers.
+// AVX-512 (F, BW, VL, DQ, VNNI) kernels: 16 f32 lanes per register, 32 registers.
 // GCC 12's AVX-512 intrinsics initialize their "undefined" operands from themselves, which
 // -Wuninitialized reports at every use (GCC bug 105593, fixed in GCC 13).
 #pragma GCC diagnostic push
@@ -73,10 +73,8 @@ struct V512 {
   static ireg sub(ireg v, int m) { return _mm512_sub_epi32(v, _mm512_set1_epi32(m)); }
   static reg cvt(ireg v) { return _mm512_cvtepi32_ps(v); }
 
-  // Grouped q4 / q3 (simd_kernels.h). vpermps is a 16-entry f32 table lookup: lane l = t[v[l] & 15].
-  static constexpr bool kLookup16 = true;
+  // Grouped q3 (simd_kernels.h). vpermps is a 16-entry f32 table lookup: lane l = t[v[l] & 15].
   static reg lookup(ireg v, reg table) { return _mm512_permutexvar_ps(v, table); }
-  static reg q4_values() { return _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); }
   static reg q3_values() { return _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3); }
   static ireg load_codes(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static ireg srl(ireg v, unsigned n) { return _mm512_srli_epi32(v, n); }
@@ -104,6 +102,53 @@ struct V512 {
                            _mm512_set1_epi32(BPG)), 4);
     return _mm512_permutexvar_ps(lane_block, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
   }
+
+  // ---- 8-bit activations (simd_kernels.h): vpdpbusd on unsigned weight codes ----
+  static constexpr int kNTi8 = 8;  // tokens per matmul register tile (best of 4..12)
+  template <DType T>
+  static constexpr int kZero = T == DType::Q4 ? 8 : 128;
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg abs(reg v) { return _mm512_abs_ps(v); }
+  static float hmax(reg v) { return _mm512_reduce_max_ps(v); }
+  static ireg round_i32(reg v) { return _mm512_cvtps_epi32(v); }
+  static void store_i8(int8_t* p, ireg v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v)); }
+  static ireg izero() { return _mm512_setzero_si512(); }
+  static ireg add_i32(ireg a, ireg b) { return _mm512_add_epi32(a, b); }
+  static int32_t hsum_i32(ireg v) { return _mm512_reduce_add_epi32(v); }
+  static ireg set1_i32(int32_t v) { return _mm512_set1_epi32(v); }
+  static ireg load_i(const void* p) { return _mm512_loadu_si512(p); }
+  static void store_i(void* p, ireg v) { _mm512_storeu_si512(p, v); }
+  static ireg bcast4(const void* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  template <DType T>
+  static ireg dpbusd(ireg acc, ireg w, ireg a) { return _mm512_dpbusd_epi32(acc, w, a); }
+  static ireg q8_codes(const uint8_t* p) { return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(char(0x80))); }
+  // 64 q4 codes from 32 bytes: one block of 64 (low nibbles, then high), or two blocks of 32.
+  template <int B>
+  static ireg q4_codes(const uint8_t* p, int) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(15);
+    const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
+                                          _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+    if constexpr (B == 64) return lh;
+    return _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));  // lo0 hi0 lo1 hi1
+  }
+  // The integer accumulator of a vector of P blocks: -z * (sum of codes) once per block.
+  template <int P>
+  static ireg acc_init(const int32_t* sum, int z) {
+    const ireg v = _mm512_maskz_set1_epi32(1, -z * sum[0]);
+    if constexpr (P == 1) return v;
+    return _mm512_mask_set1_epi32(v, 1 << 8, -z * sum[1]);
+  }
+  template <int P>
+  static reg block_scales(const float* s) {
+    if constexpr (P == 1) return _mm512_set1_ps(s[0]);
+    return _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
+  }
+  static void store_n(float* p, reg v, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), v); }
+  static reg load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
 };
 
 }  // namespace

@@ -38,7 +38,8 @@ bool can_run_avx512() {
   constexpr uint64_t kZmm = 0xe6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
   return can_run_avx2() && (xcr0() & kZmm) == kZmm && __builtin_cpu_supports("avx512f") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512dq");
+         __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 #endif
 

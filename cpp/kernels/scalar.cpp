@@ -1,5 +1,7 @@
 // The reference kernels: plain C++ that follows docs/FORMAT.md literally. Every SIMD path is
 // tested against the same numpy reference as this one; it is also the only path off x86.
+#include <cmath>
+
 #include "upg/kernels.h"
 
 namespace upg {
@@ -52,6 +54,29 @@ float outlier_dot(const WeightView& w, int64_t r, const float* x) {
   return s;
 }
 
+// Element j of quantized block g as the integer its scale multiplies (q8_0 and q4).
+int code(const WeightView& w, int64_t g, int j) {
+  const int B = w.block;
+  if (w.type == DType::Q8_0) return int8_t(w.codes[g * B + j]);
+  const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
+  return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
+}
+
+// q8_0 and q4 against 8-bit activations (kernels.h): per block, the integer dot product times
+// the weight's and the activation's scales. t: the activation row.
+float row_dot_q8(const WeightView& w, int64_t r, const float* x, const ActQ8& a, int64_t t) {
+  const int B = w.block;
+  const int64_t nb = w.cols / B;
+  const int8_t* q = a.q + t * w.cols;
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t s = 0;
+    for (int j = 0; j < B; ++j) s += code(w, r * nb + b, j) * q[b * B + j];
+    acc += f16_to_f32(w.scales[r * nb + b]) * a.d[t * nb + b] * float(s);
+  }
+  return acc + outlier_dot(w, r, x);
+}
+
 // One output: the sum over spans of (the sum within the span).
 float row_dot(const WeightView& w, int64_t r, const float* x) {
   float v[kMaxSpan];
@@ -67,15 +92,33 @@ float row_dot(const WeightView& w, int64_t r, const float* x) {
   return acc + outlier_dot(w, r, x);
 }
 
-void matvec(const WeightView& w, const float* x, float* y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) y[r] = row_dot(w, r, x);
+void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) y[r] = uses_act_q8(w.type) ? row_dot_q8(w, r, x, xq, 0) : row_dot(w, r, x);
 }
 
 // The reference has no tiling: the blocked-decode contract is about speed, not results.
-void matmul(const WeightView& w, const float* x, int64_t n, float* y, int64_t ldy, int64_t r0,
-            int64_t r1) {
+void matmul(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, float* y, int64_t ldy,
+            int64_t r0, int64_t r1) {
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t r = r0; r < r1; ++r) y[t * ldy + r] = row_dot(w, r, x + t * w.cols);
+    for (int64_t r = r0; r < r1; ++r)
+      y[t * ldy + r] = uses_act_q8(w.type) ? row_dot_q8(w, r, x + t * w.cols, xq, t) : row_dot(w, r, x + t * w.cols);
+}
+
+void quantize_act(const float* x, int64_t n, int block, int8_t* q, float* d, int32_t* sum) {
+  for (int64_t b = 0; b < n / block; ++b) {
+    const float* xb = x + b * block;
+    float amax = 0.0f;
+    for (int j = 0; j < block; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+    d[b] = f16_to_f32(f32_to_f16(amax / 127.0f));
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int32_t s = 0;
+    for (int j = 0; j < block; ++j) {
+      const int v = int(std::nearbyint(xb[j] * id));  // half to even, as the SIMD conversions
+      q[b * block + j] = int8_t(v);
+      s += v;
+    }
+    sum[b] = s;
+  }
 }
 
 void dequant_row(const WeightView& w, int64_t r, float* out) {
@@ -110,7 +153,7 @@ void to_f16(const float* x, uint16_t* y, int64_t n) {
 
 }  // namespace
 
-extern const Kernels kScalarKernels = {"scalar",  matvec,   matmul,   dequant_row, dot_f32,
-                                       dot_f16,   axpy_f32, axpy_f16, to_f16};
+extern const Kernels kScalarKernels = {"scalar", matvec,   matmul,   quantize_act, dequant_row,
+                                       dot_f32,  dot_f16,  axpy_f32, axpy_f16,     to_f16};
 
 }  // namespace upg

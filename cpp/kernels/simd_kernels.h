@@ -140,37 +140,234 @@ inline void visit_type(const WeightView& w, F&& f) {
   }
 }
 
+// ---- q8_0 and q4 against 8-bit activations (kernels.h) ----
+//
+// Each path keeps the weights' codes in a "dot form" that its integer dot product takes
+// (V::dpbusd<T>): unsigned bytes code + V::kZero<T>, so the product of a block is
+// dpbusd(-kZero * sum(activation codes), weight bytes, activation codes), exact in 32 bits.
+// A vector holds E = 4W codes: P whole blocks (E >= B) or 1 / C of one block (B > E).
+template <class V, DType T, int B>
+struct I8Shape {
+  static constexpr int E = 4 * V::W;
+  static constexpr int P = E > B ? E / B : 1;
+  static constexpr int C = B > E ? B / E : 1;
+  static constexpr int kCodeBytes = T == DType::Q8_0 ? B : B / 2;  // per block in the file
+  static constexpr int kZero = V::template kZero<T>;
+};
+
+template <DType T>
+constexpr bool kActQ8 = T == DType::Q8_0 || T == DType::Q4;
+
+// Vector c of the codes of blocks g.. (P blocks, or part c of one block), in element order.
+template <class V, DType T, int B>
+inline typename V::ireg dot_codes(const WeightView& w, int64_t g, int c) {
+  if constexpr (T == DType::Q8_0) return V::q8_codes(w.codes + g * B + c * I8Shape<V, T, B>::E);
+  else return V::template q4_codes<B>(w.codes + g * (B / 2), c);
+}
+
+// Signed code of element j of block g (as the scale multiplies it), for the odd tail block.
+template <DType T, int B>
+inline int signed_code(const WeightView& w, int64_t g, int j) {
+  if constexpr (T == DType::Q8_0) {
+    return int8_t(w.codes[g * B + j]);
+  } else {
+    const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
+    return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
+  }
+}
+
+// Integer dot product of block g with 8-bit activation codes q (the odd tail block). Not
+// vectorized: GCC 12 at -O3 with AVX-512 computes this loop wrongly for q8_0 codes.
+template <DType T, int B>
+__attribute__((noinline, optimize("no-tree-vectorize"))) int32_t block_dot_i8(const WeightView& w, int64_t g,
+                                                                              const int8_t* q) {
+  int32_t s = 0;
+  for (int j = 0; j < B; ++j) s += signed_code<T, B>(w, g, j) * q[j];
+  return s;
+}
+
+template <class V>
+void quantize_act(const float* x, int64_t n, int block, int8_t* q, float* d, int32_t* sum) {
+  constexpr int W = V::W;
+  for (int64_t b = 0; b < n / block; ++b) {
+    const float* xb = x + b * block;
+    auto m = V::zero();
+    for (int c = 0; c < block / W; ++c) m = V::max(m, V::abs(V::load(xb + c * W)));
+    const float amax = V::hmax(m);
+    d[b] = half_to_float(_cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const auto id = V::set1(amax != 0.0f ? 127.0f / amax : 0.0f);
+    auto s = V::izero();
+    for (int c = 0; c < block / W; ++c) {
+      const auto v = V::round_i32(V::mul(V::load(xb + c * W), id));  // half to even (MXCSR)
+      V::store_i8(q + b * block + c * W, v);
+      s = V::add_i32(s, v);
+    }
+    sum[b] = V::hsum_i32(s);
+  }
+}
+
+// out[i] = dot(row r + i, x) for R rows: per vector of codes one integer dot product, shared
+// activation loads across the R rows, one float scale step per vector.
+template <class V, DType T, int B, int R>
+inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* out) {
+  using S = I8Shape<V, T, B>;
+  constexpr int P = S::P, C = S::C, E = S::E;
+  const int64_t nb = w.cols / B, nbv = nb / P * P;  // blocks in whole vectors
+  const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
+  typename V::reg acc[R];
+  float tail[R];
+  for (int i = 0; i < R; ++i) acc[i] = V::zero(), tail[i] = 0.0f;
+  alignas(64) float sd[R][kScaleGroup];  // weight scale x activation scale, per block
+  for (int64_t b0 = 0; b0 < nb; b0 += kScaleGroup) {
+    const int n = int(min64(kScaleGroup, nb - b0));
+    for (int i = 0; i < R; ++i) {
+      V::halves_to_f32(w.scales + (r + i) * nb + b0, n, sd[i]);
+      for (int j = 0; j < n; ++j) sd[i][j] *= a.d[b0 + j];
+    }
+    const int64_t bend = min64(b0 + n, nbv);
+    for (int64_t b = b0; b < bend; b += P) {
+      const auto init = V::template acc_init<P>(a.sum + b, S::kZero);
+      typename V::ireg av[C];
+      for (int c = 0; c < C; ++c) av[c] = V::load_i(a.q + b * B + c * E);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const int64_t g = (r + i) * nb + b;
+        prefetch(w.codes + g * S::kCodeBytes, pf);
+        auto s = init;
+        for (int c = 0; c < C; ++c) s = V::template dpbusd<T>(s, dot_codes<V, T, B>(w, g, c), av[c]);
+        acc[i] = V::fma(V::cvt(s), V::template block_scales<P>(sd[i] + (b - b0)), acc[i]);
+      }
+    }
+    for (int64_t b = bend; b < b0 + n; ++b)  // a last block that fills half a vector
+      for (int i = 0; i < R; ++i) tail[i] += sd[i][b - b0] * float(block_dot_i8<T, B>(w, (r + i) * nb + b, a.q + b * B));
+  }
+  for (int i = 0; i < R; ++i) out[i] = V::hsum(acc[i]) + tail[i];
+}
+
+// Matmul tile for a group of W rows: the codes of columns [k0, k0 + kbn * B) in dot form, laid
+// out [k / 4][row][4] so that one vector holds 4 consecutive codes of each of the W rows, and the
+// f32 scales [block][row]. Rows past mr get zero scales (and contribute 0).
+template <class V, DType T, int B>
+inline void pack_tile_i8(const WeightView& w, int64_t r, int mr, int64_t k0, int64_t kbn, uint8_t* tile, float* tsc) {
+  using S = I8Shape<V, T, B>;
+  constexpr int W = V::W, P = S::P, C = S::C, E = S::E;
+  const int64_t nb = w.cols / B, groups = kbn * B / 4;
+  alignas(64) uint8_t row[kTileK];
+  for (int i = 0; i < W; ++i) {
+    if (i >= mr) {
+      for (int64_t j = 0; j < groups; ++j) __builtin_memset(tile + (j * W + i) * 4, 0, 4);
+      for (int64_t kb = 0; kb < kbn; ++kb) tsc[kb * W + i] = 0.0f;
+      continue;
+    }
+    const int64_t g0 = (r + i) * nb + k0 / B;
+    int64_t kb = 0;
+    for (; kb + P <= kbn; kb += P)
+      for (int c = 0; c < C; ++c) V::store_i(row + kb * B + c * E, dot_codes<V, T, B>(w, g0 + kb, c));
+    for (; kb < kbn; ++kb)
+      for (int j = 0; j < B; ++j) row[kb * B + j] = uint8_t(signed_code<T, B>(w, g0 + kb, j) + S::kZero);
+    for (int64_t j = 0; j < groups; ++j) __builtin_memcpy(tile + (j * W + i) * 4, row + 4 * j, 4);
+    for (int64_t b = 0; b < kbn; ++b) tsc[b * W + i] = half_to_float(w.scales[g0 + b]);
+  }
+}
+
+// y[j * ldy + i] (+)= dot(tile row i, token t + j) for NT tokens and the W rows of the tile (the
+// first mr stored): lanes are rows, so each token's 4 codes are broadcast and no horizontal sum
+// is needed.
+template <class V, DType T, int B, int NT>
+inline void micro_tile_i8(const uint8_t* tile, const float* tsc, const ActQ8& a, int64_t t, int64_t k0,
+                          int64_t kbn, int64_t K, float* y, int64_t ldy, int mr, bool first) {
+  constexpr int W = V::W, G = 4 * W, Z = I8Shape<V, T, B>::kZero;
+  const int64_t nb = K / B;
+  typename V::reg acc[NT];
+  const int8_t* q[NT];
+  const float* d[NT];
+  const int32_t* sum[NT];
+  for (int j = 0; j < NT; ++j) {
+    acc[j] = V::zero();
+    q[j] = a.q + (t + j) * K + k0;
+    d[j] = a.d + (t + j) * nb + k0 / B;
+    sum[j] = a.sum + (t + j) * nb + k0 / B;
+  }
+  for (int64_t kb = 0; kb < kbn; ++kb) {
+    typename V::ireg s[NT];
+#pragma GCC unroll 12
+    for (int j = 0; j < NT; ++j) s[j] = Z ? V::set1_i32(-Z * sum[j][kb]) : V::izero();
+    const uint8_t* tb = tile + kb * (B / 4) * G;
+#pragma GCC unroll 16
+    for (int g = 0; g < B / 4; ++g) {
+      const auto wv = V::load_i(tb + g * G);
+#pragma GCC unroll 12
+      for (int j = 0; j < NT; ++j) s[j] = V::template dpbusd<T>(s[j], wv, V::bcast4(q[j] + kb * B + 4 * g));
+    }
+    const auto dw = V::load(tsc + kb * W);
+#pragma GCC unroll 12
+    for (int j = 0; j < NT; ++j) acc[j] = V::fma(V::cvt(s[j]), V::mul(dw, V::set1(d[j][kb])), acc[j]);
+  }
+  for (int j = 0; j < NT; ++j) {
+    float* o = y + j * ldy;
+    V::store_n(o, first ? acc[j] : V::add(V::load_n(o, mr), acc[j]), mr);
+  }
+}
+
+template <class V, DType T, int B, int NT = V::kNTi8>
+inline void micro_tile_i8_n(int nt, const uint8_t* tile, const float* tsc, const ActQ8& a, int64_t t, int64_t k0,
+                            int64_t kbn, int64_t K, float* y, int64_t ldy, int mr, bool first) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return micro_tile_i8_n<V, T, B, NT - 1>(nt, tile, tsc, a, t, k0, kbn, K, y, ldy, mr, first);
+  }
+  micro_tile_i8<V, T, B, NT>(tile, tsc, a, t, k0, kbn, K, y, ldy, mr, first);
+}
+
+// Token blocks are larger than the f32 path's: a token's activations are 1 byte per column here.
+constexpr int64_t kTokenBlockI8 = 256;
+
+template <class V, DType T, int B>
+void matmul_i8(const WeightView& w, const ActQ8& a, int64_t n, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  constexpr int W = V::W, NT = V::kNTi8;
+  alignas(64) static thread_local uint8_t tile[kTileK * W];
+  alignas(64) static thread_local float tsc[kTileK / B * W];
+  const int64_t K = w.cols;
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenBlockI8) {
+    const int64_t t1 = min64(n, t0 + kTokenBlockI8);
+    for (int64_t r = r0; r < r1; r += W) {
+      const int mr = int(min64(W, r1 - r));
+      for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+        const int64_t kbn = min64(kTileK, K - k0) / B;
+        pack_tile_i8<V, T, B>(w, r, mr, k0, kbn, tile, tsc);
+        for (int64_t t = t0; t < t1; t += NT)
+          micro_tile_i8_n<V, T, B>(int(min64(NT, t1 - t)), tile, tsc, a, t, k0, kbn, K, y + t * ldy + r, ldy, mr,
+                                   k0 == 0);
+      }
+    }
+  }
+}
+
 // ---- matvec ----
 
-// Grouped decoding of q4 and q3. One wide load of 4W code bytes holds whole blocks; field k of
-// every 32-bit lane (a nibble of q4, a 2-bit ql pair of q3) comes out with a shift, not with a
-// widening byte shuffle per W codes, and indexes a table of (q - zero point) in registers
-// (vpermps: 16 entries on AVX-512, 8 on AVX2, so q4 is grouped on AVX-512 only). The lanes
-// then hold weights in a scrambled order, so x is permuted to match, once per call for all rows.
+// Grouped decoding of q3 (q8_0 and q4 take the 8-bit activation path above). One wide load of
+// 4W code bytes holds whole blocks; field k of every 32-bit lane (a 2-bit ql pair) comes out with
+// a shift, not with a widening byte shuffle per W codes, and indexes a table of (q - zero point)
+// in registers (vpermps). The lanes then hold weights in a scrambled order, so x is permuted to
+// match, once per call for all rows.
 //
-// q4: 8 nibbles per lane; nibble k of lane l is byte 4l + k/2 of the group, high half if k is odd.
-// q3: 16 ql fields per lane; field k of lane l is ql byte 4l + k/4, bits 2(k%4). The high bits of
-// a lane's 16 codes all lie in one qh dword of its block (high_dword), at bit
+// 16 ql fields per lane; field k of lane l is ql byte 4l + k/4, bits 2(k%4). The high bits of a
+// lane's 16 codes all lie in one qh dword of its block (high_dword), at bit
 // 8(k/4) + 2(k%4) + high_shift.
 template <DType T, int B, int W>
 struct GroupOrder {
-  static constexpr int kFields = T == DType::Q4 ? 8 : 16;  // codes per 32-bit lane
-  static constexpr int kSize = kFields * W;                // weights per group
+  static_assert(T == DType::Q3, "q3 only");
+  static constexpr int kFields = 16;          // codes per 32-bit lane
+  static constexpr int kSize = kFields * W;  // weights per group
   int32_t src[kSize];      // permuted position k * W + l -> x offset within the group
-  int32_t high_dword[W];   // q3: the group's qh dword that lane l reads
-  int32_t high_shift[W];   // q3: and its extra shift
+  int32_t high_dword[W];   // the group's qh dword that lane l reads
+  int32_t high_shift[W];   // and its extra shift
   constexpr GroupOrder() : src(), high_dword(), high_shift() {
     for (int k = 0; k < kFields; ++k)
       for (int l = 0; l < W; ++l) {
-        if (T == DType::Q4) {
-          const int byte = 4 * l + k / 2;
-          src[k * W + l] = byte / (B / 2) * B + byte % (B / 2) + (k % 2) * (B / 2);
-        } else {
-          const int byte = 4 * l + k / 4;
-          src[k * W + l] = byte / (B / 4) * B + byte % (B / 4) + (k % 4) * (B / 4);
-        }
+        const int byte = 4 * l + k / 4;
+        src[k * W + l] = byte / (B / 4) * B + byte % (B / 4) + (k % 4) * (B / 4);
       }
-    for (int l = 0; l < W; ++l) {  // q3: lane l starts at ql byte i0 of block 4l / (B/4)
+    for (int l = 0; l < W; ++l) {  // lane l starts at ql byte i0 of block 4l / (B/4)
       const int i0 = 4 * l % (B / 4);
       high_dword[l] = 4 * l / (B / 4) * (B / 32) + i0 % (B / 8) / 4;
       high_shift[l] = i0 / (B / 8);
@@ -181,7 +378,7 @@ template <DType T, int B, int W>
 constexpr GroupOrder<T, B, W> kGroupOrder{};
 
 template <class V, DType T>
-constexpr bool kGrouped = (T == DType::Q4 && V::kLookup16) || T == DType::Q3;
+constexpr bool kGrouped = T == DType::Q3;
 
 // Per-thread scratch that grows to the largest size asked for, then is reused (no allocation
 // in steady state).
@@ -221,25 +418,17 @@ inline typename V::reg group_dot(const WeightView& w, int64_t b, const float* xp
   using reg = typename V::reg;
   constexpr int W = V::W;
   reg dot[2] = {V::zero(), V::zero()};  // two chains halve the FMA latency
-  if constexpr (T == DType::Q4) {
-    prefetch(w.codes + b * (B / 2), pf_codes);
-    const auto v = V::load_codes(w.codes + b * (B / 2));
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k)
-      dot[k % 2] = V::fma(V::lookup(V::srl(v, 4 * k), V::q4_values()), V::load(xp + k * W), dot[k % 2]);
-  } else {
-    constexpr auto& order = kGroupOrder<T, B, W>;
-    prefetch(w.codes + b * (B / 4), pf_codes);
-    prefetch(w.high + b * (B / 8), pf_high);
-    const auto lo = V::load_codes(w.codes + b * (B / 4));
-    const auto hi = V::srlv(V::high_lanes(w.high + b * (B / 8), order.high_dword), order.high_shift);
+  constexpr auto& order = kGroupOrder<T, B, W>;
+  prefetch(w.codes + b * (B / 4), pf_codes);
+  prefetch(w.high + b * (B / 8), pf_high);
+  const auto lo = V::load_codes(w.codes + b * (B / 4));
+  const auto hi = V::srlv(V::high_lanes(w.high + b * (B / 8), order.high_dword), order.high_shift);
 #pragma GCC unroll 16
-    for (int k = 0; k < 16; ++k) {
-      const int bit = 8 * (k / 4) + 2 * (k % 4);  // of this field's high bit in hi; wanted at bit 2
-      const auto h = bit >= 2 ? V::srl(hi, bit - 2) : V::sll(hi, 2 - bit);
-      const auto code = V::low2_high(V::srl(lo, 2 * k), h);  // bits 0-2 = the 3-bit code
-      dot[k % 2] = V::fma(V::lookup(code, V::q3_values()), V::load(xp + k * W), dot[k % 2]);
-    }
+  for (int k = 0; k < 16; ++k) {
+    const int bit = 8 * (k / 4) + 2 * (k % 4);  // of this field's high bit in hi; wanted at bit 2
+    const auto h = bit >= 2 ? V::srl(hi, bit - 2) : V::sll(hi, 2 - bit);
+    const auto code = V::low2_high(V::srl(lo, 2 * k), h);  // bits 0-2 = the 3-bit code
+    dot[k % 2] = V::fma(V::lookup(code, V::q3_values()), V::load(xp + k * W), dot[k % 2]);
   }
   return V::add(dot[0], dot[1]);
 }
@@ -337,16 +526,21 @@ inline void rows_dot(const WeightView& w, const float* x, const float* xp, int64
 }
 
 template <class V>
-void matvec(const WeightView& w, const float* x, float* y, int64_t r0, int64_t r1) {
+void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1) {
   visit_type(w, [&](auto t, auto b) {
     constexpr DType T = decltype(t)::value;
     constexpr int B = decltype(b)::value;
     constexpr int R = V::kMatvecRows;
-    const float* xp = nullptr;
-    if constexpr (B != 0 && kGrouped<V, T>) xp = permute_x<V, T, B>(x, w.cols);
     int64_t r = r0;
-    for (; r + R <= r1; r += R) rows_dot<V, T, B, R>(w, x, xp, r, y + r);
-    for (; r < r1; ++r) rows_dot<V, T, B, 1>(w, x, xp, r, y + r);
+    if constexpr (kActQ8<T>) {
+      for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R>(w, xq, r, y + r);
+      for (; r < r1; ++r) rows_dot_i8<V, T, B, 1>(w, xq, r, y + r);
+    } else {
+      const float* xp = nullptr;
+      if constexpr (B != 0 && kGrouped<V, T>) xp = permute_x<V, T, B>(x, w.cols);
+      for (; r + R <= r1; r += R) rows_dot<V, T, B, R>(w, x, xp, r, y + r);
+      for (; r < r1; ++r) rows_dot<V, T, B, 1>(w, x, xp, r, y + r);
+    }
   });
   if (w.o_rowptr)
     for (int64_t r = r0; r < r1; ++r) y[r] += outlier_dot(w, r, x);
@@ -429,8 +623,18 @@ inline void micro_tile_n(int nt, const float* wt, const float* x, int64_t ldx, i
 }
 
 template <class V>
-void matmul(const WeightView& w, const float* x, int64_t n, float* y, int64_t ldy, int64_t r0,
-            int64_t r1) {
+void matmul(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, float* y, int64_t ldy,
+            int64_t r0, int64_t r1) {
+  if (w.type == DType::Q8_0 || w.type == DType::Q4) {  // kernels.h's uses_act_q8 (not called: see top)
+    visit_type(w, [&](auto t, auto b) {
+      if constexpr (kActQ8<decltype(t)::value>)
+        matmul_i8<V, decltype(t)::value, decltype(b)::value>(w, xq, n, y, ldy, r0, r1);
+    });
+    if (w.o_rowptr)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t r = r0; r < r1; ++r) y[t * ldy + r] += outlier_dot(w, r, x + t * w.cols);
+    return;
+  }
   constexpr int MR = V::kMR, NT = V::kNT;
   alignas(64) static thread_local float tile[MR * kTileK];  // [MR][kTileK] decoded weights
   const int64_t K = w.cols;
@@ -505,8 +709,8 @@ void to_f16(const float* x, uint16_t* y, int64_t n) {
 
 template <class V>
 constexpr Kernels make_kernels(const char* name) {
-  return {name,          matvec<V>,      matmul<V>,         dequant_row<V>, dot<V, float>,
-          dot<V, uint16_t>, axpy<V, float>, axpy<V, uint16_t>, to_f16<V>};
+  return {name,          matvec<V>,        matmul<V>,         quantize_act<V>, dequant_row<V>,
+          dot<V, float>, dot<V, uint16_t>, axpy<V, float>, axpy<V, uint16_t>, to_f16<V>};
 }
 
 }  // namespace

@@ -21,17 +21,36 @@ struct WeightView {
   const uint16_t* o_val = nullptr;
 };
 
+// q8_0 and q4 weights multiply activations quantized to 8 bits, as llama.cpp's Q8_0 / Q4_0 dot
+// products do: integer dot products per block, then one float scale per block. Per block of the
+// weight's block size B: d = f16(amax / 127), codes = round-half-even(x * 127 / amax) (0 when
+// amax is 0). The sparse outliers and every other type multiply x itself.
+inline bool uses_act_q8(DType t) { return t == DType::Q8_0 || t == DType::Q4; }
+
+// n rows of activations quantized in blocks of `block` (rows of `cols` elements).
+struct ActQ8 {
+  int block = 0;
+  const int8_t* q = nullptr;     // codes [n][cols]
+  const float* d = nullptr;      // scales [n][cols / block], values of f16
+  const int32_t* sum = nullptr;  // sum of each block's codes [n][cols / block]
+};
+
 struct Kernels {
   const char* name;  // "scalar", "avx2", "avx512"
 
   // Decode: y[r] = sum_k W[r][k] * x[k] for r in [r0, r1). Outliers are added in the same pass.
-  // y points at element 0 of the full output (only [r0, r1) is written).
-  void (*matvec)(const WeightView& w, const float* x, float* y, int64_t r0, int64_t r1);
+  // y points at element 0 of the full output (only [r0, r1) is written). xq: x quantized in
+  // blocks of w.block, required when uses_act_q8(w.type), else unused.
+  void (*matvec)(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1);
 
   // Prefill: y[t * ldy + r] = sum_k W[r][k] * x[t * cols + k] for t in [0, n), r in [r0, r1).
   // Blocked: each weight tile is decoded once per block of tokens, never once per token.
-  void (*matmul)(const WeightView& w, const float* x, int64_t n, float* y, int64_t ldy,
-                 int64_t r0, int64_t r1);
+  void (*matmul)(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1);
+
+  // One row of n elements (a multiple of block) quantized as ActQ8 describes: q[n], d and
+  // sum[n / block]. Every path gives the same bits.
+  void (*quantize_act)(const float* x, int64_t n, int block, int8_t* q, float* d, int32_t* sum);
 
   // out[k] = W[r][k] for k in [0, cols), outliers included (embedding lookup).
   void (*dequant_row)(const WeightView& w, int64_t r, float* out);

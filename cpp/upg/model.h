@@ -88,6 +88,7 @@ class Session {
  private:
   void forward(const int32_t* tokens, int64_t n, bool all_logits, float* out);
   void matmul(const WeightView& w, const float* x, int64_t n, float* y);
+  ActQ8 quantize_act(const float* x, int64_t n, int64_t cols, int block);
   void attention(int layer, int64_t n);
   // Calls fn(first element, element count) of the first n positions of every layer and kv head.
   template <typename Fn> void for_each_kv_head(int64_t n, Fn fn) const;
@@ -114,6 +115,10 @@ class Session {
   std::vector<float> scores_;   // [n_threads][n_ctx] attention scores
   std::vector<float> cos_, sin_;  // [n_batch][rotary_dim / 2]
   std::vector<int64_t> pos_;    // [n_batch]
+  // A matmul input quantized to 8 bits (q8_0 and q4 weights), grown to the largest input.
+  std::vector<int8_t> xq_;      // [n][cols]
+  std::vector<float> xq_d_;     // [n][cols / block]
+  std::vector<int32_t> xq_sum_; // [n][cols / block]
 };
 
 }  // namespace upg

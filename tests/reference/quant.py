@@ -110,3 +110,31 @@ def add_outliers(w, rowptr, col, val_bits):
         for i in range(rowptr[r], rowptr[r + 1]):
             out[r, col[i]] += vals[i]
     return out
+
+
+# q8_0 and q4 weights multiply activations quantized like this (docs/FORMAT.md, "Activations"),
+# as llama.cpp's Q8_0 activations: per block, d = f16(amax / 127), codes rint(x * (127 / amax)).
+ACT_Q8_TYPES = ("q8_0", "q4")
+
+
+def quantize_activations(x, block):
+    """x [..., cols] float32 -> (int codes, f32 scales [..., cols / block]), computed in float32
+    step by step as the kernels do, so that the codes come out the same."""
+    x = np.asarray(x, np.float32)
+    xb = x.reshape(*x.shape[:-1], -1, block)
+    amax = np.abs(xb).max(axis=-1)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv[..., None])
+    return q.reshape(x.shape).astype(np.int32), d
+
+
+def activations_as_used(type_, block, x):
+    """The activations the kernels multiply type_'s weights with, as float64: x itself, or its
+    8-bit quantization decoded."""
+    if type_ not in ACT_Q8_TYPES:
+        return np.asarray(x, np.float64)
+    q, d = quantize_activations(x, block)
+    xb = q.reshape(*q.shape[:-1], -1, block).astype(np.float64) * d[..., None]
+    return xb.reshape(q.shape)
