@@ -203,9 +203,13 @@ def correctness(engines: Engines, pair: Pair, gen: int) -> dict[str, Any]:
     ours = engines.run("upg", pair.ours, "logits", {**job, "text_ids": peer["text_ids"], "prompt_ids": peer["prompt_ids"]})
     agree = sum(a == b for a, b in zip(peer["top1"], ours["top1"])) / len(peer["top1"])
     same = sum(a == b for a, b in zip(peer["continuations"], ours["continuations"]))
+    # llama.cpp's own top-2 logit gap where the engines differ, against its gaps everywhere: small
+    # gaps mean near-ties that any difference in rounding can flip.
+    differ_gaps = [g for a, b, g in zip(peer["top1"], ours["top1"], peer["gap"]) if a != b]
     return {"pair": f"{pair.model} {pair.ours_type} / {pair.peer_type}", "peer_type": pair.peer_type,
             "top1": {"upg": ours["top1"], "llamacpp": peer["top1"]}, "positions": len(peer["top1"]),
             "top1_agreement": agree, "continuations_identical": same, "prompts": len(PROMPTS),
+            "largest_gap_where_differ": max(differ_gaps, default=None), "median_gap": statistics.median(peer["gap"]),
             "tokenization_identical": own["text_ids"] == peer["text_ids"] and own["prompt_ids"] == peer["prompt_ids"],
             "continuations": list(zip(PROMPTS, peer["continuations"], ours["continuations"])),
             "passed": agree >= TOP1_THRESHOLD or same == len(PROMPTS)}
@@ -303,12 +307,14 @@ def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list
         out += ["Correctness: both engines on llama.cpp's token ids (ours' own tokenization compared to them); "
                 f"pass = top-1 agreement >= {100 * TOP1_THRESHOLD:.0f}% or all greedy continuations identical.", "",
                 "| pair | top-1 agreement | greedy continuations identical | top-1 agreement with llama.cpp F16: ours / llama.cpp "
-                "| tokenization identical | result |",
-                "|---|---|---|---|---|---|"]
+                "| llama.cpp's top-2 logit gap: largest where the engines differ / median | tokenization identical | result |",
+                "|---|---|---|---|---|---|---|"]
         for c in checks:
+            gap = c["largest_gap_where_differ"]
             out.append(f"| {c['pair']} | {100 * c['top1_agreement']:.1f}% of {c['positions']} positions | "
                        f"{c['continuations_identical']}/{c['prompts']} ({args.check_gen} tokens) | "
                        f"{vs_ref(c['top1']['upg'])} / {vs_ref(c['top1']['llamacpp'])} | "
+                       f"{'-' if gap is None else f'{gap:.3f}'} / {c['median_gap']:.3f} | "
                        f"{'yes' if c['tokenization_identical'] else 'no'} | {'pass' if c['passed'] else 'FAIL'} |")
         out += ["", "Both engines run the same weights: our q8_0 and f16 files are converted from llama.cpp's Q8_0 "
                 "and F16 files, which our types hold exactly. Both round activations to 8 bits the same way for "

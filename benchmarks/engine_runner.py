@@ -116,13 +116,16 @@ def logits(engine, job: dict) -> dict:
     prompt_ids = job.get("prompt_ids") or [engine.tokenize(p) for p in job["prompts"]]
     engine.reset()
     engine.eval(text_ids)
-    top1 = [int(i) for i in np.argmax(engine.all_logits(len(text_ids)), axis=1)]
+    all_logits = engine.all_logits(len(text_ids))
+    top1 = [int(i) for i in np.argmax(all_logits, axis=1)]
+    two = np.sort(all_logits, axis=1)[:, -2:]
+    gap = [float(g) for g in two[:, 1] - two[:, 0]]  # how close each position is to a tie
     continuations = []
     for ids in prompt_ids:
         engine.reset()
         engine.eval(ids)
         continuations.append(_greedy(engine, job["gen"]))
-    return {"text_ids": text_ids, "prompt_ids": prompt_ids, "top1": top1, "continuations": continuations}
+    return {"text_ids": text_ids, "prompt_ids": prompt_ids, "top1": top1, "gap": gap, "continuations": continuations}
 
 
 def main() -> None:
