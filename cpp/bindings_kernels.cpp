@@ -211,6 +211,22 @@ std::pair<py::array_t<int8_t>, py::array_t<float>> quantize_act(const FArray& x,
   return {q, d};
 }
 
+// (e^(x - shift), its sum) and silu(g) * u by one path: the softmax and MLP helpers.
+std::pair<py::array_t<float>, float> exp_shift_sum(const FArray& x, float shift, const std::optional<std::string>& path) {
+  if (x.ndim() != 1) throw py::value_error("x must be float32[n]");
+  py::array_t<float> y(x.size());
+  std::copy_n(x.data(), x.size(), y.mutable_data());
+  const float sum = pick_path(path).exp_shift_sum(y.mutable_data(), x.size(), shift);
+  return {y, sum};
+}
+
+py::array_t<float> silu_mul(const FArray& g, const FArray& u, const std::optional<std::string>& path) {
+  if (g.ndim() != 1 || u.ndim() != 1 || g.size() != u.size()) throw py::value_error("g and u must be float32[n]");
+  py::array_t<float> out(g.size());
+  pick_path(path).silu_mul(g.data(), u.data(), out.mutable_data(), g.size());
+  return out;
+}
+
 std::vector<std::string> simd_paths() {
   std::vector<std::string> out;
   for (const char* p : kPaths)
@@ -233,5 +249,8 @@ void bind_kernels(py::module_& m) {
         "y[t] = W x[t] for every row t of x: float32[n, rows] (rows [r0, r1) only, as matvec).");
   m.def("quantize_act", &quantize_act, "x"_a, "block"_a, "path"_a = py::none(),
         "The 8-bit activations that q8_0 and q4 weights multiply (kernels.h): (codes, scales).");
+  m.def("exp_shift_sum", &exp_shift_sum, "x"_a, "shift"_a, "path"_a = py::none(),
+        "(e^(x - shift), its sum): the softmax step of attention.");
+  m.def("silu_mul", &silu_mul, "g"_a, "u"_a, "path"_a = py::none(), "silu(g) * u: the MLP activation.");
   m.def("simd_paths", &simd_paths, "Kernel paths this build and CPU run, best last.");
 }

@@ -230,11 +230,7 @@ void Session::forward(const int32_t* tokens, int64_t n, bool all_logits, float* 
     pool_.run([&](int th, int nth) {
       int64_t t0, t1;
       split_range(n, th, nth, 1, t0, t1);
-      for (int64_t t = t0; t < t1; ++t) {
-        const float* g = &gu_[t * 2 * inter];
-        float* a = &act_[t * inter];
-        for (int i = 0; i < inter; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * g[inter + i];
-      }
+      for (int64_t t = t0; t < t1; ++t) k_.silu_mul(&gu_[t * 2 * inter], &gu_[t * 2 * inter + inter], &act_[t * inter], inter);
     });
     matmul(L.down, act_.data(), n, proj_.data());
     for (int64_t i = 0; i < n * hidden; ++i) x_[i] += proj_[i];
@@ -292,9 +288,7 @@ void Session::attention(int layer, int64_t n) {
         s[j] = scale * (f16 ? k_.dot_f16(q, &k_f16_[base + j * hd], hd) : k_.dot_f32(q, &k_f32_[base + j * hd], hd));
         mx = std::max(mx, s[j]);
       }
-      double sum = 0;
-      for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
-      const float inv = float(1.0 / sum);
+      const float inv = 1.0f / k_.exp_shift_sum(s, len, mx);
       float* o = &attn_[t * n_heads * hd + h * hd];
       std::fill(o, o + hd, 0.0f);
       for (int64_t j = 0; j < len; ++j) {
@@ -359,9 +353,7 @@ void Session::attention_blocked(int layer, int64_t n) {
           const int64_t len = pos_[t0 + t] + 1;
           float mx = -INFINITY;
           for (int64_t j = 0; j < len; ++j) mx = std::max(mx, row[j] *= scale);
-          double sum = 0;
-          for (int64_t j = 0; j < len; ++j) sum += (row[j] = std::exp(row[j] - mx));
-          const float inv = float(1.0 / sum);
+          const float inv = 1.0f / k_.exp_shift_sum(row, len, mx);
           for (int64_t j = 0; j < len; ++j) row[j] *= inv;
           std::fill(row + len, row + keys, 0.0f);
         }

@@ -352,3 +352,27 @@ def test_activation_quantization_rejects_bad_input():
         _core.quantize_act(np.ones(64, np.float32), 16)
     with pytest.raises(ValueError, match="multiple of block"):
         _core.quantize_act(np.ones(40, np.float32), 32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_exp_and_silu_match_numpy(path):
+    """The softmax and SiLU helpers against float64 numpy, including lengths with SIMD tails and
+    arguments past the float range (clamped to finite values, never NaN)."""
+    rng = np.random.default_rng(20)
+    for n in (1, 7, 16, 37, 1000):
+        x = (rng.standard_normal(n) * 30).astype(np.float32)
+        shift = np.float32(x.max())
+        y, s = _core.exp_shift_sum(x, shift, path)
+        want = np.exp((x - shift).astype(np.float64))  # x - shift is taken in float32
+        np.testing.assert_allclose(y, want, rtol=3e-7, atol=1e-37)
+        assert s == pytest.approx(want.sum(), rel=1e-6)
+        g, u = (rng.standard_normal(n) * 8).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        want = g / (1 + np.exp(-g.astype(np.float64))) * u
+        np.testing.assert_allclose(_core.silu_mul(g, u, path), want, rtol=1e-6, atol=1e-7)
+    grid = np.linspace(-87, 88, 100001, dtype=np.float32)  # the whole range where e^x is a normal float
+    y, _ = _core.exp_shift_sum(grid, np.float32(0), path)
+    np.testing.assert_allclose(y, np.exp(grid.astype(np.float64)), rtol=3e-7)
+    far = np.array([-1e4, -200, -88.5, 89, 100, 1e4], np.float32)
+    y, _ = _core.exp_shift_sum(far, np.float32(0), path)
+    assert not np.isnan(y).any() and (y[:3] < 1e-37).all() and (y[3:] > 1e38).all()  # SIMD clamps, scalar is IEEE
+    np.testing.assert_allclose(_core.silu_mul(far, np.ones(6, np.float32), path), [0, 0, 0, 89, 100, 1e4], atol=1e-30)

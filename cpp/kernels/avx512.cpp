@@ -25,6 +25,7 @@ struct V512 {
   static reg set1(float f) { return _mm512_set1_ps(f); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
 
@@ -111,7 +112,13 @@ struct V512 {
   template <DType T>
   static constexpr int kZero = T == DType::Q4 ? 8 : 128;
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static reg abs(reg v) { return _mm512_abs_ps(v); }
+  static reg round(reg v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n for integral n in [-126, 127], through the exponent bits.
+  static reg pow2(reg n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
   static float hmax(reg v) { return _mm512_reduce_max_ps(v); }
   static ireg round_i32(reg v) { return _mm512_cvtps_epi32(v); }
   static void store_i8(int8_t* p, ireg v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v)); }

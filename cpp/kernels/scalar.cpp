@@ -151,9 +151,20 @@ void to_f16(const float* x, uint16_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]);
 }
 
+float exp_shift_sum(float* x, int64_t n, float shift) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - shift));
+  return s;
+}
+
+void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
 }  // namespace
 
-extern const Kernels kScalarKernels = {"scalar", matvec,   matmul,   quantize_act, dequant_row,
-                                       dot_f32,  dot_f16,  axpy_f32, axpy_f16,     to_f16};
+extern const Kernels kScalarKernels = {"scalar", matvec,   matmul,   quantize_act,  dequant_row,
+                                       dot_f32,  dot_f16,  axpy_f32, axpy_f16,      to_f16,
+                                       exp_shift_sum, silu_mul};
 
 }  // namespace upg

@@ -61,6 +61,11 @@ struct Kernels {
   void (*axpy_f32)(float a, const float* x, float* y, int64_t n);   // y += a * x
   void (*axpy_f16)(float a, const uint16_t* x, float* y, int64_t n);
   void (*to_f16)(const float* x, uint16_t* y, int64_t n);            // round to nearest even
+
+  // Softmax and SiLU: x[i] = e^(x[i] - shift), returning the sum; out[i] = silu(g[i]) * u[i] with
+  // silu(v) = v / (1 + e^-v). The SIMD paths use a polynomial e^x within 2 ulp (simd_kernels.h).
+  float (*exp_shift_sum)(float* x, int64_t n, float shift);
+  void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
 };
 
 // The kernels used by the engine: named by the UPG_SIMD environment variable (scalar, avx2,
