@@ -15,6 +15,7 @@ namespace py = pybind11;
 using namespace upg;
 
 void bind_kernels(py::module_& m);
+void bind_metal(py::module_& m);
 
 namespace {
 
@@ -178,4 +179,5 @@ PYBIND11_MODULE(_core, m) {
         "Best memory read rate in GB/s over a buffer of `bytes` read by n_threads threads (0: all cores).");
 
   bind_kernels(m);
+  bind_metal(m);
 }

@@ -434,3 +434,102 @@ def test_kv_store(lib, kv_type):
     want_v[:, n_kv:n_kv + n_tokens] = heads[:, n_heads + n_kv_heads:].transpose(1, 0, 2)
     np.testing.assert_array_equal(k, want_k)
     np.testing.assert_array_equal(v, want_v)
+
+
+# ---- the whole forward pass: the host's launches (cpp/metal/graph.cpp) on the harness ----
+
+def aligned_zeros(nbytes: int) -> np.ndarray:
+    """Zeroed bytes at a 64-byte aligned address, as GPU buffers are."""
+    raw = np.zeros(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes]
+
+
+class HarnessGraph:
+    """Runs the Metal graph's recorded launches (`_core.metal_plan`) on the CPU harness, over numpy
+    buffers laid out as the Apple host lays out its MTLBuffers: the weights are the file's data
+    section, mapped; the KV cache persists from one pass to the next."""
+
+    TOKEN_IDS, LOGITS, ROPE_FACTORS = 1, 11, 12  # Graph::BufferId
+
+    def __init__(self, lib, path: Path, n_ctx: int, n_batch: int, kv_type: str):
+        import ctypes
+
+        from upg_backend.format import UPGFile
+
+        self.ctypes, self.lib, self.n_ctx, self.n_batch, self.kv_type = ctypes, lib, n_ctx, n_batch, kv_type
+        upg = UPGFile(path)
+        self.model = _core.Model(str(path), upg.config.engine_dict())
+        self.vocab = upg.config.vocab_size
+        plan = _core.metal_plan(self.model, n_ctx, n_batch, kv_type, 1, 0, False)
+        self.buffers = [np.memmap(path, np.uint8, "r", offset=_core.File(str(path)).data_offset)]
+        self.buffers += [aligned_zeros(n) for n in plan["buffer_sizes"][1:]]
+        factors = np.asarray(plan["rope_factors"], np.float32)
+        self.buffers[self.ROPE_FACTORS][:factors.nbytes] = factors.view(np.uint8)
+        self.n_past = 0
+
+    def eval(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        n = len(tokens)
+        plan = _core.metal_plan(self.model, self.n_ctx, self.n_batch, self.kv_type, n, self.n_past, all_logits)
+        self.buffers[self.TOKEN_IDS][:4 * n] = np.asarray(tokens, np.int32).view(np.uint8)
+        for launch in plan["launches"]:
+            bound = {i: None if buf < 0 else self.buffers[buf][off:] for i, buf, off in launch["buffers"]}
+            args = launch["args"]
+            bound[launch["args_index"]] = (self.ctypes.c_ubyte * len(args)).from_buffer_copy(args)
+            self.lib.launch(launch["kernel"], bound, launch["groups"], (launch["threads"],), launch["tgmem"])
+        self.n_past += n
+        rows = n if all_logits else 1
+        return self.buffers[self.LOGITS][:4 * rows * self.vocab].view(np.float32).reshape(rows, self.vocab).copy()
+
+
+@pytest.fixture(scope="module")
+def graph_models(tmp_path_factory):
+    """A small Phi3 (GQA 2:1, partial rotary) as f32 and as q3 with outliers, and a LongRoPE one."""
+    from conftest import make_hf_checkpoint
+    from upg_backend.convert import convert_hf
+
+    root = tmp_path_factory.mktemp("metal-graph")
+    small = dict(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1,
+                 num_hidden_layers=2, partial_rotary_factor=0.5)
+    src = make_hf_checkpoint(root / "hf", "Phi3ForCausalLM", seed=5, **small)
+    rope = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.3 * i for i in range(8)]}
+    src_long = make_hf_checkpoint(root / "hf-long", "Phi3ForCausalLM", seed=6, rope_scaling=rope,
+                                  original_max_position_embeddings=8, **small)
+    out = {}
+    for name, source, kw in [("f32", src, dict(type="f32")), ("q3", src, dict(type="q3", block=32, outliers=0.02)),
+                             ("longrope", src_long, dict(type="f32"))]:
+        out[name] = root / f"{name}.upg"
+        convert_hf(source, out[name], progress=False, **kw)
+    return out
+
+
+@pytest.mark.parametrize("model,kv_type", [("f32", "f32"), ("q3", "f16"), ("longrope", "f32")])
+def test_forward_pass_matches_cpu_engine(lib, graph_models, model, kv_type):
+    """The Metal graph end to end, without a Mac: prefill (mat-mat kernels) of 9 tokens, then 3
+    decode steps (mat-vec kernels), against the CPU engine on the same file. LongRoPE switches to
+    its long factors past 8 positions, within the prefill."""
+    from upg_backend.llama import Llama
+
+    tokens = np.random.default_rng(7).integers(0, 300, 12).tolist()
+    cpu = Llama(str(graph_models[model]), n_ctx=32, logits_all=True, kv_type=kv_type, n_threads=1)
+    cpu.eval(tokens[:9])
+    for t in tokens[9:]:
+        cpu.eval([t])
+    want = np.asarray(cpu.scores[:12], np.float64)
+    gpu = HarnessGraph(lib, graph_models[model], n_ctx=32, n_batch=16, kv_type=kv_type)
+    got = [gpu.eval(tokens[:9], all_logits=True)] + [gpu.eval([t], all_logits=False) for t in tokens[9:]]
+    got = np.concatenate(got)
+    rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+    assert rel.max() <= 1e-5, rel  # both engines keep the same f16 or f32 cache
+
+
+def test_metal_plan_rejects_what_does_not_fit(graph_models):
+    from upg_backend.format import UPGFile
+
+    model = _core.Model(str(graph_models["f32"]), UPGFile(graph_models["f32"]).config.engine_dict())
+    for n, n_past in [(0, 0), (17, 0), (4, 30)]:
+        with pytest.raises(ValueError, match="fit"):
+            _core.metal_plan(model, 32, 16, "f32", n, n_past, False)
+    with pytest.raises(ValueError, match="kv_type"):
+        _core.metal_plan(model, 32, 16, "f8", 1, 0, False)

@@ -1,6 +1,6 @@
-// Metal host code (see metal_backend.h). NEVER COMPILED OR RUN: written without a Mac; the
-// kernels it dispatches are verified on Linux by tests/test_metal_kernels.py. Dispatch geometry
-// here must match the comments at the top of each metal/*.metal file and the tests' launches.
+// Metal host code (see metal_backend.h). NEVER COMPILED OR RUN: written without a Mac. What it
+// dispatches comes from ops.cpp / graph.cpp, whose launches tests/test_metal_kernels.py runs on
+// the CPU harness; this file only turns a Launch into Metal calls.
 #import <Foundation/Foundation.h>
 #import <Metal/Metal.h>
 
@@ -50,14 +50,6 @@ void inline_includes(const std::string& dir, const std::string& text, std::set<s
   }
 }
 
-std::string dtype_suffix(const Matrix& w) {
-  std::string s = dtype_name(w.type);
-  if (is_quantized(w.type)) s += "_b" + std::to_string(w.block);
-  return s;
-}
-
-uint64_t round16(uint64_t n) { return (n + 15) & ~uint64_t(15); }
-
 }  // namespace
 
 struct Device::Impl {
@@ -90,41 +82,6 @@ struct Device::Impl {
   void bind(int index, Buf b) {
     const Buf use = b.id < 0 ? dummy : b;
     [enc setBuffer:buffers.at(use.id) offset:use.offset atIndex:index];
-  }
-
-  template <class Args> void bind_args(int index, const Args& a) {
-    [enc setBytes:&a length:sizeof(Args) atIndex:index];
-  }
-
-  void tgmem(int index, uint64_t bytes) {
-    [enc setThreadgroupMemoryLength:round16(bytes) atIndex:index];
-  }
-
-  void dispatch(MTLSize groups, NSUInteger threads) {
-    [enc dispatchThreadgroups:groups threadsPerThreadgroup:MTLSizeMake(threads, 1, 1)];
-  }
-
-  UpgMatArgs mat_args(const Matrix& w, int n_tokens, int ldy) const {
-    UpgMatArgs a{};
-    a.rows = int32_t(w.rows);
-    a.cols = int32_t(w.cols);
-    a.block = w.block;
-    if (is_quantized(w.type)) {
-      const QuantSections s = quant_sections(w.type, w.rows, w.cols, w.block);
-      a.high_offset = uint32_t(s.high_offset());
-      a.scales_offset = uint32_t(s.scales_offset());
-    }
-    a.has_outliers = w.rowptr.id >= 0;
-    a.n_tokens = n_tokens;
-    a.ldy = ldy;
-    return a;
-  }
-
-  void bind_matrix(const Matrix& w) {
-    bind(0, w.data);
-    bind(3, w.rowptr);
-    bind(4, w.col);
-    bind(5, w.val);
   }
 };
 
@@ -202,114 +159,14 @@ void Device::end() {
   if (err != nil) throw std::runtime_error(std::string("metal: ") + err.localizedDescription.UTF8String);
 }
 
-void Device::matvec(const Matrix& w, Buf x, Buf y) {
+void Device::dispatch(const Launch& l) {
   Impl& m = *impl_;
-  m.encoder("kernel_matvec_" + dtype_suffix(w));
-  m.bind_matrix(w);
-  m.bind(1, x);
-  m.bind(2, y);
-  m.bind_args(6, m.mat_args(w, 1, int(w.rows)));
-  const int per_group = UPG_MV_SG * UPG_MV_ROWS;
-  m.dispatch(MTLSizeMake((w.rows + per_group - 1) / per_group, 1, 1), UPG_MV_SG * UPG_SIMD_WIDTH);
-}
-
-void Device::matmul(const Matrix& w, Buf x, int n_tokens, Buf y, int ldy) {
-  Impl& m = *impl_;
-  m.encoder("kernel_matmul_" + dtype_suffix(w));
-  m.bind_matrix(w);
-  m.bind(1, x);
-  m.bind(2, y);
-  m.bind_args(6, m.mat_args(w, n_tokens, ldy));
-  m.tgmem(0, 4 * UPG_MM_TK * UPG_MM_TM);
-  m.tgmem(1, 4 * UPG_MM_TN * UPG_MM_TK);
-  m.tgmem(2, 4 * UPG_MM_TN * UPG_MM_TM);
-  m.dispatch(MTLSizeMake((w.rows + UPG_MM_TM - 1) / UPG_MM_TM, (n_tokens + UPG_MM_TN - 1) / UPG_MM_TN, 1),
-             UPG_MM_SG * UPG_SIMD_WIDTH);
-}
-
-void Device::get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) {
-  Impl& m = *impl_;
-  m.encoder("kernel_get_rows_" + dtype_suffix(w));
-  m.bind_matrix(w);
-  m.bind(1, ids);
-  m.bind(2, out);
-  m.bind_args(6, m.mat_args(w, n_tokens, 0));
-  m.dispatch(MTLSizeMake(n_tokens, 1, 1), UPG_REDUCE_THREADS);
-}
-
-void Device::rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) {
-  Impl& m = *impl_;
-  m.encoder("kernel_rms_norm");
-  m.bind(0, x);
-  m.bind(1, weight);
-  m.bind(2, out);
-  m.bind_args(3, UpgNormArgs{n, eps});
-  m.tgmem(0, 4 * UPG_REDUCE_THREADS / UPG_SIMD_WIDTH);
-  m.dispatch(MTLSizeMake(n_tokens, 1, 1), UPG_REDUCE_THREADS);
-}
-
-void Device::rope(Buf qkv, Buf factors, const UpgRopeArgs& args) {
-  Impl& m = *impl_;
-  m.encoder("kernel_rope");
-  m.bind(0, qkv);
-  m.bind(1, factors);
-  m.bind_args(2, args);
-  const int pairs = args.rot_dims / 2;
-  m.dispatch(MTLSizeMake((pairs + 31) / 32, args.n_heads, args.n_tokens), 32);
-}
-
-void Device::kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) {
-  Impl& m = *impl_;
-  m.encoder(f16 ? "kernel_kv_store_f16" : "kernel_kv_store_f32");
-  m.bind(0, qkv);
-  m.bind(1, k_cache);
-  m.bind(2, v_cache);
-  m.bind_args(3, args);
-  m.dispatch(MTLSizeMake((args.head_dim + 31) / 32, args.n_kv_heads, args.n_tokens), 32);
-}
-
-void Device::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, bool prefill,
-                       const UpgAttnArgs& args) {
-  if (args.head_dim % UPG_SIMD_WIDTH != 0 || args.head_dim > UPG_ATTN_MAX_HEAD_DIM)
-    throw std::runtime_error("metal: head_dim must be a multiple of 32, at most 256");
-  Impl& m = *impl_;
-  m.encoder(std::string("kernel_attn_") + (prefill ? "prefill_" : "decode_") + (f16 ? "f16" : "f32"));
-  m.bind(0, qkv);
-  m.bind(1, k_cache);
-  m.bind(2, v_cache);
-  m.bind(3, out);
-  m.bind_args(4, args);
-  m.tgmem(0, 4 * UPG_ATTN_SG * (args.head_dim + 2));
-  m.dispatch(MTLSizeMake(args.n_heads, prefill ? args.n_tokens : 1, 1), UPG_ATTN_SG * UPG_SIMD_WIDTH);
-}
-
-void Device::silu_mul(Buf gate_up, Buf out, int n_tokens, int n, int in_stride) {
-  Impl& m = *impl_;
-  m.encoder("kernel_silu_mul");
-  m.bind(0, gate_up);
-  m.bind(1, out);
-  m.bind_args(2, UpgEltArgs{n, n_tokens, in_stride});
-  m.dispatch(MTLSizeMake((int64_t(n) * n_tokens + 255) / 256, 1, 1), 256);
-}
-
-void Device::add(Buf x, Buf y, int n) {
-  Impl& m = *impl_;
-  m.encoder("kernel_add");
-  m.bind(0, x);
-  m.bind(1, y);
-  m.bind_args(2, UpgEltArgs{n, 1, 0});
-  m.dispatch(MTLSizeMake((n + 255) / 256, 1, 1), 256);
-}
-
-void Device::argmax(Buf x, int n, Buf out) {
-  Impl& m = *impl_;
-  m.encoder("kernel_argmax");
-  m.bind(0, x);
-  m.bind(1, out);
-  m.bind_args(2, UpgEltArgs{n, 1, 0});
-  m.tgmem(0, 4 * UPG_REDUCE_THREADS / UPG_SIMD_WIDTH);
-  m.tgmem(1, 4 * UPG_REDUCE_THREADS / UPG_SIMD_WIDTH);
-  m.dispatch(MTLSizeMake(1, 1, 1), UPG_REDUCE_THREADS);
+  id<MTLComputeCommandEncoder> enc = m.encoder(l.kernel);
+  for (const auto& [index, buf] : l.buffers) m.bind(index, buf);
+  [enc setBytes:l.args.data() length:l.args.size() atIndex:NSUInteger(l.args_index)];
+  for (size_t i = 0; i < l.tgmem.size(); ++i) [enc setThreadgroupMemoryLength:l.tgmem[i] atIndex:i];
+  [enc dispatchThreadgroups:MTLSizeMake(l.groups[0], l.groups[1], l.groups[2])
+      threadsPerThreadgroup:MTLSizeMake(l.threads, 1, 1)];
 }
 
 }  // namespace upg::metal

@@ -52,6 +52,7 @@ class UPGFile {
   const uint8_t* data(const TensorInfo& t) const { return map_.data() + data_offset_ + t.offset; }
   uint64_t file_size() const { return map_.size(); }
   uint64_t data_offset() const { return data_offset_; }
+  const uint8_t* data_section() const { return map_.data() + data_offset_; }
 
   // Checks every tensor's crc32; the error names the first tensor that fails.
   void verify() const;

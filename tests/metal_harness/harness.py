@@ -343,9 +343,9 @@ class Library:
 
         Args:
             name: the kernel function name.
-            buffers: buffer index -> a C-contiguous numpy array, a ctypes struct (a `constant`
-                argument) or None (a buffer the kernel must not touch). Every buffer the kernel
-                declares must be given.
+            buffers: buffer index -> a C-contiguous numpy array, a ctypes struct or byte array
+                (a `constant` argument) or None (a buffer the kernel must not touch). Every
+                buffer the kernel declares must be given.
             groups: threadgroups per grid, up to 3 numbers.
             threads: threads per threadgroup, up to 3 numbers.
             tgmem_bytes: sizes of threadgroup memory 0, 1, ... in bytes.
@@ -367,7 +367,7 @@ class Library:
                 if not b.flags.c_contiguous:
                     raise ValueError(f"{name}: buffer {i} is not C-contiguous")
                 ptrs[i] = b.ctypes.data
-            elif isinstance(b, ctypes.Structure):
+            elif isinstance(b, (ctypes.Structure, ctypes.Array)):
                 ptrs[i] = ctypes.addressof(b)
             elif b is not None:
                 raise ValueError(f"{name}: buffer {i} has unsupported type {type(b).__name__}")
