@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 
+#include "metal/session.h"
 #include "upg/bandwidth.h"
 #include "upg/format.h"
 #include "upg/model.h"
@@ -49,15 +50,19 @@ ModelConfig config_from_dict(const py::dict& d) {
 
 // One session is not safe to use from two threads at once; the lock makes that an orderly wait.
 struct PySession {
-  PySession(std::shared_ptr<Model> m, int n_ctx, const std::string& kv, int n_threads, int n_batch)
-      : model(m), session(m, n_ctx, kv_type(kv), n_threads, n_batch) {}
+  // On the CPU, or on gpu (a Metal device, or the tests' harness) when given.
+  PySession(std::shared_ptr<Model> m, int n_ctx, const std::string& kv, int n_threads, int n_batch,
+            std::shared_ptr<metal::Gpu> gpu)
+      : model(m),
+        session(gpu ? std::unique_ptr<SessionBase>(new metal::Session(m, gpu, n_ctx, kv_type(kv), n_batch))
+                    : std::unique_ptr<SessionBase>(new Session(m, n_ctx, kv_type(kv), n_threads, n_batch))) {}
   static KVType kv_type(const std::string& s) {
     if (s == "f16") return KVType::F16;
     if (s == "f32") return KVType::F32;
     throw std::invalid_argument("kv_type must be 'f16' or 'f32', got '" + s + "'");
   }
   std::shared_ptr<Model> model;
-  Session session;
+  std::unique_ptr<SessionBase> session;
   Rng rng{0};
   std::mutex mu;
 };
@@ -127,8 +132,10 @@ PYBIND11_MODULE(_core, m) {
           });
 
   py::class_<PySession>(m, "Session")
-      .def(py::init<std::shared_ptr<Model>, int, const std::string&, int, int>(), py::arg("model"), py::arg("n_ctx"),
-           py::arg("kv_type") = "f16", py::arg("n_threads") = 0, py::arg("n_batch") = 512)
+      .def(py::init<std::shared_ptr<Model>, int, const std::string&, int, int, std::shared_ptr<metal::Gpu>>(),
+           py::arg("model"), py::arg("n_ctx"), py::arg("kv_type") = "f16", py::arg("n_threads") = 0,
+           py::arg("n_batch") = 512, py::arg("gpu") = nullptr,
+           py::keep_alive<1, 7>())  // a Python MetalGpu must outlive its Python half's use here
       .def("eval", [](PySession& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, bool logits_all) {
              if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
              const int64_t n = tokens.shape(0);
@@ -139,28 +146,28 @@ PYBIND11_MODULE(_core, m) {
              {
                py::gil_scoped_release nogil;
                std::lock_guard<std::mutex> lock(s.mu);
-               s.session.eval(tp, n, logits_all, op);
+               s.session->eval(tp, n, logits_all, op);
              }
              return out;
            }, py::arg("tokens"), py::arg("logits_all") = false)
-      .def_property_readonly("n_past", [](PySession& s) { return s.session.n_past(); })
-      .def_property_readonly("n_ctx", [](PySession& s) { return s.session.n_ctx(); })
+      .def_property_readonly("n_past", [](PySession& s) { return s.session->n_past(); })
+      .def_property_readonly("n_ctx", [](PySession& s) { return s.session->n_ctx(); })
       .def("truncate", [](PySession& s, int64_t n) {
              std::lock_guard<std::mutex> lock(s.mu);
-             s.session.truncate(n);
+             s.session->truncate(n);
            }, py::arg("n"))
       .def("save_kv", [](PySession& s) {
              std::vector<uint8_t> kv;
              {
                py::gil_scoped_release nogil;
                std::lock_guard<std::mutex> lock(s.mu);
-               kv = s.session.save_kv();
+               kv = s.session->save_kv();
              }
              return py::array_t<uint8_t>(py::ssize_t(kv.size()), kv.data());
            }, "The KV cache of positions [0, n_past) as bytes.")
       .def("load_kv", [](PySession& s, int64_t n_past, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> kv) {
              std::lock_guard<std::mutex> lock(s.mu);
-             s.session.load_kv(n_past, kv.data(), size_t(kv.size()));
+             s.session->load_kv(n_past, kv.data(), size_t(kv.size()));
            }, py::arg("n_past"), py::arg("kv"))
       .def("set_seed", [](PySession& s, uint64_t seed) { s.rng = Rng(seed); }, py::arg("seed"))
       .def("sample", [](PySession& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,

@@ -1,6 +1,7 @@
-// _core.metal_plan: the launches of one Metal forward pass (cpp/metal/graph.h), recorded instead
-// of run, so that tests run them on the CPU harness and compare the logits with the CPU engine.
-#include <pybind11/numpy.h>
+// The Metal backend in Python: _core.MetalGpu is the GPU interface a Metal session runs on
+// (cpp/metal/session.h), subclassed in Python by the tests over the CPU harness;
+// _core.metal_device() is the real one, in builds for Apple only. _core.Session(..., gpu=...)
+// makes the session (bindings.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,57 +10,83 @@
 #include <string>
 #include <vector>
 
-#include "metal/graph.h"
+#include "metal/session.h"
 #include "upg/model.h"
+#ifdef UPG_METAL
+#include "metal/metal_backend.h"
+#endif
 
 namespace py = pybind11;
 
 namespace {
 
-struct Recorder : upg::metal::Encoder {
-  std::vector<upg::metal::Launch> launches;
-  void dispatch(const upg::metal::Launch& l) override { launches.push_back(l); }
-};
+using upg::metal::Buf;
+using upg::metal::Gpu;
+using upg::metal::Launch;
 
-py::dict metal_plan(const std::shared_ptr<upg::Model>& model, int n_ctx, int n_batch, const std::string& kv_type,
-                    int n, int n_past, bool all_logits) {
-  if (kv_type != "f16" && kv_type != "f32") throw py::value_error("kv_type must be 'f16' or 'f32'");
-  Recorder rec;
-  upg::metal::Ops ops(rec);
-  const upg::metal::Graph graph(*model, n_ctx, n_batch, kv_type == "f16");
-  try {
-    graph.forward(ops, n, n_past, all_logits);
-  } catch (const std::invalid_argument& e) {
-    throw py::value_error(e.what());
-  }
-  py::list launches;
-  for (const auto& l : rec.launches) {
-    py::list buffers;
-    for (const auto& [index, buf] : l.buffers) buffers.append(py::make_tuple(index, buf.id, buf.offset));
-    py::dict d;
-    d["kernel"] = l.kernel;
-    d["buffers"] = buffers;
-    d["args_index"] = l.args_index;
-    d["args"] = py::bytes(reinterpret_cast<const char*>(l.args.data()), l.args.size());
-    d["tgmem"] = l.tgmem;
-    d["groups"] = py::make_tuple(l.groups[0], l.groups[1], l.groups[2]);
-    d["threads"] = l.threads;
-    launches.append(d);
-  }
-  py::dict out;
-  out["buffer_sizes"] = graph.buffer_sizes();
-  out["rope_factors"] = graph.rope_factors();
-  out["launches"] = launches;
-  return out;
+py::dict launch_dict(const Launch& l) {
+  py::list buffers;
+  for (const auto& [index, buf] : l.buffers) buffers.append(py::make_tuple(index, buf.id, buf.offset));
+  py::dict d;
+  d["kernel"] = l.kernel;
+  d["buffers"] = buffers;
+  d["args_index"] = l.args_index;
+  d["args"] = py::bytes(reinterpret_cast<const char*>(l.args.data()), l.args.size());
+  d["tgmem"] = l.tgmem;
+  d["groups"] = py::make_tuple(l.groups[0], l.groups[1], l.groups[2]);
+  d["threads"] = l.threads;
+  return d;
 }
+
+// Gpu's methods implemented by a Python subclass (addresses as ints, launches as dicts).
+struct PyGpu : Gpu {
+  py::function method(const char* name) const {
+    py::function f = py::get_override(static_cast<const Gpu*>(this), name);
+    if (!f) throw std::runtime_error(std::string("MetalGpu subclass lacks ") + name);
+    return f;
+  }
+  Buf wrap(const void* data, size_t bytes) override {
+    py::gil_scoped_acquire gil;
+    return method("wrap")(reinterpret_cast<uintptr_t>(data), bytes).cast<Buf>();
+  }
+  Buf alloc(size_t bytes) override {
+    py::gil_scoped_acquire gil;
+    return method("alloc")(bytes).cast<Buf>();
+  }
+  void* contents(Buf b) override {
+    py::gil_scoped_acquire gil;
+    return reinterpret_cast<void*>(method("contents")(b).cast<uintptr_t>());
+  }
+  void begin() override {
+    py::gil_scoped_acquire gil;
+    method("begin")();
+  }
+  void end() override {
+    py::gil_scoped_acquire gil;
+    method("end")();
+  }
+  void dispatch(const Launch& l) override {
+    py::gil_scoped_acquire gil;
+    method("dispatch")(launch_dict(l));
+  }
+};
 
 }  // namespace
 
 void bind_metal(py::module_& m) {
   using namespace pybind11::literals;
-  m.def("metal_plan", &metal_plan, "model"_a, "n_ctx"_a, "n_batch"_a, "kv_type"_a, "n"_a, "n_past"_a,
-        "all_logits"_a,
-        "The Metal backend's launches for one forward pass of n tokens at n_past (graph.h), as dicts: "
-        "kernel, buffers [(index, buffer id, offset)], args (bytes) at args_index, tgmem, groups, "
-        "threads; with buffer_sizes by id (Graph::BufferId order) and rope_factors.");
+  py::class_<Buf>(m, "MetalBuf", "A range of one GPU buffer: its id and a byte offset.")
+      .def(py::init<int, uint64_t>(), "id"_a, "offset"_a = 0)
+      .def_readonly("id", &Buf::id)
+      .def_readonly("offset", &Buf::offset);
+  py::class_<Gpu, PyGpu, std::shared_ptr<Gpu>>(m, "MetalGpu",
+      "What a Metal session runs on. Subclasses implement wrap(address, nbytes) and alloc(nbytes) -> "
+      "MetalBuf, contents(buf) -> address, begin(), end() and dispatch(launch: dict of kernel, buffers "
+      "[(index, buffer id, offset)], args_index, args (bytes), tgmem, groups, threads).")
+      .def(py::init<>());
+#ifdef UPG_METAL
+  m.def("metal_device", [](const std::string& metallib, const std::string& source_dir) {
+        return std::shared_ptr<Gpu>(upg::metal::Device::open(metallib, source_dir));
+      }, "metallib"_a, "source_dir"_a, "The system's Metal GPU with the kernels loaded (Apple builds only).");
+#endif
 }

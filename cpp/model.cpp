@@ -73,12 +73,15 @@ Model::Model(const std::string& path, const ModelConfig& config) : file_(path), 
   }
 }
 
-Session::Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_threads, int n_batch)
-    : model_(std::move(model)), k_(kernels()), n_ctx_(n_ctx), n_batch_(n_batch), kv_type_(kv_type),
-      pool_(n_threads) {
+SessionBase::SessionBase(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_batch)
+    : model_(std::move(model)), n_ctx_(n_ctx), n_batch_(n_batch), kv_type_(kv_type) {
   if (n_ctx < 1) throw std::invalid_argument("n_ctx must be at least 1");
   if (n_batch < 1) throw std::invalid_argument("n_batch must be at least 1");
   n_batch_ = std::min(n_batch_, n_ctx_);
+}
+
+Session::Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_threads, int n_batch)
+    : SessionBase(std::move(model), n_ctx, kv_type, n_batch), k_(kernels()), pool_(n_threads) {
   const ModelConfig& c = model_->config();
   const size_t kv = size_t(c.num_hidden_layers) * c.num_key_value_heads * size_t(n_ctx) * c.head_dim;
   if (kv_type == KVType::F32) {
@@ -104,41 +107,39 @@ Session::Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, 
   pos_.resize(nb);
 }
 
-void Session::truncate(int64_t n) {
+void SessionBase::truncate(int64_t n) {
   if (n < 0 || n > n_past_) throw std::invalid_argument("truncate: position out of range");
   n_past_ = n;
 }
 
+// The cache's [layer][kv_head] runs of n positions: (first element, element count) each.
+namespace {
 template <typename Fn>
-void Session::for_each_kv_head(int64_t n, Fn fn) const {
-  const ModelConfig& c = model_->config();
+void for_each_kv_head(const ModelConfig& c, int n_ctx, int64_t n, Fn fn) {
   for (size_t head = 0; head < size_t(c.num_hidden_layers) * c.num_key_value_heads; ++head)
-    fn(head * n_ctx_ * c.head_dim, size_t(n) * c.head_dim);
+    fn(head * n_ctx * c.head_dim, size_t(n) * c.head_dim);
 }
+}  // namespace
 
-std::vector<uint8_t> Session::save_kv() const {
-  const bool f16 = kv_type_ == KVType::F16;
-  const size_t elem = f16 ? 2 : 4;
-  const auto* k = f16 ? reinterpret_cast<const uint8_t*>(k_f16_.data()) : reinterpret_cast<const uint8_t*>(k_f32_.data());
-  const auto* v = f16 ? reinterpret_cast<const uint8_t*>(v_f16_.data()) : reinterpret_cast<const uint8_t*>(v_f32_.data());
+std::vector<uint8_t> SessionBase::save_kv() const {
+  const size_t elem = kv_type_ == KVType::F16 ? 2 : 4;
+  const uint8_t *k = kv_cache(false), *v = kv_cache(true);
   std::vector<uint8_t> out;
-  for_each_kv_head(n_past_, [&](size_t at, size_t count) {
+  for_each_kv_head(model_->config(), n_ctx_, n_past_, [&](size_t at, size_t count) {
     out.insert(out.end(), k + at * elem, k + (at + count) * elem);
     out.insert(out.end(), v + at * elem, v + (at + count) * elem);
   });
   return out;
 }
 
-void Session::load_kv(int64_t n_past, const uint8_t* data, size_t size) {
+void SessionBase::load_kv(int64_t n_past, const uint8_t* data, size_t size) {
   if (n_past < 0 || n_past > n_ctx_) throw std::invalid_argument("load_kv: n_past out of range for this context");
   const ModelConfig& c = model_->config();
-  const bool f16 = kv_type_ == KVType::F16;
-  const size_t elem = f16 ? 2 : 4;
+  const size_t elem = kv_type_ == KVType::F16 ? 2 : 4;
   if (size != 2 * size_t(c.num_hidden_layers) * c.num_key_value_heads * size_t(n_past) * c.head_dim * elem)
     throw std::invalid_argument("load_kv: state size does not match this model, kv_type and n_past");
-  auto* k = f16 ? reinterpret_cast<uint8_t*>(k_f16_.data()) : reinterpret_cast<uint8_t*>(k_f32_.data());
-  auto* v = f16 ? reinterpret_cast<uint8_t*>(v_f16_.data()) : reinterpret_cast<uint8_t*>(v_f32_.data());
-  for_each_kv_head(n_past, [&](size_t at, size_t count) {
+  uint8_t *k = kv_cache(false), *v = kv_cache(true);
+  for_each_kv_head(c, n_ctx_, n_past, [&](size_t at, size_t count) {
     const size_t bytes = count * elem;
     std::copy(data, data + bytes, k + at * elem);
     std::copy(data + bytes, data + 2 * bytes, v + at * elem);
@@ -147,7 +148,7 @@ void Session::load_kv(int64_t n_past, const uint8_t* data, size_t size) {
   n_past_ = n_past;
 }
 
-void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+void SessionBase::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
   const int32_t vocab = model_->config().vocab_size;
   if (n < 1) throw std::invalid_argument("eval needs at least one token");
   if (n > n_ctx_ - n_past_)
@@ -161,8 +162,14 @@ void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out
     const bool last = done + m == n;
     // Rows of this batch go to their place in out; only the final row is kept otherwise.
     forward(tokens + done, m, all_logits, all_logits ? out + done * vocab : (last ? out : nullptr));
+    n_past_ += m;
     done += m;
   }
+}
+
+uint8_t* Session::kv_cache(bool v) {
+  if (kv_type_ == KVType::F16) return reinterpret_cast<uint8_t*>(v ? v_f16_.data() : k_f16_.data());
+  return reinterpret_cast<uint8_t*>(v ? v_f32_.data() : k_f32_.data());
 }
 
 // Quantized once per matmul, before the threads split the rows (each reads every token's row).
@@ -235,7 +242,6 @@ void Session::forward(const int32_t* tokens, int64_t n, bool all_logits, float* 
     matmul(L.down, act_.data(), n, proj_.data());
     for (int64_t i = 0; i < n * hidden; ++i) x_[i] += proj_[i];
   }
-  n_past_ += n;
   if (!out) return;
 
   // Final norm and the vocabulary projection: every row, or only the last.

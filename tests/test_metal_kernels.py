@@ -7,6 +7,7 @@ from the independent numpy decoder in tests/reference/quant.py.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import subprocess
 from pathlib import Path
@@ -445,41 +446,40 @@ def aligned_zeros(nbytes: int) -> np.ndarray:
     return raw[start:start + nbytes]
 
 
-class HarnessGraph:
-    """Runs the Metal graph's recorded launches (`_core.metal_plan`) on the CPU harness, over numpy
-    buffers laid out as the Apple host lays out its MTLBuffers: the weights are the file's data
-    section, mapped; the KV cache persists from one pass to the next."""
+class HarnessGpu(_core.MetalGpu):
+    """The GPU a Metal session runs on (cpp/metal/session.h), made of the CPU harness: buffers are
+    numpy arrays (the weights: the mapped file itself), launches run on the fiber executor."""
 
-    TOKEN_IDS, LOGITS, ROPE_FACTORS = 1, 11, 12  # Graph::BufferId
+    def __init__(self, lib):
+        super().__init__()
+        self.lib, self.buffers, self.launches = lib, [], 0
 
-    def __init__(self, lib, path: Path, n_ctx: int, n_batch: int, kv_type: str):
-        import ctypes
+    def _add(self, array: np.ndarray):
+        self.buffers.append(array)
+        return _core.MetalBuf(len(self.buffers) - 1)
 
-        from upg_backend.format import UPGFile
+    def wrap(self, address: int, nbytes: int):
+        assert address % 16384 == 0 and nbytes % 16384 == 0  # what newBufferWithBytesNoCopy needs
+        return self._add(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)))
 
-        self.ctypes, self.lib, self.n_ctx, self.n_batch, self.kv_type = ctypes, lib, n_ctx, n_batch, kv_type
-        upg = UPGFile(path)
-        self.model = _core.Model(str(path), upg.config.engine_dict())
-        self.vocab = upg.config.vocab_size
-        plan = _core.metal_plan(self.model, n_ctx, n_batch, kv_type, 1, 0, False)
-        self.buffers = [np.memmap(path, np.uint8, "r", offset=_core.File(str(path)).data_offset)]
-        self.buffers += [aligned_zeros(n) for n in plan["buffer_sizes"][1:]]
-        factors = np.asarray(plan["rope_factors"], np.float32)
-        self.buffers[self.ROPE_FACTORS][:factors.nbytes] = factors.view(np.uint8)
-        self.n_past = 0
+    def alloc(self, nbytes: int):
+        return self._add(aligned_zeros(nbytes))
 
-    def eval(self, tokens: list[int], all_logits: bool) -> np.ndarray:
-        n = len(tokens)
-        plan = _core.metal_plan(self.model, self.n_ctx, self.n_batch, self.kv_type, n, self.n_past, all_logits)
-        self.buffers[self.TOKEN_IDS][:4 * n] = np.asarray(tokens, np.int32).view(np.uint8)
-        for launch in plan["launches"]:
-            bound = {i: None if buf < 0 else self.buffers[buf][off:] for i, buf, off in launch["buffers"]}
-            args = launch["args"]
-            bound[launch["args_index"]] = (self.ctypes.c_ubyte * len(args)).from_buffer_copy(args)
-            self.lib.launch(launch["kernel"], bound, launch["groups"], (launch["threads"],), launch["tgmem"])
-        self.n_past += n
-        rows = n if all_logits else 1
-        return self.buffers[self.LOGITS][:4 * rows * self.vocab].view(np.float32).reshape(rows, self.vocab).copy()
+    def contents(self, buf) -> int:
+        return self.buffers[buf.id].ctypes.data + buf.offset
+
+    def begin(self):
+        pass
+
+    def end(self):
+        pass
+
+    def dispatch(self, launch: dict):
+        bound = {i: None if buf < 0 else self.buffers[buf][off:] for i, buf, off in launch["buffers"]}
+        args = launch["args"]
+        bound[launch["args_index"]] = (ctypes.c_ubyte * len(args)).from_buffer_copy(args)
+        self.lib.launch(launch["kernel"], bound, launch["groups"], (launch["threads"],), launch["tgmem"])
+        self.launches += 1
 
 
 @pytest.fixture(scope="module")
@@ -506,30 +506,56 @@ def graph_models(tmp_path_factory):
 
 @pytest.mark.parametrize("model,kv_type", [("f32", "f32"), ("q3", "f16"), ("longrope", "f32")])
 def test_forward_pass_matches_cpu_engine(lib, graph_models, model, kv_type):
-    """The Metal graph end to end, without a Mac: prefill (mat-mat kernels) of 9 tokens, then 3
-    decode steps (mat-vec kernels), against the CPU engine on the same file. LongRoPE switches to
-    its long factors past 8 positions, within the prefill."""
+    """The Metal backend end to end without a Mac: Llama(backend=...) runs cpp/metal/session.cpp and
+    graph.cpp, whose launches execute on the harness. A 9-token prefill in batches of 4 (mat-mat
+    kernels, and one single-token batch) and 3 decode steps (mat-vec kernels) against the CPU engine
+    on the same file; LongRoPE switches to its long factors past 8 positions."""
     from upg_backend.llama import Llama
 
     tokens = np.random.default_rng(7).integers(0, 300, 12).tolist()
-    cpu = Llama(str(graph_models[model]), n_ctx=32, logits_all=True, kv_type=kv_type, n_threads=1)
-    cpu.eval(tokens[:9])
-    for t in tokens[9:]:
-        cpu.eval([t])
-    want = np.asarray(cpu.scores[:12], np.float64)
-    gpu = HarnessGraph(lib, graph_models[model], n_ctx=32, n_batch=16, kv_type=kv_type)
-    got = [gpu.eval(tokens[:9], all_logits=True)] + [gpu.eval([t], all_logits=False) for t in tokens[9:]]
-    got = np.concatenate(got)
+    gpu = HarnessGpu(lib)
+    engines = [Llama(str(graph_models[model]), n_ctx=32, logits_all=True, kv_type=kv_type, n_batch=4, backend=b)
+               for b in ("cpu", gpu)]
+    for llm in engines:
+        llm.eval(tokens[:9])
+        for t in tokens[9:]:
+            llm.eval([t])
+    want, got = (np.asarray(llm.scores[:12], np.float64) for llm in engines)
+    assert engines[1].backend == "metal" and gpu.launches == 6 * (3 + 12 * 2)  # 6 passes, 2 layers
     rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-    assert rel.max() <= 1e-5, rel  # both engines keep the same f16 or f32 cache
+    assert rel.max() <= 1e-5, rel  # both keep the same f16 or f32 cache
 
 
-def test_metal_plan_rejects_what_does_not_fit(graph_models):
-    from upg_backend.format import UPGFile
+def test_generation_and_state_on_metal_graph(lib, graph_models):
+    """The Llama API over the Metal session: greedy text as on the CPU, and a saved state (the KV
+    cache read back from GPU buffers) that restores the same continuation."""
+    from upg_backend.llama import Llama
 
-    model = _core.Model(str(graph_models["f32"]), UPGFile(graph_models["f32"]).config.engine_dict())
-    for n, n_past in [(0, 0), (17, 0), (4, 30)]:
-        with pytest.raises(ValueError, match="fit"):
-            _core.metal_plan(model, 32, 16, "f32", n, n_past, False)
-    with pytest.raises(ValueError, match="kv_type"):
-        _core.metal_plan(model, 32, 16, "f8", 1, 0, False)
+    path = str(graph_models["f32"])
+    cpu = Llama(path, n_ctx=64, backend="cpu")
+    gpu = Llama(path, n_ctx=64, backend=HarnessGpu(lib))
+    prompt = [12, 250, 7, 99]  # ids: the tiny model's vocabulary is 320 tokens of the Phi-4 tokenizer
+    want = cpu.create_completion(prompt, max_tokens=6, temperature=0)["choices"][0]["text"]
+    assert gpu.create_completion(prompt, max_tokens=6, temperature=0)["choices"][0]["text"] == want
+    gpu.reset()
+    gpu.eval([3, 14, 15])
+    state = gpu.save_state()
+    gpu.eval([92])
+    first = gpu.scores[-1].copy()
+    gpu.load_state(state)
+    gpu.eval([92])
+    np.testing.assert_array_equal(gpu.scores[-1], first)
+    cpu.reset()
+    cpu.eval([3, 14, 15, 92])
+    np.testing.assert_allclose(first, cpu.scores[-1], rtol=0, atol=1e-5 * np.abs(cpu.scores[-1]).max())
+
+
+def test_metal_backend_choice():
+    from upg_backend.llama import Llama
+
+    assert Llama(backend="auto").backend == ("metal" if hasattr(_core, "metal_device") else "cpu")
+    if not hasattr(_core, "metal_device"):
+        with pytest.raises(ValueError, match="macOS"):
+            Llama(backend="metal")
+    with pytest.raises(ValueError, match="backend"):
+        Llama(backend="cuda")

@@ -81,6 +81,29 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return (x - np.log(np.exp(x).sum())).astype(np.float32)
 
 
+def _open_backend(backend: Any) -> tuple[str, Any]:
+    """("cpu" or "metal", the GPU object or None) for Llama's `backend` argument."""
+    if isinstance(backend, _core.MetalGpu):
+        return "metal", backend
+    if backend not in ("auto", "cpu", "metal"):
+        raise ValueError(f"backend must be 'auto', 'cpu' or 'metal', got {backend!r}")
+    if backend == "cpu":
+        return "cpu", None
+    if not hasattr(_core, "metal_device"):
+        if backend == "metal":
+            raise ValueError("backend='metal' needs a build for macOS with the Metal backend; this one has "
+                             "only the CPU (use backend='cpu' or 'auto')")
+        return "cpu", None
+    here = Path(__file__).resolve().parent
+    try:
+        return "metal", _core.metal_device(str(here / "upg.metallib"), str(here / "metal"))
+    except RuntimeError as e:
+        if backend == "metal":
+            raise
+        print(f"upg_backend: Metal unavailable ({e}); running on the CPU", file=sys.stderr)
+        return "cpu", None
+
+
 class Llama:
     """A model loaded from a .upg file with one inference context.
 
@@ -95,6 +118,9 @@ class Llama:
         chat_format: which of the file's chat templates to use (None: "default").
         chat_template: a Jinja2 chat template that replaces the file's.
         verbose: print load information to stderr.
+        backend: "cpu", "metal" (Apple GPUs; builds for macOS only) or "auto": Metal where the build
+            has it and a GPU opens, else the CPU. A `_core.MetalGpu` object runs the Metal graph on it
+            (the tests pass the CPU harness this way). docs/METAL.md says what has run where.
 
     Raises:
         FileNotFoundError: the file (or, with no path, the built-in model) does not exist.
@@ -105,7 +131,7 @@ class Llama:
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 4096,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
                  logits_all: bool = False, kv_type: str = "f16", chat_format: str | None = None,
-                 chat_template: str | None = None, verbose: bool = False):
+                 chat_template: str | None = None, verbose: bool = False, backend: Any = "auto"):
         if not isinstance(n_ctx, int) or n_ctx < 0:
             raise ValueError(f"n_ctx must be a non-negative integer, got {n_ctx!r}")
         if not isinstance(n_batch, int) or n_batch <= 0:
@@ -124,7 +150,8 @@ class Llama:
         config = upg.config
         self._n_ctx = n_ctx or config.max_position_embeddings
         self._model = _core.Model(self.model_path, config.engine_dict())
-        self._session = _core.Session(self._model, self._n_ctx, kv_type, n_threads or 0, n_batch)
+        self.backend, gpu = _open_backend(backend)
+        self._session = _core.Session(self._model, self._n_ctx, kv_type, n_threads or 0, n_batch, gpu)
         self.tokenizer = Tokenizer(header.get("tokenizer"), header.get("tokenizer_config"))
         self._n_vocab = int(self._model.n_vocab)
         self.metadata: dict[str, Any] = {k: v for k, v in header.items() if k != "tokenizer"}

@@ -36,40 +36,42 @@ std::vector<float> Graph::rope_factors() const {
   return f;
 }
 
-Buf Graph::weight(const void* p) const {
-  return Buf{kWeights, uint64_t(static_cast<const uint8_t*>(p) - data_)};
+Buf Graph::weight(const void* p, Buf weights) const {
+  return weights.at(uint64_t(static_cast<const uint8_t*>(p) - data_));
 }
 
-Matrix Graph::matrix(const WeightView& w) const {
+Matrix Graph::matrix(const WeightView& w, Buf weights) const {
   Matrix m;
   m.type = w.type;
   m.block = w.block;
   m.rows = w.rows;
   m.cols = w.cols;
-  m.data = weight(w.codes);
+  m.data = weight(w.codes, weights);
   if (w.o_rowptr) {
-    m.rowptr = weight(w.o_rowptr);
-    m.col = weight(w.o_col);
-    m.val = weight(w.o_val);
+    m.rowptr = weight(w.o_rowptr, weights);
+    m.col = weight(w.o_col, weights);
+    m.val = weight(w.o_val, weights);
   }
   return m;
 }
 
-void Graph::forward(Ops& ops, int n, int n_past, bool all_logits) const {
+void Graph::forward(Ops& ops, const std::vector<Buf>& buffers, int n, int n_past, bool all_logits) const {
   const ModelConfig& c = model_.config();
   if (n < 1 || n > n_batch_ || n_past + n > n_ctx_) throw std::invalid_argument("metal: the tokens do not fit");
   const int hidden = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
   const int inter = c.intermediate_size, qkv_rows = (nh + 2 * nkv) * hd;
-  const Buf x{kX}, xn{kXn}, qkv{kQkv}, attn{kAttn}, gu{kGateUp}, act{kAct}, proj{kProj};
+  if (buffers.size() != kBufferCount) throw std::invalid_argument("metal: one buffer per Graph::BufferId");
+  const Buf x = buffers[kX], xn = buffers[kXn], qkv = buffers[kQkv], attn = buffers[kAttn], gu = buffers[kGateUp],
+            act = buffers[kAct], proj = buffers[kProj], wts = buffers[kWeights];
   // Decode multiplies with mat-vec kernels, prefill with mat-mat ones (y rows of ldy = rows).
   auto linear = [&](const WeightView& w, Buf in, int tokens, Buf out) {
-    if (tokens == 1) ops.matvec(matrix(w), in, out);
-    else ops.matmul(matrix(w), in, tokens, out, int(w.rows));
+    if (tokens == 1) ops.matvec(matrix(w, wts), in, out);
+    else ops.matmul(matrix(w, wts), in, tokens, out, int(w.rows));
   };
 
-  ops.get_rows(matrix(model_.embed()), Buf{kTokenIds}, n, x);
+  ops.get_rows(matrix(model_.embed(), wts), buffers[kTokenIds], n, x);
   const bool long_factors = c.longrope && n_past + n > c.original_max_position_embeddings;
-  const Buf factors = c.longrope ? Buf{kRopeFactors}.at(long_factors ? 4 * c.short_factor.size() : 0) : Buf{};
+  const Buf factors = c.longrope ? buffers[kRopeFactors].at(long_factors ? 4 * c.short_factor.size() : 0) : Buf{};
   const UpgRopeArgs rope{n, nh + nkv, hd, c.rotary_dim, qkv_rows, n_past, c.rope_theta, c.attention_factor,
                          int32_t(c.longrope)};
   // kv_store appends at n_past; decode attends n_past + 1 positions, prefill token t n_past + t + 1.
@@ -80,23 +82,24 @@ void Graph::forward(Ops& ops, int n, int n_past, bool all_logits) const {
 
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& L = model_.layers()[size_t(l)];
-    const Buf kc = Buf{kKCache}.at(l * layer_kv), vc = Buf{kVCache}.at(l * layer_kv);
-    ops.rms_norm(x, weight(L.attn_norm), xn, n, hidden, c.rms_norm_eps);
+    const Buf kc = buffers[kKCache].at(l * layer_kv), vc = buffers[kVCache].at(l * layer_kv);
+    ops.rms_norm(x, weight(L.attn_norm, wts), xn, n, hidden, c.rms_norm_eps);
     linear(L.qkv, xn, n, qkv);
     ops.rope(qkv, factors, rope);
     ops.kv_store(qkv, kc, vc, kv_f16_, store);
     ops.attention(qkv, kc, vc, attn, kv_f16_, n > 1, attend);
     linear(L.o, attn, n, proj);
     ops.add(x, proj, n * hidden);
-    ops.rms_norm(x, weight(L.mlp_norm), xn, n, hidden, c.rms_norm_eps);
+    ops.rms_norm(x, weight(L.mlp_norm, wts), xn, n, hidden, c.rms_norm_eps);
     linear(L.gate_up, xn, n, gu);
     ops.silu_mul(gu, act, n, inter, 2 * inter);
     linear(L.down, act, n, proj);
     ops.add(x, proj, n * hidden);
   }
   const int first = all_logits ? 0 : n - 1;
-  ops.rms_norm(x.at(uint64_t(4) * first * hidden), weight(model_.final_norm()), xn, n - first, hidden, c.rms_norm_eps);
-  linear(model_.lm_head(), xn, n - first, Buf{kLogits});
+  ops.rms_norm(x.at(uint64_t(4) * first * hidden), weight(model_.final_norm(), wts), xn, n - first, hidden,
+               c.rms_norm_eps);
+  linear(model_.lm_head(), xn, n - first, buffers[kLogits]);
 }
 
 }  // namespace upg::metal

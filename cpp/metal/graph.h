@@ -25,11 +25,12 @@ class Graph {
 
   // Records one pass over n tokens (their ids in kTokenIds) at positions n_past..: logits of every
   // token into kLogits [n][vocab] when all_logits, else of the last token into kLogits [vocab].
-  void forward(Ops& ops, int n, int n_past, bool all_logits) const;
+  // buffers: the caller's buffers by BufferId.
+  void forward(Ops& ops, const std::vector<Buf>& buffers, int n, int n_past, bool all_logits) const;
 
  private:
-  Matrix matrix(const WeightView& w) const;
-  Buf weight(const void* p) const;  // a pointer into the mapped data section
+  Matrix matrix(const WeightView& w, Buf weights) const;
+  Buf weight(const void* p, Buf weights) const;  // a pointer into the mapped data section
 
   const Model& model_;
   const uint8_t* data_;  // first byte of the data section

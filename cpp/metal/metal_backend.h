@@ -12,11 +12,11 @@
 #include <memory>
 #include <string>
 
-#include "ops.h"
+#include "session.h"
 
 namespace upg::metal {
 
-class Device : public Encoder {
+class Device : public Gpu {
  public:
   // Opens the system default GPU and loads the kernels from `metallib` (built with the package);
   // when that file is missing, compiles the sources in `source_dir` (metal/*.metal) instead.
@@ -26,16 +26,16 @@ class Device : public Encoder {
 
   // A buffer over [data, data + bytes) without copying. data must be 16 KiB aligned and bytes a
   // multiple of 16 KiB (the UPG data section is both); the memory must outlive the Device.
-  Buf wrap(const void* data, size_t bytes);
+  Buf wrap(const void* data, size_t bytes) override;
   // A new zero-filled shared buffer (KV cache, activations).
-  Buf alloc(size_t bytes);
+  Buf alloc(size_t bytes) override;
   // CPU address of a shared buffer range (read logits, write token ids).
-  void* contents(Buf b);
+  void* contents(Buf b) override;
 
   // Records every following launch into one command buffer; end() commits it and waits, throwing
   // std::runtime_error when the GPU reports an error.
-  void begin();
-  void end();
+  void begin() override;
+  void end() override;
 
   // One launch (ops.h): pipeline, buffers (a dummy where id is -1), argument bytes, threadgroup
   // memory, dispatchThreadgroups.

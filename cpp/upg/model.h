@@ -65,10 +65,12 @@ class Model {
 
 enum class KVType { F32, F16 };
 
-class Session {
+// What every backend's session does: a KV cache of n_ctx positions and the current position over
+// a shared read-only Model. The CPU Session below and the Metal one (cpp/metal/session.h) supply
+// the forward pass of one batch and their cache's bytes.
+class SessionBase {
  public:
-  // n_batch: the most tokens one forward pass takes (longer evals are cut into such batches).
-  Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_threads, int n_batch = 512);
+  virtual ~SessionBase() = default;
 
   // Appends n tokens at positions n_past.. and writes logits: all n rows into out[n][vocab] when
   // all_logits, else only the last token's row into out[vocab]. Throws std::invalid_argument when
@@ -85,23 +87,38 @@ class Session {
   void load_kv(int64_t n_past, const uint8_t* data, size_t size);
   const Model& model() const { return *model_; }
 
+ protected:
+  // n_batch: the most tokens one forward pass takes (longer evals are cut into such batches).
+  SessionBase(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_batch);
+  // One batch of n <= n_batch tokens at positions n_past..; out as eval's (null: no logits). The
+  // caller advances n_past.
+  virtual void forward(const int32_t* tokens, int64_t n, bool all_logits, float* out) = 0;
+  // The K (v false) or V cache: [layer][kv_head][n_ctx][head_dim] elements of kv_type.
+  virtual uint8_t* kv_cache(bool v) = 0;
+  const uint8_t* kv_cache(bool v) const { return const_cast<SessionBase*>(this)->kv_cache(v); }
+
+  std::shared_ptr<const Model> model_;
+  int n_ctx_, n_batch_;
+  KVType kv_type_;
+  int64_t n_past_ = 0;
+};
+
+class Session : public SessionBase {
+ public:
+  Session(std::shared_ptr<const Model> model, int n_ctx, KVType kv_type, int n_threads, int n_batch = 512);
+
  private:
-  void forward(const int32_t* tokens, int64_t n, bool all_logits, float* out);
+  void forward(const int32_t* tokens, int64_t n, bool all_logits, float* out) override;
+  uint8_t* kv_cache(bool v) override;
   void matmul(const WeightView& w, const float* x, int64_t n, float* y);
   ActQ8 quantize_act(const float* x, int64_t n, int64_t cols, int block);
   void attention(int layer, int64_t n);
   void attention_blocked(int layer, int64_t n);
   // Passes of at least this many tokens run attention as matrix products.
   static constexpr int64_t kBlockedAttentionMin = 16;
-  // Calls fn(first element, element count) of the first n positions of every layer and kv head.
-  template <typename Fn> void for_each_kv_head(int64_t n, Fn fn) const;
 
-  std::shared_ptr<const Model> model_;
   const Kernels& k_;
-  int n_ctx_, n_batch_;
-  KVType kv_type_;
   ThreadPool pool_;
-  int64_t n_past_ = 0;
 
   // KV cache [layer][kv_head][n_ctx][head_dim], f32 or f16 (raw bits).
   std::vector<float> k_f32_, v_f32_;
