@@ -26,12 +26,15 @@ double measure_read_bandwidth(uint64_t bytes, int n_threads, int reps) {
     pool.run([&](int t, int nt) {
       int64_t b, e;
       split_range(int64_t(n), t, nt, 512, b, e);
-      uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;  // independent sums keep several loads in flight
-      for (int64_t i = b; i + 4 <= e; i += 4) {
-        a0 += buf[i];
-        a1 += buf[i + 1];
-        a2 += buf[i + 2];
-        a3 += buf[i + 3];
+      // Independent sums keep several loads in flight, and a prefetch 8 KiB ahead per cache line
+      // streams as the decode kernels do (without it this read 10-30% slower than they do).
+      uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (int64_t i = b; i + 8 <= e; i += 8) {
+        __builtin_prefetch(&buf[std::min<int64_t>(i + 1024, e - 1)]);
+        a0 += buf[i] + buf[i + 4];
+        a1 += buf[i + 1] + buf[i + 5];
+        a2 += buf[i + 2] + buf[i + 6];
+        a3 += buf[i + 3] + buf[i + 7];
       }
       sink[t * 8] = a0 + a1 + a2 + a3;
     });
