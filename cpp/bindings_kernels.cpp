@@ -248,7 +248,7 @@ void bind_kernels(py::module_& m) {
         "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(),
         "y[t] = W x[t] for every row t of x: float32[n, rows] (rows [r0, r1) only, as matvec).");
   m.def("quantize_act", &quantize_act, "x"_a, "block"_a, "path"_a = py::none(),
-        "The 8-bit activations that q8_0 and q4 weights multiply (kernels.h): (codes, scales).");
+        "The 8-bit activations that quantized weights multiply (kernels.h): (codes, scales).");
   m.def("exp_shift_sum", &exp_shift_sum, "x"_a, "shift"_a, "path"_a = py::none(),
         "(e^(x - shift), its sum): the softmax step of attention.");
   m.def("silu_mul", &silu_mul, "g"_a, "u"_a, "path"_a = py::none(), "silu(g) * u: the MLP activation.");

@@ -216,11 +216,14 @@ def test_matvec(lib, type_, block, outliers):
 
 
 def test_matvec_matches_cpu_backend(lib):
-    """The same bytes through the C++ CPU backend give the same y."""
+    """The same bytes through the C++ CPU backend give the same y. The CPU backend rounds the
+    activations of quantized weights to 8 bits (Metal keeps f32), so x is taken on that grid
+    already, where the rounding changes nothing."""
     rng = np.random.default_rng(2)
     rows, cols = 29, 192
     bufs, _, _ = make_matrix(rng, "q3", 64, rows, cols, True)
-    x = rng.standard_normal(cols).astype(np.float32)
+    x = ref.activations_as_used("q3", 64, rng.standard_normal(cols).astype(np.float32)).astype(np.float32)
+    np.testing.assert_array_equal(ref.activations_as_used("q3", 64, x), x)
     y = guarded(rows)
     lib.launch("kernel_matvec_q3_b64", {**bufs, 1: x, 2: y}, (-(-rows // 8),), (64,))
     want = _core.matvec("q3", 64, bufs[0], rows, cols, x, outliers=(bufs[3], bufs[4], bufs[5]))
@@ -484,7 +487,7 @@ class HarnessGpu(_core.MetalGpu):
 
 @pytest.fixture(scope="module")
 def graph_models(tmp_path_factory):
-    """A small Phi3 (GQA 2:1, partial rotary) as f32 and as q3 with outliers, and a LongRoPE one."""
+    """A small Phi3 (GQA 2:1, partial rotary) as f32, f16 and q3 with outliers, and a LongRoPE one."""
     from conftest import make_hf_checkpoint
     from upg_backend.convert import convert_hf
 
@@ -497,33 +500,49 @@ def graph_models(tmp_path_factory):
     src_long = make_hf_checkpoint(root / "hf-long", "Phi3ForCausalLM", seed=6, rope_scaling=rope,
                                   original_max_position_embeddings=8, **small)
     out = {}
-    for name, source, kw in [("f32", src, dict(type="f32")), ("q3", src, dict(type="q3", block=32, outliers=0.02)),
+    for name, source, kw in [("f32", src, dict(type="f32")), ("f16", src, dict(type="f16")),
+                             ("q3", src, dict(type="q3", block=32, outliers=0.02)),
                              ("longrope", src_long, dict(type="f32"))]:
         out[name] = root / f"{name}.upg"
         convert_hf(source, out[name], progress=False, **kw)
     return out
 
 
-@pytest.mark.parametrize("model,kv_type", [("f32", "f32"), ("q3", "f16"), ("longrope", "f32")])
+@pytest.mark.parametrize("model,kv_type", [("f32", "f32"), ("f16", "f16"), ("longrope", "f32"), ("q3", "f32")])
 def test_forward_pass_matches_cpu_engine(lib, graph_models, model, kv_type):
     """The Metal backend end to end without a Mac: Llama(backend=...) runs cpp/metal/session.cpp and
     graph.cpp, whose launches execute on the harness. A 9-token prefill in batches of 4 (mat-mat
     kernels, and one single-token batch) and 3 decode steps (mat-vec kernels) against the CPU engine
-    on the same file; LongRoPE switches to its long factors past 8 positions."""
+    on the same file; LongRoPE switches to its long factors past 8 positions. q3 (with outliers) is
+    compared with the float64 numpy forward pass instead, with f32 activations as the Metal kernels
+    use them (the CPU engine rounds them to 8 bits for quantized weights)."""
+    from reference import forward
+    from upg_backend.format import UPGFile
     from upg_backend.llama import Llama
 
     tokens = np.random.default_rng(7).integers(0, 300, 12).tolist()
     gpu = HarnessGpu(lib)
-    engines = [Llama(str(graph_models[model]), n_ctx=32, logits_all=True, kv_type=kv_type, n_batch=4, backend=b)
-               for b in ("cpu", gpu)]
-    for llm in engines:
-        llm.eval(tokens[:9])
+    llm = Llama(str(graph_models[model]), n_ctx=32, logits_all=True, kv_type=kv_type, n_batch=4, backend=gpu)
+    llm.eval(tokens[:9])
+    for t in tokens[9:]:
+        llm.eval([t])
+    got = np.asarray(llm.scores[:12], np.float64)
+    assert llm.backend == "metal" and gpu.launches == 6 * (3 + 12 * 2)  # 6 passes, 2 layers
+    if model == "q3":
+        upg = UPGFile(graph_models[model])
+        forward.ACT_Q8_TYPES, saved = (), forward.ACT_Q8_TYPES
+        try:
+            want = forward.forward(forward.load_weights(upg), upg.config, tokens)
+        finally:
+            forward.ACT_Q8_TYPES = saved
+    else:
+        cpu = Llama(str(graph_models[model]), n_ctx=32, logits_all=True, kv_type=kv_type, n_batch=4, backend="cpu")
+        cpu.eval(tokens[:9])
         for t in tokens[9:]:
-            llm.eval([t])
-    want, got = (np.asarray(llm.scores[:12], np.float64) for llm in engines)
-    assert engines[1].backend == "metal" and gpu.launches == 6 * (3 + 12 * 2)  # 6 passes, 2 layers
+            cpu.eval([t])
+        want = np.asarray(cpu.scores[:12], np.float64)
     rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-    assert rel.max() <= 1e-5, rel  # both keep the same f16 or f32 cache
+    assert rel.max() <= 1e-5, rel
 
 
 def test_generation_and_state_on_metal_graph(lib, graph_models):

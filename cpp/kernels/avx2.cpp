@@ -7,7 +7,7 @@ namespace {
 struct V256 {
   static constexpr int W = 8;
   static constexpr int kMatvecRows = 4;  // rows sharing each x load in matvec (best of 2..4)
-  // q8_0 / q4 matvec rows at a time: this path is bound by instructions, so rows share the
+  // Quantized matvec rows at a time: this path is bound by instructions, so rows share the
   // activation loads (4 rows: 37 GB/s on two cores against 29 with 1).
   static constexpr int kMatvecRowsI8 = 4;
   static constexpr int kMR = 4, kNT = 3;  // matmul register tile: 12 accumulators
@@ -75,43 +75,12 @@ struct V256 {
   static ireg sub(ireg v, int m) { return _mm256_sub_epi32(v, _mm256_set1_epi32(m)); }
   static reg cvt(ireg v) { return _mm256_cvtepi32_ps(v); }
 
-  // Grouped q3 (simd_kernels.h). vpermps is an 8-entry f32 table lookup, lane l = t[v[l] & 7].
-  static reg lookup(ireg v, reg table) { return _mm256_permutevar8x32_ps(table, v); }
-  static reg q3_values() { return _mm256_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3); }
-  static ireg load_codes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static ireg srl(ireg v, unsigned n) { return _mm256_srli_epi32(v, n); }
-  static ireg sll(ireg v, unsigned n) { return _mm256_slli_epi32(v, n); }
-  // Lane l = dword idx[l] of the 2W = 16 qh bytes at p.
-  static ireg high_lanes(const uint8_t* p, const int32_t* idx) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(h),
-                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)));
-  }
-  // Bits 0-1 from lo, bits 2 and up from hi.
-  static ireg low2_high(ireg lo, ireg hi) {
-    const __m256i three = _mm256_set1_epi32(3);
-    return _mm256_or_si256(_mm256_and_si256(lo, three), _mm256_andnot_si256(three, hi));
-  }
-  // The scale of each lane of a group of BPG blocks: lane l is in block l * BPG / 8.
-  template <int BPG>
-  static reg group_scales(const uint16_t* p) {
-    __m128i h;
-    if constexpr (BPG == 2) {
-      uint32_t u;
-      __builtin_memcpy(&u, p, 4);
-      h = _mm_cvtsi32_si128(int32_t(u));
-    }
-    if constexpr (BPG == 4) h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    const __m256i lane_block = _mm256_srli_epi32(
-        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(BPG)), 3);
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h)), lane_block);
-  }
-
   // ---- 8-bit activations (simd_kernels.h): vpmaddubsw, whose pairs must not saturate ----
-  // q4 codes stay unsigned (0..15); q8_0 codes stay signed and lend their sign to the activations.
+  // q4 / q3 codes stay unsigned (0..15 / 0..7); q8_0 codes stay signed and lend their sign to the
+  // activations.
   static constexpr int kNTi8 = 4;  // tokens per matmul register tile
   template <DType T>
-  static constexpr int kZero = T == DType::Q4 ? 8 : 0;
+  static constexpr int kZero = T == DType::Q4 ? 8 : T == DType::Q3 ? 4 : 0;
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
   static reg abs(reg v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
@@ -150,7 +119,7 @@ struct V256 {
   template <DType T>
   static ireg dpbusd(ireg acc, ireg w, ireg a) {
     __m256i p;
-    if constexpr (T == DType::Q4) p = _mm256_maddubs_epi16(w, a);
+    if constexpr (T != DType::Q8_0) p = _mm256_maddubs_epi16(w, a);  // q4, q3: codes <= 15
     else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
@@ -162,6 +131,29 @@ struct V256 {
     if constexpr (B == 64) return _mm256_and_si256(c ? _mm256_srli_epi16(load_i(p), 4) : load_i(p), m);
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m);
+  }
+  // 32 q3 codes (3 bits) in element order: a block of 32, or half c of a block of 64, from its ql
+  // (2-bit fields) and qh (1-bit) bytes (docs/FORMAT.md), each run broadcast and shifted into place.
+  template <int B>
+  static ireg q3_codes(const uint8_t* ql, const uint8_t* qh, int c) {
+    __m256i lo, hi;
+    if constexpr (B == 32) {  // element 8f + i: ql byte i, field f; element 4g + i: qh byte i, bit g
+      int64_t q;
+      int32_t h;
+      __builtin_memcpy(&q, ql, 8);
+      __builtin_memcpy(&h, qh, 4);
+      lo = _mm256_srlv_epi64(_mm256_set1_epi64x(q), _mm256_setr_epi64x(0, 2, 4, 6));
+      hi = _mm256_srlv_epi32(_mm256_set1_epi32(h), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    } else {  // element 16f + i: ql byte i, field f; element 8g + i: qh byte i, bit g
+      const int64_t s = 4 * c;
+      lo = _mm256_srlv_epi64(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ql))),
+                             _mm256_setr_epi64x(s, s, s + 2, s + 2));
+      int64_t h;
+      __builtin_memcpy(&h, qh, 8);
+      hi = _mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_setr_epi64x(s, s + 1, s + 2, s + 3));
+    }
+    return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(3)),
+                           _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi8(1)), 2));
   }
   template <int P>
   static ireg acc_init(const int32_t* sum, int z) {

@@ -12,7 +12,7 @@ namespace {
 struct V512 {
   static constexpr int W = 16;
   static constexpr int kMatvecRows = 4;  // rows sharing each x load in matvec (best of 1..8)
-  // q8_0 / q4 matvec rows at a time: 1 streamed fastest from memory on two cores (Phi-4-shaped q4:
+  // Quantized matvec rows at a time: 1 streamed fastest from memory on two cores (Phi-4-shaped q4:
   // 50 GB/s against 43 with 4 rows; the integer path has little to share between rows).
   static constexpr int kMatvecRowsI8 = 1;
   static constexpr int kMR = 6, kNT = 4;  // matmul register tile: 24 accumulators (best of 3x8 .. 8x3)
@@ -77,40 +77,10 @@ struct V512 {
   static ireg sub(ireg v, int m) { return _mm512_sub_epi32(v, _mm512_set1_epi32(m)); }
   static reg cvt(ireg v) { return _mm512_cvtepi32_ps(v); }
 
-  // Grouped q3 (simd_kernels.h). vpermps is a 16-entry f32 table lookup: lane l = t[v[l] & 15].
-  static reg lookup(ireg v, reg table) { return _mm512_permutexvar_ps(v, table); }
-  static reg q3_values() { return _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3); }
-  static ireg load_codes(const uint8_t* p) { return _mm512_loadu_si512(p); }
-  static ireg srl(ireg v, unsigned n) { return _mm512_srli_epi32(v, n); }
-  static ireg sll(ireg v, unsigned n) { return _mm512_slli_epi32(v, n); }
-  // Lane l = dword idx[l] of the 2W = 32 qh bytes at p.
-  static ireg high_lanes(const uint8_t* p, const int32_t* idx) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_permutexvar_epi32(_mm512_loadu_si512(idx), _mm512_castsi256_si512(h));
-  }
-  // Bits 0-1 from lo, bits 2 and up from hi: (lo & 3) | (hi & ~3) in one vpternlogd.
-  static ireg low2_high(ireg lo, ireg hi) { return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(3), 0xe4); }
-  // The scale of each lane of a group of BPG blocks: lane l is in block l * BPG / 16.
-  template <int BPG>
-  static reg group_scales(const uint16_t* p) {
-    __m128i h;
-    if constexpr (BPG == 2) {
-      uint32_t u;
-      __builtin_memcpy(&u, p, 4);
-      h = _mm_cvtsi32_si128(int32_t(u));
-    }
-    if constexpr (BPG == 4) h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    if constexpr (BPG == 8) h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m512i lane_block = _mm512_srli_epi32(
-        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                           _mm512_set1_epi32(BPG)), 4);
-    return _mm512_permutexvar_ps(lane_block, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
-  }
-
   // ---- 8-bit activations (simd_kernels.h): vpdpbusd on unsigned weight codes ----
   static constexpr int kNTi8 = 8;  // tokens per matmul register tile (best of 4..12)
   template <DType T>
-  static constexpr int kZero = T == DType::Q4 ? 8 : 128;
+  static constexpr int kZero = T == DType::Q4 ? 8 : T == DType::Q3 ? 4 : 128;
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static reg abs(reg v) { return _mm512_abs_ps(v); }
@@ -148,6 +118,30 @@ struct V512 {
       shift = _mm512_mask_set1_epi16(_mm512_setzero_si512(), 0xff00ff00u, 4);
     }
     return _mm512_and_si512(_mm512_srlv_epi16(v, shift), _mm512_set1_epi8(15));
+  }
+  // 64 q3 codes (3 bits) in element order, from the ql (2-bit fields) and qh (1-bit) bytes of two
+  // blocks of 32 or one of 64 (docs/FORMAT.md): each run of fields is broadcast to where its
+  // elements go and shifted into place there.
+  template <int B>
+  static ireg q3_codes(const uint8_t* ql, const uint8_t* qh, int) {
+    __m512i lo, hi;
+    if constexpr (B == 32) {  // element 8f + i: ql byte i, field f; element 4g + i: qh byte i, bit g
+      const __m512i q = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ql)));
+      lo = _mm512_srlv_epi64(_mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), q),
+                             _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6));
+      const __m512i h = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qh)));
+      hi = _mm512_srlv_epi32(
+          _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), h),
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7));
+    } else {  // element 16f + i: ql byte i, field f; element 8g + i: qh byte i, bit g
+      lo = _mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ql))),
+                             _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6));
+      int64_t h;
+      __builtin_memcpy(&h, qh, 8);
+      hi = _mm512_srlv_epi64(_mm512_set1_epi64(h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(3)),
+                           _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi8(1)), 2));
   }
   // The integer accumulator of a vector of P blocks: -z * (sum of codes) once per block.
   template <int P>

@@ -54,15 +54,16 @@ float outlier_dot(const WeightView& w, int64_t r, const float* x) {
   return s;
 }
 
-// Element j of quantized block g as the integer its scale multiplies (q8_0 and q4).
+// Element j of quantized block g as the integer its scale multiplies.
 int code(const WeightView& w, int64_t g, int j) {
   const int B = w.block;
   if (w.type == DType::Q8_0) return int8_t(w.codes[g * B + j]);
+  if (w.type == DType::Q3) return q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - 4;
   const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
   return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
 }
 
-// q8_0 and q4 against 8-bit activations (kernels.h): per block, the integer dot product times
+// Quantized weights against 8-bit activations (kernels.h): per block, the integer dot product times
 // the weight's and the activation's scales. t: the activation row.
 float row_dot_q8(const WeightView& w, int64_t r, const float* x, const ActQ8& a, int64_t t) {
   const int B = w.block;

@@ -30,6 +30,8 @@ constexpr int kScaleGroup = 64;  // matvec: block scales converted to f32 per ba
 constexpr int64_t kMaxPrefetchBytes = 32768;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+// quant.h's is_quantized, not called here (see top).
+inline bool is_quantized_type(DType t) { return t == DType::Q8_0 || t == DType::Q4 || t == DType::Q3; }
 inline int64_t prefetch_distance(int64_t row_bytes, int rows_per_group) {
   return min64(row_bytes * rows_per_group, kMaxPrefetchBytes);
 }
@@ -140,7 +142,7 @@ inline void visit_type(const WeightView& w, F&& f) {
   }
 }
 
-// ---- q8_0 and q4 against 8-bit activations (kernels.h) ----
+// ---- quantized weights against 8-bit activations (kernels.h) ----
 //
 // Each path keeps the weights' codes in a "dot form" that its integer dot product takes
 // (V::dpbusd<T>): unsigned bytes code + V::kZero<T>, so the product of a block is
@@ -151,18 +153,19 @@ struct I8Shape {
   static constexpr int E = 4 * V::W;
   static constexpr int P = E > B ? E / B : 1;
   static constexpr int C = B > E ? B / E : 1;
-  static constexpr int kCodeBytes = T == DType::Q8_0 ? B : B / 2;  // per block in the file
+  static constexpr int kCodeBytes = T == DType::Q8_0 ? B : T == DType::Q4 ? B / 2 : B / 4;  // per block: qs or ql
   static constexpr int kZero = V::template kZero<T>;
 };
 
 template <DType T>
-constexpr bool kActQ8 = T == DType::Q8_0 || T == DType::Q4;
+constexpr bool kActQ8 = T == DType::Q8_0 || T == DType::Q4 || T == DType::Q3;
 
 // Vector c of the codes of blocks g.. (P blocks, or part c of one block), in element order.
 template <class V, DType T, int B>
 inline typename V::ireg dot_codes(const WeightView& w, int64_t g, int c) {
   if constexpr (T == DType::Q8_0) return V::q8_codes(w.codes + g * B + c * I8Shape<V, T, B>::E);
-  else return V::template q4_codes<B>(w.codes + g * (B / 2), c);
+  else if constexpr (T == DType::Q4) return V::template q4_codes<B>(w.codes + g * (B / 2), c);
+  else return V::template q3_codes<B>(w.codes + g * (B / 4), w.high + g * (B / 8), c);
 }
 
 // Signed code of element j of block g (as the scale multiplies it), for the odd tail block.
@@ -170,9 +173,13 @@ template <DType T, int B>
 inline int signed_code(const WeightView& w, int64_t g, int j) {
   if constexpr (T == DType::Q8_0) {
     return int8_t(w.codes[g * B + j]);
-  } else {
+  } else if constexpr (T == DType::Q4) {
     const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
     return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
+  } else {  // quant.h's q3_code, not called here (see top)
+    const int lo = (w.codes[g * (B / 4) + j % (B / 4)] >> (2 * (j / (B / 4)))) & 3;
+    const int hi = (w.high[g * (B / 8) + j % (B / 8)] >> (j / (B / 8))) & 1;
+    return (lo | hi << 2) - 4;
   }
 }
 
@@ -233,6 +240,7 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* o
       for (int i = 0; i < R; ++i) {
         const int64_t g = (r + i) * nb + b;
         prefetch(w.codes + g * S::kCodeBytes, pf);
+        if constexpr (T == DType::Q3) prefetch(w.high + g * (B / 8), pf / 2);
         auto s = init;
         for (int c = 0; c < C; ++c) s = V::template dpbusd<T>(s, dot_codes<V, T, B>(w, g, c), av[c]);
         acc[i] = V::fma(V::cvt(s), V::template block_scales<P>(sd[i] + (b - b0)), acc[i]);
@@ -344,151 +352,6 @@ void matmul_i8(const WeightView& w, const ActQ8& a, int64_t n, float* y, int64_t
 
 // ---- matvec ----
 
-// Grouped decoding of q3 (q8_0 and q4 take the 8-bit activation path above). One wide load of
-// 4W code bytes holds whole blocks; field k of every 32-bit lane (a 2-bit ql pair) comes out with
-// a shift, not with a widening byte shuffle per W codes, and indexes a table of (q - zero point)
-// in registers (vpermps). The lanes then hold weights in a scrambled order, so x is permuted to
-// match, once per call for all rows.
-//
-// 16 ql fields per lane; field k of lane l is ql byte 4l + k/4, bits 2(k%4). The high bits of a
-// lane's 16 codes all lie in one qh dword of its block (high_dword), at bit
-// 8(k/4) + 2(k%4) + high_shift.
-template <DType T, int B, int W>
-struct GroupOrder {
-  static_assert(T == DType::Q3, "q3 only");
-  static constexpr int kFields = 16;          // codes per 32-bit lane
-  static constexpr int kSize = kFields * W;  // weights per group
-  int32_t src[kSize];      // permuted position k * W + l -> x offset within the group
-  int32_t high_dword[W];   // the group's qh dword that lane l reads
-  int32_t high_shift[W];   // and its extra shift
-  constexpr GroupOrder() : src(), high_dword(), high_shift() {
-    for (int k = 0; k < kFields; ++k)
-      for (int l = 0; l < W; ++l) {
-        const int byte = 4 * l + k / 4;
-        src[k * W + l] = byte / (B / 4) * B + byte % (B / 4) + (k % 4) * (B / 4);
-      }
-    for (int l = 0; l < W; ++l) {  // lane l starts at ql byte i0 of block 4l / (B/4)
-      const int i0 = 4 * l % (B / 4);
-      high_dword[l] = 4 * l / (B / 4) * (B / 32) + i0 % (B / 8) / 4;
-      high_shift[l] = i0 / (B / 8);
-    }
-  }
-};
-template <DType T, int B, int W>
-constexpr GroupOrder<T, B, W> kGroupOrder{};
-
-template <class V, DType T>
-constexpr bool kGrouped = T == DType::Q3;
-
-// Per-thread scratch that grows to the largest size asked for, then is reused (no allocation
-// in steady state).
-class Scratch {
- public:
-  ~Scratch() { ::operator delete(p_); }
-  float* get(int64_t n) {
-    if (n > n_) {
-      ::operator delete(p_);
-      p_ = static_cast<float*>(::operator new(size_t(n) * sizeof(float)));
-      n_ = n;
-    }
-    return p_;
-  }
-
- private:
-  float* p_ = nullptr;
-  int64_t n_ = 0;
-};
-
-// x in group order for the whole groups of a row (the blocks after them use x as is).
-template <class V, DType T, int B>
-const float* permute_x(const float* x, int64_t cols) {
-  constexpr auto& order = kGroupOrder<T, B, V::W>;
-  constexpr int G = order.kSize;
-  static thread_local Scratch scratch;
-  const int64_t n = cols / G * G;
-  float* xp = scratch.get(n > 0 ? n : 1);
-  for (int64_t g = 0; g < n; g += G)
-    for (int j = 0; j < G; ++j) xp[g + j] = x[g + order.src[j]];
-  return xp;
-}
-
-// Unscaled dot of one group of codes (global block index b of its first block) with xp.
-template <class V, DType T, int B>
-inline typename V::reg group_dot(const WeightView& w, int64_t b, const float* xp, int64_t pf_codes, int64_t pf_high) {
-  using reg = typename V::reg;
-  constexpr int W = V::W;
-  reg dot[2] = {V::zero(), V::zero()};  // two chains halve the FMA latency
-  constexpr auto& order = kGroupOrder<T, B, W>;
-  prefetch(w.codes + b * (B / 4), pf_codes);
-  prefetch(w.high + b * (B / 8), pf_high);
-  const auto lo = V::load_codes(w.codes + b * (B / 4));
-  const auto hi = V::srlv(V::high_lanes(w.high + b * (B / 8), order.high_dword), order.high_shift);
-#pragma GCC unroll 16
-  for (int k = 0; k < 16; ++k) {
-    const int bit = 8 * (k / 4) + 2 * (k % 4);  // of this field's high bit in hi; wanted at bit 2
-    const auto h = bit >= 2 ? V::srl(hi, bit - 2) : V::sll(hi, 2 - bit);
-    const auto code = V::low2_high(V::srl(lo, 2 * k), h);  // bits 0-2 = the 3-bit code
-    dot[k % 2] = V::fma(V::lookup(code, V::q3_values()), V::load(xp + k * W), dot[k % 2]);
-  }
-  return V::add(dot[0], dot[1]);
-}
-
-// out[i] = dot(row r + i, x) for R rows of a quantized matrix, decoded in registers. Two
-// accumulators per row hide the FMA latency of the scale step. xp: x in group order.
-template <class V, DType T, int B, int R>
-inline void rows_dot_q(const WeightView& w, const float* x, const float* xp, int64_t r, float* out) {
-  using reg = typename V::reg;
-  constexpr int W = V::W, NC = B / W;
-  const int64_t nb = w.cols / B;
-  reg acc0[R], acc1[R];
-  for (int i = 0; i < R; ++i) acc0[i] = acc1[i] = V::zero();
-  constexpr int kCodeBytes = T == DType::Q8_0 ? B : (T == DType::Q4 ? B / 2 : B / 4);  // per block
-  const int64_t pf_codes = prefetch_distance(nb * kCodeBytes, R), pf_high = prefetch_distance(nb * (B / 8), R);
-  int64_t b_start = 0;  // first block left to the per-block loop
-  if constexpr (kGrouped<V, T>) {
-    constexpr int G = kGroupOrder<T, B, W>.kSize, BPG = G / B;  // weights and blocks per group
-    const int64_t ng = w.cols / G;
-    for (int64_t g = 0; g < ng; ++g) {
-#pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        const int64_t b = (r + i) * nb + g * BPG;
-        const reg dot = group_dot<V, T, B>(w, b, xp + g * G, pf_codes, pf_high);
-        acc0[i] = V::fma(V::template group_scales<BPG>(w.scales + b), dot, acc0[i]);
-      }
-    }
-    b_start = ng * BPG;
-  }
-  alignas(64) float sc[R][kScaleGroup];
-  auto block = [&](int64_t b, int bb, reg(&acc)[R]) {
-    reg xv[NC];
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) xv[c] = V::load(x + b * B + c * W);
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-      const int64_t g = (r + i) * nb + b;
-      prefetch(w.codes + g * kCodeBytes, pf_codes);
-      if constexpr (T == DType::Q3) prefetch(w.high + g * (B / 8), pf_high);
-      reg q[NC];
-      decode_codes<V, T, B>(w, g, q);
-      reg dot = V::mul(q[0], xv[0]);
-#pragma GCC unroll 8
-      for (int c = 1; c < NC; ++c) dot = V::fma(q[c], xv[c], dot);
-      acc[i] = V::fma(V::set1(sc[i][bb]), dot, acc[i]);
-    }
-  };
-  for (int64_t b0 = b_start; b0 < nb; b0 += kScaleGroup) {
-    const int n = int(min64(kScaleGroup, nb - b0));
-    for (int i = 0; i < R; ++i) V::halves_to_f32(w.scales + (r + i) * nb + b0, n, sc[i]);
-    int bb = 0;
-    for (; bb + 1 < n; bb += 2) {
-      block(b0 + bb, bb, acc0);
-      block(b0 + bb + 1, bb + 1, acc1);
-    }
-    if (bb < n) block(b0 + bb, bb, acc0);
-  }
-  for (int i = 0; i < R; ++i) out[i] = V::hsum(V::add(acc0[i], acc1[i]));
-}
-
 template <class V, DType T, int R>
 inline void rows_dot_dense(const WeightView& w, const float* x, int64_t r, float* out) {
   using reg = typename V::reg;
@@ -519,28 +382,20 @@ inline void rows_dot_dense(const WeightView& w, const float* x, int64_t r, float
   }
 }
 
-template <class V, DType T, int B, int R>
-inline void rows_dot(const WeightView& w, const float* x, const float* xp, int64_t r, float* out) {
-  if constexpr (B == 0) rows_dot_dense<V, T, R>(w, x, r, out);
-  else rows_dot_q<V, T, B, R>(w, x, xp, r, out);
-}
-
 template <class V>
 void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1) {
   visit_type(w, [&](auto t, auto b) {
     constexpr DType T = decltype(t)::value;
     constexpr int B = decltype(b)::value;
-    constexpr int R = V::kMatvecRows;
     int64_t r = r0;
     if constexpr (kActQ8<T>) {
-      constexpr int RI = V::kMatvecRowsI8;
-      for (; r + RI <= r1; r += RI) rows_dot_i8<V, T, B, RI>(w, xq, r, y + r);
+      constexpr int R = V::kMatvecRowsI8;
+      for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R>(w, xq, r, y + r);
       for (; r < r1; ++r) rows_dot_i8<V, T, B, 1>(w, xq, r, y + r);
     } else {
-      const float* xp = nullptr;
-      if constexpr (B != 0 && kGrouped<V, T>) xp = permute_x<V, T, B>(x, w.cols);
-      for (; r + R <= r1; r += R) rows_dot<V, T, B, R>(w, x, xp, r, y + r);
-      for (; r < r1; ++r) rows_dot<V, T, B, 1>(w, x, xp, r, y + r);
+      constexpr int R = V::kMatvecRows;
+      for (; r + R <= r1; r += R) rows_dot_dense<V, T, R>(w, x, r, y + r);
+      for (; r < r1; ++r) rows_dot_dense<V, T, 1>(w, x, r, y + r);
     }
   });
   if (w.o_rowptr)
@@ -626,7 +481,7 @@ inline void micro_tile_n(int nt, const float* wt, const float* x, int64_t ldx, i
 template <class V>
 void matmul(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, float* y, int64_t ldy,
             int64_t r0, int64_t r1) {
-  if (w.type == DType::Q8_0 || w.type == DType::Q4) {  // kernels.h's uses_act_q8 (not called: see top)
+  if (is_quantized_type(w.type)) {
     visit_type(w, [&](auto t, auto b) {
       if constexpr (kActQ8<decltype(t)::value>)
         matmul_i8<V, decltype(t)::value, decltype(b)::value>(w, xq, n, y, ldy, r0, r1);

@@ -21,11 +21,11 @@ struct WeightView {
   const uint16_t* o_val = nullptr;
 };
 
-// q8_0 and q4 weights multiply activations quantized to 8 bits, as llama.cpp's Q8_0 / Q4_0 dot
-// products do: integer dot products per block, then one float scale per block. Per block of the
-// weight's block size B: d = f16(amax / 127), codes = round-half-even(x * 127 / amax) (0 when
-// amax is 0). The sparse outliers and every other type multiply x itself.
-inline bool uses_act_q8(DType t) { return t == DType::Q8_0 || t == DType::Q4; }
+// Quantized weights (q8_0, q4, q3) multiply activations quantized to 8 bits, as llama.cpp's
+// Q8_0 / Q4_0 dot products do: integer dot products per block, then one float scale per block. Per
+// block of the weight's block size B: d = f16(amax / 127), codes = round-half-even(x * 127 / amax)
+// (0 when amax is 0). The sparse outliers and the dense types multiply x itself.
+inline bool uses_act_q8(DType t) { return is_quantized(t); }
 
 // n rows of activations quantized in blocks of `block` (rows of `cols` elements).
 struct ActQ8 {

@@ -139,7 +139,7 @@ class Session : public SessionBase {
   std::vector<AttentionScratch> att_scratch_;
   std::vector<float> cos_, sin_;  // [n_batch][rotary_dim / 2]
   std::vector<int64_t> pos_;    // [n_batch]
-  // A matmul input quantized to 8 bits (q8_0 and q4 weights), grown to the largest input.
+  // A matmul input quantized to 8 bits (quantized weights), grown to the largest input.
   std::vector<int8_t> xq_;      // [n][cols]
   std::vector<float> xq_d_;     // [n][cols / block]
   std::vector<int32_t> xq_sum_; // [n][cols / block]

@@ -112,9 +112,9 @@ def add_outliers(w, rowptr, col, val_bits):
     return out
 
 
-# q8_0 and q4 weights multiply activations quantized like this (docs/FORMAT.md, "Activations"),
-# as llama.cpp's Q8_0 activations: per block, d = f16(amax / 127), codes rint(x * (127 / amax)).
-ACT_Q8_TYPES = ("q8_0", "q4")
+# Quantized weights multiply activations quantized like this (docs/ARCHITECTURE.md), as llama.cpp's
+# Q8_0 activations: per block, d = f16(amax / 127), codes rint(x * (127 / amax)).
+ACT_Q8_TYPES = ("q8_0", "q4", "q3")
 
 
 def quantize_activations(x, block):
