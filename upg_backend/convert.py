@@ -12,7 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -136,6 +136,36 @@ def _package_version() -> str:
         return "unknown"
 
 
+def check_parts(parts, implied_by: str, shape_of: Callable[[str], tuple | None],
+                origin: Callable[[str], Any], check: Callable[[str], None] | None = None) -> set[str]:
+    """The source tensors a tensor plan reads, each checked to exist (shape_of gives None when it does
+    not) with the shape `implied_by` (the config, the metadata) implies, and by `check`; errors name
+    origin(name), the file that holds it. Returns their names."""
+    used = set()
+    for name, shape in parts:
+        got = shape_of(name)
+        if got is None:
+            raise ConversionError(f"{origin(name)}: tensor {name} is missing")
+        if got != shape:
+            raise ConversionError(f"{origin(name)}: tensor {name} has shape {list(got)}, {implied_by} implies {list(shape)}")
+        if check:
+            check(name)
+        used.add(name)
+    return used
+
+
+def provenance(source: str, source_format: str) -> dict[str, str]:
+    return {"source": source, "source_format": source_format, "converter": f"upg_backend {_package_version()}",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_with_progress(out_path, header: dict, sources: list, progress: bool) -> None:
+    """write_upg with a progress bar counted in weights."""
+    total = sum(int(np.prod(s.shape)) for s in sources)
+    with tqdm(total=total, unit="w", unit_scale=True, desc=Path(out_path).name, disable=not progress) as bar:
+        write_upg(out_path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
+
+
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
                outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True) -> None:
     """Converts a Hugging Face checkpoint directory to a .upg file.
@@ -174,15 +204,9 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
 
     ckpt = _Checkpoint(src)
     plan = tensor_plan(cfg)
-    used = set()
-    for _, _, parts in plan:
-        for name, shape in parts:
-            if name not in ckpt.where:
-                raise ConversionError(f"{src}: tensor {name} is missing from the checkpoint")
-            if ckpt.shape(name) != shape:
-                raise ConversionError(f"{ckpt.where[name]}: tensor {name} has shape {list(ckpt.shape(name))}, "
-                                      f"config.json implies {list(shape)}")
-            used.add(name)
+    used = check_parts([p for _, _, parts in plan for p in parts], "config.json",
+                       lambda name: ckpt.shape(name) if name in ckpt.where else None,
+                       lambda name: ckpt.where.get(name, src))
     for name in ckpt.where:
         ignorable = name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
         if name not in used and not ignorable:
@@ -205,11 +229,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         "chat_templates": _chat_templates(src, tokenizer_config),
         "generation": generation,
         "quantization": rec.header(sources),
-        "provenance": {"source": src.resolve().name, "source_format": "hf",
-                       "converter": f"upg_backend {_package_version()}",
-                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "provenance": provenance(src.resolve().name, "hf"),
     }
-    total = sum(int(np.prod(s.shape)) for s in sources)
-    with tqdm(total=total, unit="w", unit_scale=True, desc=Path(out_path).name, disable=not progress) as bar:
-        write_upg(out_path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
+    write_with_progress(out_path, header, sources, progress)
 

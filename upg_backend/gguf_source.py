@@ -7,17 +7,14 @@ permutes the Q and K rows of Llama models for its adjacent-pairs RoPE, and this 
 """
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from .config import ModelConfig
-from .convert import ConversionError, _package_version
-from .format import write_upg
+from .convert import ConversionError, check_parts, provenance, write_with_progress
 from .recipes import Recipe, get_recipe
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}
@@ -289,18 +286,14 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
         raise ConversionError(f"{g.path}: {e}") from e
 
     plan = _tensor_plan(g, cfg)
-    used = set(_CONSUMED)
-    for _, _, _, parts in plan:
-        for name, shape in parts:
-            if name not in g.tensors:
-                raise ConversionError(f"{g.path}: tensor {name} is missing")
-            if g.shape(name) != shape:
-                raise ConversionError(f"{g.path}: tensor {name} has shape {list(g.shape(name))}, "
-                                      f"the metadata implies {list(shape)}")
-            if g.tensors[name].tensor_type.name not in TENSOR_TYPES:
-                raise ConversionError(f"{g.path}: tensor {name} has GGUF type {g.tensors[name].tensor_type.name}, "
-                                      f"which is not supported; supported: {', '.join(TENSOR_TYPES)}")
-            used.add(name)
+    def supported_type(name: str) -> None:
+        if g.tensors[name].tensor_type.name not in TENSOR_TYPES:
+            raise ConversionError(f"{g.path}: tensor {name} has GGUF type {g.tensors[name].tensor_type.name}, "
+                                  f"which is not supported; supported: {', '.join(TENSOR_TYPES)}")
+
+    used = set(_CONSUMED) | check_parts([p for *_, parts in plan for p in parts], "the metadata",
+                                        lambda name: g.shape(name) if name in g.tensors else None,
+                                        lambda name: g.path, supported_type)
     unused = sorted(set(g.tensors) - used)
     if unused:
         raise ConversionError(f"{g.path}: tensor {unused[0]} is not supported by the {cfg.architecture} graph")
@@ -315,10 +308,6 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
         "chat_templates": {"default": template} if template else {},
         "generation": _generation(g),
         "quantization": rec.header(sources),
-        "provenance": {"source": g.path.name, "source_format": "gguf",
-                       "converter": f"upg_backend {_package_version()}",
-                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "provenance": provenance(g.path.name, "gguf"),
     }
-    total = sum(int(np.prod(s.shape)) for s in sources)
-    with tqdm(total=total, unit="w", unit_scale=True, desc=Path(out_path).name, disable=not progress) as bar:
-        write_upg(out_path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
+    write_with_progress(out_path, header, sources, progress)
