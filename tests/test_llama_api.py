@@ -159,6 +159,23 @@ def test_streaming_never_splits_utf8(llama, monkeypatch):
     assert len([c for c in chunks if c]) == 3  # one piece per complete character
 
 
+def test_stopping_criteria_end_generation(llama):
+    """llama-cpp-python's stopping_criteria: asked before each token with (input_ids, logits)."""
+    prompt = llama.tokenize(b"Hello")
+    seen = []
+
+    def three_tokens(ids, logits):
+        seen.append((len(ids), logits.shape))
+        return len(ids) >= len(prompt) + 3
+
+    out = llama.create_completion(prompt, max_tokens=20, temperature=0, stopping_criteria=[three_tokens])
+    assert out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "stop"
+    assert seen == [(len(prompt) + i, (llama.n_vocab(),)) for i in range(4)]
+    chat = llama.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=20,
+                                        stopping_criteria=[lambda ids, logits: True])
+    assert chat["choices"][0]["message"]["content"] == "" and chat["choices"][0]["finish_reason"] == "stop"
+
+
 def test_stop_strings_spanning_tokens_never_leak(llama, monkeypatch):
     words = [" Hel", "lo", " wor", "ld", " again"]
     table = {llama.tokenizer.token_bytes(t): t for t in range(llama.n_vocab())}

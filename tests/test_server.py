@@ -153,6 +153,29 @@ def test_tokenize_detokenize(server, reference):
     assert http(server[1] + "/tokenize", {"content": "x"}, key=None)[0] == 401
 
 
+def test_non_streamed_client_disconnect_stops_generation(server, client, monkeypatch):
+    llama, url = server
+    real_eval = llama.eval
+
+    def slow_eval(tokens):
+        time.sleep(0.02)
+        real_eval(tokens)
+
+    monkeypatch.setattr(llama, "eval", slow_eval)
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 200, "temperature": 0,
+            "logit_bias": {str(t): -100 for t in llama._eos_ids}}
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with pytest.raises(OSError):  # the client gives up (a timeout) and closes the connection
+        urllib.request.urlopen(request, timeout=0.5)
+    time.sleep(0.5)
+    n_after_close = llama.n_tokens
+    time.sleep(0.5)
+    assert llama.n_tokens == n_after_close  # nothing more is generated
+    assert n_after_close < 100  # far from the 200 tokens asked for
+    assert client.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0).choices
+
+
 def test_client_disconnect_stops_generation(server, client, monkeypatch):
     llama = server[0]
     real_eval = llama.eval

@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -73,6 +73,10 @@ def _stop_prefix_tail(data: bytes, stops: Sequence[bytes]) -> int:
                 best = n
                 break
     return best
+
+
+# llama-cpp-python's StoppingCriteriaList: callables (input_ids, logits) -> bool, or None.
+StoppingCriteria = Sequence[Callable[[np.ndarray, np.ndarray], bool]] | None
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -328,7 +332,7 @@ class Llama:
 
     def _stream(self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int | None,
                 stop: str | Sequence[str] | None, logprobs: int | None,
-                constraint: JsonConstraint | None) -> Iterator[_Piece]:
+                constraint: JsonConstraint | None, stopping_criteria: StoppingCriteria) -> Iterator[_Piece]:
         """The one generator behind every completion: tokens -> safe text pieces.
 
         Text is held back while it could be the start of a stop string or an incomplete UTF-8
@@ -346,6 +350,9 @@ class Llama:
         finish, n = "length", 0
         while n < limit:
             logits = self._last_logits()
+            if stopping_criteria and any(c(self.input_ids, logits) for c in stopping_criteria):
+                finish = "stop"
+                break
             if constraint is not None:
                 logits = self._constrain(logits, constraint, out)
             token = self.sample(sampling, logits)
@@ -419,7 +426,7 @@ class Llama:
     def create_completion(self, prompt: str | Sequence[int], *, max_tokens: int | None = 16,
                           stop: str | Sequence[str] | None = None, stream: bool = False, echo: bool = False,
                           logprobs: int | None = None, response_format: Mapping[str, Any] | None = None,
-                          sampling: SamplingParams | None = None,
+                          stopping_criteria: StoppingCriteria = None, sampling: SamplingParams | None = None,
                           **sampling_kw: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Completes a prompt (llama-cpp-python's `create_completion`).
 
@@ -433,6 +440,8 @@ class Llama:
             response_format: `{"type": "json_object"}` (optionally with a `"schema"`) or
                 `{"type": "json_schema", "json_schema": {"schema": ...}}`: the output is constrained
                 to JSON (matching the schema) while sampling.
+            stopping_criteria: callables `(input_ids, logits) -> bool`, asked before each new token
+                (as llama-cpp-python's); the first True ends the completion with finish_reason "stop".
             sampling: sampling parameters; `**sampling_kw` (temperature=..., top_k=..., seed=...)
                 override single fields.
 
@@ -451,7 +460,7 @@ class Llama:
         meta = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_path}
         prefix = self.detokenize(tokens).decode("utf-8", errors="ignore") if echo else ""
-        pieces = self._stream(tokens, params, max_tokens, stop, logprobs, constraint)
+        pieces = self._stream(tokens, params, max_tokens, stop, logprobs, constraint, stopping_criteria)
 
         def chunk(text: str, lp: dict | None, finish: str | None) -> dict[str, Any]:
             return {**meta, "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}]}
@@ -483,6 +492,7 @@ class Llama:
                                logprobs: bool = False, top_logprobs: int | None = None,
                                response_format: Mapping[str, Any] | None = None,
                                tools: Sequence[Mapping[str, Any]] | None = None,
+                               stopping_criteria: StoppingCriteria = None,
                                sampling: SamplingParams | None = None,
                                **sampling_kw: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Answers a conversation, rendered with the model's chat template (llama-cpp-python's
@@ -496,6 +506,7 @@ class Llama:
             logprobs: include each token's log-probability; `top_logprobs` best alternatives with it.
             response_format: as in `create_completion`.
             tools: JSON schemas of tools, for templates that describe them.
+            stopping_criteria: as in `create_completion`.
             sampling: sampling parameters; `**sampling_kw` override single fields.
 
         Returns:
@@ -519,7 +530,7 @@ class Llama:
         want = (top_logprobs or 0) if logprobs else None
         meta = {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model_path}
-        pieces = self._stream(tokens, params, max_tokens, stop, want, constraint)
+        pieces = self._stream(tokens, params, max_tokens, stop, want, constraint, stopping_criteria)
 
         if stream:
             def chunks() -> Iterator[dict[str, Any]]:

@@ -2,13 +2,15 @@
 
 One model, one session: requests take turns through an asyncio lock, and each generation step
 runs in a worker thread so the event loop keeps serving (health checks, queued clients,
-disconnect detection). A streaming client that disconnects stops its generation at the next token.
+disconnect detection). A client that disconnects, streaming or not, stops its generation at the next
+token.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import secrets
+import threading
 import time
 from typing import Any, Iterator
 
@@ -118,13 +120,25 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
         return _error(400, str(e))
 
     async def respond(start: Any, request: Request, stream: bool) -> Any:
-        """Runs a request: `start()` validates and returns the result (or the chunk iterator)."""
+        """Runs a request: `start(stopping_criteria)` validates and returns the result (or the chunk
+        iterator)."""
         if not stream:
+            gone = threading.Event()  # the client disconnected: generation stops at the next token
+
+            async def watch() -> None:
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.05)
+                gone.set()
+
             async with lock:
-                result = await anyio.to_thread.run_sync(start)
+                watcher = asyncio.create_task(watch())
+                try:
+                    result = await anyio.to_thread.run_sync(start, [lambda ids, logits: gone.is_set()])
+                finally:
+                    watcher.cancel()
             result["model"] = name
             return result
-        chunks: Iterator[dict[str, Any]] = start()  # validation only: generation starts on the first next()
+        chunks: Iterator[dict[str, Any]] = start(None)  # validation only: generation starts on the first next()
 
         async def events() -> Any:
             done = object()
@@ -152,18 +166,19 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
         sampling = body.sampling()
-        return await respond(lambda: llama.create_completion(
+        return await respond(lambda criteria: llama.create_completion(
             body.prompt, max_tokens=body.max_tokens, stop=body.stop, stream=body.stream, echo=body.echo,
-            logprobs=body.logprobs, response_format=body.response_format, sampling=sampling), request, body.stream)
+            logprobs=body.logprobs, response_format=body.response_format, stopping_criteria=criteria,
+            sampling=sampling), request, body.stream)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         sampling = body.sampling()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await respond(lambda: llama.create_chat_completion(
+        return await respond(lambda criteria: llama.create_chat_completion(
             body.messages, max_tokens=max_tokens, stop=body.stop, stream=body.stream, logprobs=body.logprobs,
             top_logprobs=body.top_logprobs, response_format=body.response_format, tools=body.tools,
-            sampling=sampling), request, body.stream)
+            stopping_criteria=criteria, sampling=sampling), request, body.stream)
 
     @app.post("/tokenize", dependencies=[Depends(check_key)])
     async def tokenize(body: TokenizeRequest) -> dict[str, list[int]]:
