@@ -64,13 +64,16 @@ def random_k_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
 # ----- synthetic GGUF files -----
 
 def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", types: dict[str, object] | None = None,
-               drop: str | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
+               drop: str | None = None, extra: dict[str, np.ndarray] | None = None,
+               sentencepiece: list[tuple[str, float, int]] | None = None) -> None:
     """Writes hf_dir's checkpoint (and tokenizer.json) as a GGUF the way llama.cpp's converter does.
 
     Args:
         types: GGUF tensor name -> GGMLQuantizationType (default F32), or "random" K-quant bytes.
         drop: a GGUF tensor name to leave out.
         extra: additional tensors to write.
+        sentencepiece: (token, score, type) of a SentencePiece vocabulary to write instead of
+            tokenizer.json's byte-level BPE (ids 0-2: <unk>, <s>, </s>).
     """
     cfg = json.loads((hf_dir / "config.json").read_text())
     sd = {k: v.float().numpy() for k, v in load_file(hf_dir / "model.safetensors").items()}
@@ -114,14 +117,23 @@ def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", types: dict[str, o
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_dimension_count(cfg["hidden_size"] // heads)
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in added else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tok["model"]["vocab"][tok_config["bos_token"]])
-    w.add_eos_token_id(tok["model"]["vocab"][tok_config["eos_token"]])
-    w.add_add_bos_token(False)
+    if sentencepiece:
+        w.add_tokenizer_model("llama")
+        w.add_token_list([t for t, _, _ in sentencepiece])
+        w.add_token_scores([score for _, score, _ in sentencepiece])
+        w.add_token_types([kind for _, _, kind in sentencepiece])
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t in added else 1 for t in tokens])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tok["model"]["vocab"][tok_config["bos_token"]])
+        w.add_eos_token_id(tok["model"]["vocab"][tok_config["eos_token"]])
+        w.add_add_bos_token(False)
     w.add_chat_template(tok_config["chat_template"])
     rng = np.random.default_rng(0)
     for name, value in tensors.items():
@@ -369,3 +381,50 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2_upg, smollm2_hf):
     print("SmolLM2 answer:", answer)
     assert ours == theirs
     assert "Paris" in answer
+
+
+def sentencepiece_vocab(size: int) -> list[tuple[str, float, int]]:
+    """A SentencePiece BPE vocabulary of `size` tokens as llama.cpp writes one: <unk>, <s>, </s>,
+    the 256 byte tokens, then word pieces (spaces as U+2581) with scores best first."""
+    text = ("the quick brown fox jumps over the lazy dog and then the dog sleeps in the sun while "
+            "the fox runs into the forest where other animals live together in peace")
+    pieces = ["\u2581"] + sorted(set(text.replace(" ", "")))
+    words = [("\u2581" + w) for w in text.split()]
+    for n in range(2, 9):  # prefixes of words, then pieces inside them, most frequent first
+        for w in sorted(set(words), key=lambda w: (-words.count(w), w)):
+            if len(w) >= n and w[:n] not in pieces:
+                pieces.append(w[:n])
+    for n in range(2, 4):
+        for w in sorted(set(words), key=lambda w: (-words.count(w), w)):
+            pieces += [p for i in range(2, len(w) - n + 1) if (p := w[i:i + n]) not in pieces]
+    special = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+    byte_tokens = [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    pieces = pieces[:size - len(special) - len(byte_tokens)]
+    assert len(special) + len(byte_tokens) + len(pieces) == size
+    return special + byte_tokens + [(p, -float(i), 1) for i, p in enumerate(pieces)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_sentencepiece_vocabulary_tokenizes_as_transformers(hf_checkpoint, tmp_path, arch):
+    """A GGUF with a SentencePiece vocabulary (most Phi-3 GGUFs): our rebuilt tokenizer against
+    transformers' GGUF tokenizer, on text with spaces at the start, runs of spaces, newlines and
+    characters outside the vocabulary (byte fallback)."""
+    from transformers import AutoTokenizer
+
+    src = tiny_checkpoint(hf_checkpoint, arch)
+    vocab = sentencepiece_vocab(384)
+    write_gguf(tmp_path / "m.gguf", src, arch, sentencepiece=vocab)
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "m.upg", type="f32", progress=False)
+    ours = Llama(str(tmp_path / "m.upg"), n_ctx=64)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    texts = ["the quick brown fox", " the lazy dog sleeps", "forest  animals\nlive", "Große Straße, café 🎉",
+             "   leading spaces", "x"]
+    for text in texts:
+        want = theirs.encode(text, add_special_tokens=False)
+        assert ours.tokenize(text.encode(), add_bos=False) == want, text
+        # Decoding: the same text, except that transformers strips the space SentencePiece puts
+        # before the first word and our byte-exact pieces keep it (as llama.cpp's token pieces do).
+        got, expected = ours.detokenize(want).decode(), theirs.decode(want)
+        assert got == expected or (got == " " + expected), (text, got, expected)
+    assert ours.tokenize(b"the dog")[0] == 1  # BOS: llama.cpp adds it to SentencePiece vocabularies
+    assert any(t >= 3 + 256 for t in ours.tokenize(b"the forest", add_bos=False))  # word pieces, not bytes

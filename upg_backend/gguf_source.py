@@ -159,23 +159,52 @@ def _pre_tokenizer(g: _GGUF) -> Any:
     return byte_level
 
 
+def _sentencepiece_bpe(g: _GGUF, vocab: dict[str, int]) -> Any:
+    """A SentencePiece BPE vocabulary (tokens and scores, no merges) as a `tokenizers` BPE with byte
+    fallback, built as transformers builds one from a GGUF: the merges are every split of a token
+    into two tokens, best score first (ties: longer left, then longer right piece). Phi-3's
+    tokenizer marks word starts with a normalizer, Llama's with `Metaspace` (they differ only on
+    text that starts with a space)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    scores = dict(zip(vocab, g.need("tokenizer.ggml.scores")))
+    merges = []
+    for piece, score in scores.items():
+        splits = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True))
+    if g.arch == "phi3":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    return tok
+
+
 def _tokenizer_json(g: _GGUF) -> dict[str, Any]:
-    """tokenizer.json of the byte-level BPE the GGUF describes (vocabulary, merges, token types)."""
+    """tokenizer.json of the BPE the GGUF describes: byte-level with merges ('gpt2'), or SentencePiece
+    with scores ('llama'); control tokens special, user-defined ones added."""
     import json
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     model = g.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ConversionError(f"{g.path}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
-                              "only byte-level BPE ('gpt2') is")
     tokens = list(g.need("tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in g.need("tokenizer.ggml.merges")]
     types = list(g.get("tokenizer.ggml.token_type") or [])
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
-    tok.pre_tokenizer = _pre_tokenizer(g)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if model == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in g.need("tokenizer.ggml.merges")]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        tok.pre_tokenizer = _pre_tokenizer(g)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    elif model == "llama":
+        tok = _sentencepiece_bpe(g, vocab)
+    else:
+        raise ConversionError(f"{g.path}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
+                              "byte-level BPE ('gpt2') and SentencePiece BPE ('llama') are")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, k in zip(tokens, types) if k == _CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
@@ -190,7 +219,8 @@ def _tokenizer_config(g: _GGUF) -> dict[str, Any]:
                        ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
         if (i := g.get(f"tokenizer.ggml.{field}")) is not None and 0 <= int(i) < len(tokens):
             config[key] = tokens[int(i)]
-    config["add_bos_token"] = bool(g.get("tokenizer.ggml.add_bos_token", False))
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+    config["add_bos_token"] = bool(g.get("tokenizer.ggml.add_bos_token", g.get("tokenizer.ggml.model") == "llama"))
     config["add_eos_token"] = bool(g.get("tokenizer.ggml.add_eos_token", False))
     return config
 
