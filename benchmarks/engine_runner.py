@@ -19,15 +19,15 @@ import json
 import resource
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 
-class UPG:
-    def __init__(self, path: str, n_ctx: int, threads: int, logits_all: bool):
-        from upg_backend.llama import Llama
+class _Engine:
+    """What both engines share: the llama-cpp-python API of `self.llm`."""
 
-        self.llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_batch=512, logits_all=logits_all)
+    llm: Any
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -38,14 +38,21 @@ class UPG:
     def eval(self, tokens: list[int]) -> None:
         self.llm.eval(tokens)
 
-    def last_logits(self) -> np.ndarray:
-        return self.llm.scores[-1]
-
     def all_logits(self, n: int) -> np.ndarray:
         return self.llm.scores[:n]
 
 
-class LlamaCpp:
+class UPG(_Engine):
+    def __init__(self, path: str, n_ctx: int, threads: int, logits_all: bool):
+        from upg_backend.llama import Llama
+
+        self.llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_batch=512, logits_all=logits_all)
+
+    def last_logits(self) -> np.ndarray:
+        return self.llm.scores[-1]
+
+
+class LlamaCpp(_Engine):
     def __init__(self, path: str, n_ctx: int, threads: int, logits_all: bool):
         import llama_cpp
 
@@ -53,22 +60,10 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                                    use_mmap=True, use_mlock=False, logits_all=logits_all, verbose=False)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-
-    def reset(self) -> None:
-        self.llm.reset()
-
-    def eval(self, tokens: list[int]) -> None:
-        self.llm.eval(tokens)
-
     def last_logits(self) -> np.ndarray:
         # logits_all=False keeps no Python copy: read the last row from the context
         ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))
-
-    def all_logits(self, n: int) -> np.ndarray:
-        return self.llm.scores[:n]
 
 
 def peak_rss() -> int:

@@ -128,7 +128,7 @@ struct QuantizedInput {
   std::vector<int32_t> sum;
   upg::ActQ8 view;
   QuantizedInput(const upg::Kernels& k, const upg::WeightView& w, const float* x, int64_t n) {
-    if (!upg::uses_act_q8(w.type)) return;
+    if (!upg::is_quantized(w.type)) return;
     const int64_t nb = w.cols / w.block;
     q.resize(size_t(n * w.cols));
     d.resize(size_t(n * nb));

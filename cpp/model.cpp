@@ -188,7 +188,7 @@ ActQ8 Session::quantize_act(const float* x, int64_t n, int64_t cols, int block) 
 }
 
 void Session::matmul(const WeightView& w, const float* x, int64_t n, float* y) {
-  const ActQ8 xq = uses_act_q8(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
+  const ActQ8 xq = is_quantized(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
   pool_.run([&](int t, int nt) {
     int64_t r0, r1;
     split_range(w.rows, t, nt, 16, r0, r1);

@@ -9,6 +9,15 @@ namespace {
 
 constexpr int kMaxSpan = 64;  // elements decoded at a time: one block, or a dense chunk
 
+// Element j of quantized block g as the integer its scale multiplies.
+int code(const WeightView& w, int64_t g, int j) {
+  const int B = w.block;
+  if (w.type == DType::Q8_0) return int8_t(w.codes[g * B + j]);
+  if (w.type == DType::Q3) return q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - 4;
+  const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
+  return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
+}
+
 // The elements [k0, k0 + n) of row r, by the spec's formulas; for quantized types exactly one
 // block (k0 a multiple of the block, n = block).
 void decode(const WeightView& w, int64_t r, int64_t k0, int n, float* out) {
@@ -27,17 +36,8 @@ void decode(const WeightView& w, int64_t r, int64_t k0, int n, float* out) {
     case DType::BF16:
       for (int j = 0; j < n; ++j) out[j] = bf16_to_f32(h[j]);
       return;
-    case DType::Q8_0:
-      for (int j = 0; j < B; ++j) out[j] = d * float(int8_t(w.codes[i0 + j]));
-      return;
-    case DType::Q4:
-      for (int j = 0; j < B; ++j) {
-        const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
-        out[j] = d * float((j < B / 2 ? byte & 15 : byte >> 4) - 8);
-      }
-      return;
-    case DType::Q3:
-      for (int j = 0; j < B; ++j) out[j] = d * float(q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - 4);
+    case DType::Q8_0: case DType::Q4: case DType::Q3:
+      for (int j = 0; j < B; ++j) out[j] = d * float(code(w, g, j));
       return;
     default: return;
   }
@@ -54,14 +54,6 @@ float outlier_dot(const WeightView& w, int64_t r, const float* x) {
   return s;
 }
 
-// Element j of quantized block g as the integer its scale multiplies.
-int code(const WeightView& w, int64_t g, int j) {
-  const int B = w.block;
-  if (w.type == DType::Q8_0) return int8_t(w.codes[g * B + j]);
-  if (w.type == DType::Q3) return q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - 4;
-  const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
-  return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
-}
 
 // Quantized weights against 8-bit activations (kernels.h): per block, the integer dot product times
 // the weight's and the activation's scales. t: the activation row.
@@ -94,7 +86,7 @@ float row_dot(const WeightView& w, int64_t r, const float* x) {
 }
 
 void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) y[r] = uses_act_q8(w.type) ? row_dot_q8(w, r, x, xq, 0) : row_dot(w, r, x);
+  for (int64_t r = r0; r < r1; ++r) y[r] = is_quantized(w.type) ? row_dot_q8(w, r, x, xq, 0) : row_dot(w, r, x);
 }
 
 // The reference has no tiling: the blocked-decode contract is about speed, not results.
@@ -102,7 +94,7 @@ void matmul(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, flo
             int64_t r0, int64_t r1) {
   for (int64_t t = 0; t < n; ++t)
     for (int64_t r = r0; r < r1; ++r)
-      y[t * ldy + r] = uses_act_q8(w.type) ? row_dot_q8(w, r, x + t * w.cols, xq, t) : row_dot(w, r, x + t * w.cols);
+      y[t * ldy + r] = is_quantized(w.type) ? row_dot_q8(w, r, x + t * w.cols, xq, t) : row_dot(w, r, x + t * w.cols);
 }
 
 void quantize_act(const float* x, int64_t n, int block, int8_t* q, float* d, int32_t* sum) {

@@ -25,7 +25,6 @@ struct WeightView {
 // Q8_0 / Q4_0 dot products do: integer dot products per block, then one float scale per block. Per
 // block of the weight's block size B: d = f16(amax / 127), codes = round-half-even(x * 127 / amax)
 // (0 when amax is 0). The sparse outliers and the dense types multiply x itself.
-inline bool uses_act_q8(DType t) { return is_quantized(t); }
 
 // n rows of activations quantized in blocks of `block` (rows of `cols` elements).
 struct ActQ8 {
@@ -40,7 +39,7 @@ struct Kernels {
 
   // Decode: y[r] = sum_k W[r][k] * x[k] for r in [r0, r1). Outliers are added in the same pass.
   // y points at element 0 of the full output (only [r0, r1) is written). xq: x quantized in
-  // blocks of w.block, required when uses_act_q8(w.type), else unused.
+  // blocks of w.block, required when is_quantized(w.type), else unused.
   void (*matvec)(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1);
 
   // Prefill: y[t * ldy + r] = sum_k W[r][k] * x[t * cols + k] for t in [0, n), r in [r0, r1).

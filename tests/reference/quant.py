@@ -114,7 +114,7 @@ def add_outliers(w, rowptr, col, val_bits):
 
 # Quantized weights multiply activations quantized like this (docs/ARCHITECTURE.md), as llama.cpp's
 # Q8_0 activations: per block, d = f16(amax / 127), codes rint(x * (127 / amax)).
-ACT_Q8_TYPES = ("q8_0", "q4", "q3")
+ACT_Q8_TYPES = QUANTIZED
 
 
 def quantize_activations(x, block):
