@@ -35,6 +35,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "engine_runner.py"
 SECTION = "## Against llama.cpp"
@@ -62,6 +64,7 @@ REFERENCE_TEXT = (
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
            "The three primary colors are"]
 TOP1_THRESHOLD = 0.99
+CHECK_N_CTX = 1024  # REFERENCE_TEXT is about 400 tokens
 
 
 @dataclasses.dataclass
@@ -93,8 +96,10 @@ class Engines:
         self.threads, self.n_ctx = threads, n_ctx
 
     def run(self, engine: str, model: Path, mode: str, job: dict[str, Any]) -> dict[str, Any]:
+        # the correctness text needs its own context, whatever --prompt and --gen ask of the benchmark
+        n_ctx = max(self.n_ctx, CHECK_N_CTX) if mode == "logits" else self.n_ctx
         cmd = [self.python[engine], str(RUNNER), "--engine", engine, "--mode", mode, "--model", str(model),
-               "--threads", str(self.threads), "--n-ctx", str(self.n_ctx)]
+               "--threads", str(self.threads), "--n-ctx", str(n_ctx)]
         return _run(cmd, job)
 
 
@@ -194,21 +199,36 @@ def bench_pair(engines: Engines, pair: Pair, runs: int, prompt: int, gen: int) -
     return results
 
 
-def correctness(engines: Engines, pair: Pair, gen: int) -> dict[str, Any]:
+def _agreement(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, int]:
+    """(top-1 agreement over the text, number of identical greedy continuations) of two logits runs."""
+    agree = sum(x == y for x, y in zip(a["top1"], b["top1"])) / len(a["top1"])
+    return agree, sum(x == y for x, y in zip(a["continuations"], b["continuations"]))
+
+
+def correctness(engines: Engines, pair: Pair, gen: int, work: Path) -> dict[str, Any]:
     """Top-1 agreement over REFERENCE_TEXT and greedy continuations of PROMPTS, both engines on
-    llama.cpp's token ids (ours' own tokenization is compared too)."""
+    llama.cpp's token ids (ours' own tokenization is compared too). Both engines' logits over the
+    text are saved under `work` for report()'s divergences."""
     job = {"text": REFERENCE_TEXT, "prompts": PROMPTS, "gen": gen}
-    peer = engines.run("llamacpp", pair.peer, "logits", job)
+    logits = {e: work / f"logits-{pair.ours_type}-{pair.peer_type}-{e}.npy" for e in ("upg", "llamacpp")}
+    peer = engines.run("llamacpp", pair.peer, "logits", {**job, "logits_out": str(logits["llamacpp"])})
     own = engines.run("upg", pair.ours, "logits", job)
-    ours = engines.run("upg", pair.ours, "logits", {**job, "text_ids": peer["text_ids"], "prompt_ids": peer["prompt_ids"]})
-    agree = sum(a == b for a, b in zip(peer["top1"], ours["top1"])) / len(peer["top1"])
-    same = sum(a == b for a, b in zip(peer["continuations"], ours["continuations"]))
+    ours = engines.run("upg", pair.ours, "logits", {**job, "text_ids": peer["text_ids"], "prompt_ids": peer["prompt_ids"],
+                                                     "logits_out": str(logits["upg"])})
+    # llama.cpp against itself with flash attention on (its default is off): how far a change in
+    # f32 rounding alone moves its own predictions, the spread any second engine should be held to
+    peer_fa = engines.run("llamacpp", pair.peer, "logits", {**job, "text_ids": peer["text_ids"],
+                                                              "prompt_ids": peer["prompt_ids"],
+                                                              "llamacpp_options": {"flash_attn": True}})
+    agree, same = _agreement(peer, ours)
+    self_agree, self_same = _agreement(peer, peer_fa)
     # llama.cpp's own top-2 logit gap where the engines differ, against its gaps everywhere: small
     # gaps mean near-ties that any difference in rounding can flip.
     differ_gaps = [g for a, b, g in zip(peer["top1"], ours["top1"], peer["gap"]) if a != b]
     return {"pair": f"{pair.model} {pair.ours_type} / {pair.peer_type}", "peer_type": pair.peer_type,
-            "top1": {"upg": ours["top1"], "llamacpp": peer["top1"]}, "positions": len(peer["top1"]),
+            "top1": {"upg": ours["top1"], "llamacpp": peer["top1"]}, "logits": logits, "positions": len(peer["top1"]),
             "top1_agreement": agree, "continuations_identical": same, "prompts": len(PROMPTS),
+            "llamacpp_fa_top1_agreement": self_agree, "llamacpp_fa_continuations_identical": self_same,
             "largest_gap_where_differ": max(differ_gaps, default=None), "median_gap": statistics.median(peer["gap"]),
             "tokenization_identical": own["text_ids"] == peer["text_ids"] and own["prompt_ids"] == peer["prompt_ids"],
             "continuations": list(zip(PROMPTS, peer["continuations"], ours["continuations"])),
@@ -245,6 +265,12 @@ def core_build() -> str:
     path = Path(importlib.util.find_spec("upg_backend._core").origin)
     stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     return f"_core sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}, built {stamp} UTC"
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
 def _median(rs: list[dict], key: str) -> float:
@@ -298,27 +324,37 @@ def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list
            "loadavg is the 1-minute load average when each run started.", "",
            table(rows), ""]
     if checks:
-        # llama.cpp at F16 as the outside reference: which engine's quantized path moves away from it
-        ref = next((c["top1"]["llamacpp"] for c in checks if c["peer_type"] == "F16"), None)
+        # llama.cpp at F16 as the outside reference: which engine's quantized path moves further from it
+        ref = next((c for c in checks if c["peer_type"] == "F16"), None)
+        ref_logp = _log_softmax(np.load(ref["logits"]["llamacpp"])) if ref else None
 
-        def vs_ref(top1: list[int]) -> str:
-            return f"{100 * sum(a == b for a, b in zip(top1, ref)) / len(ref):.1f}%" if ref else "-"
+        def vs_ref(c: dict, engine: str) -> str:
+            if ref is None:
+                return "-"
+            logp = _log_softmax(np.load(c["logits"][engine]))
+            kld = float(np.mean(np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=1)))
+            agree = np.mean(logp.argmax(axis=1) == ref_logp.argmax(axis=1))
+            return f"{kld:.5f} / {100 * agree:.1f}%"
 
         out += ["Correctness: both engines on llama.cpp's token ids (ours' own tokenization compared to them); "
                 f"pass = top-1 agreement >= {100 * TOP1_THRESHOLD:.0f}% or all greedy continuations identical.", "",
-                "| pair | top-1 agreement | greedy continuations identical | top-1 agreement with llama.cpp F16: ours / llama.cpp "
+                "| pair | top-1 agreement | greedy continuations identical | llama.cpp flash attention on vs off: top-1 / continuations "
+                "| against llama.cpp F16, KL divergence / top-1: ours | the same: llama.cpp "
                 "| llama.cpp's top-2 logit gap: largest where the engines differ / median | tokenization identical | result |",
-                "|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|"]
         for c in checks:
             gap = c["largest_gap_where_differ"]
             out.append(f"| {c['pair']} | {100 * c['top1_agreement']:.1f}% of {c['positions']} positions | "
                        f"{c['continuations_identical']}/{c['prompts']} ({args.check_gen} tokens) | "
-                       f"{vs_ref(c['top1']['upg'])} / {vs_ref(c['top1']['llamacpp'])} | "
+                       f"{100 * c['llamacpp_fa_top1_agreement']:.1f}% / {c['llamacpp_fa_continuations_identical']}/{c['prompts']} | "
+                       f"{vs_ref(c, 'upg')} | {vs_ref(c, 'llamacpp')} | "
                        f"{'-' if gap is None else f'{gap:.3f}'} / {c['median_gap']:.3f} | "
                        f"{'yes' if c['tokenization_identical'] else 'no'} | {'pass' if c['passed'] else 'FAIL'} |")
         out += ["", "Both engines run the same weights: our q8_0 and f16 files are converted from llama.cpp's Q8_0 "
                 "and F16 files, which our types hold exactly. Both round activations to 8 bits the same way for "
-                "Q8_0 products; what differs is summation order in f32.", ""]
+                "Q8_0 products; what differs is summation order in f32. The flash-attention column is llama.cpp "
+                "against itself (the same file, its attention computed the other way): the spread that f32 "
+                "rounding alone causes in the reference.", ""]
     return "\n".join(out)
 
 
@@ -382,11 +418,13 @@ def main() -> None:
             print(f"{pair.model}: ours {pair.ours_type} vs llama.cpp {pair.peer_type}", file=sys.stderr)
             rows.append((pair, bench_pair(engines, pair, runs, args.prompt, args.gen)))
             if model == "smollm2" and pair.ours_type in ("f16", "q8_0") and not args.no_check:
-                checks.append(correctness(engines, pair, args.check_gen))
+                checks.append(correctness(engines, pair, args.check_gen, args.work_dir))
                 c = checks[-1]
                 print(f"  correctness {c['pair']}: top-1 {100 * c['top1_agreement']:.1f}% of {c['positions']}, "
                       f"continuations {c['continuations_identical']}/{c['prompts']} identical -> "
-                      f"{'pass' if c['passed'] else 'FAIL'}", file=sys.stderr)
+                      f"{'pass' if c['passed'] else 'FAIL'} (llama.cpp flash attention on vs off: top-1 "
+                      f"{100 * c['llamacpp_fa_top1_agreement']:.1f}%, continuations "
+                      f"{c['llamacpp_fa_continuations_identical']}/{c['prompts']})", file=sys.stderr)
                 for prompt, a, b in c["continuations"]:
                     print(f"    {prompt!r}: llama.cpp {a}\n    {' ' * len(repr(prompt))}  ours      {b}", file=sys.stderr)
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -9,7 +9,8 @@ Modes:
         first token), then `gen` greedy decode steps.
     logits: teacher-forced top-1 token at every position of `text`, and greedy continuations of
         `prompts`; both on the token ids given (`text_ids`, `prompt_ids`) or, when absent, on the
-        engine's own tokenization (which is returned).
+        engine's own tokenization (which is returned). With `logits_out`, the logits of every
+        position of `text` are saved there (.npy).
 """
 from __future__ import annotations
 
@@ -53,12 +54,12 @@ class UPG(_Engine):
 
 
 class LlamaCpp(_Engine):
-    def __init__(self, path: str, n_ctx: int, threads: int, logits_all: bool):
+    def __init__(self, path: str, n_ctx: int, threads: int, logits_all: bool, **options: Any):
         import llama_cpp
 
         self.lib = llama_cpp
         self.llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                                   use_mmap=True, use_mlock=False, logits_all=logits_all, verbose=False)
+                                   use_mmap=True, use_mlock=False, logits_all=logits_all, verbose=False, **options)
 
     def last_logits(self) -> np.ndarray:
         # logits_all=False keeps no Python copy: read the last row from the context
@@ -112,6 +113,8 @@ def logits(engine, job: dict) -> dict:
     engine.reset()
     engine.eval(text_ids)
     all_logits = engine.all_logits(len(text_ids))
+    if job.get("logits_out"):  # the whole matrix, for divergences the caller computes
+        np.save(job["logits_out"], np.asarray(all_logits, dtype=np.float32))
     top1 = [int(i) for i in np.argmax(all_logits, axis=1)]
     two = np.sort(all_logits, axis=1)[:, -2:]
     gap = [float(g) for g in two[:, 1] - two[:, 0]]  # how close each position is to a tie
@@ -134,7 +137,10 @@ def main() -> None:
     job = json.load(sys.stdin)
     importlib.import_module("upg_backend.llama" if args.engine == "upg" else "llama_cpp")  # not part of load time
     t0 = time.perf_counter()
-    engine = (UPG if args.engine == "upg" else LlamaCpp)(args.model, args.n_ctx, args.threads, args.mode == "logits")
+    if args.engine == "upg":
+        engine = UPG(args.model, args.n_ctx, args.threads, args.mode == "logits")
+    else:
+        engine = LlamaCpp(args.model, args.n_ctx, args.threads, args.mode == "logits", **job.get("llamacpp_options", {}))
     load_s = time.perf_counter() - t0
     result = bench(engine, job) if args.mode == "bench" else logits(engine, job)
     result.update(load_s=load_s, peak_rss_bytes=peak_rss())
