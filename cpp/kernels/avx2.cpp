@@ -156,9 +156,9 @@ struct V256 {
                            _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi8(1)), 2));
   }
   template <int P>
-  static ireg acc_init(const int32_t* sum, int z) {
+  static ireg acc_init(const int32_t* zs) {
     static_assert(P == 1, "a vector holds at most one block");
-    return _mm256_setr_epi32(-z * sum[0], 0, 0, 0, 0, 0, 0, 0);
+    return _mm256_zextsi128_si256(_mm_cvtsi32_si128(zs[0]));
   }
   template <int P>
   static reg block_scales(const float* s) { return _mm256_set1_ps(s[0]); }

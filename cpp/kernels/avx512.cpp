@@ -121,7 +121,8 @@ struct V512 {
   }
   // 64 q3 codes (3 bits) in element order, from the ql (2-bit fields) and qh (1-bit) bytes of two
   // blocks of 32 or one of 64 (docs/FORMAT.md): each run of fields is broadcast to where its
-  // elements go and shifted into place there.
+  // elements go and shifted into place there; a high bit is rotated straight to bit 2 (rotations
+  // by g - 2, mod the lane width), and one bitwise select joins the two.
   template <int B>
   static ireg q3_codes(const uint8_t* ql, const uint8_t* qh, int) {
     __m512i lo, hi;
@@ -130,25 +131,27 @@ struct V512 {
       lo = _mm512_srlv_epi64(_mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), q),
                              _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6));
       const __m512i h = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qh)));
-      hi = _mm512_srlv_epi32(
+      hi = _mm512_rorv_epi32(
           _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), h),
-          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7));
+          _mm512_setr_epi32(30, 31, 0, 1, 2, 3, 4, 5, 30, 31, 0, 1, 2, 3, 4, 5));
     } else {  // element 16f + i: ql byte i, field f; element 8g + i: qh byte i, bit g
       lo = _mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ql))),
                              _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6));
       int64_t h;
       __builtin_memcpy(&h, qh, 8);
-      hi = _mm512_srlv_epi64(_mm512_set1_epi64(h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+      hi = _mm512_rorv_epi64(_mm512_set1_epi64(h), _mm512_setr_epi64(62, 63, 0, 1, 2, 3, 4, 5));
     }
-    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(3)),
-                           _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi8(1)), 2));
+    // bits 0-1 from lo, 2-7 from hi (0xE4: C ? A : B, C = 0x03 per byte), then the 3 code bits
+    const __m512i joined = _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4);
+    return _mm512_and_si512(joined, _mm512_set1_epi8(7));
   }
-  // The integer accumulator of a vector of P blocks: -z * (sum of codes) once per block.
+  // The integer accumulator of a vector of P blocks: zs[p] (-zero x sum of codes) in the first
+  // lane of block p, 0 elsewhere; one masked load or one permute, no scalar-to-vector moves.
   template <int P>
-  static ireg acc_init(const int32_t* sum, int z) {
-    const ireg v = _mm512_maskz_set1_epi32(1, -z * sum[0]);
-    if constexpr (P == 1) return v;
-    return _mm512_mask_set1_epi32(v, 1 << 8, -z * sum[1]);
+  static ireg acc_init(const int32_t* zs) {
+    if constexpr (P == 1) return _mm512_maskz_loadu_epi32(1, zs);
+    const __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zs)));
+    return _mm512_maskz_permutexvar_epi32(0x0101, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), pair);
   }
   template <int P>
   static reg block_scales(const float* s) {
