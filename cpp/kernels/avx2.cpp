@@ -79,6 +79,7 @@ struct V256 {
   // q4 / q3 codes stay unsigned (0..15 / 0..7); q8_0 codes stay signed and lend their sign to the
   // activations.
   static constexpr int kNTi8 = 4;  // tokens per matmul register tile
+  static constexpr int kMRi8 = 1, kNTi8Wide = 4;  // one row vector per tile (16 registers)
   template <DType T>
   static constexpr int kZero = T == DType::Q4 ? 8 : T == DType::Q3 ? 4 : 0;
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }

@@ -78,7 +78,9 @@ struct V512 {
   static reg cvt(ireg v) { return _mm512_cvtepi32_ps(v); }
 
   // ---- 8-bit activations (simd_kernels.h): vpdpbusd on unsigned weight codes ----
-  static constexpr int kNTi8 = 8;  // tokens per matmul register tile (best of 4..12)
+  static constexpr int kNTi8 = 8;  // tokens per matmul register tile of one row vector (best of 4..12)
+  // Row vectors x tokens of the wide tile: each broadcast feeds two rows of 16 (measured 2x4..2x7, 3x4)
+  static constexpr int kMRi8 = 2, kNTi8Wide = 5;
   template <DType T>
   static constexpr int kZero = T == DType::Q4 ? 8 : T == DType::Q3 ? 4 : 128;
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
