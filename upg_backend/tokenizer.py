@@ -6,6 +6,7 @@ so the runtime joins token bytes and decodes only complete characters.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -48,13 +49,12 @@ class Tokenizer:
         if not isinstance(tokenizer_json, dict) or "model" not in tokenizer_json:
             raise UPGFormatError("the header has no usable 'tokenizer' (tokenizer.json) object")
         try:
-            source = json.dumps(tokenizer_json)
-            self._hf = HFTokenizer.from_str(source)
-            # a second instance that reads special-token strings in the text as plain text
-            self._hf_plain = HFTokenizer.from_str(source)
-            self._hf_plain.encode_special_tokens = True
+            # One instance (building one takes 0.6 s for a 200k vocabulary): encode() sets whether
+            # special-token strings in the text count as those tokens, under a lock.
+            self._hf = HFTokenizer.from_str(json.dumps(tokenizer_json))
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise UPGFormatError(f"cannot load the tokenizer: {e}") from e
+        self._encode_lock = threading.Lock()
         self.config = dict(tokenizer_config or {})
         self.n_vocab = self._hf.get_vocab_size(with_added_tokens=True)
         self.special_tokens = {
@@ -68,32 +68,30 @@ class Tokenizer:
             ids = self._hf.encode("", add_special_tokens=True).ids
             add_bos = bool(ids) and ids[0] == self.bos_id
         self.add_bos = bool(add_bos) and self.bos_id is not None
-        self._control = {t.content for t in self._hf.get_added_tokens_decoder().values() if t.special}
-        self._token_bytes = self._build_token_bytes(tokenizer_json)
+        added = self._hf.get_added_tokens_decoder()
+        self._added = {t.content for t in added.values()}
+        self._control_ids = {i for i, t in added.items() if t.special}
+        decoder = tokenizer_json.get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        self._byte_table = _byte_level_table() if "ByteLevel" in kinds else None
+        self._token_bytes: dict[int, bytes] = {}  # filled as tokens are first decoded
 
     def _token_id(self, text: str | None) -> int | None:
         return None if text is None else self._hf.token_to_id(text)
 
-    def _build_token_bytes(self, tokenizer_json: dict[str, Any]) -> list[bytes]:
-        """Every token's bytes, so generated text can be assembled byte-exactly, token by token."""
-        decoder = tokenizer_json.get("decoder") or {}
-        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
-        added = {t.content for t in self._hf.get_added_tokens_decoder().values()}
-        table = _byte_level_table() if "ByteLevel" in kinds else None
-        out = []
-        for i in range(self.n_vocab):
-            piece = self._hf.id_to_token(i)
-            if piece is None:
-                out.append(b"")
-            elif piece in added:
-                out.append(piece.encode("utf-8"))
-            elif table is not None:
-                out.append(bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode())
-            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
-                out.append(bytes([int(piece[3:5], 16)]))
-            else:  # SentencePiece: U+2581 marks a space
-                out.append(piece.replace("\u2581", " ").encode("utf-8"))
-        return out
+    def _piece_bytes(self, token: int) -> bytes:
+        """A token's bytes, so generated text can be assembled byte-exactly, token by token."""
+        piece = self._hf.id_to_token(token)
+        table = self._byte_table
+        if piece is None:
+            return b""
+        if piece in self._added:
+            return piece.encode("utf-8")
+        if table is not None:
+            return bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")  # SentencePiece: U+2581 marks a space
 
     def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text`.
@@ -105,8 +103,9 @@ class Tokenizer:
             special: read special-token strings in the text (`<|im_start|>`) as those tokens;
                 otherwise they are tokenized as plain text.
         """
-        hf = self._hf if special else self._hf_plain
-        ids = hf.encode(text, add_special_tokens=False).ids
+        with self._encode_lock:
+            self._hf.encode_special_tokens = not special
+            ids = self._hf.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_bos and self.add_bos else ids
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
@@ -116,9 +115,11 @@ class Tokenizer:
             raise ValueError(f"token ids are non-negative, got {token}")
         if token >= self.n_vocab:  # a model's embedding rows past the tokenizer's vocabulary (padding)
             return b""
-        piece = self._token_bytes[token]
-        if not special and self._hf.id_to_token(token) in self._control:
+        if not special and token in self._control_ids:
             return b""
+        piece = self._token_bytes.get(token)
+        if piece is None:
+            piece = self._token_bytes[token] = self._piece_bytes(token)
         return piece
 
     def decode(self, tokens: Iterable[int], special: bool = False) -> bytes:
@@ -127,7 +128,7 @@ class Tokenizer:
 
     def is_control(self, token: int) -> bool:
         """Whether the token is a special (control) token."""
-        return self._hf.id_to_token(token) in self._control
+        return token in self._control_ids
 
     def token_id(self, text: str) -> int | None:
         """The id of a token given by its exact string (e.g. "<|im_end|>"), or None."""
