@@ -202,3 +202,19 @@ def test_quantized_matches_numpy_reference(quantized_models, engine_logits, case
     errs = np.array([rel_err(got[i], ref[i]) for i in range(len(tokens))])
     assert np.median(errs) <= 1e-5, errs
     assert errs.max() <= 3e-2, errs
+
+
+@pytest.mark.parametrize("case", [1, 7, 11], ids=["q8_0-b32-o0.02", "q4-b64-o0.02", "q3-b64-o0.02"])
+def test_logits_do_not_depend_on_thread_count(quantized_models, case):
+    """Threads split rows, heads and tokens, never one sum: 1, 2 and 3 threads give the same bits,
+    so results (and comparisons against other engines) reproduce on any machine's core count."""
+    paths, tokens = quantized_models
+    runs = []
+    for n_threads in (1, 2, 3):
+        with Llama(str(paths[case]), n_ctx=64, logits_all=True, n_threads=n_threads) as llm:
+            llm.eval(tokens[:Q_PREFILL])
+            for t in tokens[Q_PREFILL:]:
+                llm.eval([t])
+            runs.append(np.array(llm.scores))
+    np.testing.assert_array_equal(runs[1], runs[0])
+    np.testing.assert_array_equal(runs[2], runs[0])
