@@ -542,7 +542,10 @@ def test_forward_pass_matches_cpu_engine(lib, graph_models, model, kv_type):
             cpu.eval([t])
         want = np.asarray(cpu.scores[:12], np.float64)
     rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-    assert rel.max() <= 1e-5, rel
+    # An f16 KV cache rounds keys and values to 11 bits: where the two backends' f32 sums differ in
+    # the last bit, a stored value can land on the neighbouring f16, which moves later logits by
+    # ~1e-4 (two builds of the CPU engine alone differ that much); a wrong cache is off by far more.
+    assert rel.max() <= (1e-5 if kv_type == "f32" else 1e-3), rel
 
 
 def test_generation_and_state_on_metal_graph(lib, graph_models):

@@ -1,5 +1,5 @@
 // The SIMD kernels, written once over a vector traits type V that avx2.cpp and avx512.cpp define
-// (V::W float lanes, V::kMR x V::kNT matmul register tile, integer lane helpers).
+// (V::W float lanes, V::kMR row vectors x V::kNT tokens dense matmul register tile, integer lane helpers).
 //
 // Included only by those two files and wrapped in an anonymous namespace, so each gets its own
 // copy built with its own instruction set. For the same reason nothing here calls an inline
@@ -17,11 +17,8 @@
 namespace upg {
 namespace {
 
-// Tuning constants (matmul): a tile of kMR weight rows x kTileK columns is decoded to f32 once
-// (4 KiB a row, L1-resident) and reused by up to kTokenBlock tokens, whose x slices
-// (kTokenBlock x kTileK f32 = 256 KiB) stay in L2. kTileK 512 and 2048 measured slower.
+// Tuning constant (quantized matmul): the columns of a packed tile of weight codes.
 constexpr int64_t kTileK = 1024;
-constexpr int64_t kTokenBlock = 64;
 constexpr int kScaleGroup = 64;  // matvec: block scales converted to f32 per batch
 // matvec: software prefetch. Rows are read R at a time, and R consecutive rows are one contiguous
 // stretch of each stream, so the prefetch runs one group ahead: R rows' bytes further on, the same
@@ -511,45 +508,61 @@ void dequant_row(const WeightView& w, int64_t r, float* out) {
 
 // ---- matmul ----
 
-// s[t][i] = dot(wt row i, x row t) over k in [0, klen): the register tile of kMR rows x NT tokens,
-// vectorized along k (both operands are k-contiguous), reduced across lanes once per tile.
+// Dense weights (f32 / f16 / bf16): tiles of kMR * W rows x kTileKF columns decoded to f32 and
+// laid out [k][row], so that one vector holds one column of W rows; each token's x[k] is
+// broadcast against it and every lane accumulates its own row: no horizontal sums. A tile
+// (96 KiB on AVX-512, read from L2: 256 and 128 columns measured slower) is reused by up to
+// kTokenBlockF tokens, which also pays for its transposed packing. The earlier kernel summed
+// along k and reduced each of its accumulators at the end of every tile: one core, f16,
+// 576 x 1536 x 512 tokens 175 -> 230 GFLOP/s, 1024 x 5120 x 256 tokens 143 -> 192.
+constexpr int64_t kTileKF = 512;
+constexpr int64_t kTokenBlockF = 512;
+
+// Rows [r, r + mr) of w, columns [k0, k0 + kc), into tile[k * kMR * W + i]; rows past mr are 0.
+template <class V, DType T>
+inline void pack_tile_f32(const WeightView& w, int64_t r, int mr, int64_t k0, int64_t kc, float* tile) {
+  constexpr int RW = V::kMR * V::W;
+  alignas(64) float row[kTileKF];
+  for (int i = 0; i < RW; ++i) {
+    if (i < mr) decode_range<V, T, 0>(w, r + i, k0, k0 + kc, row);
+    for (int64_t k = 0; k < kc; ++k) tile[k * RW + i] = i < mr ? row[k] : 0.0f;
+  }
+}
+
+// y[j * ldy + i] (+)= dot(tile row i, x row j) over the kc columns, for NT tokens and the first
+// mr of the tile's kMR * W rows.
 template <class V, int NT>
-inline void micro_tile(const float* wt, const float* x, int64_t ldx, int64_t klen,
-                       float (&s)[V::kNT][V::kMR]) {
-  using reg = typename V::reg;
-  constexpr int W = V::W, MR = V::kMR;
-  reg acc[NT][MR];
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) acc[t][i] = V::zero();
-  int64_t k = 0;
-  for (; k + W <= klen; k += W) {
-    reg wv[MR];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) wv[i] = V::load(wt + i * kTileK + k);
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      const reg xv = V::load(x + t * ldx + k);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) acc[t][i] = V::fma(wv[i], xv, acc[t][i]);
+inline void micro_tile_f32(const float* tile, const float* x, int64_t ldx, int64_t kc, float* y, int64_t ldy,
+                           int mr, bool first) {
+  constexpr int W = V::W, MR = V::kMR, RW = MR * W;
+  typename V::reg acc[MR][NT];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NT; ++j) acc[m][j] = V::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    typename V::reg wv[MR];
+    for (int m = 0; m < MR; ++m) wv[m] = V::load(tile + k * RW + m * W);
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) {
+      const auto xj = V::set1(x[j * ldx + k]);
+      for (int m = 0; m < MR; ++m) acc[m][j] = V::fma(wv[m], xj, acc[m][j]);
     }
   }
-  for (int t = 0; t < NT; ++t)
-    for (int i = 0; i < MR; ++i) {
-      float v = V::hsum(acc[t][i]);
-      for (int64_t kk = k; kk < klen; ++kk) v += wt[i * kTileK + kk] * x[t * ldx + kk];
-      s[t][i] = v;
+  for (int j = 0; j < NT; ++j)
+    for (int m = 0; m < MR; ++m) {
+      const int n = mr - m * W < W ? mr - m * W : W;
+      if (n <= 0) break;
+      float* o = y + j * ldy + m * W;
+      V::store_n(o, first ? acc[m][j] : V::add(V::load_n(o, n), acc[m][j]), n);
     }
 }
 
 template <class V, int NT = V::kNT>
-inline void micro_tile_n(int nt, const float* wt, const float* x, int64_t ldx, int64_t klen,
-                         float (&s)[V::kNT][V::kMR]) {
+inline void micro_tile_f32_n(int nt, const float* tile, const float* x, int64_t ldx, int64_t kc, float* y,
+                             int64_t ldy, int mr, bool first) {
   if constexpr (NT > 1) {
-    if (nt < NT) return micro_tile_n<V, NT - 1>(nt, wt, x, ldx, klen, s);
+    if (nt < NT) return micro_tile_f32_n<V, NT - 1>(nt, tile, x, ldx, kc, y, ldy, mr, first);
   }
-  micro_tile<V, NT>(wt, x, ldx, klen, s);
+  micro_tile_f32<V, NT>(tile, x, ldx, kc, y, ldy, mr, first);
 }
 
 template <class V>
@@ -565,31 +578,20 @@ void matmul(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, flo
         for (int64_t r = r0; r < r1; ++r) y[t * ldy + r] += outlier_dot(w, r, x + t * w.cols);
     return;
   }
-  constexpr int MR = V::kMR, NT = V::kNT;
-  alignas(64) static thread_local float tile[MR * kTileK];  // [MR][kTileK] decoded weights
+  constexpr int RW = V::kMR * V::W, NT = V::kNT;
+  alignas(64) static thread_local float tile[kTileKF * RW];
   const int64_t K = w.cols;
-  for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
-    const int64_t t1 = min64(n, t0 + kTokenBlock);
-    for (int64_t r = r0; r < r1; r += MR) {
-      const int mr = int(min64(MR, r1 - r));
-      for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-        const int64_t klen = min64(kTileK, K - k0);
-        visit_type(w, [&](auto t, auto b) {
-          for (int i = 0; i < mr; ++i)
-            decode_range<V, decltype(t)::value, decltype(b)::value>(w, r + i, k0, k0 + klen, tile + i * kTileK);
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenBlockF) {
+    const int64_t t1 = min64(n, t0 + kTokenBlockF);
+    for (int64_t r = r0; r < r1; r += RW) {
+      const int mr = int(min64(RW, r1 - r));
+      for (int64_t k0 = 0; k0 < K; k0 += kTileKF) {
+        const int64_t kc = min64(kTileKF, K - k0);
+        visit_type(w, [&](auto t, auto) {
+          if constexpr (!kActQ8<decltype(t)::value>) pack_tile_f32<V, decltype(t)::value>(w, r, mr, k0, kc, tile);
         });
-        for (int i = mr; i < MR; ++i)
-          for (int64_t k = 0; k < klen; ++k) tile[i * kTileK + k] = 0.0f;
-        for (int64_t t = t0; t < t1; t += NT) {
-          float s[NT][MR];
-          const int nt = int(min64(NT, t1 - t));
-          micro_tile_n<V>(nt, tile, x + t * K + k0, K, klen, s);
-          for (int j = 0; j < nt; ++j)
-            for (int i = 0; i < mr; ++i) {
-              float& out = y[(t + j) * ldy + r + i];
-              out = k0 == 0 ? s[j][i] : out + s[j][i];
-            }
-        }
+        for (int64_t t = t0; t < t1; t += NT)
+          micro_tile_f32_n<V>(int(min64(NT, t1 - t)), tile, x + t * K + k0, K, kc, y + t * ldy + r, ldy, mr, k0 == 0);
       }
       if (w.o_rowptr)
         for (int64_t t = t0; t < t1; ++t)
