@@ -296,9 +296,10 @@ inline void pack_tile_i8(const WeightView& w, int64_t r, int mr, int64_t k0, int
   }
 }
 
-// Asks for the bytes that pack_tile_i8 will read for rows [r, r1), columns [k0, k0 + kbn * B):
-// the packing loads would otherwise each wait for memory (16 rows are 16 separate streams, which
-// the hardware prefetchers do not follow; 12% of Phi-4 prefill time went to these waits).
+// Asks (into L2) for the bytes that pack_tile_i8 will read for rows [r, r1), columns
+// [k0, k0 + kbn * B): its rows are 16 or more separate streams, which the hardware prefetchers do
+// not follow. Measured +1-2% on a DRAM-sized mat-mul; the packing loads still stall (about 10%
+// of Phi-4-shaped prefill in a profile), likely on TLB misses (4 KiB pages, 16+ pages a tile).
 template <DType T, int B>
 inline void prefetch_tile(const WeightView& w, int64_t r, int64_t r1, int64_t k0, int64_t kbn) {
   const int64_t nb = w.cols / B, b0 = k0 / B;
