@@ -408,7 +408,7 @@ void matmul_i8(const WeightView& w, const ActQ8& a, int64_t n, float* y, int64_t
           prefetch_tile<T, B>(w, r + tiles * W, min64(r1, r + (tiles + MR) * W), 0, min64(kTileK, K) / B);
         for (int64_t t = t0; t < t1;) {
           const int nt = int(min64(wide ? V::kNTi8Wide : V::kNTi8, t1 - t));
-          const int32_t* z = zs.data() + (t - t0) * nb;
+          const int32_t* z = Z ? zs.data() + (t - t0) * nb : nullptr;
           float* yt = y + t * ldy + r;
           if (wide)
             micro_tile_i8_n<V, T, B, MR, V::kNTi8Wide>(nt, tile[0], tsc[0], a, z, t, k0, kbn, K, yt, ldy, mr, k0 == 0);
