@@ -164,6 +164,19 @@ def test_matmul_long_rows_outliers_and_range(path, type_, block):
         assert _rel_err(y[:, r0:r1], want[:n, r0:r1]) <= TOL
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "scalar"])
+@pytest.mark.parametrize("type_,block", [("q4", 32), ("q8_0", 32), ("f16", 0)])
+def test_matmul_more_tokens_than_one_block(path, type_, block):
+    """600 tokens: past the 512 tokens that share one packing of a weight tile (both kernels)."""
+    rows, cols = 50, 4 * 32
+    w = _matrix(rows, cols, seed=20)
+    data = ref.quantize(type_, block, w)
+    x = np.random.default_rng(21).standard_normal((600, cols)).astype(np.float32)
+    want = _product(type_, block, ref.dequantize(type_, block, data, rows, cols).astype(np.float64), x)
+    y = _core.matmul(type_, block, data, rows, cols, x, path)
+    assert _rel_err(y[:, 5:], want[:, 5:]) <= TOL
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_matvec_long_rows(path):
     """A Phi-4-length row (17920) on a few rows: accumulation over many blocks stays accurate."""

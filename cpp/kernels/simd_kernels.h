@@ -376,8 +376,9 @@ inline void micro_tile_i8_n(int nt, const uint8_t* tile, const float* tsc, const
   micro_tile_i8<V, T, B, NT, MR>(tile, tsc, a, zs, t, k0, kbn, K, y, ldy, mr, first);
 }
 
-// Token blocks are larger than the f32 path's: a token's activations are 1 byte per column here.
-constexpr int64_t kTokenBlockI8 = 256;
+// Tokens that share one packing of a tile: a whole default batch (n_batch 512). Phi-4-shaped
+// prefill of 512 tokens: 35.2 tok/s with blocks of 256, 37.5 with 512.
+constexpr int64_t kTokenBlockI8 = 512;
 
 template <class V, DType T, int B>
 void matmul_i8(const WeightView& w, const ActQ8& a, int64_t n, float* y, int64_t ldy, int64_t r0, int64_t r1) {
