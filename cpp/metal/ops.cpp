@@ -25,6 +25,17 @@ void set_args(Launch& l, int index, const Args& a) {
   std::memcpy(l.args.data(), &a, sizeof(Args));
 }
 
+// A kernel of one thread per element (n x n_tokens of them): buffers 0 and 1, arguments 2.
+Launch elementwise_launch(const char* kernel, Buf a, Buf b, const UpgEltArgs& args) {
+  Launch l;
+  l.kernel = kernel;
+  l.buffers = {{0, a}, {1, b}};
+  set_args(l, 2, args);
+  l.groups = {ceil_div(int64_t(args.n) * args.n_tokens, 256), 1, 1};
+  l.threads = 256;
+  return l;
+}
+
 // A matrix kernel's bindings: weights 0, x 1, y 2, outliers 3-5, arguments 6.
 Launch matrix_launch(const std::string& name, const Matrix& w, Buf x, Buf y, int n_tokens, int ldy) {
   Launch l;
@@ -117,24 +128,10 @@ void Ops::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, bool p
 }
 
 void Ops::silu_mul(Buf gate_up, Buf out, int n_tokens, int n, int in_stride) {
-  Launch l;
-  l.kernel = "kernel_silu_mul";
-  l.buffers = {{0, gate_up}, {1, out}};
-  set_args(l, 2, UpgEltArgs{n, n_tokens, in_stride});
-  l.groups = {ceil_div(int64_t(n) * n_tokens, 256), 1, 1};
-  l.threads = 256;
-  enc_.dispatch(l);
+  enc_.dispatch(elementwise_launch("kernel_silu_mul", gate_up, out, UpgEltArgs{n, n_tokens, in_stride}));
 }
 
-void Ops::add(Buf x, Buf y, int n) {
-  Launch l;
-  l.kernel = "kernel_add";
-  l.buffers = {{0, x}, {1, y}};
-  set_args(l, 2, UpgEltArgs{n, 1, 0});
-  l.groups = {ceil_div(n, 256), 1, 1};
-  l.threads = 256;
-  enc_.dispatch(l);
-}
+void Ops::add(Buf x, Buf y, int n) { enc_.dispatch(elementwise_launch("kernel_add", x, y, UpgEltArgs{n, 1, 0})); }
 
 void Ops::argmax(Buf x, int n, Buf out) {
   Launch l;
