@@ -133,8 +133,7 @@ struct QuantizedInput {
     q.resize(size_t(n * w.cols));
     d.resize(size_t(n * nb));
     sum.resize(size_t(n * nb));
-    for (int64_t t = 0; t < n; ++t)
-      k.quantize_act(x + t * w.cols, w.cols, w.block, &q[t * w.cols], &d[t * nb], &sum[t * nb]);
+    k.quantize_act(x, n * w.cols, w.block, q.data(), d.data(), sum.data());  // rows: whole blocks
     view = {w.block, q.data(), d.data(), sum.data()};
   }
 };

@@ -177,10 +177,10 @@ ActQ8 Session::quantize_act(const float* x, int64_t n, int64_t cols, int block) 
   const size_t nq = size_t(n * cols), nb = size_t(n * cols / block);
   if (xq_.size() < nq) xq_.resize(nq);
   if (xq_d_.size() < nb) xq_d_.resize(nb), xq_sum_.resize(nb);
+  // rows are whole numbers of blocks, so tokens [t0, t1) are one run of blocks
   auto rows = [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      k_.quantize_act(x + t * cols, cols, block, &xq_[t * cols], &xq_d_[t * cols / block],
-                      &xq_sum_[t * cols / block]);
+    k_.quantize_act(x + t0 * cols, (t1 - t0) * cols, block, &xq_[t0 * cols], &xq_d_[t0 * cols / block],
+                    &xq_sum_[t0 * cols / block]);
   };
   if (n == 1) rows(0, 1);  // not worth waking the pool
   else pool_.run([&](int t, int nt) { rows(n * t / nt, n * (t + 1) / nt); });
