@@ -383,7 +383,8 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=0, help="context size (default: prompt + gen rounded up to 256)")
     ap.add_argument("--check-gen", type=int, default=24, help="tokens of each greedy continuation compared")
     ap.add_argument("--no-check", action="store_true", help="skip the SmolLM2 correctness check")
-    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/upg-bench"), help="downloaded and generated models")
+    ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "upg-bench",
+                    help="downloaded and generated models (default ~/.cache/upg-bench)")
     ap.add_argument("--doc", type=Path, default=HERE.parent / "docs" / "BENCHMARKS.md",
                     help="markdown file whose '## Against llama.cpp' section is (re)written; '-' for stdout only")
     args = ap.parse_args()

@@ -5,7 +5,7 @@ does not depend on them), then runs `upg convert` in a child process and reports
 set (VmHWM) against the issue's bound: 4 GB plus the largest tensor (as f32, the converter's
 working type).
 
-    python3 benchmarks/convert_memory.py --work /tmp/convert-mem --type q4
+    python3 benchmarks/convert_memory.py --work WORK_DIR --type q4
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def hf_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (cfg.vocab_size, h))]
 
 
-def write_checkpoint(out: Path, shared: Path) -> None:
+def write_checkpoint(out: Path, phi4_dir: Path) -> None:
     """bf16 shards written tensor by tensor (safetensors layout: u64 header size, JSON, data)."""
     hf = dict(SHAPES["phi-4"], torch_dtype="bfloat16", model_type="phi3")
     cfg = ModelConfig.from_hf(hf)
@@ -73,19 +73,20 @@ def write_checkpoint(out: Path, shared: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps(hf))
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(shared / "phi-4" / f, out / f)
+        shutil.copy(phi4_dir / f, out / f)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for the checkpoint and the output (about 40 GB)")
     ap.add_argument("--type", default="q4")
-    ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    ap.add_argument("--phi4-dir", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "data" / "phi-4",
+                    help="Phi-4's config and tokenizer files (default: the copy in tests/data)")
     args = ap.parse_args()
     src, out = args.work / "phi-4-hf", args.work / f"phi-4-{args.type}.upg"
     if not (src / "config.json").is_file():
         t = time.perf_counter()
-        write_checkpoint(src, args.shared)
+        write_checkpoint(src, args.phi4_dir)
         print(f"checkpoint written in {time.perf_counter() - t:.0f} s")
     cfg = ModelConfig.from_hf(json.loads((src / "config.json").read_text()))
     largest = max(int(np.prod(s)) for _, s in hf_tensors(cfg)) * 4

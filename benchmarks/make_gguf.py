@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-PHI4_TOKENIZER = Path("/work/shared/phi-4/tokenizer.json")
+# Phi-4's tokenizer, as the test suite carries it.
+PHI4_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "phi-4" / "tokenizer.json"
 FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}  # the types written, and their general.file_type (llama_ftype)
 
 

@@ -293,12 +293,13 @@ void UPGFile::parse() {
   }
   if (dir.pos() != dir_size) throw FormatError("directory has " + std::to_string(dir_size - dir.pos()) + " trailing bytes");
 
-  std::vector<const TensorInfo*> by_offset;
-  for (const auto& t : tensors_) by_offset.push_back(&t);
-  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
-  for (size_t i = 1; i < by_offset.size(); ++i)
-    if (by_offset[i - 1]->offset + by_offset[i - 1]->nbytes > by_offset[i]->offset)
-      throw FormatError("tensors '" + by_offset[i - 1]->name + "' and '" + by_offset[i]->name + "' overlap");
+  for (size_t i = 0; i < tensors_.size(); ++i) by_offset_.push_back(i);
+  std::sort(by_offset_.begin(), by_offset_.end(), [&](size_t a, size_t b) { return tensors_[a].offset < tensors_[b].offset; });
+  for (size_t i = 1; i < by_offset_.size(); ++i) {
+    const TensorInfo &a = tensors_[by_offset_[i - 1]], &b = tensors_[by_offset_[i]];
+    if (a.offset + a.nbytes > b.offset) throw FormatError("tensors '" + a.name + "' and '" + b.name + "' overlap");
+  }
+  directory_end_ = dir_off + dir_size;
 }
 
 const TensorInfo* UPGFile::find(const std::string& name) const {
@@ -306,15 +307,34 @@ const TensorInfo* UPGFile::find(const std::string& name) const {
   return it == index_.end() ? nullptr : &tensors_[it->second];
 }
 
+namespace {
+// Throws unless the file bytes [begin, end) are all zero; `where` names the gap.
+void check_zero(const uint8_t* file, uint64_t begin, uint64_t end, const std::string& where) {
+  for (uint64_t i = begin; i < end; ++i)
+    if (file[i]) throw FormatError("non-zero byte at file offset " + std::to_string(i) + " " + where + " (corrupted file)");
+}
+}  // namespace
+
 void UPGFile::verify() const {
   const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
-  for (const auto& t : tensors_) {
+  const uint8_t* file = map_.data();
+  check_zero(file, directory_end_, data_offset_, "in the padding after the directory");
+  uint64_t end = 0;  // of the previous tensor, relative to the data section
+  const TensorInfo* prev = nullptr;
+  for (size_t i : by_offset_) {
+    const TensorInfo& t = tensors_[i];
+    check_zero(file, data_offset_ + end, data_offset_ + t.offset,
+               prev ? "between tensors '" + prev->name + "' and '" + t.name + "'" : "before the first tensor '" + t.name + "'");
     if (crc32(data(t), t.nbytes) != t.crc32) throw FormatError("tensor '" + t.name + "': crc32 mismatch (corrupted data)");
     // Unmap the pages just read (they stay in the page cache), so checking a file larger than
     // memory allows keeps this process's resident set to about one tensor.
-    const uint64_t begin = (data_offset_ + t.offset) / page * page, end = data_offset_ + t.offset + t.nbytes;
-    ::madvise(const_cast<uint8_t*>(map_.data()) + begin, end - begin, MADV_DONTNEED);
+    const uint64_t first = (data_offset_ + end) / page * page;
+    end = t.offset + t.nbytes;
+    ::madvise(const_cast<uint8_t*>(file) + first, data_offset_ + end - first, MADV_DONTNEED);
+    prev = &t;
   }
+  check_zero(file, data_offset_ + end, map_.size(),
+             prev ? "in the padding after the last tensor '" + prev->name + "'" : "in the empty data section");
 }
 
 const float* UPGFile::vector_f32(const std::string& name, uint64_t n) const {

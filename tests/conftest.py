@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny random Hugging Face checkpoints and the shared test data."""
+"""Shared test helpers: tiny random Hugging Face checkpoints and the test data in tests/data."""
 from __future__ import annotations
 
 import functools
@@ -17,12 +17,9 @@ import pytest
 os.environ["PYTHONSAFEPATH"] = "1"
 
 
-def shared_dir() -> Path:
-    """The project's shared/ folder (beside the repository, or $UPG_SHARED_DIR)."""
-    for candidate in (os.environ.get("UPG_SHARED_DIR"), Path(__file__).resolve().parents[2] / "shared"):
-        if candidate and (Path(candidate) / "phi-4" / "tokenizer.json").is_file():
-            return Path(candidate)
-    raise RuntimeError("shared/phi-4 not found: set UPG_SHARED_DIR to the folder holding phi-4/")
+# Phi-4's tokenizer, chat template and config (tokenizer.json: cl100k_base ranks plus Phi-4's
+# special tokens), for templates, tokenization and Phi-4-shaped synthetic models.
+PHI4_DIR = Path(__file__).parent / "data" / "phi-4"
 
 
 # A tiny model: small vocab (the engine does not need a matching tokenizer), weights scaled so
@@ -64,7 +61,7 @@ def make_hf_checkpoint(out_dir: Path, architecture: str = "Phi3ForCausalLM", see
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(shared_dir() / "phi-4" / name, out_dir / name)
+        shutil.copy(PHI4_DIR / name, out_dir / name)
     return out_dir
 
 

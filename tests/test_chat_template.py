@@ -8,7 +8,7 @@ import gguf
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import shared_dir, smollm2_gguf_path
+from conftest import PHI4_DIR, smollm2_gguf_path
 from upg_backend.chat_template import ChatTemplate, ChatTemplateError
 from upg_backend.tokenizer import Tokenizer
 
@@ -45,18 +45,18 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
-    return AutoTokenizer.from_pretrained(str(shared_dir() / "phi-4"))
+    return AutoTokenizer.from_pretrained(str(PHI4_DIR))
 
 
 @pytest.fixture(scope="module")
 def phi4_config():
-    return json.loads((shared_dir() / "phi-4" / "tokenizer_config.json").read_text())
+    return json.loads((PHI4_DIR / "tokenizer_config.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def special_tokens(phi4_config):
     """The template variables our runtime passes for Phi-4 (bos_token, eos_token, ...)."""
-    tok = Tokenizer(json.loads((shared_dir() / "phi-4" / "tokenizer.json").read_text()), phi4_config)
+    tok = Tokenizer(json.loads((PHI4_DIR / "tokenizer.json").read_text()), phi4_config)
     return tok.special_tokens
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import shared_dir
+from conftest import PHI4_DIR
 from reference.quant import dequantize
 from upg_backend.cli import main
 from upg_backend.convert import ConversionError, convert_hf
@@ -39,10 +39,10 @@ def test_phi3_f32_is_exact_and_header_complete(hf_checkpoint, tmp_path):
         np.testing.assert_array_equal(upg.tensor(name), w)
 
     h = upg.header
-    tok_config = json.loads((shared_dir() / "phi-4" / "tokenizer_config.json").read_text())
+    tok_config = json.loads((PHI4_DIR / "tokenizer_config.json").read_text())
     assert h["architecture"] == "Phi3ForCausalLM"
     assert h["config"] == json.loads((src / "config.json").read_text())
-    assert h["tokenizer"] == json.loads((shared_dir() / "phi-4" / "tokenizer.json").read_text())
+    assert h["tokenizer"] == json.loads((PHI4_DIR / "tokenizer.json").read_text())
     assert h["tokenizer_config"] == {k: v for k, v in tok_config.items() if k != "chat_template"}
     assert h["chat_templates"] == {"default": tok_config["chat_template"]}
     assert h["generation"] == json.loads((src / "generation_config.json").read_text())

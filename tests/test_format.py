@@ -6,7 +6,10 @@ in docs/FORMAT.md.
 from __future__ import annotations
 
 import json
+import re
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -153,9 +156,45 @@ def test_verify_names_the_corrupted_tensor(tmp_path):
         f.verify()
 
 
-def test_missing_file():
+def _shifted_parts():
+    """good_parts with 64 zero bytes before the first tensor."""
+    header, records, data = good_parts()
+    for r in records:
+        r["offset"] += 64
+    return header, records, b"\0" * 64 + data
+
+
+# Each kind of gap FORMAT.md says is zero: (parts, file offset of a byte in it as a function of the
+# preamble's directory end and data offset, what the error names).
+GAPS = [
+    ("after the directory", good_parts, lambda dir_end, dao: dir_end + 3, "after the directory"),
+    ("before the first tensor", _shifted_parts, lambda dir_end, dao: dao + 10, "before the first tensor 'a'"),
+    ("between tensors", good_parts, lambda dir_end, dao: dao + 48, "between tensors 'a' and 'b'"),
+    ("after the last tensor", good_parts, lambda dir_end, dao: dao + 128, "after the last tensor 'b'"),
+    ("last byte of the file", good_parts, lambda dir_end, dao: dao + 16383, "after the last tensor 'b'"),
+]
+
+
+@pytest.mark.parametrize("parts, where, pattern", [pytest.param(p, w, m, id=n) for n, p, w, m in GAPS])
+def test_verify_rejects_a_non_zero_gap(tmp_path, parts, where, pattern):
+    raw = bytearray(build_raw(*parts()))
+    path = tmp_path / "gap.upg"
+    path.write_bytes(bytes(raw))
+    _core.File(str(path)).verify()  # the intact file passes
+    dir_offset, dir_size, dao = struct.unpack_from("<QQQ", raw, 32)
+    raw[where(dir_offset + dir_size, dao)] = 0x01
+    path.write_bytes(bytes(raw))
+    f = _core.File(str(path))  # opening reads no gap
+    with pytest.raises(UPGFormatError, match=re.escape(pattern)):
+        f.verify()
+    result = subprocess.run([sys.executable, "-m", "upg_backend.cli", "verify", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "non-zero byte" in result.stderr + result.stdout
+
+
+def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
-        UPGFile("/nonexistent/model.upg")
+        UPGFile(tmp_path / "missing.upg")
 
 
 # ---- writer / reader round trips ----

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from chat_model import make_chat_model
-from conftest import shared_dir
+from conftest import PHI4_DIR
 from upg_backend.builtin import BUILTIN_MODEL, builtin_model_path
 from upg_backend.json_schema import JsonConstraint
 from upg_backend.llama import Llama
@@ -64,7 +64,7 @@ def test_tokenize_matches_transformers(llama, model_path):
 
 
 def test_phi4_tokenizer():
-    d = shared_dir() / "phi-4"
+    d = PHI4_DIR
     config = json.loads((d / "tokenizer_config.json").read_text())
     tok = Tokenizer(json.loads((d / "tokenizer.json").read_text()), config)
     assert tok.encode("Hello World") == [9906, 4435]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import shared_dir
+from conftest import PHI4_DIR
 from reference import quant as ref
 from test_gguf import tiny_checkpoint, write_gguf
 from upg_backend.config import ModelConfig
@@ -18,7 +18,7 @@ from upg_backend.recipes import RECIPES, Recipe, bits_per_weight, get_recipe
 
 @pytest.fixture(scope="module")
 def phi4() -> ModelConfig:
-    return ModelConfig.from_hf(json.loads((shared_dir() / "phi-4" / "config.json").read_text()))
+    return ModelConfig.from_hf(json.loads((PHI4_DIR / "config.json").read_text()))
 
 
 def phi4_bits(cfg: ModelConfig, recipe: Recipe) -> float:

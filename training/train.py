@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-per-task", type=int, default=400, help="held-out questions per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--phi4-dir", default="/work/shared/phi-4",
+    p.add_argument("--phi4-dir", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "phi-4"),
                    help="folder holding Phi-4's tokenizer_config.json (chat template, specials)")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny model and data set, for a quick smoke test on CPU")

@@ -54,7 +54,9 @@ class UPGFile {
   uint64_t data_offset() const { return data_offset_; }
   const uint8_t* data_section() const { return map_.data() + data_offset_; }
 
-  // Checks every tensor's crc32; the error names the first tensor that fails.
+  // Checks every tensor's crc32 and that every byte outside the tensors (the padding after the
+  // directory, and every gap before, between and after the tensors) is zero; the error names the
+  // first tensor or gap that fails.
   void verify() const;
 
   // A weight matrix by name, checked to have `rows` x `cols`, with its outlier companion (checked
@@ -69,8 +71,9 @@ class UPGFile {
   MappedFile map_;
   std::string path_;
   std::string header_;
-  uint64_t data_offset_ = 0, data_size_ = 0;
+  uint64_t directory_end_ = 0, data_offset_ = 0, data_size_ = 0;
   std::vector<TensorInfo> tensors_;
+  std::vector<size_t> by_offset_;  // indices into tensors_, in file order
   std::unordered_map<std::string, size_t> index_;
 };
 
