@@ -6,15 +6,18 @@
 #include <memory>
 #include <mutex>
 
-#include "metal/session.h"
+#include "cpu/backend.h"
+#include "metal/backend.h"
 #include "upg/bandwidth.h"
 #include "upg/format.h"
 #include "upg/model.h"
 #include "upg/sampler.h"
+#include "upg/session.h"
 
 namespace py = pybind11;
 using namespace upg;
 
+void bind_backend(py::module_& m);
 void bind_kernels(py::module_& m);
 void bind_metal(py::module_& m);
 
@@ -27,42 +30,25 @@ py::array readonly_view(const py::dtype& dtype, std::vector<py::ssize_t> shape, 
   return a;
 }
 
-ModelConfig config_from_dict(const py::dict& d) {
-  ModelConfig c;
-  c.hidden_size = d["hidden_size"].cast<int>();
-  c.intermediate_size = d["intermediate_size"].cast<int>();
-  c.num_hidden_layers = d["num_hidden_layers"].cast<int>();
-  c.num_attention_heads = d["num_attention_heads"].cast<int>();
-  c.num_key_value_heads = d["num_key_value_heads"].cast<int>();
-  c.head_dim = d["head_dim"].cast<int>();
-  c.rotary_dim = d["rotary_dim"].cast<int>();
-  c.vocab_size = d["vocab_size"].cast<int>();
-  c.rms_norm_eps = d["rms_norm_eps"].cast<float>();
-  c.rope_theta = d["rope_theta"].cast<float>();
-  c.longrope = d["rope_type"].cast<std::string>() == "longrope";
-  c.original_max_position_embeddings = d["original_max_position_embeddings"].cast<int>();
-  c.short_factor = d["short_factor"].cast<std::vector<float>>();
-  c.long_factor = d["long_factor"].cast<std::vector<float>>();
-  c.attention_factor = d["attention_factor"].cast<float>();
-  c.tie_word_embeddings = d["tie_word_embeddings"].cast<bool>();
-  return c;
-}
-
 // One session is not safe to use from two threads at once; the lock makes that an orderly wait.
 struct PySession {
-  // On the CPU, or on gpu (a Metal device, or the tests' harness) when given.
+  // On `backend`: a Backend (the CPU's when None), or a Metal Gpu (the device, or the tests' harness).
   PySession(std::shared_ptr<Model> m, int n_ctx, const std::string& kv, int n_threads, int n_batch,
-            std::shared_ptr<metal::Gpu> gpu)
-      : model(m),
-        session(gpu ? std::unique_ptr<SessionBase>(new metal::Session(m, gpu, n_ctx, kv_type(kv), n_batch))
-                    : std::unique_ptr<SessionBase>(new Session(m, n_ctx, kv_type(kv), n_threads, n_batch))) {}
+            py::object backend)
+      : model(m), session(m, make_backend(backend, n_threads), n_ctx, kv_type(kv), n_batch) {}
+  static std::shared_ptr<Backend> make_backend(py::object b, int n_threads) {
+    if (b.is_none()) return std::make_shared<CpuBackend>(n_threads);
+    if (py::isinstance<metal::Gpu>(b)) return std::make_shared<metal::MetalBackend>(b.cast<std::shared_ptr<metal::Gpu>>());
+    if (py::isinstance<Backend>(b)) return b.cast<std::shared_ptr<Backend>>();
+    throw std::invalid_argument("backend must be None, a _core.Backend or a _core.MetalGpu");
+  }
   static KVType kv_type(const std::string& s) {
     if (s == "f16") return KVType::F16;
     if (s == "f32") return KVType::F32;
     throw std::invalid_argument("kv_type must be 'f16' or 'f32', got '" + s + "'");
   }
   std::shared_ptr<Model> model;
-  std::unique_ptr<SessionBase> session;
+  Session session;
   Rng rng{0};
   std::mutex mu;
 };
@@ -72,6 +58,7 @@ struct PySession {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "upg-backend C++ core: UPG reader, Phi3 engine, sampler and CPU kernels";
   py::register_exception<FormatError>(m, "UPGFormatError", PyExc_ValueError);
+  bind_backend(m);
 
   py::class_<UPGFile, std::shared_ptr<UPGFile>>(m, "File")
       .def(py::init<const std::string&>(), py::arg("path"), py::call_guard<py::gil_scoped_release>())
@@ -101,9 +88,29 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("name"))
       .def("verify", &UPGFile::verify, py::call_guard<py::gil_scoped_release>());
 
+  py::class_<ModelConfig>(m, "ModelConfig", "The engine's flat model config (cpp/upg/model.h); "
+                          "upg_backend.config.ModelConfig.engine_config() fills it.")
+      .def(py::init<>())
+      .def_readwrite("hidden_size", &ModelConfig::hidden_size)
+      .def_readwrite("intermediate_size", &ModelConfig::intermediate_size)
+      .def_readwrite("num_hidden_layers", &ModelConfig::num_hidden_layers)
+      .def_readwrite("num_attention_heads", &ModelConfig::num_attention_heads)
+      .def_readwrite("num_key_value_heads", &ModelConfig::num_key_value_heads)
+      .def_readwrite("head_dim", &ModelConfig::head_dim)
+      .def_readwrite("rotary_dim", &ModelConfig::rotary_dim)
+      .def_readwrite("vocab_size", &ModelConfig::vocab_size)
+      .def_readwrite("rms_norm_eps", &ModelConfig::rms_norm_eps)
+      .def_readwrite("rope_theta", &ModelConfig::rope_theta)
+      .def_readwrite("longrope", &ModelConfig::longrope)
+      .def_readwrite("original_max_position_embeddings", &ModelConfig::original_max_position_embeddings)
+      .def_readwrite("short_factor", &ModelConfig::short_factor)
+      .def_readwrite("long_factor", &ModelConfig::long_factor)
+      .def_readwrite("attention_factor", &ModelConfig::attention_factor)
+      .def_readwrite("tie_word_embeddings", &ModelConfig::tie_word_embeddings)
+      .def("check", &ModelConfig::check, "Raises ValueError naming the first bad field.");
+
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
-      .def(py::init([](const std::string& path, const py::dict& config) {
-             ModelConfig c = config_from_dict(config);
+      .def(py::init([](const std::string& path, const ModelConfig& c) {
              py::gil_scoped_release nogil;
              return std::make_shared<Model>(path, c);
            }), py::arg("path"), py::arg("config"))
@@ -132,10 +139,11 @@ PYBIND11_MODULE(_core, m) {
           });
 
   py::class_<PySession>(m, "Session")
-      .def(py::init<std::shared_ptr<Model>, int, const std::string&, int, int, std::shared_ptr<metal::Gpu>>(),
+      .def(py::init<std::shared_ptr<Model>, int, const std::string&, int, int, py::object>(),
            py::arg("model"), py::arg("n_ctx"), py::arg("kv_type") = "f16", py::arg("n_threads") = 0,
-           py::arg("n_batch") = 512, py::arg("gpu") = nullptr,
+           py::arg("n_batch") = 512, py::arg("backend") = py::none(),
            py::keep_alive<1, 7>())  // a Python MetalGpu must outlive its Python half's use here
+      .def_property_readonly("backend", [](PySession& s) { return s.session.backend().name(); })
       .def("eval", [](PySession& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, bool logits_all) {
              if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
              const int64_t n = tokens.shape(0);
@@ -146,28 +154,28 @@ PYBIND11_MODULE(_core, m) {
              {
                py::gil_scoped_release nogil;
                std::lock_guard<std::mutex> lock(s.mu);
-               s.session->eval(tp, n, logits_all, op);
+               s.session.eval(tp, n, logits_all, op);
              }
              return out;
            }, py::arg("tokens"), py::arg("logits_all") = false)
-      .def_property_readonly("n_past", [](PySession& s) { return s.session->n_past(); })
-      .def_property_readonly("n_ctx", [](PySession& s) { return s.session->n_ctx(); })
+      .def_property_readonly("n_past", [](PySession& s) { return s.session.n_past(); })
+      .def_property_readonly("n_ctx", [](PySession& s) { return s.session.n_ctx(); })
       .def("truncate", [](PySession& s, int64_t n) {
              std::lock_guard<std::mutex> lock(s.mu);
-             s.session->truncate(n);
+             s.session.truncate(n);
            }, py::arg("n"))
       .def("save_kv", [](PySession& s) {
              std::vector<uint8_t> kv;
              {
                py::gil_scoped_release nogil;
                std::lock_guard<std::mutex> lock(s.mu);
-               kv = s.session->save_kv();
+               kv = s.session.save_kv();
              }
              return py::array_t<uint8_t>(py::ssize_t(kv.size()), kv.data());
            }, "The KV cache of positions [0, n_past) as bytes.")
       .def("load_kv", [](PySession& s, int64_t n_past, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> kv) {
              std::lock_guard<std::mutex> lock(s.mu);
-             s.session->load_kv(n_past, kv.data(), size_t(kv.size()));
+             s.session.load_kv(n_past, kv.data(), size_t(kv.size()));
            }, py::arg("n_past"), py::arg("kv"))
       .def("set_seed", [](PySession& s, uint64_t seed) { s.rng = Rng(seed); }, py::arg("seed"))
       .def("sample", [](PySession& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
@@ -184,6 +192,34 @@ PYBIND11_MODULE(_core, m) {
   m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes") = uint64_t(1) << 30,
         py::arg("n_threads") = 0, py::arg("reps") = 5, py::call_guard<py::gil_scoped_release>(),
         "Best memory read rate in GB/s over a buffer of `bytes` read by n_threads threads (0: all cores).");
+
+  // The format's constants and types, for the Python writer and reader (one definition: C++'s).
+  py::dict dtypes;
+  for (int t = 0; t < kNumDTypes; ++t) dtypes[dtype_name(DType(t))] = t;
+  m.attr("DTYPES") = dtypes;
+  py::list quantized;
+  for (int t = 0; t < kNumDTypes; ++t)
+    if (is_quantized(DType(t))) quantized.append(dtype_name(DType(t)));
+  m.attr("QUANTIZED_TYPES") = py::tuple(quantized);
+  m.attr("MAGIC") = py::bytes(reinterpret_cast<const char*>(kMagic), sizeof(kMagic));
+  m.attr("FORMAT_VERSION") = kVersion;
+  m.attr("PREAMBLE_SIZE") = kPreambleSize;
+  m.attr("TENSOR_ALIGN") = kTensorAlign;
+  m.attr("DATA_ALIGN") = kDataAlign;
+  m.def("quant_nbytes", [](const std::string& type, uint64_t rows, uint64_t cols, uint64_t block) {
+        for (int t = 0; t < kNumDTypes; ++t)
+          if (type == dtype_name(DType(t)) && is_quantized(DType(t))) return quant_sections(DType(t), rows, cols, block).total();
+        throw std::invalid_argument("not a quantized type: '" + type + "'");
+      }, py::arg("type"), py::arg("rows"), py::arg("cols"), py::arg("block"),
+      "Bytes of a quantized [rows, cols] matrix, its padded sections together (FORMAT.md).");
+
+  m.def("backends", [] {
+        std::vector<std::string> names{"cpu"};
+#ifdef UPG_METAL
+        names.push_back("metal");
+#endif
+        return names;
+      }, "The backends this build has, fastest last (whether a GPU is present is found when one opens).");
 
   bind_kernels(m);
   bind_metal(m);

@@ -1,7 +1,7 @@
-// The Metal backend in Python: _core.MetalGpu is the GPU interface a Metal session runs on
-// (cpp/metal/session.h), subclassed in Python by the tests over the CPU harness;
-// _core.metal_device() is the real one, in builds for Apple only. _core.Session(..., gpu=...)
-// makes the session (bindings.cpp).
+// The Metal backend in Python: _core.MetalGpu is the GPU interface the Metal backend runs on
+// (cpp/metal/backend.h), subclassed in Python by the tests over the CPU harness;
+// _core.metal_device() is the real one, in builds for Apple only. _core.Session(..., backend=gpu)
+// makes a session on it (bindings.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -10,8 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "metal/session.h"
-#include "upg/model.h"
+#include "metal/backend.h"
 #ifdef UPG_METAL
 #include "metal/metal_backend.h"
 #endif
@@ -20,7 +19,7 @@ namespace py = pybind11;
 
 namespace {
 
-using upg::metal::Buf;
+using upg::Buf;
 using upg::metal::Gpu;
 using upg::metal::Launch;
 
@@ -75,15 +74,14 @@ struct PyGpu : Gpu {
 
 void bind_metal(py::module_& m) {
   using namespace pybind11::literals;
-  py::class_<Buf>(m, "MetalBuf", "A range of one GPU buffer: its id and a byte offset.")
-      .def(py::init<int, uint64_t>(), "id"_a, "offset"_a = 0)
-      .def_readonly("id", &Buf::id)
-      .def_readonly("offset", &Buf::offset);
   py::class_<Gpu, PyGpu, std::shared_ptr<Gpu>>(m, "MetalGpu",
       "What a Metal session runs on. Subclasses implement wrap(address, nbytes) and alloc(nbytes) -> "
-      "MetalBuf, contents(buf) -> address, begin(), end() and dispatch(launch: dict of kernel, buffers "
+      "Buf, contents(buf) -> address, begin(), end() and dispatch(launch: dict of kernel, buffers "
       "[(index, buffer id, offset)], args_index, args (bytes), tgmem, groups, threads).")
       .def(py::init<>());
+  py::class_<upg::metal::MetalBackend, upg::Backend, std::shared_ptr<upg::metal::MetalBackend>>(m, "MetalBackend")
+      .def(py::init<std::shared_ptr<Gpu>>(), "gpu"_a, "The Metal backend on a MetalGpu (the device, or the tests' harness).",
+           py::keep_alive<1, 2>());
 #ifdef UPG_METAL
   m.def("metal_device", [](const std::string& metallib, const std::string& source_dir) {
         return std::shared_ptr<Gpu>(upg::metal::Device::open(metallib, source_dir));

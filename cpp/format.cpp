@@ -13,9 +13,6 @@
 namespace upg {
 namespace {
 
-constexpr uint8_t kMagic[8] = {0x55, 0x50, 0x47, 0x00, 0x0D, 0x0A, 0x1A, 0x0A};
-constexpr uint32_t kVersion = 1;
-constexpr uint64_t kPreambleSize = 64;
 constexpr uint32_t kMaxNameLen = 512;
 
 // Reads little-endian integers from a bounded range; running past the end is a FormatError.

@@ -3,7 +3,7 @@
 // reduction, then one thread over the simdgroups' results in threadgroup memory (0: values,
 // 1: indices, UPG_REDUCE_THREADS / 32 entries each).
 #include <metal_stdlib>
-#include "upg_quant.h"
+#include "upg_common.h"
 using namespace metal;
 
 kernel void kernel_argmax(device const float* x [[buffer(0)]], device int* out [[buffer(1)]],

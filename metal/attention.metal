@@ -7,7 +7,7 @@
 // Dispatch: (n_heads, n_tokens) threadgroups of UPG_ATTN_SG * 32 threads, threadgroup memory 0:
 // UPG_ATTN_SG * (head_dim + 2) floats.
 #include <metal_stdlib>
-#include "upg_quant.h"
+#include "upg_common.h"
 using namespace metal;
 
 // out = softmax(q . K[0..n)^T * scale) V[0..n) for one query head; n >= 1.
@@ -64,45 +64,47 @@ inline void upg_attention(device const float* q, device const KV* kc, device con
                  ntg, tiisg, sgitg);
 }
 
-// Decode: one token attends a.n_kv positions. Prefill: token t sits at position a.n_kv + t and
-// attends causally, positions [0, a.n_kv + t].
-#define UPG_ATTN_KERNEL(NAME, KV, N)                                                          \
+// Token t of the pass (0 for decode) sits at position n_past + t and attends causally, positions
+// [0, n_past + t]; n_past comes from the pass buffer (UpgPass), so a decode step's launch is the
+// same at every position.
+#define UPG_ATTN_KERNEL(NAME, KV)                                                             \
   kernel void NAME(device const float* q [[buffer(0)]], device const KV* kc [[buffer(1)]],    \
                    device const KV* vc [[buffer(2)]], device float* out [[buffer(3)]],        \
-                   constant UpgAttnArgs& a [[buffer(4)]],                                     \
+                   device const UpgPass* pass [[buffer(4)]],                                  \
+                   constant UpgAttnArgs& a [[buffer(5)]],                                     \
                    threadgroup float* part [[threadgroup(0)]],                                \
                    uint2 tgpig [[threadgroup_position_in_grid]],                              \
                    uint tpitg [[thread_index_in_threadgroup]],                                \
                    uint ntg [[threads_per_threadgroup]],                                      \
                    uint tiisg [[thread_index_in_simdgroup]],                                  \
                    uint sgitg [[simdgroup_index_in_threadgroup]]) {                           \
-    upg_attention<KV>(q, kc, vc, out, N, a, part, tgpig, tpitg, ntg, tiisg, sgitg);           \
+    upg_attention<KV>(q, kc, vc, out, pass->n_past + int(tgpig.y) + 1, a, part, tgpig, tpitg, \
+                      ntg, tiisg, sgitg);                                                     \
   }
 
-UPG_ATTN_KERNEL(kernel_attn_decode_f16, half, a.n_kv)
-UPG_ATTN_KERNEL(kernel_attn_decode_f32, float, a.n_kv)
-UPG_ATTN_KERNEL(kernel_attn_prefill_f16, half, a.n_kv + int(tgpig.y) + 1)
-UPG_ATTN_KERNEL(kernel_attn_prefill_f32, float, a.n_kv + int(tgpig.y) + 1)
+UPG_ATTN_KERNEL(kernel_attn_f16, half)
+UPG_ATTN_KERNEL(kernel_attn_f32, float)
 
 // Appends the K and V heads of n_tokens fused qkv rows (after RoPE) to the cache: token t goes to
-// position a.n_kv + t; positions past kv_stride are dropped (the host never asks for them).
+// position n_past + t; positions past kv_stride are dropped (the host never asks for them).
 // Dispatch: (ceil(head_dim / 32), n_kv_heads, n_tokens) threadgroups of 32 threads.
 template <typename KV>
 inline void upg_kv_store(device const float* qkv, device KV* kc, device KV* vc,
-                         constant UpgAttnArgs& a, uint3 tpig) {
+                         int n_past, constant UpgAttnArgs& a, uint3 tpig) {
   const int d = int(tpig.x), kvh = int(tpig.y), t = int(tpig.z), hd = a.head_dim;
-  if (d >= hd || kvh >= a.n_kv_heads || t >= a.n_tokens || a.n_kv + t >= a.kv_stride) return;
+  if (d >= hd || kvh >= a.n_kv_heads || t >= a.n_tokens || n_past + t >= a.kv_stride) return;
   device const float* row = qkv + t * a.q_stride;
-  const int dst = (kvh * a.kv_stride + a.n_kv + t) * hd + d;
+  const int dst = (kvh * a.kv_stride + n_past + t) * hd + d;
   kc[dst] = KV(row[(a.n_heads + kvh) * hd + d]);
   vc[dst] = KV(row[(a.n_heads + a.n_kv_heads + kvh) * hd + d]);
 }
 
 #define UPG_KV_STORE_KERNEL(NAME, KV)                                                         \
   kernel void NAME(device const float* qkv [[buffer(0)]], device KV* kc [[buffer(1)]],        \
-                   device KV* vc [[buffer(2)]], constant UpgAttnArgs& a [[buffer(3)]],        \
+                   device KV* vc [[buffer(2)]], device const UpgPass* pass [[buffer(3)]],     \
+                   constant UpgAttnArgs& a [[buffer(4)]],                                     \
                    uint3 tpig [[thread_position_in_grid]]) {                                  \
-    upg_kv_store<KV>(qkv, kc, vc, a, tpig);                                                   \
+    upg_kv_store<KV>(qkv, kc, vc, pass->n_past, a, tpig);                                     \
   }
 
 UPG_KV_STORE_KERNEL(kernel_kv_store_f16, half)

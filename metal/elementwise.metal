@@ -1,6 +1,6 @@
 // Elementwise kernels, one thread per element; dispatch ceil(count / 256) threadgroups of 256.
 #include <metal_stdlib>
-#include "upg_quant.h"
+#include "upg_common.h"
 using namespace metal;
 
 // out[t][i] = silu(gate) * up over the fused gate_up output: per token, in[0..n) is the gate and

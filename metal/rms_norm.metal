@@ -2,7 +2,7 @@
 // UPG_REDUCE_THREADS threads per token: strided partial sums, simd_sum, then the simdgroup sums
 // through threadgroup memory (UPG_REDUCE_THREADS / 32 floats).
 #include <metal_stdlib>
-#include "upg_quant.h"
+#include "upg_common.h"
 using namespace metal;
 
 kernel void kernel_rms_norm(device const float* x [[buffer(0)]], device const float* w [[buffer(1)]],

@@ -1,24 +1,22 @@
 // RoPE, rotate-half (NeoX) layout, in place over the query and key heads of each token (the Q and
 // K rows of the fused qkv output, consecutive heads of head_dim floats). Only the first rot_dims of
 // a head rotate (partial rotary); pair i is (i, i + rot_dims/2):
-//   inv_freq = 1 / (factor[i] * theta^(2i / rot_dims)),  angle = pos * inv_freq,
-//   c = cos(angle) * attn_factor,  s = sin(angle) * attn_factor,
+//   angle = (n_past + t) * inv_freq[i],  c = cos(angle) * attn_factor,  s = sin(angle) * attn_factor,
 //   x[i], x[i + rot/2] = x[i] * c - x[i + rot/2] * s,  x[i + rot/2] * c + x[i] * s.
-// factor[] are the LongRoPE short or long factors (the host picks the set), 1 when not bound.
+// inv_freq[] is the model's (LongRoPE factors applied; the host picks the set), computed once on
+// the host for every backend; n_past comes from the pass buffer (UpgPass).
 // Dispatch: one thread per (pair, head, token): threadgroups (ceil(rot/2 / 32), n_heads, n_tokens)
 // of 32 x 1 x 1 threads.
 #include <metal_stdlib>
-#include "upg_quant.h"
+#include "upg_common.h"
 using namespace metal;
 
-kernel void kernel_rope(device float* qk [[buffer(0)]], device const float* factor [[buffer(1)]],
-                        constant UpgRopeArgs& a [[buffer(2)]],
+kernel void kernel_rope(device float* qk [[buffer(0)]], device const float* inv_freq [[buffer(1)]],
+                        device const UpgPass* pass [[buffer(2)]], constant UpgRopeArgs& a [[buffer(3)]],
                         uint3 tpig [[thread_position_in_grid]]) {
   const int i = int(tpig.x), h = int(tpig.y), t = int(tpig.z), half_rot = a.rot_dims / 2;
   if (i >= half_rot || h >= a.n_heads || t >= a.n_tokens) return;
-  const float f = a.has_factors != 0 ? factor[i] : 1.0f;
-  const float inv_freq = 1.0f / (f * pow(a.theta, float(2 * i) / float(a.rot_dims)));
-  const float angle = float(a.pos0 + t) * inv_freq;
+  const float angle = float(pass->n_past + t) * inv_freq[i];
   const float c = cos(angle) * a.attn_factor, s = sin(angle) * a.attn_factor;
   device float* p = qk + t * a.token_stride + h * a.head_dim;
   const float x0 = p[i], x1 = p[i + half_rot];

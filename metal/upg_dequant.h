@@ -3,7 +3,7 @@
 // kernel entry point gets its own unrolled decoder. BB is B, or a nominal 32 for dense types: the
 // quantized branches compile for them too but never run. Layouts: docs/FORMAT.md.
 #pragma once
-#include "upg_quant.h"
+#include "upg_common.h"
 
 inline float upg_f16(device const half* p, int i) { return float(p[i]); }
 

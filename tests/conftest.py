@@ -75,6 +75,29 @@ def hf_checkpoint(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def lib():
+    """The Metal kernels compiled for the CPU harness (tests/metal_harness)."""
+    from metal_harness import harness
+
+    return harness.build()
+
+
+# The backends the engine tests run on: the CPU, and the Metal backend's launches on the harness.
+ENGINE_BACKENDS = ("cpu", "metal-harness")
+
+
+@pytest.fixture(params=ENGINE_BACKENDS)
+def engine_backend(request):
+    """Factory: `engine_backend()` -> a `Llama(backend=...)` value for this parameter's backend."""
+    if request.param == "cpu":
+        return lambda: "cpu"
+    from metal_harness.gpu import HarnessGpu
+
+    lib = request.getfixturevalue("lib")
+    return lambda: HarnessGpu(lib)
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

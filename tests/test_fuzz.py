@@ -35,7 +35,7 @@ def seed_file(tmp_path_factory):
     path = root / "seed.upg"
     convert_hf(src, path, type="q4", outliers=0.05, progress=False)
     raw = path.read_bytes()
-    return raw, _directory_fields(raw), UPGFile(path).config.engine_dict(), root / "mutated.upg"
+    return raw, _directory_fields(raw), UPGFile(path).config.engine_config(), root / "mutated.upg"
 
 
 def _directory_fields(raw: bytes) -> list[tuple[int, str]]:

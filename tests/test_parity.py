@@ -1,7 +1,8 @@
 """Engine logits against outside references.
 
 f32 weights: transformers (torch CPU, float32, eager attention) on random small Phi3 and Llama
-models: 64-token prefill, then 32 greedy decode steps, both fed the same tokens.
+models: 64-token prefill, then 32 greedy decode steps, both fed the same tokens, on every backend
+(the CPU, and the Metal backend's launches on the CPU harness: `engine_backend`).
 Quantized weights: a float64 numpy forward pass (tests/reference/forward.py) over the weights as
 the numpy reference decoder reads them, on every SIMD path the machine runs.
 """
@@ -86,8 +87,8 @@ def reference_logits(model_pair):
     return prefill, tokens, np.stack(steps)
 
 
-def _run_engine(path, prompt, tokens, kv_type):
-    llm = Llama(str(path), n_ctx=128, logits_all=True, kv_type=kv_type, n_threads=2)
+def _run_engine(path, prompt, tokens, kv_type, backend="cpu"):
+    llm = Llama(str(path), n_ctx=128, logits_all=True, kv_type=kv_type, n_threads=2, backend=backend)
     llm.eval(prompt)
     prefill = llm.scores.copy()
     for t in tokens:  # one token per call: the decode path
@@ -95,22 +96,22 @@ def _run_engine(path, prompt, tokens, kv_type):
     return llm, prefill, llm.scores[len(prompt):].copy()
 
 
-def test_f32_matches_transformers(model_pair, reference_logits):
+def test_f32_matches_transformers(model_pair, reference_logits, engine_backend):
     ref_prefill, tokens, ref_steps = reference_logits
-    _, prefill, steps = _run_engine(model_pair[1], model_pair[2], tokens, "f32")
+    _, prefill, steps = _run_engine(model_pair[1], model_pair[2], tokens, "f32", engine_backend())
     assert prefill.shape == ref_prefill.shape
     assert rel_err(prefill, ref_prefill) <= 1e-4
     for i in range(DECODE):
         assert rel_err(steps[i], ref_steps[i]) <= 1e-4, f"decode step {i}"
 
 
-def test_f16_kv_cache(model_pair, reference_logits):
+def test_f16_kv_cache(model_pair, reference_logits, engine_backend):
     # Keys and values rounded to f16 (relative error <= 2^-12 each) shift attention scores by up to
     # |q||k| 2^-12; with these weights scores reach tens, so softmax outputs move by ~1e-3 relative
     # per layer, and two layers plus the head give up to a few 1e-3 (2e-3 seen). 5e-3 keeps that
     # margin, while a layout or conversion bug in the cache gives errors of order 1.
     ref_prefill, tokens, ref_steps = reference_logits
-    _, prefill, steps = _run_engine(model_pair[1], model_pair[2], tokens, "f16")
+    _, prefill, steps = _run_engine(model_pair[1], model_pair[2], tokens, "f16", engine_backend())
     assert rel_err(prefill, ref_prefill) <= 5e-3
     assert max(rel_err(steps[i], ref_steps[i]) for i in range(DECODE)) <= 5e-3
 

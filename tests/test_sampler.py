@@ -30,7 +30,7 @@ def session(tmp_path_factory):
     d = tmp_path_factory.mktemp("sampler")
     make_hf_checkpoint(d / "hf", "Phi3ForCausalLM", vocab_size=V)
     convert_hf(d / "hf", d / "m.upg", type="f32", progress=False)
-    model = _core.Model(str(d / "m.upg"), UPGFile(d / "m.upg").config.engine_dict())
+    model = _core.Model(str(d / "m.upg"), UPGFile(d / "m.upg").config.engine_config())
     return _core.Session(model, 64, "f32", 1)
 
 
@@ -131,7 +131,7 @@ def test_bad_sampler_input(session):
 def test_one_model_serves_sessions_in_parallel(tmp_path):
     make_hf_checkpoint(tmp_path / "hf", "Phi3ForCausalLM", vocab_size=V)
     convert_hf(tmp_path / "hf", tmp_path / "m.upg", type="q8_0", progress=False)
-    model = _core.Model(str(tmp_path / "m.upg"), UPGFile(tmp_path / "m.upg").config.engine_dict())
+    model = _core.Model(str(tmp_path / "m.upg"), UPGFile(tmp_path / "m.upg").config.engine_config())
     prompts = [RNG.integers(0, V, 40, dtype=np.int32) for _ in range(4)]
     alone = [_core.Session(model, 64, "f16", 1).eval(p, True) for p in prompts]
     results = [None] * 4

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import _core
+from .backends import NAMES, open_backend
 from .config import ModelConfig
 
 # Real shapes with random weights: speed and memory depend on shapes and types, not on values.
@@ -75,6 +76,7 @@ def synthetic_model(shape: str, type: str, path: Path, block: int = 32) -> Path:
 class BenchResult:
     model: str
     type: str
+    backend: str
     threads: int
     file_bytes: int
     weight_bytes_per_token: int
@@ -96,7 +98,7 @@ class BenchResult:
 
     def table(self) -> str:
         rows = [("model", self.model), ("weights", f"{self.type}, {self.file_bytes / 1e9:.2f} GB file"),
-                ("threads", self.threads),
+                ("backend", self.backend), ("threads", self.threads),
                 ("load", f"{self.load_s:.2f} s (map and check; {self.load_and_first_token_s:.2f} s with a first token)"),
                 ("prefill", f"{self.prefill_tps:.1f} tok/s ({self.prefill_tokens} tokens)"),
                 ("time to first token", f"{self.ttft_s:.2f} s"),
@@ -119,7 +121,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the portable figure
 
 
-def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str) -> dict[str, Any]:
+def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str) -> dict[str, Any]:
     """Runs in a fresh process so that peak RSS is the engine's alone (the mapped file's pages count)."""
     from .format import UPGFile
 
@@ -135,8 +137,9 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
     del upg
 
     t0 = time.perf_counter()
-    model = _core.Model(path, cfg.engine_dict())
-    session = _core.Session(model, prompt + gen + 1, kv_type, threads)
+    model = _core.Model(path, cfg.engine_config())
+    backend, device = open_backend(backend)
+    session = _core.Session(model, prompt + gen + 1, kv_type, threads, backend=device)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     session.eval(np.array([1], np.int32))  # warm-up: the weights come into the page cache
@@ -162,7 +165,7 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
         decode.append(gen / (time.perf_counter() - t0))
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt + gen + 1) * (2 if kv_type == "f16" else 4)
     tps = statistics.median(decode)
-    return dict(file_bytes=os.path.getsize(path), weight_bytes_per_token=per_token, load_s=load_s,
+    return dict(backend=backend, file_bytes=os.path.getsize(path), weight_bytes_per_token=per_token, load_s=load_s,
                 load_and_first_token_s=first_token_s,
                 prefill_tokens=prompt, prefill_tps=statistics.median(prefill), ttft_s=statistics.median(ttft),
                 decode_tokens=gen, decode_tps=tps, decode_gbps=per_token * tps / 1e9,
@@ -170,11 +173,13 @@ def _measure(path: str, threads: int, prompt: int, gen: int, runs: int, kv_type:
 
 
 def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
-              kv_type: str = "f16", cache_dir: Path | None = None) -> BenchResult:
-    """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES.
+              kv_type: str = "f16", cache_dir: Path | None = None, backend: str = "auto") -> BenchResult:
+    """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES, on a
+    backend (backends.NAMES).
 
     Raises:
-        ValueError: a count is not positive or the weight type is unknown.
+        ValueError: a count is not positive, the weight type is unknown, or the backend is unknown
+            or absent.
         UPGFormatError: the file is not a valid model.
     """
     from .recipes import WEIGHT_TYPES
@@ -184,6 +189,8 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
             raise ValueError(f"{name} must be at least 1, got {value}")
     if threads < 0:
         raise ValueError(f"threads must be 0 (one per core) or more, got {threads}")
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {backend!r}")
     if model in SHAPES:
         if type not in WEIGHT_TYPES:
             raise ValueError(f"unknown weight type {type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
@@ -194,6 +201,6 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
         type = json.loads(_core.File(str(path)).header).get("quantization", {}).get("default", "?")
     threads = threads or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        r = pool.apply(_measure, (str(path), threads, prompt, gen, runs, kv_type))
+        r = pool.apply(_measure, (str(path), backend, threads, prompt, gen, runs, kv_type))
     machine = _core.measure_read_bandwidth(1 << 30, threads)  # here, so its buffer stays out of the child's RSS
     return BenchResult(model=model, type=type, threads=threads, machine_gbps=machine, **r)

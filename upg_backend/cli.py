@@ -13,6 +13,7 @@ import sys
 from typing import Callable
 
 from ._core import UPGFormatError
+from .backends import NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=NAMES,
+                   help="what computes: auto (the fastest this build and machine run), cpu, metal, cuda")
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="a .upg file (default: the built-in model)")
+    _backend_argument(p)
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "f32"), help="KV cache type (default f16)")
@@ -125,7 +132,7 @@ def _load(args: argparse.Namespace):
     from .llama import Llama
     from .sampling import SamplingParams
 
-    llama = Llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads, kv_type=args.kv_type)
+    llama = Llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads, kv_type=args.kv_type, backend=args.backend)
     sampling = SamplingParams.from_kwargs(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                           min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
     return llama, sampling
@@ -227,6 +234,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "f32"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _backend_argument(p)
 
 
 @subcommand("bench", "measure prefill and decode speed, time to first token and peak memory", _bench_arguments)
@@ -236,7 +244,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     r = run_bench(args.model, type=args.type, threads=args.threads, prompt=args.prompt_tokens, gen=args.gen_tokens,
-                  runs=args.runs, kv_type=args.kv_type)
+                  runs=args.runs, kv_type=args.kv_type, backend=args.backend)
     print(json.dumps(dataclasses.asdict(r) | {"roofline": r.roofline}, indent=2) if args.json else r.table())
     return 0
 
@@ -249,6 +257,7 @@ def _quality_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
     p.add_argument("--n-ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    _backend_argument(p)
 
 
 @subcommand("quality", "measure a quantized model's KL divergence and perplexity against its source",
@@ -259,7 +268,7 @@ def _quality(args: argparse.Namespace) -> int:
     from .quality import measure
 
     text = Path(args.text).read_text(encoding="utf-8")
-    r = measure(args.model, args.reference, text, n_ctx=args.n_ctx, n_threads=args.threads)
+    r = measure(args.model, args.reference, text, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend)
     print(f"tokens          {r.n_tokens}")
     print(f"mean KLD        {r.mean_kld:.5f}")
     print(f"p99 KLD         {r.p99_kld:.5f}")

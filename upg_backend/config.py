@@ -1,7 +1,7 @@
 """The model configuration: Hugging Face field names, loaded tolerantly.
 
 Every checkpoint quirk (old and new rope field layouts, missing head_dim, Llama's names) is settled
-here, once, into the flat dict the C++ engine takes (`ModelConfig.engine_dict`).
+here, once, into the typed config the C++ engine takes (`ModelConfig.engine_config`), which checks it.
 """
 from __future__ import annotations
 
@@ -110,19 +110,22 @@ class ModelConfig:
         return cfg
 
     def _check(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"config field {name} must be positive, got {getattr(self, name)}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            raise ValueError(f"rotary dimension {self.rotary_dim} must be even and within head_dim {self.head_dim}")
+        # The engine's config states and checks the graph's invariants; this adds the HF-only field.
+        if self.max_position_embeddings <= 0:
+            raise ValueError(f"config field max_position_embeddings must be positive, got {self.max_position_embeddings}")
+        self.engine_config().check()
 
-    def engine_dict(self) -> dict[str, Any]:
-        """The flat dict the C++ `Model` constructor reads."""
-        d = dataclasses.asdict(self)
-        d["short_factor"] = list(self.short_factor)
-        d["long_factor"] = list(self.long_factor)
-        d["rotary_dim"] = self.rotary_dim
-        return d
+    def engine_config(self) -> "_core.ModelConfig":
+        """The typed config the C++ `Model` constructor takes."""
+        from . import _core
+
+        c = _core.ModelConfig()
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
+                     "original_max_position_embeddings", "attention_factor", "tie_word_embeddings"):
+            setattr(c, name, getattr(self, name))
+        c.rotary_dim = self.rotary_dim
+        c.longrope = self.rope_type == "longrope"
+        c.short_factor = list(self.short_factor)
+        c.long_factor = list(self.long_factor)
+        return c

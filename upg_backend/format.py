@@ -19,14 +19,15 @@ from . import _core
 from ._core import UPGFormatError
 from .config import ModelConfig
 
-MAGIC = b"UPG\x00\r\n\x1a\n"
-VERSION = 1
-PREAMBLE_SIZE = 64
-TENSOR_ALIGN = 64
-DATA_ALIGN = 16384
+# The format's constants, as the C++ reader defines them (cpp/upg/format.h, cpp/upg/upg_common.h).
+MAGIC = _core.MAGIC
+VERSION = _core.FORMAT_VERSION
+PREAMBLE_SIZE = _core.PREAMBLE_SIZE
+TENSOR_ALIGN = _core.TENSOR_ALIGN
+DATA_ALIGN = _core.DATA_ALIGN
 
-DTYPE_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4": 4, "q3": 5, "i32": 6}
-QUANTIZED = ("q8_0", "q4", "q3")
+DTYPE_CODES: dict[str, int] = dict(_core.DTYPES)
+QUANTIZED: tuple[str, ...] = tuple(_core.QUANTIZED_TYPES)
 BLOCKS = (32, 64)
 # numpy dtype a dense tensor is stored as (bf16 is read and written as uint16 bits)
 _DENSE = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "i32": np.dtype("<i4")}
@@ -44,9 +45,7 @@ def tensor_nbytes(dtype: str, dims: Sequence[int], block: int = 0) -> int:
     if dtype in _DENSE:
         return _DENSE[dtype].itemsize * int(np.prod(dims, dtype=np.int64))
     rows, cols = dims
-    nb = cols // block
-    codes = {"q8_0": [rows * cols], "q4": [rows * cols // 2], "q3": [rows * cols // 4, rows * cols // 8]}[dtype]
-    return sum(_pad(n, TENSOR_ALIGN) for n in codes + [rows * nb * 2])
+    return _core.quant_nbytes(dtype, rows, cols, block)
 
 
 def bf16_bits(w: np.ndarray) -> np.ndarray:
@@ -335,7 +334,7 @@ class UPGFile:
             raise
         except ValueError as e:
             raise UPGFormatError(f"{self.path}: bad model config: {e}") from e
-        _core.Model(str(self.path), config.engine_dict())
+        _core.Model(str(self.path), config.engine_config())
 
 
 def iter_model_tensors(upg: UPGFile) -> Iterable[TensorInfo]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import _core
+from .backends import open_backend
 from .builtin import builtin_model_path
 from .chat_template import ChatTemplate
 from .format import UPGFile
@@ -85,29 +86,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return (x - np.log(np.exp(x).sum())).astype(np.float32)
 
 
-def _open_backend(backend: Any) -> tuple[str, Any]:
-    """("cpu" or "metal", the GPU object or None) for Llama's `backend` argument."""
-    if isinstance(backend, _core.MetalGpu):
-        return "metal", backend
-    if backend not in ("auto", "cpu", "metal"):
-        raise ValueError(f"backend must be 'auto', 'cpu' or 'metal', got {backend!r}")
-    if backend == "cpu":
-        return "cpu", None
-    if not hasattr(_core, "metal_device"):
-        if backend == "metal":
-            raise ValueError("backend='metal' needs a build for macOS with the Metal backend; this one has "
-                             "only the CPU (use backend='cpu' or 'auto')")
-        return "cpu", None
-    here = Path(__file__).resolve().parent
-    try:
-        return "metal", _core.metal_device(str(here / "upg.metallib"), str(here / "metal"))
-    except RuntimeError as e:
-        if backend == "metal":
-            raise
-        print(f"upg_backend: Metal unavailable ({e}); running on the CPU", file=sys.stderr)
-        return "cpu", None
-
-
 class Llama:
     """A model loaded from a .upg file with one inference context.
 
@@ -153,9 +131,9 @@ class Llama:
         header = upg.header
         config = upg.config
         self._n_ctx = n_ctx or config.max_position_embeddings
-        self._model = _core.Model(self.model_path, config.engine_dict())
-        self.backend, gpu = _open_backend(backend)
-        self._session = _core.Session(self._model, self._n_ctx, kv_type, n_threads or 0, n_batch, gpu)
+        self._model = _core.Model(self.model_path, config.engine_config())
+        self.backend, device = open_backend(backend)
+        self._session = _core.Session(self._model, self._n_ctx, kv_type, n_threads or 0, n_batch, device)
         self.tokenizer = Tokenizer(header.get("tokenizer"), header.get("tokenizer_config"))
         self._n_vocab = int(self._model.n_vocab)
         self.metadata: dict[str, Any] = {k: v for k, v in header.items() if k != "tokenizer"}

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 ENTRY_POINT_GROUP = "local_llm.backends"
-_MAGIC = b"UPG\x00\r\n\x1a\n"
 
 
 @runtime_checkable
@@ -36,9 +35,11 @@ class UPGBackend:
 
     def can_load(self, path: str | os.PathLike) -> bool:
         """Whether `path` is a file starting with the UPG magic (cheap: reads 8 bytes)."""
+        from ._core import MAGIC
+
         try:
             with open(path, "rb") as f:
-                return f.read(len(_MAGIC)) == _MAGIC
+                return f.read(len(MAGIC)) == MAGIC
         except OSError:
             return False
 

@@ -44,11 +44,12 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _window_logits(model_path: str | os.PathLike, windows: list[np.ndarray],
-                   n_threads: int | None) -> Iterator[np.ndarray]:
+                   n_threads: int | None, backend: str = "auto") -> Iterator[np.ndarray]:
     """Logits of every position of every window, one window at a time."""
     from .llama import Llama
 
-    llm = Llama(model_path, n_ctx=max(len(w) for w in windows), n_threads=n_threads, kv_type="f32", logits_all=True)
+    llm = Llama(model_path, n_ctx=max(len(w) for w in windows), n_threads=n_threads, kv_type="f32", logits_all=True,
+                backend=backend)
     for w in windows:
         llm.reset()
         llm.eval(w)
@@ -56,7 +57,7 @@ def _window_logits(model_path: str | os.PathLike, windows: list[np.ndarray],
 
 
 def compare_many(models: Sequence[str | os.PathLike], reference: str | os.PathLike, tokens: np.ndarray,
-                 n_ctx: int = 512, n_threads: int | None = None) -> list[QualityReport]:
+                 n_ctx: int = 512, n_threads: int | None = None, backend: str = "auto") -> list[QualityReport]:
     """Measures each of `models` against `reference` (.upg files with the same vocabulary) on tokens;
     the reference runs once for all of them.
 
@@ -67,6 +68,7 @@ def compare_many(models: Sequence[str | os.PathLike], reference: str | os.PathLi
         n_ctx: window length; the text is cut into windows of n_ctx tokens (a last, shorter window
             of at least 2 tokens is kept).
         n_threads: engine threads (None: all cores).
+        backend: what runs both models (backends.NAMES).
 
     Raises:
         ValueError: fewer than 2 tokens, n_ctx < 2, or the vocabularies differ.
@@ -77,10 +79,10 @@ def compare_many(models: Sequence[str | os.PathLike], reference: str | os.PathLi
     windows = [w for w in (tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)) if len(w) >= 2]
     if not windows:
         raise ValueError("the text must have at least 2 tokens")
-    runs = [_window_logits(m, windows, n_threads) for m in models]
+    runs = [_window_logits(m, windows, n_threads, backend) for m in models]
     klds, nll, agree = ([[] for _ in models] for _ in range(3))
     nll_ref = []
-    for w, p in zip(windows, _window_logits(reference, windows, n_threads)):
+    for w, p in zip(windows, _window_logits(reference, windows, n_threads, backend)):
         log_p = _log_softmax(p[:-1])  # the last position predicts nothing here
         nxt = w[1:, None].astype(np.int64)
         nll_ref.append(-np.take_along_axis(log_p, nxt, axis=-1)[:, 0])
@@ -105,9 +107,9 @@ def compare_many(models: Sequence[str | os.PathLike], reference: str | os.PathLi
 
 
 def compare(model: str | os.PathLike, reference: str | os.PathLike, tokens: np.ndarray, n_ctx: int = 512,
-            n_threads: int | None = None) -> QualityReport:
+            n_threads: int | None = None, backend: str = "auto") -> QualityReport:
     """`compare_many` for one model."""
-    return compare_many([model], reference, tokens, n_ctx, n_threads)[0]
+    return compare_many([model], reference, tokens, n_ctx, n_threads, backend)[0]
 
 
 @contextlib.contextmanager
@@ -136,7 +138,7 @@ def reference_upg(src: str | os.PathLike) -> Iterator[Path]:
 
 
 def measure(model: str | os.PathLike, reference: str | os.PathLike, text: str, n_ctx: int = 512,
-            n_threads: int | None = None) -> QualityReport:
+            n_threads: int | None = None, backend: str = "auto") -> QualityReport:
     """`compare` on a text, tokenized with the model's tokenizer (BOS as the model's config says).
 
     Args:
@@ -145,6 +147,7 @@ def measure(model: str | os.PathLike, reference: str | os.PathLike, text: str, n
         text: the evaluation text.
         n_ctx: window length in tokens.
         n_threads: engine threads (None: all cores).
+        backend: what runs both models (backends.NAMES).
     """
     from .format import UPGFile
     from .tokenizer import Tokenizer
@@ -152,5 +155,5 @@ def measure(model: str | os.PathLike, reference: str | os.PathLike, text: str, n
     header = UPGFile(model).header
     tokens = Tokenizer(header.get("tokenizer"), header.get("tokenizer_config")).encode(text)
     with reference_upg(reference) as ref:
-        return compare(model, ref, np.asarray(tokens), n_ctx, n_threads)
+        return compare(model, ref, np.asarray(tokens), n_ctx, n_threads, backend)
 

@@ -12,7 +12,7 @@
 #include <memory>
 #include <string>
 
-#include "session.h"
+#include "backend.h"
 
 namespace upg::metal {
 

@@ -1,13 +1,19 @@
-// UPG tensor types: the one C++ definition of each type's layout (docs/FORMAT.md is the spec).
-// The writer (through the bindings), every CPU path and the Metal kernels follow this header.
+// UPG tensor types in C++: each type's layout (docs/FORMAT.md is the spec) over the codes and
+// alignments of upg_common.h, which the Metal and CUDA kernels include too. The writer (through the
+// bindings) and every CPU path follow this header.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
+#include "upg/upg_common.h"
+
 namespace upg {
 
-enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4 = 4, Q3 = 5, I32 = 6 };
-constexpr int kNumDTypes = 7;
+enum class DType : uint8_t {
+  F32 = UPG_DTYPE_F32, F16 = UPG_DTYPE_F16, BF16 = UPG_DTYPE_BF16, Q8_0 = UPG_DTYPE_Q8_0,
+  Q4 = UPG_DTYPE_Q4, Q3 = UPG_DTYPE_Q3, I32 = UPG_DTYPE_I32,
+};
+constexpr int kNumDTypes = UPG_DTYPE_I32 + 1;
 
 inline const char* dtype_name(DType t) {
   switch (t) {
@@ -33,8 +39,8 @@ inline int dense_elem_size(DType t) {
   }
 }
 
-constexpr uint64_t kTensorAlign = 64;     // every tensor and every section inside one
-constexpr uint64_t kDataAlign = 16384;    // the data section (Apple GPU page)
+constexpr uint64_t kTensorAlign = UPG_TENSOR_ALIGN;  // every tensor and every section inside one
+constexpr uint64_t kDataAlign = UPG_DATA_ALIGN;      // the data section (Apple GPU page)
 inline uint64_t pad64(uint64_t n) { return (n + 63) & ~uint64_t(63); }
 
 // Byte sizes of the sections of a quantized [rows, cols] matrix, in file order. Section i starts

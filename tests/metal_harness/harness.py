@@ -25,6 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 METAL = ROOT / "metal"
+COMMON = ROOT / "cpp" / "upg" / "upg_common.h"  # the types and argument structs every backend shares
 COMPAT = METAL / "compat"
 CXX = os.environ.get("CXX", "g++")
 CXXFLAGS = [
@@ -55,7 +56,7 @@ def harness_sources() -> list[Path]:
 
 def kernel_headers() -> list[Path]:
     """The headers the kernel sources include (not the compat header)."""
-    return sorted(METAL.glob("*.h"))
+    return sorted(METAL.glob("*.h")) + [COMMON]
 
 
 # ---- lint: C++ that compiles with g++ but not with the Metal compiler ----
@@ -270,7 +271,7 @@ def _translate(src: Path, workdir: Path) -> tuple[Path, list[Kernel]]:
     macros); what gets compiled is the original source without its attributes.
     """
     expanded = _run([CXX, "-E", "-x", "c++", "-std=c++17", f"-DUPG_KERNEL={KERNEL_MARK}",
-                     f"-DUPG_THREADGROUP={THREADGROUP_MARK}", f"-I{COMPAT}", f"-I{METAL}",
+                     f"-DUPG_THREADGROUP={THREADGROUP_MARK}", f"-I{COMPAT}", f"-I{METAL}", f"-I{COMMON.parent}",
                      str(src)])
     kernels = parse_kernels(expanded)
     out = workdir / (src.stem + ".cpp")
@@ -299,7 +300,7 @@ def build() -> "Library":
             objs = [work / f"{i}.o" for i in range(len(units))]
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 list(pool.map(lambda uo: _run([CXX, *CXXFLAGS, f"-I{HERE}", f"-I{COMPAT}",
-                                                f"-I{METAL}", "-c", str(uo[0]), "-o", str(uo[1])]),
+                                                f"-I{METAL}", f"-I{COMMON.parent}", "-c", str(uo[0]), "-o", str(uo[1])]),
                               zip(units, objs)))
             _run([CXX, "-shared", "-o", str(work / lib.name), *map(str, objs), "-lm"])
             (work / meta.name).write_text(json.dumps([dataclasses.asdict(k) for k in kernels]))
@@ -310,11 +311,11 @@ def build() -> "Library":
     return Library(lib, kernels)
 
 
-# ---- constants and argument structs of metal/upg_quant.h ----
+# ---- constants and argument structs of cpp/upg/upg_common.h ----
 
 def constants() -> dict[str, int]:
-    """The integer #defines of metal/upg_quant.h (UPG_*)."""
-    text = (METAL / "upg_quant.h").read_text()
+    """The integer #defines of cpp/upg/upg_common.h (UPG_*)."""
+    text = COMMON.read_text()
     return {k: int(v) for k, v in re.findall(r"#define\s+(UPG_\w+)\s+(\d+)\b", text)}
 
 
@@ -322,8 +323,8 @@ _CTYPES = {"int32_t": ctypes.c_int32, "uint32_t": ctypes.c_uint32, "float": ctyp
 
 
 def arg_structs() -> dict[str, type]:
-    """The Upg*Args structs of metal/upg_quant.h as ctypes.Structure classes, by name."""
-    text = _blank_comments_and_strings((METAL / "upg_quant.h").read_text())
+    """The Upg*Args structs of cpp/upg/upg_common.h as ctypes.Structure classes, by name."""
+    text = _blank_comments_and_strings(COMMON.read_text())
     structs = {}
     for m in re.finditer(r"struct\s+(\w+)\s*\{(.*?)\};", text, re.S):
         fields = [(name, _CTYPES[t]) for t, name in re.findall(r"(\w+)\s+(\w+)\s*;", m.group(2))]

@@ -1,7 +1,7 @@
 // Kernels that test the harness itself (tests/test_metal_kernels.py): counted barriers and simd_*
 // exchanges with threads that drift apart, and the errors for a deadlock and divergent barriers.
 #include <metal_stdlib>
-#include "upg_quant.h"
+#include "upg_common.h"
 using namespace metal;
 
 // Odd threads spin before writing; after the barrier every thread reads its neighbour's slot, so a

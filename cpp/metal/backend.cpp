@@ -1,6 +1,6 @@
-// The launches of the Metal ops (ops.h). Geometry and bindings must match the comment at the top of
-// each metal/*.metal file; tests/test_metal_kernels.py runs these launches on the CPU harness.
-#include "ops.h"
+// The launches of the Metal ops (backend.h). Geometry and bindings must match the comment at the top
+// of each metal/*.metal file; tests/test_metal_kernels.py runs these launches on the CPU harness.
+#include "metal/backend.h"
 
 #include <cstring>
 #include <stdexcept>
@@ -50,7 +50,7 @@ Launch matrix_launch(const std::string& name, const Matrix& w, Buf x, Buf y, int
     a.high_offset = uint32_t(s.high_offset());
     a.scales_offset = uint32_t(s.scales_offset());
   }
-  a.has_outliers = w.rowptr.id >= 0;
+  a.has_outliers = w.has_outliers();
   a.n_tokens = n_tokens;
   a.ldy = ldy;
   set_args(l, 6, a);
@@ -59,30 +59,33 @@ Launch matrix_launch(const std::string& name, const Matrix& w, Buf x, Buf y, int
 
 }  // namespace
 
-void Ops::matvec(const Matrix& w, Buf x, Buf y) {
-  Launch l = matrix_launch("kernel_matvec_", w, x, y, 1, int(w.rows));
-  l.groups = {ceil_div(w.rows, UPG_MV_SG * UPG_MV_ROWS), 1, 1};
-  l.threads = UPG_MV_SG * UPG_SIMD_WIDTH;
-  enc_.dispatch(l);
-}
+void MetalBackend::upload(Buf dst, const void* src, size_t bytes) { std::memcpy(gpu_->contents(dst), src, bytes); }
+void MetalBackend::download(void* dst, Buf src, size_t bytes) { std::memcpy(dst, gpu_->contents(src), bytes); }
 
-void Ops::matmul(const Matrix& w, Buf x, int n_tokens, Buf y, int ldy) {
-  Launch l = matrix_launch("kernel_matmul_", w, x, y, n_tokens, ldy);
+void MetalBackend::linear(const Matrix& w, Buf x, int n_tokens, Buf y) {
+  if (n_tokens == 1) {
+    Launch l = matrix_launch("kernel_matvec_", w, x, y, 1, int(w.rows));
+    l.groups = {ceil_div(w.rows, UPG_MV_SG * UPG_MV_ROWS), 1, 1};
+    l.threads = UPG_MV_SG * UPG_SIMD_WIDTH;
+    gpu_->dispatch(l);
+    return;
+  }
+  Launch l = matrix_launch("kernel_matmul_", w, x, y, n_tokens, int(w.rows));
   l.tgmem = {round16(4 * UPG_MM_TK * UPG_MM_TM), round16(4 * UPG_MM_TN * UPG_MM_TK),
              round16(4 * UPG_MM_TN * UPG_MM_TM)};
   l.groups = {ceil_div(w.rows, UPG_MM_TM), ceil_div(n_tokens, UPG_MM_TN), 1};
   l.threads = UPG_MM_SG * UPG_SIMD_WIDTH;
-  enc_.dispatch(l);
+  gpu_->dispatch(l);
 }
 
-void Ops::get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) {
+void MetalBackend::get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) {
   Launch l = matrix_launch("kernel_get_rows_", w, ids, out, n_tokens, 0);
   l.groups = {uint32_t(n_tokens), 1, 1};
   l.threads = UPG_REDUCE_THREADS;
-  enc_.dispatch(l);
+  gpu_->dispatch(l);
 }
 
-void Ops::rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) {
+void MetalBackend::rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) {
   Launch l;
   l.kernel = "kernel_rms_norm";
   l.buffers = {{0, x}, {1, weight}, {2, out}};
@@ -90,50 +93,49 @@ void Ops::rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) {
   l.tgmem = {round16(4 * UPG_REDUCE_THREADS / UPG_SIMD_WIDTH)};
   l.groups = {uint32_t(n_tokens), 1, 1};
   l.threads = UPG_REDUCE_THREADS;
-  enc_.dispatch(l);
+  gpu_->dispatch(l);
 }
 
-void Ops::rope(Buf qkv, Buf factors, const UpgRopeArgs& args) {
+void MetalBackend::rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& args) {
   Launch l;
   l.kernel = "kernel_rope";
-  l.buffers = {{0, qkv}, {1, factors}};
-  set_args(l, 2, args);
+  l.buffers = {{0, qkv}, {1, inv_freq}, {2, pass}};
+  set_args(l, 3, args);
   l.groups = {ceil_div(args.rot_dims / 2, 32), uint32_t(args.n_heads), uint32_t(args.n_tokens)};
   l.threads = 32;
-  enc_.dispatch(l);
+  gpu_->dispatch(l);
 }
 
-void Ops::kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) {
+void MetalBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& args) {
   Launch l;
   l.kernel = f16 ? "kernel_kv_store_f16" : "kernel_kv_store_f32";
-  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}};
-  set_args(l, 3, args);
+  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}, {3, pass}};
+  set_args(l, 4, args);
   l.groups = {ceil_div(args.head_dim, 32), uint32_t(args.n_kv_heads), uint32_t(args.n_tokens)};
   l.threads = 32;
-  enc_.dispatch(l);
+  gpu_->dispatch(l);
 }
 
-void Ops::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, bool prefill,
-                    const UpgAttnArgs& args) {
+void MetalBackend::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, Buf pass, bool f16, const UpgAttnArgs& args) {
   if (args.head_dim % UPG_SIMD_WIDTH != 0 || args.head_dim > UPG_ATTN_MAX_HEAD_DIM)
     throw std::runtime_error("metal: head_dim must be a multiple of 32, at most 256");
   Launch l;
-  l.kernel = std::string("kernel_attn_") + (prefill ? "prefill_" : "decode_") + (f16 ? "f16" : "f32");
-  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}, {3, out}};
-  set_args(l, 4, args);
+  l.kernel = std::string("kernel_attn_") + (f16 ? "f16" : "f32");
+  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}, {3, out}, {4, pass}};
+  set_args(l, 5, args);
   l.tgmem = {round16(4 * UPG_ATTN_SG * (args.head_dim + 2))};
-  l.groups = {uint32_t(args.n_heads), uint32_t(prefill ? args.n_tokens : 1), 1};
+  l.groups = {uint32_t(args.n_heads), uint32_t(args.n_tokens), 1};
   l.threads = UPG_ATTN_SG * UPG_SIMD_WIDTH;
-  enc_.dispatch(l);
+  gpu_->dispatch(l);
 }
 
-void Ops::silu_mul(Buf gate_up, Buf out, int n_tokens, int n, int in_stride) {
-  enc_.dispatch(elementwise_launch("kernel_silu_mul", gate_up, out, UpgEltArgs{n, n_tokens, in_stride}));
+void MetalBackend::silu_mul(Buf gate_up, Buf out, int n_tokens, int n) {
+  gpu_->dispatch(elementwise_launch("kernel_silu_mul", gate_up, out, UpgEltArgs{n, n_tokens, 2 * n}));
 }
 
-void Ops::add(Buf x, Buf y, int n) { enc_.dispatch(elementwise_launch("kernel_add", x, y, UpgEltArgs{n, 1, 0})); }
+void MetalBackend::add(Buf x, Buf y, int n) { gpu_->dispatch(elementwise_launch("kernel_add", x, y, UpgEltArgs{n, 1, 0})); }
 
-void Ops::argmax(Buf x, int n, Buf out) {
+void MetalBackend::argmax(Buf x, int n, Buf out) {
   Launch l;
   l.kernel = "kernel_argmax";
   l.buffers = {{0, x}, {1, out}};
@@ -141,7 +143,7 @@ void Ops::argmax(Buf x, int n, Buf out) {
   l.tgmem = {round16(4 * UPG_REDUCE_THREADS / UPG_SIMD_WIDTH), round16(4 * UPG_REDUCE_THREADS / UPG_SIMD_WIDTH)};
   l.groups = {1, 1, 1};
   l.threads = UPG_REDUCE_THREADS;
-  enc_.dispatch(l);
+  gpu_->dispatch(l);
 }
 
 }  // namespace upg::metal

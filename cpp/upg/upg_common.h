@@ -1,8 +1,8 @@
-// UPG tensor types as the Metal kernels see them: a mirror of cpp/upg/quant.h (docs/FORMAT.md is
-// the spec). Metal cannot include the C++ header, so the constants are repeated here and
-// tests/test_metal_kernels.py checks that both headers agree. Shared by the .metal sources, the
-// Objective-C++ host (cpp/metal/) and the CPU harness (tests/metal_harness/). Includers provide
-// the fixed-width integer types (<metal_stdlib> in Metal, <stdint.h> on the host).
+// What every backend shares: the UPG tensor type codes and alignments (docs/FORMAT.md is the spec),
+// the kernels' tuning constants and the kernel-argument structs. One header for C++ (cpp/upg/quant.h
+// builds its DType enum and constants from these), Metal (metal/*.metal) and CUDA (cpp/cuda/), as
+// ggml-common.h serves ggml's backends. Plain C: includers provide the fixed-width integer types
+// (<metal_stdlib> in Metal, <cstdint> in C++ and CUDA).
 #pragma once
 
 // dtype codes of the tensor directory (upg::DType).
@@ -53,30 +53,34 @@ struct UpgNormArgs {
   float eps;
 };
 
+// The values that change from one pass to the next, read by the kernels from a small buffer (not
+// baked into launch arguments) so that one decode step can be recorded once and replayed.
+struct UpgPass {
+  int32_t n_past;         // position of the pass's first token (tokens already in the KV cache)
+  int32_t n_tokens;       // tokens in this pass
+};
+
 // Rotate-half (NeoX) RoPE over the first rot_dims of each head: pairs (i, i + rot_dims/2).
-// inv_freq[i] = 1 / (factor[i] * theta^(2i/rot_dims)); cos and sin are scaled by attn_factor
-// (LongRoPE); factor[] is bound only when has_factors.
+// angle = (n_past + t) * inv_freq[i] (inv_freq: the model's, LongRoPE factors applied, computed once
+// on the host); cos and sin are scaled by attn_factor (LongRoPE).
 struct UpgRopeArgs {
   int32_t n_tokens;
   int32_t n_heads;        // heads rotated per token (query heads + key heads)
   int32_t head_dim;
   int32_t rot_dims;       // partial rotary: an even number <= head_dim
   int32_t token_stride;   // floats between consecutive tokens
-  int32_t pos0;           // position of token 0
-  float theta;
   float attn_factor;
-  int32_t has_factors;
 };
 
-// KV cache of one layer: [n_kv_heads][kv_stride positions][head_dim], f16 or f32.
+// KV cache of one layer: [n_kv_heads][kv_stride positions][head_dim], f16 or f32. Token t of a pass
+// is stored at position n_past + t and attends positions [0, n_past + t] (UpgPass).
 struct UpgAttnArgs {
   int32_t n_heads;
   int32_t n_kv_heads;     // divides n_heads (GQA)
   int32_t head_dim;
-  int32_t n_kv;           // decode: positions to attend; prefill: positions before token 0 (pos0)
   int32_t kv_stride;      // positions per KV head in the cache (n_ctx)
   int32_t q_stride;       // floats between the queries of consecutive tokens
-  int32_t n_tokens;       // prefill: query tokens
+  int32_t n_tokens;       // query tokens
   float scale;            // softmax scale, 1/sqrt(head_dim)
 };
 

@@ -1,0 +1,72 @@
+// The backend seam in Python (cpp/upg/backend.h): buffers, matrices and every op of a Backend,
+// so the tests run each op on each backend against the numpy references (tests/test_backend_ops.py).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/backend.h"
+#include "upg/backend.h"
+
+namespace py = pybind11;
+using namespace upg;
+
+namespace {
+
+using Bytes = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+DType dtype_by_name(const std::string& name) {
+  for (int t = 0; t < kNumDTypes; ++t)
+    if (name == dtype_name(DType(t))) return DType(t);
+  throw std::invalid_argument("unknown type '" + name + "'");
+}
+
+}  // namespace
+
+void bind_backend(py::module_& m) {
+  using namespace pybind11::literals;
+  py::class_<Buf>(m, "Buf", "A range of one backend buffer: its id and a byte offset.")
+      .def(py::init<int, uint64_t>(), "id"_a, "offset"_a = 0)
+      .def_readonly("id", &Buf::id)
+      .def_readonly("offset", &Buf::offset)
+      .def("at", &Buf::at, "bytes"_a);
+  py::class_<Matrix>(m, "Matrix", "A weight matrix inside a backend buffer (type name, block, shape, data, outliers).")
+      .def(py::init([](const std::string& type, int block, int64_t rows, int64_t cols, Buf data, Buf rowptr, Buf col,
+                       Buf val) {
+             return Matrix{dtype_by_name(type), block, rows, cols, data, rowptr, col, val};
+           }), "type"_a, "block"_a, "rows"_a, "cols"_a, "data"_a, "rowptr"_a = Buf{}, "col"_a = Buf{}, "val"_a = Buf{});
+  py::class_<UpgRopeArgs>(m, "RopeArgs")
+      .def(py::init([](int n_tokens, int n_heads, int head_dim, int rot_dims, int token_stride, float attn_factor) {
+             return UpgRopeArgs{n_tokens, n_heads, head_dim, rot_dims, token_stride, attn_factor};
+           }), "n_tokens"_a, "n_heads"_a, "head_dim"_a, "rot_dims"_a, "token_stride"_a, "attn_factor"_a = 1.0f);
+  py::class_<UpgAttnArgs>(m, "AttnArgs")
+      .def(py::init([](int n_heads, int n_kv_heads, int head_dim, int kv_stride, int q_stride, int n_tokens, float scale) {
+             return UpgAttnArgs{n_heads, n_kv_heads, head_dim, kv_stride, q_stride, n_tokens, scale};
+           }), "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "kv_stride"_a, "q_stride"_a, "n_tokens"_a, "scale"_a);
+
+  py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend", "What a Session runs on (cpp/upg/backend.h).")
+      .def_property_readonly("name", &Backend::name)
+      .def("alloc", &Backend::alloc, "nbytes"_a, "A zero-filled buffer.")
+      .def("upload", [](Backend& b, Buf dst, Bytes src) { b.upload(dst, src.data(), size_t(src.size())); }, "dst"_a, "src"_a)
+      .def("download", [](Backend& b, Buf src, size_t nbytes) {
+             py::array_t<uint8_t> out{py::ssize_t(nbytes)};
+             b.download(out.mutable_data(), src, nbytes);
+             return out;
+           }, "src"_a, "nbytes"_a)
+      .def("begin", &Backend::begin)
+      .def("end", &Backend::end)
+      .def("get_rows", &Backend::get_rows, "w"_a, "ids"_a, "n_tokens"_a, "out"_a)
+      .def("rms_norm", &Backend::rms_norm, "x"_a, "weight"_a, "out"_a, "n_tokens"_a, "n"_a, "eps"_a)
+      .def("linear", &Backend::linear, "w"_a, "x"_a, "n_tokens"_a, "y"_a)
+      .def("rope", &Backend::rope, "qkv"_a, "inv_freq"_a, "pass_"_a, "args"_a)
+      .def("kv_store", &Backend::kv_store, "qkv"_a, "k_cache"_a, "v_cache"_a, "pass_"_a, "f16"_a, "args"_a)
+      .def("attention", &Backend::attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "out"_a, "pass_"_a, "f16"_a, "args"_a)
+      .def("silu_mul", &Backend::silu_mul, "gate_up"_a, "out"_a, "n_tokens"_a, "n"_a)
+      .def("add", &Backend::add, "x"_a, "y"_a, "n"_a)
+      .def("argmax", &Backend::argmax, "x"_a, "n"_a, "out"_a);
+  py::class_<CpuBackend, Backend, std::shared_ptr<CpuBackend>>(m, "CpuBackend")
+      .def(py::init<int>(), "n_threads"_a = 0, "The CPU kernels on n_threads threads (0: all cores).");
+}

@@ -1,0 +1,65 @@
+// The CPU backend: buffers in host memory (the weights are the mapped file itself), the kernels of
+// the run-time chosen SIMD path (upg/kernels.h), a thread pool. Quantized weights multiply 8-bit
+// activations (docs/ARCHITECTURE.md "How the CPU kernels multiply").
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "upg/backend.h"
+#include "upg/kernels.h"
+#include "upg/threadpool.h"
+
+namespace upg {
+
+class CpuBackend : public Backend {
+ public:
+  explicit CpuBackend(int n_threads);  // 0: all cores
+
+  const char* name() const override { return "cpu"; }
+  Buf weights(const void* data, size_t bytes) override;
+  Buf alloc(size_t bytes) override;
+  void upload(Buf dst, const void* src, size_t bytes) override;
+  void download(void* dst, Buf src, size_t bytes) override;
+
+  void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) override;
+  void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) override;
+  void linear(const Matrix& w, Buf x, int n_tokens, Buf y) override;
+  void rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& args) override;
+  void kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& args) override;
+  void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, Buf pass, bool f16, const UpgAttnArgs& args) override;
+  void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
+  void add(Buf x, Buf y, int n) override;
+  void argmax(Buf x, int n, Buf out) override;
+
+ private:
+  template <typename T = uint8_t>
+  T* ptr(Buf b) const { return reinterpret_cast<T*>(base_[size_t(b.id)] + b.offset); }
+  WeightView view(const Matrix& w) const;
+  ActQ8 quantize_act(const float* x, int64_t n, int64_t cols, int block);
+  // Passes of at least this many tokens run attention as matrix products.
+  static constexpr int64_t kBlockedAttentionMin = 16;
+  void attention_blocked(const float* qkv, const uint8_t* k, const uint8_t* v, float* out, int64_t n_past,
+                         bool f16, const UpgAttnArgs& a);
+
+  const Kernels& k_;
+  ThreadPool pool_;
+  std::vector<uint8_t*> base_;                      // by buffer id
+  std::vector<std::unique_ptr<uint8_t[]>> owned_;   // what alloc() made
+
+  // Scratch, grown on demand.
+  std::vector<float> cos_, sin_;     // [n_tokens][rot_dims / 2] of the last rope pass
+  int64_t rope_pos0_ = -1, rope_n_ = 0;
+  const float* rope_freq_ = nullptr;
+  std::vector<float> scores_;        // [n_threads][positions] decode attention scores
+  struct AttentionScratch {          // per thread, for attention_blocked
+    std::vector<float> q, s, vt;     // query chunk, its scores, V^T of one kv head
+  };
+  std::vector<AttentionScratch> att_scratch_;
+  // A matmul input quantized to 8 bits (quantized weights), grown to the largest input.
+  std::vector<int8_t> xq_;           // [n][cols]
+  std::vector<float> xq_d_;          // [n][cols / block]
+  std::vector<int32_t> xq_sum_;      // [n][cols / block]
+};
+
+}  // namespace upg

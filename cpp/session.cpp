@@ -1,0 +1,91 @@
+#include "upg/session.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace upg {
+
+Session::Session(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int n_ctx, KVType kv_type,
+                 int n_batch)
+    : model_(std::move(model)),
+      backend_(std::move(backend)),
+      n_ctx_(n_ctx),
+      n_batch_(std::min(n_batch, n_ctx)),
+      kv_type_(kv_type),
+      graph_(*model_, n_ctx, n_batch_, kv_type) {
+  const UPGFile& f = model_->file();
+  weights_ = backend_->weights(f.data_section(), f.file_size() - f.data_offset());
+  for (uint64_t bytes : graph_.buffer_sizes()) buffers_.push_back(backend_->alloc(bytes));
+  const std::vector<float> inv_freq = graph_.inv_freq_table();
+  backend_->upload(buffers_[Graph::kInvFreq], inv_freq.data(), inv_freq.size() * sizeof(float));
+}
+
+void Session::truncate(int64_t n) {
+  if (n < 0 || n > n_past_) throw std::invalid_argument("truncate: position out of range");
+  n_past_ = n;
+}
+
+void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+  const int32_t vocab = model_->config().vocab_size;
+  if (n < 1) throw std::invalid_argument("eval needs at least one token");
+  if (n > n_ctx_ - n_past_)
+    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
+                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= vocab)
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+  for (int64_t done = 0; done < n;) {
+    const int m = int(std::min<int64_t>(n_batch_, n - done));
+    const bool last = done + m == n;
+    const Graph::Logits logits = all_logits ? Graph::Logits::kAll : last ? Graph::Logits::kLast : Graph::Logits::kNone;
+    const UpgPass pass{int32_t(n_past_), m};
+    backend_->upload(buffers_[Graph::kTokens], tokens + done, size_t(m) * sizeof(int32_t));
+    backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
+    backend_->begin();
+    graph_.forward(*backend_, weights_, buffers_, m, int(n_past_), logits);
+    backend_->end();
+    // Rows of this batch go to their place in out; only the final row is kept otherwise.
+    if (logits == Graph::Logits::kAll)
+      backend_->download(out + done * vocab, buffers_[Graph::kLogits], size_t(m) * vocab * sizeof(float));
+    else if (logits == Graph::Logits::kLast)
+      backend_->download(out, buffers_[Graph::kLogits], size_t(vocab) * sizeof(float));
+    n_past_ += m;
+    done += m;
+  }
+}
+
+template <typename Fn>
+void Session::for_each_kv_run(int64_t n, Fn fn) const {
+  const ModelConfig& c = model_->config();
+  const uint64_t elem = graph_.kv_elem_bytes(), head = uint64_t(n_ctx_) * c.head_dim * elem;
+  const uint64_t bytes = uint64_t(n) * c.head_dim * elem;
+  for (uint64_t h = 0; h < uint64_t(c.num_hidden_layers) * c.num_key_value_heads; ++h)
+    fn(buffers_[Graph::kKCache].at(h * head), buffers_[Graph::kVCache].at(h * head), bytes);
+}
+
+std::vector<uint8_t> Session::save_kv() const {
+  std::vector<uint8_t> out;
+  for_each_kv_run(n_past_, [&](Buf k, Buf v, uint64_t bytes) {
+    const size_t at = out.size();
+    out.resize(at + 2 * bytes);
+    backend_->download(out.data() + at, k, bytes);
+    backend_->download(out.data() + at + bytes, v, bytes);
+  });
+  return out;
+}
+
+void Session::load_kv(int64_t n_past, const uint8_t* data, size_t size) {
+  if (n_past < 0 || n_past > n_ctx_) throw std::invalid_argument("load_kv: n_past out of range for this context");
+  const ModelConfig& c = model_->config();
+  if (size != 2 * size_t(c.num_hidden_layers) * c.num_key_value_heads * size_t(n_past) * c.head_dim * graph_.kv_elem_bytes())
+    throw std::invalid_argument("load_kv: state size does not match this model, kv_type and n_past");
+  for_each_kv_run(n_past, [&](Buf k, Buf v, uint64_t bytes) {
+    backend_->upload(k, data, bytes);
+    backend_->upload(v, data + bytes, bytes);
+    data += 2 * bytes;
+  });
+  n_past_ = n_past;
+}
+
+}  // namespace upg

@@ -1,0 +1,78 @@
+// The seam between the one graph (graph.h) and the machines that run it. A Backend owns its
+// buffers and implements the ops the graph calls; the graph never touches a buffer's bytes. Host
+// and backend exchange bytes only through upload() and download(): tokens and per-pass values in,
+// logits out, the KV cache for saved states.
+//
+// Backends: cpu/backend.h (the CPU kernels, threads, 8-bit activations for quantized weights),
+// metal/backend.h (Metal launches; weights wrapped zero-copy in shared memory).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "upg/quant.h"
+
+namespace upg {
+
+// A range of one backend buffer: id is the backend's handle (-1: none), offset in bytes.
+struct Buf {
+  int id = -1;
+  uint64_t offset = 0;
+  Buf at(uint64_t bytes) const { return Buf{id, offset + bytes}; }
+  bool valid() const { return id >= 0; }
+};
+
+// A weight matrix [rows, cols] of any UPG type inside the weights buffer: its first byte (the
+// type's sections follow, FORMAT.md) and the optional CSR outliers (rowptr i32 [rows + 1], col i32
+// [nnz], val f16 [nnz]; rowptr.id -1 when absent).
+struct Matrix {
+  DType type = DType::F32;
+  int block = 0;               // elements per scale block (quantized types), else 0
+  int64_t rows = 0, cols = 0;
+  Buf data, rowptr, col, val;
+  bool has_outliers() const { return rowptr.valid(); }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;  // "cpu", "metal"
+
+  // ---- memory ----
+  // The model's weights, [data, data + bytes) of the mapped file (16 KiB aligned and sized):
+  // wrapped without a copy where the backend shares host memory, else uploaded once. The memory
+  // outlives the backend's use of it.
+  virtual Buf weights(const void* data, size_t bytes) = 0;
+  virtual Buf alloc(size_t bytes) = 0;  // zero-filled
+  virtual void upload(Buf dst, const void* src, size_t bytes) = 0;
+  virtual void download(void* dst, Buf src, size_t bytes) = 0;
+
+  // Ops between begin() and end() run in order; end() returns when their results can be
+  // downloaded. upload() and download() are called outside a pass.
+  virtual void begin() {}
+  virtual void end() {}
+
+  // ---- ops, in the order the graph calls them; every float buffer is row-major by token ----
+  // out[t] = row ids[t] of w (embedding lookup, outliers included); ids: int32 [n_tokens].
+  virtual void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) = 0;
+  // out[t] = x[t] / rms(x[t]) * weight, rows of n floats.
+  virtual void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) = 0;
+  // y[t][r] = sum_k W[r][k] x[t][k], y rows of w.rows floats. The backend chooses the kernels
+  // (mat-vec for one token, mat-mat for more) and the activation rounding.
+  virtual void linear(const Matrix& w, Buf x, int n_tokens, Buf y) = 0;
+  // RoPE in place over the query and key heads (upg_common.h UpgRopeArgs); inv_freq: f32
+  // [rot_dims / 2]; pass: UpgPass.
+  virtual void rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& args) = 0;
+  // Appends the pass's K and V heads (rows of qkv) to one layer's cache at positions n_past..
+  virtual void kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& args) = 0;
+  // Causal grouped-query attention of the pass's queries over one layer's cache: out [n_tokens]
+  // [n_heads * head_dim]. The backend chooses its decode and prefill paths.
+  virtual void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, Buf pass, bool f16,
+                         const UpgAttnArgs& args) = 0;
+  // out[t][i] = silu(gate_up[t][i]) * gate_up[t][n + i]: rows of 2n floats in, n out.
+  virtual void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) = 0;
+  virtual void add(Buf x, Buf y, int n) = 0;  // x += y over n floats
+  // out: int32 index of the largest of n floats (the first one on ties).
+  virtual void argmax(Buf x, int n, Buf out) = 0;
+};
+
+}  // namespace upg

@@ -1,0 +1,53 @@
+// A session: one conversation's KV cache and position over a shared read-only Model, run by the
+// one graph (graph.h) on a Backend. Any backend: the session moves only tokens in and logits out
+// (and the KV cache for saved states) through the backend's upload and download.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "upg/backend.h"
+#include "upg/graph.h"
+#include "upg/model.h"
+
+namespace upg {
+
+class Session {
+ public:
+  // n_batch: the most tokens one forward pass takes (longer evals are cut into such batches).
+  Session(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int n_ctx, KVType kv_type,
+          int n_batch = 512);
+
+  // Appends n tokens at positions n_past.. and writes logits: all n rows into out[n][vocab] when
+  // all_logits, else only the last token's row into out[vocab]. Throws std::invalid_argument when
+  // the tokens do not fit the context or a token id is outside the vocabulary.
+  void eval(const int32_t* tokens, int64_t n, bool all_logits, float* out);
+
+  int64_t n_past() const { return n_past_; }
+  int n_ctx() const { return n_ctx_; }
+  void truncate(int64_t n);  // keeps positions [0, n) of the KV cache
+
+  // The KV cache of positions [0, n_past) as bytes (per layer and kv head: K rows, then V rows),
+  // and its inverse; load_kv throws std::invalid_argument when the size does not fit n_past.
+  std::vector<uint8_t> save_kv() const;
+  void load_kv(int64_t n_past, const uint8_t* data, size_t size);
+
+  const Model& model() const { return *model_; }
+  const Backend& backend() const { return *backend_; }
+
+ private:
+  // Calls fn(K run, V run, bytes) for each (layer, kv head) run of positions [0, n) of the cache.
+  template <typename Fn>
+  void for_each_kv_run(int64_t n, Fn fn) const;
+
+  std::shared_ptr<const Model> model_;
+  std::shared_ptr<Backend> backend_;
+  int n_ctx_, n_batch_;
+  KVType kv_type_;
+  Graph graph_;
+  Buf weights_;
+  std::vector<Buf> buffers_;  // by Graph::BufferId
+  int64_t n_past_ = 0;
+};
+
+}  // namespace upg
