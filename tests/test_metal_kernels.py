@@ -527,14 +527,3 @@ def test_generation_and_state_on_metal_graph(lib, graph_models):
     cpu.reset()
     cpu.eval([3, 14, 15, 92])
     np.testing.assert_allclose(first, cpu.scores[-1], rtol=0, atol=1e-5 * np.abs(cpu.scores[-1]).max())
-
-
-def test_metal_backend_choice():
-    from upg_backend.llama import Llama
-
-    assert Llama(backend="auto").backend == ("metal" if hasattr(_core, "metal_device") else "cpu")
-    if not hasattr(_core, "metal_device"):
-        with pytest.raises(ValueError, match="macOS"):
-            Llama(backend="metal")
-    with pytest.raises(ValueError, match="backend"):
-        Llama(backend="cuda")
