@@ -81,7 +81,7 @@ struct V256 {
   static constexpr int kNTi8 = 4;  // tokens per matmul register tile
   static constexpr int kMRi8 = 1, kNTi8Wide = 4;  // one row vector per tile (16 registers)
   template <DType T>
-  static constexpr int kZero = T == DType::Q4 ? 8 : T == DType::Q3 ? 4 : 0;
+  static constexpr int kZero = zero_point(T);
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
   static reg abs(reg v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }

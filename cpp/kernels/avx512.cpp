@@ -82,7 +82,7 @@ struct V512 {
   // Row vectors x tokens of the wide tile: each broadcast feeds two rows of 16 (measured 2x4..2x7, 3x4)
   static constexpr int kMRi8 = 2, kNTi8Wide = 5;
   template <DType T>
-  static constexpr int kZero = T == DType::Q4 ? 8 : T == DType::Q3 ? 4 : 128;
+  static constexpr int kZero = T == DType::Q8_0 ? 128 : zero_point(T);  // q8_0: signed codes + 128
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static reg abs(reg v) { return _mm512_abs_ps(v); }

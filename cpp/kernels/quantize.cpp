@@ -46,10 +46,10 @@ void quantize_block(DType type, int B, const float* x, uint8_t* codes, uint8_t* 
     block_codes(x, B, store_scale(amax / 127.0f, scale_out), 0.0f, -127.0f, 127.0f, q);
     for (int j = 0; j < B; ++j) codes[j] = uint8_t(int8_t(q[j]));
   } else if (type == DType::Q4) {
-    block_codes(x, B, store_scale(signed_max(x, B) / -8.0f, scale_out), 8.0f, 0.0f, 15.0f, q);
+    block_codes(x, B, store_scale(signed_max(x, B) / -float(UPG_Q4_ZERO), scale_out), UPG_Q4_ZERO, 0.0f, 15.0f, q);
     for (int i = 0; i < B / 2; ++i) codes[i] = uint8_t(q[i] | (q[i + B / 2] << 4));
   } else {
-    block_codes(x, B, store_scale(signed_max(x, B) / -4.0f, scale_out), 4.0f, 0.0f, 7.0f, q);
+    block_codes(x, B, store_scale(signed_max(x, B) / -float(UPG_Q3_ZERO), scale_out), UPG_Q3_ZERO, 0.0f, 7.0f, q);
     for (int i = 0; i < B / 4; ++i) {
       int v = 0;
       for (int k = 0; k < 4; ++k) v |= (q[i + k * B / 4] & 3) << (2 * k);

@@ -13,9 +13,9 @@ constexpr int kMaxSpan = 64;  // elements decoded at a time: one block, or a den
 int code(const WeightView& w, int64_t g, int j) {
   const int B = w.block;
   if (w.type == DType::Q8_0) return int8_t(w.codes[g * B + j]);
-  if (w.type == DType::Q3) return q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - 4;
+  if (w.type == DType::Q3) return q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - UPG_Q3_ZERO;
   const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
-  return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
+  return (j < B / 2 ? byte & 15 : byte >> 4) - UPG_Q4_ZERO;
 }
 
 // The elements [k0, k0 + n) of row r, by the spec's formulas; for quantized types exactly one

@@ -76,8 +76,8 @@ inline void decode_codes(const WeightView& w, int64_t g, typename V::reg* out) {
 #pragma GCC unroll 8
     for (int c = 0; c < NC / 2; ++c) {
       const auto v = V::widen_u8(p + c * W);
-      out[c] = V::cvt(V::sub(V::and_(v, 15), 8));
-      out[NC / 2 + c] = V::cvt(V::sub(V::template srli<4>(v), 8));
+      out[c] = V::cvt(V::sub(V::and_(v, 15), UPG_Q4_ZERO));
+      out[NC / 2 + c] = V::cvt(V::sub(V::template srli<4>(v), UPG_Q4_ZERO));
     }
   } else {
     static_assert(T == DType::Q3, "quantized types only");
@@ -173,11 +173,11 @@ inline int signed_code(const WeightView& w, int64_t g, int j) {
     return int8_t(w.codes[g * B + j]);
   } else if constexpr (T == DType::Q4) {
     const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
-    return (j < B / 2 ? byte & 15 : byte >> 4) - 8;
+    return (j < B / 2 ? byte & 15 : byte >> 4) - UPG_Q4_ZERO;
   } else {  // quant.h's q3_code, not called here (see top)
     const int lo = (w.codes[g * (B / 4) + j % (B / 4)] >> (2 * (j / (B / 4)))) & 3;
     const int hi = (w.high[g * (B / 8) + j % (B / 8)] >> (j / (B / 8))) & 1;
-    return (lo | hi << 2) - 4;
+    return (lo | hi << 2) - UPG_Q3_ZERO;
   }
 }
 

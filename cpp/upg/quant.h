@@ -30,6 +30,9 @@ inline const char* dtype_name(DType t) {
 
 inline bool is_quantized(DType t) { return t == DType::Q8_0 || t == DType::Q4 || t == DType::Q3; }
 
+// What a quantized type's stored code is offset by: element = d * (code - zero_point).
+constexpr int zero_point(DType t) { return t == DType::Q4 ? UPG_Q4_ZERO : t == DType::Q3 ? UPG_Q3_ZERO : 0; }
+
 // Element size in bytes of a dense type, 0 for quantized types.
 inline int dense_elem_size(DType t) {
   switch (t) {
