@@ -56,14 +56,14 @@ void bind_backend(py::module_& m) {
              b.download(out.mutable_data(), src, nbytes);
              return out;
            }, "src"_a, "nbytes"_a)
-      .def("begin", &Backend::begin)
+      .def("begin", &Backend::begin, "pass_"_a, "Begins a pass whose UpgPass (n_past, n_tokens: int32) is in pass_.")
       .def("end", &Backend::end)
       .def("get_rows", &Backend::get_rows, "w"_a, "ids"_a, "n_tokens"_a, "out"_a)
       .def("rms_norm", &Backend::rms_norm, "x"_a, "weight"_a, "out"_a, "n_tokens"_a, "n"_a, "eps"_a)
       .def("linear", &Backend::linear, "w"_a, "x"_a, "n_tokens"_a, "y"_a)
-      .def("rope", &Backend::rope, "qkv"_a, "inv_freq"_a, "pass_"_a, "args"_a)
-      .def("kv_store", &Backend::kv_store, "qkv"_a, "k_cache"_a, "v_cache"_a, "pass_"_a, "f16"_a, "args"_a)
-      .def("attention", &Backend::attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "out"_a, "pass_"_a, "f16"_a, "args"_a)
+      .def("rope", &Backend::rope, "qkv"_a, "inv_freq"_a, "args"_a)
+      .def("kv_store", &Backend::kv_store, "qkv"_a, "k_cache"_a, "v_cache"_a, "f16"_a, "args"_a)
+      .def("attention", &Backend::attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "out"_a, "f16"_a, "args"_a)
       .def("silu_mul", &Backend::silu_mul, "gate_up"_a, "out"_a, "n_tokens"_a, "n"_a)
       .def("add", &Backend::add, "x"_a, "y"_a, "n"_a)
       .def("argmax", &Backend::argmax, "x"_a, "n"_a, "out"_a);

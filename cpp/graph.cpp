@@ -62,7 +62,7 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, i
   const int hidden = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
   const int inter = c.intermediate_size, qkv_rows = (nh + 2 * nkv) * hd;
   const Buf x = buffers[kX], xn = buffers[kXn], qkv = buffers[kQkv], attn = buffers[kAttn], gu = buffers[kGateUp],
-            act = buffers[kAct], proj = buffers[kProj], pass = buffers[kPass];
+            act = buffers[kAct], proj = buffers[kProj];
   const bool f16 = kv_type_ == KVType::F16;
 
   // LongRoPE picks its factors by the sequence length this pass reaches.
@@ -77,9 +77,9 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, i
     // Attention block: x += o_proj(attention(rope(qkv_proj(norm(x)))))
     be.rms_norm(x, place(L.attn_norm, weights), xn, n, hidden, c.rms_norm_eps);
     be.linear(place(L.qkv, weights), xn, n, qkv);
-    be.rope(qkv, inv_freq, pass, rope);
-    be.kv_store(qkv, kc, vc, pass, f16, att);
-    be.attention(qkv, kc, vc, attn, pass, f16, att);
+    be.rope(qkv, inv_freq, rope);
+    be.kv_store(qkv, kc, vc, f16, att);
+    be.attention(qkv, kc, vc, attn, f16, att);
     be.linear(place(L.o, weights), attn, n, proj);
     be.add(x, proj, n * hidden);
     // MLP block: x += down(silu(gate) * up), gate and up from one fused projection.

@@ -42,7 +42,7 @@ void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out
     const UpgPass pass{int32_t(n_past_), m};
     backend_->upload(buffers_[Graph::kTokens], tokens + done, size_t(m) * sizeof(int32_t));
     backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
-    backend_->begin();
+    backend_->begin(buffers_[Graph::kPass]);
     graph_.forward(*backend_, weights_, buffers_, m, int(n_past_), logits);
     backend_->end();
     // Rows of this batch go to their place in out; only the final row is kept otherwise.

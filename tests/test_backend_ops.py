@@ -50,8 +50,13 @@ def get(be, buf, n: int, dtype=np.float32) -> np.ndarray:
     return a[:n]
 
 
-def run(be, op, *args):
-    be.begin()
+def pass_buffer(be, n_past: int, n_tokens: int):
+    """The per-pass values the position-dependent ops read (UpgPass)."""
+    return put(be, np.array([n_past, n_tokens], np.int32))
+
+
+def run(be, op, *args, n_past=0, n_tokens=1):
+    be.begin(pass_buffer(be, n_past, n_tokens))
     op(*args)
     be.end()
 
@@ -116,10 +121,6 @@ def test_rms_norm(be):
     close(get(be, out, n_tokens * n).reshape(n_tokens, n), want, 1e-5)
 
 
-def pass_buffer(be, n_past: int, n_tokens: int):
-    return put(be, np.array([n_past, n_tokens], np.int32))
-
-
 @pytest.mark.parametrize("head_dim, rot", [(64, 64), (96, 48), (128, 96)])  # partial rotary 0.5, 0.75
 def test_rope(be, head_dim, rot):
     """Q and K heads of fused qkv rows rotate at positions n_past + t; the V heads stay."""
@@ -129,7 +130,7 @@ def test_rope(be, head_dim, rot):
     inv_freq = (1.0 / (rng.uniform(1, 8, rot // 2) * 10000.0 ** (np.arange(rot // 2) * 2.0 / rot))).astype(np.float32)
     buf = put(be, np.concatenate([qkv.reshape(-1), np.full(GUARD, POISON, np.float32)]))
     args = _core.RopeArgs(n_tokens, n_heads + n_kv, head_dim, rot, qkv.shape[1], attn_factor)
-    run(be, be.rope, buf, put(be, inv_freq), pass_buffer(be, n_past, n_tokens), args)
+    run(be, be.rope, buf, put(be, inv_freq), args, n_past=n_past, n_tokens=n_tokens)
     got = get(be, buf, qkv.size).reshape(qkv.shape)
     half, rotated = rot // 2, (n_heads + n_kv) * head_dim
     ang = (n_past + np.arange(n_tokens))[:, None] * inv_freq.astype(np.float64)
@@ -162,7 +163,9 @@ def attention_case(be, rng, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens
 def test_kv_store(be, f16):
     rng = np.random.default_rng(6)
     bufs, args, _, want_k, want_v = attention_case(be, rng, f16, 8, 2, 64, 5, 4)
-    run(be, be.kv_store, bufs["qkv"], bufs["k"], bufs["v"], bufs["pass_"], f16, args)
+    be.begin(bufs["pass_"])
+    be.kv_store(bufs["qkv"], bufs["k"], bufs["v"], f16, args)
+    be.end()
     kv_type = np.float16 if f16 else np.float32
     got_k = be.download(bufs["k"], want_k.nbytes).view(kv_type).reshape(want_k.shape)
     got_v = be.download(bufs["v"], want_v.nbytes).view(kv_type).reshape(want_v.shape)
@@ -178,9 +181,9 @@ def test_attention(be, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens):
     rng = np.random.default_rng(7)
     bufs, args, q, k, v = attention_case(be, rng, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens)
     out = out_buffer(be, n_tokens * n_heads * head_dim)
-    be.begin()
-    be.kv_store(bufs["qkv"], bufs["k"], bufs["v"], bufs["pass_"], f16, args)
-    be.attention(bufs["qkv"], bufs["k"], bufs["v"], out, bufs["pass_"], f16, args)
+    be.begin(bufs["pass_"])
+    be.kv_store(bufs["qkv"], bufs["k"], bufs["v"], f16, args)
+    be.attention(bufs["qkv"], bufs["k"], bufs["v"], out, f16, args)
     be.end()
     want = np.zeros((n_tokens, n_heads, head_dim))
     for t in range(n_tokens):

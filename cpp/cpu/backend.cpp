@@ -107,9 +107,9 @@ void CpuBackend::linear(const Matrix& m, Buf xb, int n, Buf yb) {
   });
 }
 
-void CpuBackend::rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& a) {
+void CpuBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& a) {
   const int half = a.rot_dims / 2;
-  const int64_t pos0 = ptr<const UpgPass>(pass)->n_past, n = a.n_tokens;
+  const int64_t pos0 = pass_->n_past, n = a.n_tokens;
   const float* freq = ptr<const float>(inv_freq);
   // cos and sin of this pass's positions, computed once for all layers (in double, as before).
   if (pos0 != rope_pos0_ || n != rope_n_ || freq != rope_freq_) {
@@ -129,9 +129,9 @@ void CpuBackend::rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& a) {
   }
 }
 
-void CpuBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& a) {
+void CpuBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& a) {
   const int hd = a.head_dim;
-  const int64_t n_past = ptr<const UpgPass>(pass)->n_past;
+  const int64_t n_past = pass_->n_past;
   for (int64_t t = 0; t < a.n_tokens; ++t) {
     const float* row = ptr<const float>(qkv) + t * a.q_stride;
     for (int g = 0; g < a.n_kv_heads; ++g) {
@@ -151,8 +151,8 @@ void CpuBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16,
 
 // Causal grouped-query attention of this pass's tokens over the cache: every (token, head) pair
 // runs on some thread with its own score buffer.
-void CpuBackend::attention(Buf qkv_b, Buf k_cache, Buf v_cache, Buf out_b, Buf pass, bool f16, const UpgAttnArgs& a) {
-  const int64_t n_past = ptr<const UpgPass>(pass)->n_past, n = a.n_tokens;
+void CpuBackend::attention(Buf qkv_b, Buf k_cache, Buf v_cache, Buf out_b, bool f16, const UpgAttnArgs& a) {
+  const int64_t n_past = pass_->n_past, n = a.n_tokens;
   const float* qkv = ptr<const float>(qkv_b);
   float* out = ptr<float>(out_b);
   if (n >= kBlockedAttentionMin) return attention_blocked(qkv, ptr(k_cache), ptr(v_cache), out, n_past, f16, a);

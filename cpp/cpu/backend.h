@@ -21,13 +21,14 @@ class CpuBackend : public Backend {
   Buf alloc(size_t bytes) override;
   void upload(Buf dst, const void* src, size_t bytes) override;
   void download(void* dst, Buf src, size_t bytes) override;
+  void begin(Buf pass) override { pass_ = ptr<const UpgPass>(pass); }
 
   void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) override;
   void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) override;
   void linear(const Matrix& w, Buf x, int n_tokens, Buf y) override;
-  void rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& args) override;
-  void kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& args) override;
-  void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, Buf pass, bool f16, const UpgAttnArgs& args) override;
+  void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) override;
+  void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) override;
+  void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) override;
   void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
   void add(Buf x, Buf y, int n) override;
   void argmax(Buf x, int n, Buf out) override;
@@ -42,6 +43,7 @@ class CpuBackend : public Backend {
   void attention_blocked(const float* qkv, const uint8_t* k, const uint8_t* v, float* out, int64_t n_past,
                          bool f16, const UpgAttnArgs& a);
 
+  const UpgPass* pass_ = nullptr;  // of the pass begun
   const Kernels& k_;
   ThreadPool pool_;
   std::vector<uint8_t*> base_;                      // by buffer id

@@ -96,32 +96,32 @@ void MetalBackend::rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, flo
   gpu_->dispatch(l);
 }
 
-void MetalBackend::rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& args) {
+void MetalBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) {
   Launch l;
   l.kernel = "kernel_rope";
-  l.buffers = {{0, qkv}, {1, inv_freq}, {2, pass}};
+  l.buffers = {{0, qkv}, {1, inv_freq}, {2, pass_}};
   set_args(l, 3, args);
   l.groups = {ceil_div(args.rot_dims / 2, 32), uint32_t(args.n_heads), uint32_t(args.n_tokens)};
   l.threads = 32;
   gpu_->dispatch(l);
 }
 
-void MetalBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& args) {
+void MetalBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) {
   Launch l;
   l.kernel = f16 ? "kernel_kv_store_f16" : "kernel_kv_store_f32";
-  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}, {3, pass}};
+  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}, {3, pass_}};
   set_args(l, 4, args);
   l.groups = {ceil_div(args.head_dim, 32), uint32_t(args.n_kv_heads), uint32_t(args.n_tokens)};
   l.threads = 32;
   gpu_->dispatch(l);
 }
 
-void MetalBackend::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, Buf pass, bool f16, const UpgAttnArgs& args) {
+void MetalBackend::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) {
   if (args.head_dim % UPG_SIMD_WIDTH != 0 || args.head_dim > UPG_ATTN_MAX_HEAD_DIM)
     throw std::runtime_error("metal: head_dim must be a multiple of 32, at most 256");
   Launch l;
   l.kernel = std::string("kernel_attn_") + (f16 ? "f16" : "f32");
-  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}, {3, out}, {4, pass}};
+  l.buffers = {{0, qkv}, {1, k_cache}, {2, v_cache}, {3, out}, {4, pass_}};
   set_args(l, 5, args);
   l.tgmem = {round16(4 * UPG_ATTN_SG * (args.head_dim + 2))};
   l.groups = {uint32_t(args.n_heads), uint32_t(args.n_tokens), 1};

@@ -52,22 +52,26 @@ class MetalBackend : public Backend {
   Buf alloc(size_t bytes) override { return gpu_->alloc(bytes); }
   void upload(Buf dst, const void* src, size_t bytes) override;
   void download(void* dst, Buf src, size_t bytes) override;
-  void begin() override { gpu_->begin(); }
+  void begin(Buf pass) override {
+    pass_ = pass;
+    gpu_->begin();
+  }
   void end() override { gpu_->end(); }
 
   void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) override;
   void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) override;
   // f32 activations for every type: mat-vec kernels for one token, mat-mat ones for more.
   void linear(const Matrix& w, Buf x, int n_tokens, Buf y) override;
-  void rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& args) override;
-  void kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& args) override;
-  void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, Buf pass, bool f16, const UpgAttnArgs& args) override;
+  void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) override;
+  void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) override;
+  void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) override;
   void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
   void add(Buf x, Buf y, int n) override;
   void argmax(Buf x, int n, Buf out) override;
 
  private:
   std::shared_ptr<Gpu> gpu_;
+  Buf pass_;  // of the pass begun: bound to the kernels that read the position
 };
 
 }  // namespace upg::metal

@@ -46,9 +46,11 @@ class Backend {
   virtual void upload(Buf dst, const void* src, size_t bytes) = 0;
   virtual void download(void* dst, Buf src, size_t bytes) = 0;
 
-  // Ops between begin() and end() run in order; end() returns when their results can be
-  // downloaded. upload() and download() are called outside a pass.
-  virtual void begin() {}
+  // A pass: the ops between begin() and end() run in order, and those that depend on the
+  // position read it from `pass` (an UpgPass the host uploaded before begin), so the same calls
+  // serve every position. end() returns when the results can be downloaded. upload() and
+  // download() are called outside a pass.
+  virtual void begin(Buf pass) = 0;
   virtual void end() {}
 
   // ---- ops, in the order the graph calls them; every float buffer is row-major by token ----
@@ -59,15 +61,14 @@ class Backend {
   // y[t][r] = sum_k W[r][k] x[t][k], y rows of w.rows floats. The backend chooses the kernels
   // (mat-vec for one token, mat-mat for more) and the activation rounding.
   virtual void linear(const Matrix& w, Buf x, int n_tokens, Buf y) = 0;
-  // RoPE in place over the query and key heads (upg_common.h UpgRopeArgs); inv_freq: f32
-  // [rot_dims / 2]; pass: UpgPass.
-  virtual void rope(Buf qkv, Buf inv_freq, Buf pass, const UpgRopeArgs& args) = 0;
+  // RoPE in place over the query and key heads at positions n_past.. (upg_common.h
+  // UpgRopeArgs); inv_freq: f32 [rot_dims / 2].
+  virtual void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) = 0;
   // Appends the pass's K and V heads (rows of qkv) to one layer's cache at positions n_past..
-  virtual void kv_store(Buf qkv, Buf k_cache, Buf v_cache, Buf pass, bool f16, const UpgAttnArgs& args) = 0;
+  virtual void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) = 0;
   // Causal grouped-query attention of the pass's queries over one layer's cache: out [n_tokens]
   // [n_heads * head_dim]. The backend chooses its decode and prefill paths.
-  virtual void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, Buf pass, bool f16,
-                         const UpgAttnArgs& args) = 0;
+  virtual void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) = 0;
   // out[t][i] = silu(gate_up[t][i]) * gate_up[t][n + i]: rows of 2n floats in, n out.
   virtual void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) = 0;
   virtual void add(Buf x, Buf y, int n) = 0;  // x += y over n floats

@@ -40,7 +40,8 @@ class Graph {
   uint64_t kv_elem_bytes() const { return kv_type_ == KVType::F16 ? 2 : 4; }
 
   enum class Logits { kNone, kLast, kAll };
-  // One pass of n <= n_batch tokens (ids in kTokens, UpgPass in kPass) at positions n_past..:
+  // One pass of n <= n_batch tokens (ids in kTokens; UpgPass in kPass, the pass the caller began
+  // on the backend) at positions n_past..:
   // logits of every token into kLogits [n][vocab] (kAll), of the last into kLogits [vocab] (kLast),
   // or none. weights: the backend's buffer of the file's data section.
   void forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, int n, int n_past, Logits logits) const;
