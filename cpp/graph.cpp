@@ -55,7 +55,7 @@ std::vector<float> Graph::inv_freq_table() const {
   return t;
 }
 
-void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, int n, int n_past, Logits logits) const {
+void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, int n, int n_past, Output output) const {
   const ModelConfig& c = model_.config();
   if (buffers.size() != kBufferCount) throw std::invalid_argument("graph: one buffer per Graph::BufferId");
   if (n < 1 || n > n_batch_ || n_past < 0 || n_past + n > n_ctx_) throw std::invalid_argument("graph: the tokens do not fit");
@@ -89,12 +89,12 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, i
     be.linear(place(L.down, weights), act, n, proj);
     be.add(x, proj, n * hidden);
   }
-  if (logits == Logits::kNone) return;
+  if (output == Output::kNone) return;
   // Final norm and the vocabulary projection: every row, or only the last.
-  const int first = logits == Logits::kAll ? 0 : n - 1;
+  const int first = output == Output::kLastLogits ? n - 1 : 0;
   be.rms_norm(x.at(uint64_t(4) * first * hidden), place(model_.final_norm(), weights), xn, n - first, hidden,
               c.rms_norm_eps);
-  be.linear(place(model_.lm_head(), weights), xn, n - first, buffers[kLogits]);
+  if (output != Output::kHidden) be.linear(place(model_.lm_head(), weights), xn, n - first, buffers[kLogits]);
 }
 
 }  // namespace upg

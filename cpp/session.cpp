@@ -26,7 +26,8 @@ void Session::truncate(int64_t n) {
   n_past_ = n;
 }
 
-void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+template <typename Fn>
+void Session::run(const int32_t* tokens, int64_t n, Graph::Output last, Graph::Output others, Fn download) {
   const int32_t vocab = model_->config().vocab_size;
   if (n < 1) throw std::invalid_argument("eval needs at least one token");
   if (n > n_ctx_ - n_past_)
@@ -37,22 +38,36 @@ void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
   for (int64_t done = 0; done < n;) {
     const int m = int(std::min<int64_t>(n_batch_, n - done));
-    const bool last = done + m == n;
-    const Graph::Logits logits = all_logits ? Graph::Logits::kAll : last ? Graph::Logits::kLast : Graph::Logits::kNone;
+    const Graph::Output output = done + m == n ? last : others;
     const UpgPass pass{int32_t(n_past_), m};
     backend_->upload(buffers_[Graph::kTokens], tokens + done, size_t(m) * sizeof(int32_t));
     backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
     backend_->begin(buffers_[Graph::kPass]);
-    graph_.forward(*backend_, weights_, buffers_, m, int(n_past_), logits);
+    graph_.forward(*backend_, weights_, buffers_, m, int(n_past_), output);
     backend_->end();
-    // Rows of this batch go to their place in out; only the final row is kept otherwise.
-    if (logits == Graph::Logits::kAll)
-      backend_->download(out + done * vocab, buffers_[Graph::kLogits], size_t(m) * vocab * sizeof(float));
-    else if (logits == Graph::Logits::kLast)
-      backend_->download(out, buffers_[Graph::kLogits], size_t(vocab) * sizeof(float));
+    download(done, m, output);
     n_past_ += m;
     done += m;
   }
+}
+
+void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+  const size_t vocab = size_t(model_->config().vocab_size);
+  const Graph::Output last = all_logits ? Graph::Output::kAllLogits : Graph::Output::kLastLogits;
+  run(tokens, n, last, all_logits ? last : Graph::Output::kNone, [&](int64_t first, int m, Graph::Output output) {
+    // Rows of each batch go to their place in out; only the final row is kept otherwise.
+    if (output == Graph::Output::kAllLogits)
+      backend_->download(out + first * vocab, buffers_[Graph::kLogits], size_t(m) * vocab * sizeof(float));
+    else if (output == Graph::Output::kLastLogits)
+      backend_->download(out, buffers_[Graph::kLogits], vocab * sizeof(float));
+  });
+}
+
+void Session::eval_hidden(const int32_t* tokens, int64_t n, float* out) {
+  const size_t hidden = size_t(model_->config().hidden_size);
+  run(tokens, n, Graph::Output::kHidden, Graph::Output::kHidden, [&](int64_t first, int m, Graph::Output) {
+    backend_->download(out + first * hidden, buffers_[Graph::kXn], size_t(m) * hidden * sizeof(float));
+  });
 }
 
 template <typename Fn>

@@ -39,12 +39,13 @@ class Graph {
   uint64_t layer_kv_bytes() const;
   uint64_t kv_elem_bytes() const { return kv_type_ == KVType::F16 ? 2 : 4; }
 
-  enum class Logits { kNone, kLast, kAll };
+  // What a pass leaves behind: logits of every token in kLogits [n][vocab] (kAllLogits), of the
+  // last in kLogits [vocab] (kLastLogits), every token's hidden state after the final norm in kXn
+  // [n][hidden] (kHidden: embeddings), or only the KV cache (kNone).
+  enum class Output { kNone, kLastLogits, kAllLogits, kHidden };
   // One pass of n <= n_batch tokens (ids in kTokens; UpgPass in kPass, the pass the caller began
-  // on the backend) at positions n_past..:
-  // logits of every token into kLogits [n][vocab] (kAll), of the last into kLogits [vocab] (kLast),
-  // or none. weights: the backend's buffer of the file's data section.
-  void forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, int n, int n_past, Logits logits) const;
+  // on the backend) at positions n_past... weights: the backend's buffer of the file's data section.
+  void forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, int n, int n_past, Output output) const;
 
  private:
   const Model& model_;

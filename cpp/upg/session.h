@@ -22,6 +22,9 @@ class Session {
   // all_logits, else only the last token's row into out[vocab]. Throws std::invalid_argument when
   // the tokens do not fit the context or a token id is outside the vocabulary.
   void eval(const int32_t* tokens, int64_t n, bool all_logits, float* out);
+  // As eval, but writes every token's hidden state after the final norm into out[n][hidden]
+  // instead of logits (embeddings).
+  void eval_hidden(const int32_t* tokens, int64_t n, float* out);
 
   int64_t n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
@@ -36,6 +39,10 @@ class Session {
   const Backend& backend() const { return *backend_; }
 
  private:
+  // Runs the tokens in batches of n_batch; download(batch's first token, its count, its output)
+  // takes each batch's results. last: the output of the final batch; others: of the rest.
+  template <typename Fn>
+  void run(const int32_t* tokens, int64_t n, Graph::Output last, Graph::Output others, Fn download);
   // Calls fn(K run, V run, bytes) for each (layer, kv head) run of positions [0, n) of the cache.
   template <typename Fn>
   void for_each_kv_run(int64_t n, Fn fn) const;
