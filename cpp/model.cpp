@@ -167,6 +167,23 @@ void SessionBase::eval(const int32_t* tokens, int64_t n, bool all_logits, float*
   }
 }
 
+void SessionBase::eval_hidden(const int32_t* tokens, int64_t n, float* out) {
+  if (!has_hidden_output()) throw std::invalid_argument("this backend does not return hidden states (embeddings)");
+  const int64_t hidden = model_->config().hidden_size;
+  want_hidden_ = true;
+  try {
+    for (int64_t done = 0; done < n;) {  // eval checks the tokens and the room, batch by batch
+      const int64_t m = std::min<int64_t>(n_batch_, n - done);
+      eval(tokens + done, m, true, out + done * hidden);
+      done += m;
+    }
+  } catch (...) {
+    want_hidden_ = false;
+    throw;
+  }
+  want_hidden_ = false;
+}
+
 uint8_t* Session::kv_cache(bool v) {
   if (kv_type_ == KVType::F16) return reinterpret_cast<uint8_t*>(v ? v_f16_.data() : k_f16_.data());
   return reinterpret_cast<uint8_t*>(v ? v_f32_.data() : k_f32_.data());
@@ -243,6 +260,10 @@ void Session::forward(const int32_t* tokens, int64_t n, bool all_logits, float* 
     for (int64_t i = 0; i < n * hidden; ++i) x_[i] += proj_[i];
   }
   if (!out) return;
+  if (want_hidden_) {  // embeddings: every row's normed hidden state, no vocabulary projection
+    for (int64_t t = 0; t < n; ++t) rmsnorm(&out[t * hidden], &x_[t * hidden], model_->final_norm(), hidden, c.rms_norm_eps);
+    return;
+  }
 
   // Final norm and the vocabulary projection: every row, or only the last.
   const int64_t first = all_logits ? 0 : n - 1;

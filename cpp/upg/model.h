@@ -76,6 +76,9 @@ class SessionBase {
   // all_logits, else only the last token's row into out[vocab]. Throws std::invalid_argument when
   // the tokens do not fit the context or a token id is outside the vocabulary.
   void eval(const int32_t* tokens, int64_t n, bool all_logits, float* out);
+  // As eval, but writes every token's hidden state after the final norm into out[n][hidden]
+  // instead of logits (embeddings). Throws std::invalid_argument on a backend without it.
+  void eval_hidden(const int32_t* tokens, int64_t n, float* out);
 
   int64_t n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
@@ -93,6 +96,9 @@ class SessionBase {
   // One batch of n <= n_batch tokens at positions n_past..; out as eval's (null: no logits). The
   // caller advances n_past.
   virtual void forward(const int32_t* tokens, int64_t n, bool all_logits, float* out) = 0;
+  // Whether forward honours want_hidden_: out then takes the normed hidden rows, not logits.
+  virtual bool has_hidden_output() const { return false; }
+  bool want_hidden_ = false;
   // The K (v false) or V cache: [layer][kv_head][n_ctx][head_dim] elements of kv_type.
   virtual uint8_t* kv_cache(bool v) = 0;
   const uint8_t* kv_cache(bool v) const { return const_cast<SessionBase*>(this)->kv_cache(v); }
@@ -109,6 +115,7 @@ class Session : public SessionBase {
 
  private:
   void forward(const int32_t* tokens, int64_t n, bool all_logits, float* out) override;
+  bool has_hidden_output() const override { return true; }
   uint8_t* kv_cache(bool v) override;
   void matmul(const WeightView& w, const float* x, int64_t n, float* y);
   ActQ8 quantize_act(const float* x, int64_t n, int64_t cols, int block);
