@@ -130,6 +130,10 @@ class Tokenizer:
         """Whether the token is a special (control) token."""
         return token in self._control_ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance builds its token table from)."""
+        return self._hf.to_str()
+
     def token_id(self, text: str) -> int | None:
         """The id of a token given by its exact string (e.g. "<|im_end|>"), or None."""
         return self._token_id(text)
