@@ -391,6 +391,8 @@ class Llama:
             raise ValueError("the prompt is empty (and the model has no BOS token to start from)")
         if len(tokens) >= self._n_ctx:
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        if min(tokens) < 0 or max(tokens) >= self._n_vocab:
+            raise ValueError(f"token ids must be in 0..{self._n_vocab - 1}")
 
     def _params(self, sampling: SamplingParams | None, tfs_z: float | None, mirostat_mode: int,
                 **fields: Any) -> SamplingParams:
@@ -399,7 +401,11 @@ class Llama:
             raise ValueError("mirostat sampling is not supported (mirostat_mode must be 0)")
         if tfs_z is not None and tfs_z != 1.0:
             raise ValueError("tail-free sampling is not supported (tfs_z must be 1.0; llama.cpp removed it)")
-        return SamplingParams.from_kwargs(sampling or self._sampling, **fields)
+        params = SamplingParams.from_kwargs(sampling or self._sampling, **fields)
+        outside = [t for t in params.logit_bias if t >= self._n_vocab]
+        if outside:
+            raise ValueError(f"logit_bias token {outside[0]} is outside the vocabulary (0..{self._n_vocab - 1})")
+        return params
 
     def _grammar(self, grammar: Any, response_format: Mapping[str, Any] | None,
                  tools: tool_calls.ToolChoice | None = None) -> Grammar | None:
