@@ -98,6 +98,17 @@ def test_suffix_seed_logits_processor_stopping_criteria(ref):
         ref("Hello", mirostat_mode=2)
 
 
+def test_suffix_fills_the_middle_where_the_vocabulary_can(monkeypatch):
+    with upg_backend.llama_cpp.Llama(MODEL, n_ctx=256, n_threads=1) as llm:
+        # the built-in vocabulary has no FIM tokens: stand three of its special tokens in for them
+        pre, suf, mid = (llm.tokenizer.token_id(t) for t in ("<|im_start|>", "<|im_sep|>", "<|dummy_85|>"))
+        monkeypatch.setattr(llm, "_fim_ids", lambda: (pre, suf, mid))
+        out = llm("def f(", suffix=") return 1", max_tokens=1, temperature=0)
+        want = [pre, *llm.tokenize(b"def f("), suf, *llm.tokenize(b") return 1", add_bos=False), mid]
+        assert llm.input_ids.tolist() == want  # llama-cpp-python's order; the one token made is not evaluated
+        assert not out["choices"][0]["text"].endswith(") return 1")
+
+
 def test_chat_format_chatml_renders_as_llama_cpp_python():
     with upg_backend.llama_cpp.Llama(MODEL, chat_format="chatml", n_ctx=256, n_threads=1) as llm:
         llm.create_chat_completion([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], max_tokens=1)
