@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import threading
 import time
@@ -145,6 +146,30 @@ def test_embeddings(client, reference):
         client.embeddings.create(model=NAME, input="x", dimensions=3)
 
 
+def test_responses_api(client, reference):
+    messages = [{"role": "system", "content": "Be brief."}, *QUESTION]
+    want = reference.create_chat_completion(messages, temperature=0, max_tokens=16)
+    got = client.responses.create(model=NAME, instructions="Be brief.", input="What is 2 + 3?", temperature=0,
+                                  max_output_tokens=16)
+    assert got.output_text == want["choices"][0]["message"]["content"] and got.status == "completed"
+    assert got.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert got.usage.output_tokens == want["usage"]["completion_tokens"]
+    parts = client.responses.create(model=NAME, temperature=0, max_output_tokens=16, input=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "What is 2 + 3?"}]}])
+    assert parts.output_text == got.output_text
+    events = list(client.responses.create(model=NAME, instructions="Be brief.", input="What is 2 + 3?",
+                                          temperature=0, max_output_tokens=16, stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == got.output_text
+    assert events[-1].response.output_text == got.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    short = client.responses.create(model=NAME, input="Tell me a story.", max_output_tokens=2)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError, match="text only"):
+        client.responses.create(model=NAME, input="x", tools=[{"type": "function", "name": "f", "parameters": {}}])
+
+
 def test_model_names(client, server):
     assert client.models.retrieve(NAME).id == NAME and client.models.retrieve("phi").id == "phi"
     with pytest.raises(openai.NotFoundError) as e:
@@ -209,8 +234,10 @@ BASES = {
     "/v1/chat/completions": {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
     "/v1/completions": {"model": NAME, "prompt": "Hi", "max_tokens": 2},
     "/v1/embeddings": {"model": NAME, "input": "Hi"},
+    "/v1/responses": {"model": NAME, "input": "Hi", "max_output_tokens": 2},
 }
-FIELDS = ["model", "messages", "prompt", "input", "max_tokens", "max_completion_tokens", "stop", "stream",
+FIELDS = ["model", "messages", "prompt", "input", "instructions", "max_output_tokens", "previous_response_id",
+          "max_tokens", "max_completion_tokens", "stop", "stream",
           "stream_options", "n", "temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty",
           "presence_penalty", "frequency_penalty", "logit_bias", "seed", "response_format", "tools", "tool_choice",
           "functions", "function_call", "logprobs", "top_logprobs", "echo", "suffix", "encoding_format", "dimensions"]
@@ -268,15 +295,19 @@ def test_fuzzed_requests_are_answered_4xx_with_a_message(fuzz_server, route, fie
         body.pop(field, None)
     else:
         body[field] = value
-    if stream and route != "/v1/embeddings":
+    if stream and route != "/v1/embeddings":  # (the Responses API's stream has no [DONE])
         body.setdefault("stream", True)
     # Python's json writes NaN and Infinity, which Python's json (and so FastAPI) reads back
     r = fuzz_server.post(route, content=json.dumps(body), headers={"Content-Type": "application/json"})
     if r.status_code == 200:
         if "text/event-stream" in r.headers.get("content-type", ""):
-            assert r.text.rstrip().endswith("data: [DONE]")
+            if route == "/v1/responses":
+                assert re.search(r"event: response\.(completed|incomplete)\r?\ndata: [^\n]*\s*$", r.text), r.text[-300:]
+            else:
+                assert r.text.rstrip().endswith("data: [DONE]")
+            assert '"error": {' not in r.text
         else:
-            assert r.json()["object"] in ("list", "text_completion", "chat.completion")
+            assert r.json()["object"] in ("list", "text_completion", "chat.completion", "response")
     else:
         assert 400 <= r.status_code < 500, (r.status_code, body, r.text)
         assert r.json()["error"]["message"]

@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from . import responses
 from .llama import Llama
+from .responses import ResponsesRequest
 from .sampling import SamplingParams
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
@@ -188,9 +190,9 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
     async def value_error(request: Request, e: ValueError) -> JSONResponse:
         return _error(400, str(e))
 
-    async def respond(start: Callable[[Any], Any], request: Request, stream: bool) -> Any:
+    async def respond(start: Callable[[Any], Any], request: Request, stream: bool, named_events: bool = False) -> Any:
         """Runs a request: `start(stopping_criteria)` validates and returns the result (or the chunk
-        iterator)."""
+        iterator). `named_events`: the chunks are Responses API events, sent under their type's name."""
         if not stream:
             gone = threading.Event()  # the client disconnected: generation stops at the next token
 
@@ -221,8 +223,12 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
                                                                  "param": None, "code": None}})}
                             return
                         if chunk is done:
-                            yield {"data": "[DONE]"}
+                            if not named_events:  # the Responses API's stream just ends
+                                yield {"data": "[DONE]"}
                             return
+                        if named_events:
+                            yield {"event": chunk["type"], "data": json.dumps(chunk, ensure_ascii=False)}
+                            continue
                         chunk["model"] = name
                         yield {"data": json.dumps(chunk, ensure_ascii=False)}
             finally:
@@ -276,6 +282,19 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
                 logprobs=body.logprobs, top_logprobs=body.top_logprobs, response_format=body.response_format,
                 stopping_criteria=criteria, sampling=_nth(sampling, i), stream_options={"include_usage": usage})
         return await respond(_choices(one, body.n, body.n, body.stream, body.stream_options), request, body.stream)
+
+    @app.post("/v1/responses", dependencies=[Depends(check_key)])
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        check_model(body.model)
+        messages = body.messages()
+        sampling = SamplingParams.from_kwargs(temperature=body.temperature, top_p=body.top_p)
+
+        def start(criteria: Any) -> Any:
+            result = llama.create_chat_completion(messages, max_tokens=body.max_output_tokens, stream=body.stream,
+                                                  stopping_criteria=criteria, sampling=sampling,
+                                                  stream_options={"include_usage": True})
+            return responses.events(result, name) if body.stream else responses.from_chat(result, name)
+        return await respond(start, request, body.stream, named_events=True)
 
     @app.post("/v1/embeddings", dependencies=[Depends(check_key)])
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
