@@ -1,6 +1,7 @@
-"""The server as OpenAI's client uses it, on the built-in model: tools, tool histories, content
-parts, n, streaming usage, embeddings, model names, list prompts; and as a hostile client uses it:
-oversized bodies answered 413 at once, and a fuzzed request schema never answered 5xx."""
+"""The server as OpenAI's client (and LangChain's ChatOpenAI) uses it, on the built-in model: tools,
+tool histories, content parts, n, streaming usage, embeddings, the Responses API, model names, list
+prompts; and as a hostile client uses it: oversized bodies answered 413 at once, and a fuzzed
+request schema never answered 5xx."""
 from __future__ import annotations
 
 import base64
@@ -9,6 +10,7 @@ import re
 import socket
 import threading
 import time
+from typing import Literal
 
 import httpx
 import jsonschema
@@ -18,6 +20,8 @@ import pytest
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
 
 from upg_backend.llama import Llama
 from upg_backend.server import create_app
@@ -144,6 +148,29 @@ def test_embeddings(client, reference):
     assert got.usage.prompt_tokens == sum(len(reference.tokenize(t.encode())) for t in ["Hello world", "a cat"])
     with pytest.raises(openai.BadRequestError, match="dimensions"):
         client.embeddings.create(model=NAME, input="x", dimensions=3)
+
+
+class City(BaseModel):
+    """A city and whether it is a capital."""
+
+    name: Literal["Paris", "Rome", "Oslo"]
+    capital: bool
+
+
+def test_langchain_openai(server, reference):
+    """LangChain's ChatOpenAI (langchain-openai) pointed at the server: invoke, stream, tools and
+    structured output (its default, OpenAI's strict json_schema response format)."""
+    chat = ChatOpenAI(base_url=server + "/v1", api_key="none", model=NAME, temperature=0, max_tokens=16,
+                      max_retries=0)
+    want = reference.create_chat_completion(QUESTION, temperature=0, max_tokens=16)["choices"][0]["message"]
+    assert chat.invoke("What is 2 + 3?").content == want["content"]
+    assert "".join(c.content for c in chat.stream("What is 2 + 3?")) == want["content"]
+    roomy = ChatOpenAI(base_url=server + "/v1", api_key="none", model=NAME, max_tokens=128, max_retries=0, seed=1)
+    call = roomy.bind_tools([ADD], tool_choice="add").invoke("What is 2 + 3?").tool_calls[0]
+    assert call["name"] == "add"
+    jsonschema.validate(call["args"], ADD["function"]["parameters"])
+    city = roomy.with_structured_output(City).invoke("Name a capital city.")
+    assert isinstance(city, City)
 
 
 def test_responses_api(client, reference):
