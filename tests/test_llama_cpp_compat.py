@@ -79,6 +79,18 @@ def test_positional_arguments_in_llama_cpp_python_order(ref):
     assert chat["choices"][0]["message"] == ref.create_chat_completion(QUESTION, temperature=0.0)["choices"][0]["message"]
 
 
+def test_more_llama_cpp_python_methods(ref):
+    tokens = ref.tokenize(b"Hello world")
+    assert ref.detokenize(tokens, tokens[:1]) == b"Hello world" == ref.detokenize(tokens, None, False)
+    assert ref.detokenize(ref.tokenize(b"\n", add_bos=False)) == b"\n" and ref.token_nl() >= 0
+    assert ref.detokenize([ref.token_nl()]) == b"\n"
+    it = ref.generate(tokens, temp=0.0)
+    first = [next(it) for _ in range(3)]
+    assert first == [next(iter(ref.generate(tokens + first[:i], temperature=0.0))) for i in range(3)]
+    with pytest.raises(ValueError, match="upg convert"):
+        upg_backend.llama_cpp.Llama.from_pretrained("org/model", "*q4.gguf")
+
+
 def test_suffix_seed_logits_processor_stopping_criteria(ref):
     plain = ref("Hello", max_tokens=6, temperature=0)["choices"][0]["text"]
     assert ref("Hello", suffix=" THE END", max_tokens=6, temperature=0)["choices"][0]["text"] == plain + " THE END"

@@ -265,8 +265,10 @@ class Llama:
             raise ValueError("tokenize takes bytes (encode the text as UTF-8)")
         return self.tokenizer.encode(bytes(text).decode("utf-8", errors="replace"), add_bos=add_bos, special=special)
 
-    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        """The bytes of the tokens; control tokens are left out unless `special`."""
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None,
+                   special: bool = False) -> bytes:
+        """The bytes of the tokens; control tokens are left out unless `special`. `prev_tokens`
+        (llama-cpp-python's) changes nothing: token bytes do not depend on what came before."""
         return self.tokenizer.decode(tokens, special=special)
 
     def n_ctx(self) -> int:
@@ -282,6 +284,18 @@ class Llama:
     def token_eos(self) -> int:
         """The end-of-sequence token id (-1 when the model has none)."""
         return self._eos_ids[0] if self._eos_ids else -1
+
+    def token_nl(self) -> int:
+        """The id of the token that is exactly a newline (-1 when there is none)."""
+        ids = self.tokenize(b"\n", add_bos=False)
+        return ids[0] if len(ids) == 1 else -1
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str | None = None, **kwargs: Any) -> Llama:
+        """llama-cpp-python downloads GGUF files from the Hugging Face hub here; upg-backend loads
+        local .upg files only: `upg convert model.gguf -o model.upg`, then `Llama("model.upg")`."""
+        raise ValueError("Llama.from_pretrained (a hub download) is not supported: convert the file with "
+                         "`upg convert` and pass its path to Llama()")
 
     @property
     def n_tokens(self) -> int:
@@ -372,6 +386,8 @@ class Llama:
             sampling: sampling parameters; `**sampling_kw` override single fields.
             reset: False appends `tokens` to the current context instead.
         """
+        if "temp" in sampling_kw:  # llama-cpp-python's name in generate()
+            sampling_kw["temperature"] = sampling_kw.pop("temp")
         params = SamplingParams.from_kwargs(sampling or self._sampling, **sampling_kw)
         if reset:
             self._load_prompt(tokens)
