@@ -254,6 +254,17 @@ def test_health_answers_while_a_body_is_being_read(server):
         slow.close()
 
 
+def test_a_text_longer_than_any_context_is_refused_before_it_is_tokenized(client):
+    # 60 KB: at most 16 bytes a token in this vocabulary, so at least 3750 tokens, over n_ctx 1024
+    huge = "word " * 12_000
+    with pytest.raises(openai.BadRequestError, match="at least"):
+        client.completions.create(model=NAME, prompt=huge, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="at least"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": huge}])
+    got = client.embeddings.create(model=NAME, input=huge, encoding_format="float")
+    assert got.usage.prompt_tokens == 1024  # cut to n_ctx, as llama-cpp-python's embed(truncate=True)
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() |
                     st.text(max_size=12), lambda inner: st.lists(inner, max_size=4) |
                     st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=8)

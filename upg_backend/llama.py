@@ -402,6 +402,13 @@ class Llama:
 
     # ----- generation -----
 
+    def _check_text_fits(self, text: str) -> None:
+        """Refuses, before tokenizing it, a text too long for the context whatever its tokens are
+        (tokenizing megabytes would hold the interpreter for seconds)."""
+        least = len(text.encode("utf-8")) // self.tokenizer.max_token_bytes
+        if least >= self._n_ctx:
+            raise ValueError(f"Requested tokens (at least {least}) exceed context window of {self._n_ctx}")
+
     def _check_prompt(self, tokens: Sequence[int]) -> None:
         if not tokens:
             raise ValueError("the prompt is empty (and the model has no BOS token to start from)")
@@ -510,6 +517,7 @@ class Llama:
 
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            self._check_text_fits(prompt)
             tokens = self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
             if not tokens and self.tokenizer.bos_id is not None:
                 tokens = [self.tokenizer.bos_id]
@@ -639,6 +647,7 @@ class Llama:
             text = self.chat_template.render(chat, add_generation_prompt=True, tools=raw_tools)
         else:
             text = self.chat_template.render(tool_calls.render_messages(chat, tools), add_generation_prompt=True)
+        self._check_text_fits(text)
         tokens = self.tokenizer.encode(text, add_bos=False, special=True)
         self._check_prompt(tokens)
         return tokens
@@ -763,6 +772,10 @@ class Llama:
         """(the hidden state of every token after the final norm [n, n_embd], n) of one input,
         evaluated from position 0; the context is empty afterwards."""
         if isinstance(text, str):
+            if not truncate:
+                self._check_text_fits(text)
+            else:  # the first n_ctx tokens lie within this many characters (each is at least a byte)
+                text = text[:self._n_ctx * self.tokenizer.max_token_bytes]
             tokens = self.tokenize(text.encode("utf-8"), add_bos=True)
         elif isinstance(text, (list, tuple)) and all(isinstance(t, int) for t in text):
             tokens = list(text)
