@@ -158,6 +158,19 @@ PYBIND11_MODULE(_core, m) {
              }
              return out;
            }, py::arg("tokens"), py::arg("logits_all") = false)
+      .def("eval_hidden", [](PySession& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens) {
+             if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
+             const int64_t n = tokens.shape(0);
+             py::array_t<float> out(std::vector<py::ssize_t>{n, s.model->config().hidden_size});
+             const int32_t* tp = tokens.data();
+             float* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard<std::mutex> lock(s.mu);
+               s.session.eval_hidden(tp, n, op);
+             }
+             return out;
+           }, py::arg("tokens"))
       .def_property_readonly("n_past", [](PySession& s) { return s.session.n_past(); })
       .def_property_readonly("n_ctx", [](PySession& s) { return s.session.n_ctx(); })
       .def("truncate", [](PySession& s, int64_t n) {

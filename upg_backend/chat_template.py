@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.utils
 from jinja2.exceptions import SecurityError, TemplateError
@@ -20,6 +21,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+# llama-cpp-python's `chat_format` names that work without a template in the model file
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_FORMATS = {"chatml": CHATML, "chatml-function-calling": CHATML}
 
 
 class ChatTemplateError(ValueError):
@@ -138,6 +144,8 @@ class ChatTemplate:
             self._template = _compile(source)
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+        # a template that reads `tools` renders tool lists, calls and results itself
+        self.knows_tools = "tools" in jinja2.meta.find_undeclared_variables(self._template.environment.parse(source))
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                tools: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> str:

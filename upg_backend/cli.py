@@ -196,6 +196,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="model id shown to clients (default: the file name)")
+    p.add_argument("--alias", action="append", default=[],
+                   help="another model name requests may use (repeatable); other names get 404")
     p.add_argument("--api-key", default=os.environ.get("UPG_API_KEY"),
                    help="require this bearer token (default: $UPG_API_KEY; none: no key)")
 
@@ -208,7 +210,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"the server needs its extra dependencies: pip install 'upg-backend[server]' ({e})") from e
 
     llama, _ = _load(args)
-    serve(llama, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key)
+    serve(llama, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
+          aliases=tuple(args.alias))
     return 0
 
 

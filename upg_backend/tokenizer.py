@@ -5,6 +5,7 @@ so the runtime joins token bytes and decodes only complete characters.
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from typing import Any, Iterable
@@ -129,6 +130,16 @@ class Tokenizer:
     def is_control(self, token: int) -> bool:
         """Whether the token is a special (control) token."""
         return token in self._control_ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for (from the vocabulary's strings),
+        so that a text's least token count is known without tokenizing it."""
+        return max(1, max(len(piece.encode("utf-8")) for piece in self._hf.get_vocab(with_added_tokens=True)))
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance builds its token table from)."""
+        return self._hf.to_str()
 
     def token_id(self, text: str) -> int | None:
         """The id of a token given by its exact string (e.g. "<|im_end|>"), or None."""
