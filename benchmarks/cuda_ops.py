@@ -80,11 +80,15 @@ def time_graph(fn, reps=20, warmup=3):
 
 
 def copy_bandwidth():
+    """Device-to-device copy of 4 GiB, bytes read + written per second (GB/s), after a warm-up
+    long enough for the clocks to rise from idle."""
     n = 4 << 30
     a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
-    ms, _ = time_graph(lambda: b.copy_(a), reps=10)
-    return 2 * n / ms / 1e6  # GB/s
+    ms, _ = time_graph(lambda: b.copy_(a), reps=20, warmup=100)
+    af, bf = a.view(torch.float32), b.view(torch.float32)
+    ms_k, _ = time_graph(lambda: torch.mul(af, 1.0, out=bf), reps=20, warmup=20)
+    return 2 * n / ms / 1e6, 2 * n / ms_k / 1e6  # cudaMemcpy (copy engines), an SM kernel
 
 
 def bench_matvec(lib, types, shapes):
@@ -106,7 +110,7 @@ def bench_matvec(lib, types, shapes):
     return rows_out
 
 
-def bench_attention(lib, n_ctx=4096, layers=40):
+def bench_attention(lib, n_ctx=4096, layers=40, n_kv=4096):
     c = PHI4
     nh, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
     stride = (nh + 2 * nkv) * hd
@@ -117,17 +121,49 @@ def bench_attention(lib, n_ctx=4096, layers=40):
         qkv = torch.randn(stride, device="cuda")
         o = torch.empty(nh * hd, device="cuda")
         ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
-        p = pass_tensor(n_ctx - 1, 1)
+        p = pass_tensor(n_kv - 1, 1)
         ms, _ = time_graph(lambda: [lib.attention_decode(qkv, k, v, o, nh, nkv, hd, n_ctx, stride, 1 / math.sqrt(hd), ws, p)
                                     for k, v in caches])
         us = ms * 1e3 / layers
-        nbytes = 2 * nkv * n_ctx * hd * caches[0][0].element_size()
+        nbytes = 2 * nkv * n_kv * hd * caches[0][0].element_size()
         name = "f16" if kv_dtype == torch.float16 else "f32"
-        out.append(dict(kv=name, n_ctx=n_ctx, us_per_layer=us, gbps=nbytes / us / 1e3))
-        print(f"attention decode {name} cache, {n_ctx} positions, Phi-4 layer: {us:6.1f} us ({nbytes / us / 1e3:5.0f} GB/s)",
+        out.append(dict(kv=name, n_ctx=n_ctx, positions=n_kv, us_per_layer=us, gbps=nbytes / us / 1e3))
+        print(f"attention decode {name} cache, {n_kv} positions, Phi-4 layer: {us:6.1f} us ({nbytes / us / 1e3:5.0f} GB/s)",
               flush=True)
         del caches
         torch.cuda.empty_cache()
+    return out
+
+
+def bench_prefill(lib, types, n=512):
+    """Tensor-core mat-mul TFLOP/s for n tokens, and prefill attention per layer."""
+    out = []
+    for dtype in types:
+        for name in ("qkv", "o", "gate_up", "down"):
+            rows, cols = SHAPES[name]
+            w = random_weight(dtype, rows, cols)
+            x = torch.randn(n, cols, device="cuda")
+            y = torch.empty(n, rows, device="cuda")
+            p = pass_tensor(0, n)
+            ms, _ = time_graph(lambda: [lib.matmul(w, x, y, n, rows, p) for _ in range(5)])
+            us = ms * 1e3 / 5
+            tflops = 2 * rows * cols * n / us / 1e6
+            out.append(dict(op="matmul", type=dtype, matrix=name, tokens=n, us=us, tflops=tflops))
+            print(f"matmul {dtype:5s} {name:8s} {rows}x{cols} x {n} tokens: {us:8.1f} us  {tflops:6.1f} TFLOP/s", flush=True)
+    c = PHI4
+    nh, nkv, hd, n_ctx = c["heads"], c["kv_heads"], c["head_dim"], 4096
+    stride = (nh + 2 * nkv) * hd
+    qkv = torch.randn(n, stride, device="cuda")
+    k = torch.randn(nkv, n_ctx, hd, device="cuda").half()
+    v = torch.randn(nkv, n_ctx, hd, device="cuda").half()
+    o = torch.empty(n, nh * hd, device="cuda")
+    p = pass_tensor(0, n)
+    ms, _ = time_graph(lambda: [lib.attention_prefill(qkv, k, v, o, nh, nkv, hd, n_ctx, stride, n, 1 / math.sqrt(hd), p)
+                                for _ in range(5)])
+    us = ms * 1e3 / 5
+    flops = 4 * nh * hd * n * (n + 1) / 2  # QK^T and PV over the causal half
+    out.append(dict(op="attention_prefill", tokens=n, us=us, tflops=flops / us / 1e6))
+    print(f"attention prefill f16 cache, {n} tokens, Phi-4 layer: {us:8.1f} us  {flops / us / 1e6:5.1f} TFLOP/s", flush=True)
     return out
 
 
@@ -219,30 +255,37 @@ def main():
     torch.manual_seed(0)
     lib = Lib()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
-    res["copy_gbps"] = copy_bandwidth()
-    print(f"device-to-device copy: {res['copy_gbps']:.0f} GB/s (read + write)", flush=True)
+    res["copy_gbps"], res["copy_kernel_gbps"] = copy_bandwidth()
+    print(f"device-to-device copy (read + write): cudaMemcpy {res['copy_gbps']:.0f} GB/s, "
+          f"SM kernel {res['copy_kernel_gbps']:.0f} GB/s", flush=True)
     types = ["q4", "q8_0"] if args.quick else ["q4", "q3", "q8_0", "f16", "bf16", "f32"]
     res["matvec"] = bench_matvec(lib, types, SHAPES)
-    res["attention"] = bench_attention(lib)
+    res["attention"] = bench_attention(lib) + bench_attention(lib, n_kv=64)
+    res["prefill"] = bench_prefill(lib, ["q4", "q8_0"] if args.quick else ["q4", "q8_0", "f16"])
     res["decode_step"] = []
     if not args.skip_step:
         for dtype in ("q4", "q8_0"):
             m = DecodeStep(lib, dtype)
-            for fused in (False, True):
+            for fused, pdl in ((False, True), (True, False), (True, True)):
+                lib.set_programmatic_launch(pdl)
                 for n_past in (0, 3968):
                     tps = m.tokens_per_s(fused, n_past)
-                    r = dict(type=dtype, fused=fused, n_past=n_past, tok_s=tps,
+                    r = dict(type=dtype, fused=fused, pdl=pdl, n_past=n_past, tok_s=tps,
                              weight_gbps=m.weight_bytes * tps / 1e9)
                     res["decode_step"].append(r)
-                    print(f"decode step {dtype} {'fused' if fused else 'unfused'} positions {n_past}..{n_past + 127}: "
-                          f"{tps:6.1f} tok/s ({r['weight_gbps']:.0f} GB/s of weights)", flush=True)
+                    print(f"decode step {dtype} {'fused' if fused else 'unfused'} pdl={int(pdl)} positions "
+                          f"{n_past}..{n_past + 127}: {tps:6.1f} tok/s ({r['weight_gbps']:.0f} GB/s of weights)", flush=True)
+            lib.set_programmatic_launch(True)
             del m
             torch.cuda.empty_cache()
-    print("\nsummary (copy peer %.0f GB/s)" % res["copy_gbps"])
+    res["copy_gbps_end"], res["copy_kernel_gbps_end"] = copy_bandwidth()
+    print("\nsummary (copy peer, cudaMemcpy / SM kernel: %.0f / %.0f GB/s at the start, %.0f / %.0f at the end)"
+          % (res["copy_gbps"], res["copy_kernel_gbps"], res["copy_gbps_end"], res["copy_kernel_gbps_end"]))
     for name in SHAPES:
         print(f"  {name:8s} " + "  ".join(f"{r['type']}:{r['gbps']:5.0f}" for r in res["matvec"] if r["matrix"] == name))
     for r in res["decode_step"]:
-        print(f"  step {r['type']:5s} {'fused  ' if r['fused'] else 'unfused'} n_past {r['n_past']:5d}: {r['tok_s']:6.1f} tok/s")
+        print(f"  step {r['type']:5s} {'fused  ' if r['fused'] else 'unfused'} pdl={int(r['pdl'])} n_past {r['n_past']:5d}: "
+              f"{r['tok_s']:6.1f} tok/s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <utility>
+
 #include "kernels.cuh"
 
 namespace upg::cuda::dev {
@@ -22,6 +24,25 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
+}
+
+// Programmatic dependent launch (sm_90+; no-ops before): every kernel lets the next launch begin
+// at once (trigger), and waits for the previous grid's completion and memory (wait) before it
+// reads anything that grid may write. Code before the wait may only read the weights.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Both, at the top of a kernel that reads nothing before the wait.
+__device__ __forceinline__ void pdl_enter() {
+  pdl_trigger();
+  pdl_wait();
 }
 
 // Per-pass values (kernels.cuh: PassSlot).
@@ -75,8 +96,29 @@ namespace upg::cuda {
 // Throws std::runtime_error naming the launch when a CUDA call or the last launch failed.
 void check(cudaError_t e, const char* what);
 inline void check_launch(const char* what) { check(cudaGetLastError(), what); }
+// Whether launches carry the programmatic-stream-serialization attribute (init: on for sm_90+).
+bool programmatic_launch();
+
+// kernel<<<grid, block, smem, s>>>(args...), with programmatic dependent launch when enabled.
+template <class... P, class... A>
+void launch(const char* what, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic_launch() ? 1 : 0;
+  check(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...), what);
+}
+
 // Multiprocessors of the current device (read once, by init or the first launch that needs it).
 int sm_count();
+// Lets kernel use all the dynamic shared memory a block may opt into (minus its static share).
+void allow_max_smem(const void* kernel);
 // Resolves the section pointers of a weight.
 dev::MatView view(const Weight& w);
 // Throws unless dtype/block is a type the kernels handle.

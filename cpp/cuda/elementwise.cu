@@ -16,6 +16,7 @@ constexpr int kArgmaxThreads = 1024;
 // out[t][i] = silu(g) * u over the fused gate_up rows: g = in[t][i], u = in[t][n + i].
 __global__ void k_silu_mul(const float* __restrict__ in, float* __restrict__ out, UpgEltArgs a,
                            const int32_t* __restrict__ pass) {
+  pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
   if (i >= a.n || t >= n_tokens(pass)) return;
   const float g = in[int64_t(t) * a.in_stride + i], u = in[int64_t(t) * a.in_stride + a.n + i];
@@ -23,6 +24,7 @@ __global__ void k_silu_mul(const float* __restrict__ in, float* __restrict__ out
 }
 
 __global__ void k_add(float* __restrict__ x, const float* __restrict__ y, UpgEltArgs a, const int32_t* __restrict__ pass) {
+  pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
   if (i >= a.n || t >= n_tokens(pass)) return;
   x[int64_t(t) * a.n + i] += y[int64_t(t) * a.n + i];
@@ -30,6 +32,7 @@ __global__ void k_add(float* __restrict__ x, const float* __restrict__ y, UpgElt
 
 // Lowest index of the largest value: strided scan, warp reduction, then warp 0 over the warps.
 __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restrict__ x, int n, int32_t* __restrict__ out) {
+  pdl_enter();
   float v = -INFINITY;
   int idx = INT_MAX;
   for (int i = threadIdx.x; i < n; i += blockDim.x)
@@ -68,6 +71,7 @@ __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restri
 }
 
 __global__ void k_advance_pass(int32_t* pass) {
+  pdl_enter();
   pass[kPassNPast] += pass[kPassNTokens];
   pass[kPassNTokens] = 1;
 }
@@ -76,25 +80,21 @@ __global__ void k_advance_pass(int32_t* pass) {
 
 void silu_mul(const float* gate_up, float* out, const UpgEltArgs& a, const int32_t* pass, cudaStream_t s) {
   if (a.n < 1 || a.n_tokens < 1 || a.in_stride < 2 * a.n) throw std::invalid_argument("cuda silu_mul: bad shape");
-  k_silu_mul<<<dim3((a.n + kThreads - 1) / kThreads, a.n_tokens), kThreads, 0, s>>>(gate_up, out, a, pass);
-  check_launch("silu_mul");
+  launch("silu_mul", k_silu_mul, dim3((a.n + kThreads - 1) / kThreads, a.n_tokens), kThreads, 0, s, gate_up, out, a, pass);
 }
 
 void add(float* x, const float* y, const UpgEltArgs& a, const int32_t* pass, cudaStream_t s) {
   if (a.n < 1 || a.n_tokens < 1) throw std::invalid_argument("cuda add: bad shape");
-  k_add<<<dim3((a.n + kThreads - 1) / kThreads, a.n_tokens), kThreads, 0, s>>>(x, y, a, pass);
-  check_launch("add");
+  launch("add", k_add, dim3((a.n + kThreads - 1) / kThreads, a.n_tokens), kThreads, 0, s, x, y, a, pass);
 }
 
 void argmax(const float* x, int n, int32_t* out, cudaStream_t s) {
   if (n < 1) throw std::invalid_argument("cuda argmax: empty input");
-  k_argmax<<<1, kArgmaxThreads, 0, s>>>(x, n, out);
-  check_launch("argmax");
+  launch("argmax", k_argmax, 1, kArgmaxThreads, 0, s, x, n, out);
 }
 
 void advance_pass(int32_t* pass, cudaStream_t s) {
-  k_advance_pass<<<1, 1, 0, s>>>(pass);
-  check_launch("advance_pass");
+  launch("advance_pass", k_advance_pass, 1, 1, 0, s, pass);
 }
 
 }  // namespace upg::cuda

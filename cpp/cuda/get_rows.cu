@@ -16,6 +16,7 @@ constexpr int kThreads = 256;
 template <int DT, int B>
 __global__ void __launch_bounds__(kThreads) k_get_rows(MatView m, const int32_t* __restrict__ ids, float* __restrict__ out,
                                                       const int32_t* __restrict__ pass) {
+  pdl_enter();
   const int t = blockIdx.x;
   if (t >= n_tokens(pass)) return;
   const int r = ids[t];
@@ -46,8 +47,7 @@ GetRowsKernel pick(const Weight& w) {
 void get_rows(const Weight& w, const int32_t* ids, float* out, const int32_t* pass, cudaStream_t s) {
   check_weight(w, "get_rows");
   if (w.args.n_tokens < 1) throw std::invalid_argument("cuda get_rows: bad n_tokens");
-  pick(w)<<<w.args.n_tokens, kThreads, 0, s>>>(view(w), ids, out, pass);
-  check_launch("get_rows");
+  launch("get_rows", pick(w), w.args.n_tokens, kThreads, 0, s, view(w), ids, out, pass);
 }
 
 }  // namespace upg::cuda

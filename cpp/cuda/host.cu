@@ -8,6 +8,19 @@ namespace upg::cuda {
 
 namespace {
 int g_sms = 0;
+int g_pdl = -1;  // -1: not decided yet
+}
+
+void set_programmatic_launch(bool on) { g_pdl = on ? 1 : 0; }
+
+bool programmatic_launch() {
+  if (g_pdl < 0) {
+    int dev = 0, major = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
+    g_pdl = major >= 9 ? 1 : 0;
+  }
+  return g_pdl == 1;
 }
 
 void check(cudaError_t e, const char* what) {
@@ -21,6 +34,16 @@ int sm_count() {
     check(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev), "multiprocessor count");
   }
   return g_sms;
+}
+
+void allow_max_smem(const void* kernel) {
+  int dev = 0, optin = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit");
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, kernel), "kernel attributes");
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(attr.sharedSizeBytes)),
+        "shared memory limit");
 }
 
 void check_weight(const Weight& w, const char* what) {
@@ -85,6 +108,7 @@ void init(int device) {
   check(cudaSetDevice(device), "cudaSetDevice");
   g_sms = 0;
   sm_count();
+  if (g_pdl < 0) programmatic_launch();
   init_matvec();
   init_attention();
 }

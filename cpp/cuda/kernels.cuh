@@ -28,6 +28,10 @@ enum PassSlot : int {
 // dynamic shared-memory limits of the kernels that need more than 48 KiB.
 void init(int device);
 
+// Programmatic dependent launch (each kernel may start while the previous one drains; it waits
+// for that grid before reading its inputs): on by default on sm_90 and newer. For measurements.
+void set_programmatic_launch(bool on);
+
 // A weight matrix of any UPG type: `data` is its first byte on the device (sections as in
 // docs/FORMAT.md, offsets in `args`), outliers nullptr when absent. dtype: UPG_DTYPE_*.
 struct Weight {

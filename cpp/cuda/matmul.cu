@@ -106,6 +106,7 @@ template <int DT, int B>
 __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __restrict__ x, float* __restrict__ y,
                                                     int ldy, const int32_t* __restrict__ pass) {
   constexpr bool kQuant = DT == UPG_DTYPE_Q8_0 || DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_Q3;
+  pdl_enter();
   const int n = n_tokens(pass);
   const int r0 = blockIdx.x * kTm, t0 = blockIdx.y * kTn;
   if (t0 >= n) return;
@@ -196,8 +197,7 @@ void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cuda
       (reinterpret_cast<uintptr_t>(w.data) & 15) != 0)
     throw std::invalid_argument("cuda matmul: quantized weights must be 16-byte aligned");
   const dim3 grid((w.args.rows + kTm - 1) / kTm, (w.args.n_tokens + kTn - 1) / kTn);
-  pick(w)<<<grid, kThreads, kSmem, s>>>(view(w), x, y, w.args.ldy, pass);
-  check_launch("matmul");
+  launch("matmul", pick(w), grid, kThreads, kSmem, s, view(w), x, y, w.args.ldy, pass);
 }
 
 }  // namespace upg::cuda

@@ -144,6 +144,14 @@ __device__ __forceinline__ float chunk_dot(const Raw& raw, const float4* xv) {
   return raw.d0 * s;
 }
 
+constexpr int kPrefetchBytes = 4096;  // per row, before the dependency wait
+
+template <int DT>
+__device__ __forceinline__ int64_t row_code_bytes(int cols) {
+  return DT == UPG_DTYPE_F32 ? 4 * int64_t(cols) : (DT == UPG_DTYPE_F16 || DT == UPG_DTYPE_BF16) ? 2 * int64_t(cols)
+       : DT == UPG_DTYPE_Q8_0 ? cols : DT == UPG_DTYPE_Q4 ? cols / 2 : cols / 4;
+}
+
 struct FuseDev {
   const float* norm_weight;
   float eps;
@@ -153,15 +161,50 @@ struct FuseDev {
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
-// x (or its fused prologue) into swizzled shared memory, all threads of the block.
+// x (or its fused prologue) into swizzled shared memory, all threads of the block. The rms_norm
+// fusion stores x * weight and scales by the inverse norm once the block has summed x^2. Each
+// thread issues up to 8 independent 16-byte loads before its first store: the staging costs one or
+// two L2 round trips instead of one per element.
 template <int S>
 __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const FuseDev& f) {
   __shared__ float red[32];
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float v = f.silu_mul ? silu(x[i]) * x[n + i] : x[i];
-    xs[swz_float<S>(i)] = v;
-    ss += v * v;
+  const bool vec = (n & 3) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
+                   (reinterpret_cast<uintptr_t>(f.norm_weight) & 15) == 0;
+  if (vec) {
+    constexpr int U = 8;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const float4* w4 = reinterpret_cast<const float4*>(f.norm_weight);
+    float4* xs4 = reinterpret_cast<float4*>(xs);
+    const int units = n >> 2;
+    for (int u0 = threadIdx.x; u0 < units; u0 += blockDim.x * U) {
+      float4 v[U], g[U], w[U];
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int u = u0 + i * int(blockDim.x);
+        if (u < units) {
+          v[i] = x4[u];
+          if (f.silu_mul) g[i] = x4[units + u];
+          if (w4 != nullptr) w[i] = w4[u];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int u = u0 + i * int(blockDim.x);
+        if (u >= units) continue;
+        float4 a = v[i];
+        if (f.silu_mul) a = make_float4(silu(a.x) * g[i].x, silu(a.y) * g[i].y, silu(a.z) * g[i].z, silu(a.w) * g[i].w);
+        ss += dot4(a, a);
+        if (w4 != nullptr) a = make_float4(a.x * w[i].x, a.y * w[i].y, a.z * w[i].z, a.w * w[i].w);
+        xs4[swz<S>(u)] = a;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float v = f.silu_mul ? silu(x[i]) * x[n + i] : x[i];
+      ss += v * v;
+      xs[swz_float<S>(i)] = f.norm_weight != nullptr ? v * f.norm_weight[i] : v;
+    }
   }
   if (f.norm_weight == nullptr) return;
   ss = warp_sum(ss);
@@ -170,7 +213,7 @@ __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const Fus
   float total = 0.0f;
   for (int i = 0; i < int(blockDim.x >> 5); ++i) total += red[i];
   const float inv = rsqrtf(total / float(n) + f.eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) xs[swz_float<S>(i)] *= inv * f.norm_weight[i];
+  for (int i = threadIdx.x; i < n; i += blockDim.x) xs[swz_float<S>(i)] *= inv;  // after the barrier
 }
 
 template <int DT, int B, int NBL, bool VEC>
@@ -179,11 +222,23 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
   constexpr int CE = chunk_elems<DT, B, NBL>(), S = swizzle_shift<DT, B, NBL>(), R = kMvRows;
   extern __shared__ float4 xs4[];
   float* xs = reinterpret_cast<float*>(xs4);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int groups = (m.rows + R - 1) / R, nc = m.cols / CE;
+  pdl_trigger();
+  // The weights never change: pull the start of this warp's first rows into L2 while the
+  // previous kernel drains, then wait for it before reading x.
+  if (const int g0 = blockIdx.x + gridDim.x * warp; g0 < groups) {
+    const int64_t rb = row_code_bytes<DT>(m.cols), span = rb < kPrefetchBytes ? rb : kPrefetchBytes;
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+      if (g0 * R + i < m.rows)
+        for (int64_t off = lane * 128; off < span; off += 32 * 128)
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(m.codes + (int64_t(g0) * R + i) * rb + off));
+  }
+  pdl_wait();
   stage_x<S>(xs, x, m.cols, f);
   __syncthreads();
 
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int groups = (m.rows + R - 1) / R, nc = m.cols / CE;
   for (int g = blockIdx.x + gridDim.x * warp; g < groups; g += gridDim.x * kMvWarps) {
     const int r0 = g * R;
     float acc[R];
@@ -243,7 +298,7 @@ const MatvecKernel kAll[] = {
     k_matvec<UPG_DTYPE_Q3, 64, 1, true>,
 };
 
-constexpr int kMaxSmem = 227 * 1024;
+constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in limit; init() sets each kernel's
 
 Variant pick(const Weight& w) {
   const int cols = w.args.cols, B = w.args.block;
@@ -266,8 +321,7 @@ Variant pick(const Weight& w) {
 }  // namespace
 
 void init_matvec() {
-  for (MatvecKernel k : kAll)
-    check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem), "matvec smem limit");
+  for (MatvecKernel k : kAll) allow_max_smem(reinterpret_cast<const void*>(k));
 }
 
 void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse) {
@@ -281,8 +335,7 @@ void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const Mat
   const int groups = (w.args.rows + kMvRows - 1) / kMvRows;
   const int grid = std::max(1, std::min(groups, sm_count() * std::max(per_sm, 1)));
   const FuseDev f{fuse.norm_weight, fuse.eps, fuse.silu_mul ? 1 : 0, fuse.accumulate ? 1 : 0};
-  v.kernel<<<grid, kMvWarps * 32, smem, s>>>(view(w), x, y, f);
-  check_launch("matvec");
+  launch("matvec", v.kernel, grid, kMvWarps * 32, smem, s, view(w), x, y, f);
 }
 
 }  // namespace upg::cuda

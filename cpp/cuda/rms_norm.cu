@@ -15,6 +15,7 @@ constexpr int kThreads = 256;
 __global__ void __launch_bounds__(kThreads) k_rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                                       float* __restrict__ out, UpgNormArgs a, int last_only,
                                                       const int32_t* __restrict__ pass) {
+  pdl_enter();
   const int n_tok = n_tokens(pass);
   if (int(blockIdx.x) >= (last_only ? 1 : n_tok)) return;
   const int t_in = last_only ? n_tok - 1 : int(blockIdx.x);
@@ -38,8 +39,7 @@ __global__ void __launch_bounds__(kThreads) k_rms_norm(const float* __restrict__
 void rms_norm(const float* x, const float* weight, float* out, const UpgNormArgs& a, int capacity, bool last_only,
               const int32_t* pass, cudaStream_t s) {
   if (a.n < 1 || capacity < 1) throw std::invalid_argument("cuda rms_norm: bad shape");
-  k_rms_norm<<<last_only ? 1 : capacity, kThreads, 0, s>>>(x, weight, out, a, last_only ? 1 : 0, pass);
-  check_launch("rms_norm");
+  launch("rms_norm", k_rms_norm, last_only ? 1 : capacity, kThreads, 0, s, x, weight, out, a, last_only ? 1 : 0, pass);
 }
 
 }  // namespace upg::cuda

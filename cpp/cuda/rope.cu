@@ -17,6 +17,7 @@ using namespace dev;
 
 __global__ void k_rope(float* __restrict__ qk, const float* __restrict__ factor, UpgRopeArgs a,
                        const int32_t* __restrict__ pass) {
+  pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, t = blockIdx.z, half_rot = a.rot_dims / 2;
   if (i >= half_rot || t >= n_tokens(pass)) return;
   const double f = factor != nullptr ? double(factor[i]) : 1.0;
@@ -36,8 +37,7 @@ void rope(float* qkv, const float* factors, const UpgRopeArgs& a, const int32_t*
   if (a.rot_dims < 2 || a.rot_dims % 2 != 0 || a.rot_dims > a.head_dim || a.n_heads < 1 || a.n_tokens < 1)
     throw std::invalid_argument("cuda rope: bad shape");
   const dim3 grid((a.rot_dims / 2 + 63) / 64, a.n_heads, a.n_tokens);
-  k_rope<<<grid, 64, 0, s>>>(qkv, factors, a, pass);
-  check_launch("rope");
+  launch("rope", k_rope, grid, 64, 0, s, qkv, factors, a, pass);
 }
 
 }  // namespace upg::cuda

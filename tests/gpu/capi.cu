@@ -45,6 +45,8 @@ const char* upg_cuda_last_error() { return g_error.c_str(); }
 
 int upg_cuda_init(int device) { return guarded([&] { init(device); }); }
 
+int upg_set_programmatic_launch(int on) { return guarded([&] { set_programmatic_launch(on != 0); }); }
+
 int upg_matvec(int dtype, int rows, int cols, int block, const void* w, const int32_t* rowptr, const int32_t* col,
                const uint16_t* val, const float* x, float* y, const float* norm_w, float eps, int silu, int accumulate,
                void* s) {

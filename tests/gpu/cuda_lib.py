@@ -23,6 +23,7 @@ _F = ctypes.c_float
 
 _SIGNATURES = {
     "upg_cuda_init": [_I],
+    "upg_set_programmatic_launch": [_I],
     "upg_matvec": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _F, _I, _I, _P],
     "upg_matmul": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
     "upg_get_rows": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P],
@@ -77,6 +78,10 @@ class Lib:
         conv = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
         if getattr(self._lib, name)(*conv) != 0:
             raise RuntimeError(self._lib.upg_cuda_last_error().decode())
+
+    def set_programmatic_launch(self, on):
+        """Programmatic dependent launch on or off for the launches that follow (default: on, sm_90+)."""
+        self._call("upg_set_programmatic_launch", int(on))
 
     @staticmethod
     def _stream():
