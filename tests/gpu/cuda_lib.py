@@ -112,9 +112,9 @@ class Lib:
                    capacity, pass_, self._stream())
 
     def decode_workspace(self, nh, nkv, hd, kv_stride):
-        """A scratch tensor of the size attention_decode needs."""
+        """The zero-filled scratch tensor attention_decode needs."""
         n = self._lib.upg_decode_workspace(nh, nkv, hd, kv_stride)
-        return torch.empty(n // 4, dtype=torch.float32, device="cuda")
+        return torch.zeros((n + 3) // 4, dtype=torch.float32, device="cuda")
 
     def attention_decode(self, qkv, kc, vc, out, nh, nkv, hd, kv_stride, q_stride, scale, ws, pass_):
         self._call("upg_attention_decode", qkv, kc, vc, out, int(kc.dtype == torch.float16), nh, nkv, hd,

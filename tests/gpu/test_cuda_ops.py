@@ -243,11 +243,12 @@ def check_cache_and_ref(kc, vc, qkv, nh, nkv, hd, n_past, n):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("nh,nkv,hd", ATTN_SHAPES[:3] if SMALL else ATTN_SHAPES)
-def test_attention_decode(lib, kv_dtype, nh, nkv, hd):
+@pytest.mark.parametrize("nh,nkv,hd,n_ctx", [(*s, 301 if SMALL else 1001) for s in (ATTN_SHAPES[:3] if SMALL else ATTN_SHAPES)]
+                         + [(40, 10, 128, 5001), (32, 4, 96, 5001)])
+def test_attention_decode(lib, kv_dtype, nh, nkv, hd, n_ctx):
+    """n_ctx 5001: more 64-position chunks than splits, so splits merge several chunks."""
     rng = np.random.default_rng()
-    n_ctx = 301 if SMALL else 1001
-    for n_past in ([0, 257] if SMALL else [0, 255, 256, 600, n_ctx - 1]):
+    for n_past in ([0, 257] if SMALL or n_ctx > 1001 else [0, 63, 64, 600, n_ctx - 1]) + ([n_ctx - 1] if n_ctx > 1001 else []):
         stride, qkv, kc, vc = attn_setup(rng, nh, nkv, hd, n_ctx, n_past, 1, kv_dtype)
         p = pass_tensor(n_past, 1)
         d = dev(qkv)
