@@ -246,7 +246,7 @@ def check_cache_and_ref(kc, vc, qkv, nh, nkv, hd, n_past, n):
 @pytest.mark.parametrize("nh,nkv,hd,n_ctx", [(*s, 301 if SMALL else 1001) for s in (ATTN_SHAPES[:3] if SMALL else ATTN_SHAPES)]
                          + [(40, 10, 128, 5001), (32, 4, 96, 5001)])
 def test_attention_decode(lib, kv_dtype, nh, nkv, hd, n_ctx):
-    """n_ctx 5001: more 64-position chunks than splits, so splits merge several chunks."""
+    """n_ctx 5001: 79 splits of 64 positions for the combine to merge."""
     rng = np.random.default_rng()
     for n_past in ([0, 257] if SMALL or n_ctx > 1001 else [0, 63, 64, 600, n_ctx - 1]) + ([n_ctx - 1] if n_ctx > 1001 else []):
         stride, qkv, kc, vc = attn_setup(rng, nh, nkv, hd, n_ctx, n_past, 1, kv_dtype)
