@@ -80,14 +80,33 @@ __device__ __forceinline__ int x_unit(int c, int u) {
   return c * (CE / 4) + u;
 }
 
-// Bytes of a q3 code word: field k of ql word w plus the high bits from qh (shifted by hs).
+__device__ __forceinline__ uint32_t shift_left(uint32_t v, int n) { return n >= 0 ? v << n : v >> -n; }
+
+// Codes of a q3 word, each in bits 3..5 of its byte (small_codes_to_float4): field k of the ql
+// word plus the high bits of qh at bit hs.
 __device__ __forceinline__ uint32_t q3_bytes(uint32_t ql, uint32_t qh, int k, int hs) {
-  return ((ql >> (2 * k)) & 0x03030303u) | (((qh >> hs) & 0x01010101u) << 2);
+  return (shift_left(ql, 3 - 2 * k) & 0x18181818u) | (shift_left(qh, 5 - hs) & 0x20202020u);
 }
 
-// The chunk's dot product with its x units xv (local order of x_unit), scales applied.
+// Sums of the chunk's x per scale block (q4, q3: the offset term of small_codes_to_float4).
 template <int DT, int B, int NBL>
-__device__ __forceinline__ float chunk_dot(const Raw& raw, const float4* xv) {
+__device__ __forceinline__ void chunk_xsum(const float4* xv, float* xsum) {
+  constexpr int CE = chunk_elems<DT, B, NBL>(), UPB = (CE / 4) / (DT == UPG_DTYPE_Q3 ? NBL : 1);
+  if constexpr (DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_Q3) {
+#pragma unroll
+    for (int bl = 0; bl < (DT == UPG_DTYPE_Q3 ? NBL : 1); ++bl) {
+      float s = 0.0f;
+#pragma unroll
+      for (int u = 0; u < UPB; ++u) s += (xv[bl * UPB + u].x + xv[bl * UPB + u].y) + (xv[bl * UPB + u].z + xv[bl * UPB + u].w);
+      xsum[bl] = s;
+    }
+  }
+}
+
+// The chunk's dot product with its x units xv (local order of x_unit), scales applied; xsum from
+// chunk_xsum.
+template <int DT, int B, int NBL>
+__device__ __forceinline__ float chunk_dot(const Raw& raw, const float4* xv, const float* xsum) {
   const uint32_t w[4] = {raw.q.x, raw.q.y, raw.q.z, raw.q.w};
   if constexpr (DT == UPG_DTYPE_F32) return dot4(*reinterpret_cast<const float4*>(&raw.q), xv[0]);
   if constexpr (DT == UPG_DTYPE_F16 || DT == UPG_DTYPE_BF16) {
@@ -112,10 +131,10 @@ __device__ __forceinline__ float chunk_dot(const Raw& raw, const float4* xv) {
     float s = 0.0f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      s += dot4(bytes_to_float4(w[i] & 0x0F0F0F0Fu, kBiasQ4), xv[i]);
-      s += dot4(bytes_to_float4((w[i] >> 4) & 0x0F0F0F0Fu, kBiasQ4), xv[4 + i]);
+      s += dot4(small_codes_to_float4((w[i] << 3) & 0x78787878u), xv[i]);
+      s += dot4(small_codes_to_float4((w[i] >> 1) & 0x78787878u), xv[4 + i]);
     }
-    return raw.d0 * s;
+    return raw.d0 * (32.0f * s - float(16 + UPG_Q4_ZERO) * xsum[0]);
   }
   // q3. B = 32: block bl has ql words 2bl, 2bl+1 and qh word bl; field k of ql word wl holds
   // elements 4wl + i + 8k (unit 8bl + 2k + wl), their high bits at qh bit 2k + wl.
@@ -130,9 +149,9 @@ __device__ __forceinline__ float chunk_dot(const Raw& raw, const float4* xv) {
       for (int wl = 0; wl < 2; ++wl)
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          s[bl] += dot4(bytes_to_float4(q3_bytes(w[2 * bl + wl], h[bl], k, 2 * k + wl), kBiasQ3),
-                        xv[8 * bl + 2 * k + wl]);
-    return raw.d0 * s[0] + (NBL == 2 ? raw.d1 * s[1] : 0.0f);
+          s[bl] += dot4(small_codes_to_float4(q3_bytes(w[2 * bl + wl], h[bl], k, 2 * k + wl)), xv[8 * bl + 2 * k + wl]);
+    constexpr float kOff = float(16 + UPG_Q3_ZERO);
+    return raw.d0 * (32.0f * s[0] - kOff * xsum[0]) + (NBL == 2 ? raw.d1 * (32.0f * s[1] - kOff * xsum[1]) : 0.0f);
   }
   float s = 0.0f;
   const uint32_t h[2] = {raw.h.x, raw.h.y};
@@ -140,8 +159,8 @@ __device__ __forceinline__ float chunk_dot(const Raw& raw, const float4* xv) {
   for (int wq = 0; wq < 4; ++wq)
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      s += dot4(bytes_to_float4(q3_bytes(w[wq], h[wq % 2], k, 2 * k + wq / 2), kBiasQ3), xv[4 * k + wq]);
-  return raw.d0 * s;
+      s += dot4(small_codes_to_float4(q3_bytes(w[wq], h[wq % 2], k, 2 * k + wq / 2)), xv[4 * k + wq]);
+  return raw.d0 * (32.0f * s - float(16 + UPG_Q3_ZERO) * xsum[0]);
 }
 
 constexpr int kPrefetchBytes = 4096;  // per row, before the dependency wait
@@ -253,8 +272,10 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
         float4 xv[CE / 4];
 #pragma unroll
         for (int u = 0; u < CE / 4; ++u) xv[u] = xs4[swz<S>(x_unit<DT, B, NBL>(c, u))];
+        float xsum[2] = {0.0f, 0.0f};
+        chunk_xsum<DT, B, NBL>(xv, xsum);
 #pragma unroll
-        for (int i = 0; i < R; ++i) acc[i] += chunk_dot<DT, B, NBL>(raw[i], xv);
+        for (int i = 0; i < R; ++i) acc[i] += chunk_dot<DT, B, NBL>(raw[i], xv, xsum);
       }
     } else {
       for (int k = lane; k < m.cols; k += 32) {
