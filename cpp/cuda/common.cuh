@@ -93,9 +93,8 @@ __device__ __forceinline__ float elem(const MatView& m, int r, int k) {
 
 namespace upg::cuda {
 
-// Throws std::runtime_error naming the launch when a CUDA call or the last launch failed.
+// Throws std::runtime_error naming the call when a CUDA call failed.
 void check(cudaError_t e, const char* what);
-inline void check_launch(const char* what) { check(cudaGetLastError(), what); }
 // Whether launches carry the programmatic-stream-serialization attribute (init: on for sm_90+).
 bool programmatic_launch();
 
@@ -115,8 +114,10 @@ void launch(const char* what, void (*kernel)(P...), dim3 grid, dim3 block, size_
   check(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...), what);
 }
 
-// Multiprocessors of the current device (read once, by init or the first launch that needs it).
+// Multiprocessors of the current device, and the shared memory a block may opt into (read once,
+// by init or the first launch that needs them).
 int sm_count();
+int max_smem_optin();
 // Lets kernel use all the dynamic shared memory a block may opt into (minus its static share).
 void allow_max_smem(const void* kernel);
 // Resolves the section pointers of a weight.

@@ -8,6 +8,7 @@ namespace upg::cuda {
 
 namespace {
 int g_sms = 0;
+int g_smem_optin = 0;
 int g_pdl = -1;  // -1: not decided yet
 }
 
@@ -36,13 +37,19 @@ int sm_count() {
   return g_sms;
 }
 
+int max_smem_optin() {
+  if (g_smem_optin == 0) {
+    int dev = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&g_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit");
+  }
+  return g_smem_optin;
+}
+
 void allow_max_smem(const void* kernel) {
-  int dev = 0, optin = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit");
   cudaFuncAttributes attr{};
   check(cudaFuncGetAttributes(&attr, kernel), "kernel attributes");
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - int(attr.sharedSizeBytes)),
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin() - int(attr.sharedSizeBytes)),
         "shared memory limit");
 }
 
@@ -107,6 +114,7 @@ void init_attention();
 void init(int device) {
   check(cudaSetDevice(device), "cudaSetDevice");
   g_sms = 0;
+  g_smem_optin = 0;
   sm_count();
   if (g_pdl < 0) programmatic_launch();
   init_matvec();

@@ -298,14 +298,9 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
 
 using MatvecKernel = void (*)(MatView, const float*, float*, FuseDev);
 
-struct Variant {
-  MatvecKernel kernel;
-  int shift;
-};
-
 template <int DT, int B, int NBL, bool VEC>
-Variant variant() {
-  return {k_matvec<DT, B, NBL, VEC>, swizzle_shift<DT, B, NBL>()};
+MatvecKernel variant() {
+  return k_matvec<DT, B, NBL, VEC>;
 }
 
 // Every instantiation, for init's shared-memory attribute.
@@ -319,9 +314,7 @@ const MatvecKernel kAll[] = {
     k_matvec<UPG_DTYPE_Q3, 64, 1, true>,
 };
 
-constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in limit; init() sets each kernel's
-
-Variant pick(const Weight& w) {
+MatvecKernel pick(const Weight& w) {
   const int cols = w.args.cols, B = w.args.block;
   const bool aligned = (reinterpret_cast<uintptr_t>(w.data) & 15) == 0;
   switch (w.dtype) {
@@ -347,16 +340,18 @@ void init_matvec() {
 
 void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse) {
   check_weight(w, "matvec");
-  const Variant v = pick(w);
+  const MatvecKernel kernel = pick(w);
   const int units = (w.args.cols + 3) / 4;
   const size_t smem = size_t((units + 7) / 8 * 8) * 16;
-  if (smem > size_t(kMaxSmem)) throw std::invalid_argument("cuda matvec: cols too large for shared memory");
+  // x, plus stage_x's static reduction scratch, must fit in one block's shared memory.
+  if (smem + 32 * sizeof(float) > size_t(max_smem_optin()))
+    throw std::invalid_argument("cuda matvec: cols too large for shared memory");
   int per_sm = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.kernel, kMvWarps * 32, smem), "matvec occupancy");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMvWarps * 32, smem), "matvec occupancy");
   const int groups = (w.args.rows + kMvRows - 1) / kMvRows;
   const int grid = std::max(1, std::min(groups, sm_count() * std::max(per_sm, 1)));
   const FuseDev f{fuse.norm_weight, fuse.eps, fuse.silu_mul ? 1 : 0, fuse.accumulate ? 1 : 0};
-  launch("matvec", v.kernel, grid, kMvWarps * 32, smem, s, view(w), x, y, f);
+  launch("matvec", kernel, grid, kMvWarps * 32, smem, s, view(w), x, y, f);
 }
 
 }  // namespace upg::cuda

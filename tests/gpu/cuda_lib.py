@@ -112,7 +112,7 @@ class Lib:
                    capacity, pass_, self._stream())
 
     def decode_workspace(self, nh, nkv, hd, kv_stride):
-        """The zero-filled scratch tensor attention_decode needs."""
+        """A scratch tensor of the size attention_decode needs."""
         n = self._lib.upg_decode_workspace(nh, nkv, hd, kv_stride)
         return torch.zeros((n + 3) // 4, dtype=torch.float32, device="cuda")
 

@@ -365,6 +365,9 @@ def test_bad_input_raises(lib):
     w = Weight("q4", 4, 48, 48, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
     with pytest.raises(RuntimeError, match="block must be 32 or 64"):
         lib.matvec(w, torch.zeros(48, device="cuda"), torch.zeros(4, device="cuda"))
+    wide = Weight("q8_0", 1, 64000, 32, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
+    with pytest.raises(RuntimeError, match="cols too large"):
+        lib.matvec(wide, torch.zeros(64000, device="cuda"), torch.zeros(1, device="cuda"))
     with pytest.raises(RuntimeError, match="bad attention shape"):
         z = torch.zeros(64, device="cuda")
         lib.attention_prefill(z, z, z, z, 2, 1, 12, 4, 64, 1, 1.0, pass_tensor(0, 1))
