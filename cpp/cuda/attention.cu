@@ -1,0 +1,440 @@
+// Attention over one layer's KV cache [n_kv_heads][kv_stride][head_dim] (f16 or f32), GQA (query
+// head h reads KV head h / (n_heads / n_kv_heads)). kv_store appends the pass's K and V rows;
+// decode is flash-decoding (splits of the positions, one block per (KV head, split) serving the
+// whole query group, then a combine); prefill is a flash attention on CUDA cores (key tiles in
+// shared memory, online softmax per query). head_dim: a multiple of 8, at most 256.
+#include <algorithm>
+#include <stdexcept>
+
+#include "common.cuh"
+
+namespace upg::cuda {
+
+namespace {
+
+using namespace dev;
+
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxGroup = 8;      // query heads per KV head, decode
+constexpr int kDecThreads = 128;
+constexpr int kSplitLen = 64;     // positions per decode split
+constexpr int kPreThreads = 128;  // 4 warps x 4 queries
+constexpr int kPreQ = 16;         // queries per prefill block
+constexpr int kPreK = 32;         // keys per tile (one per lane)
+
+template <typename KV> __device__ __forceinline__ float kv_f(KV v);
+template <> __device__ __forceinline__ float kv_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float kv_f<__half>(__half v) { return __half2float(v); }
+template <typename KV> __device__ __forceinline__ KV to_kv(float v);
+template <> __device__ __forceinline__ float to_kv<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half to_kv<__half>(float v) { return __float2half_rn(v); }
+
+// 16 bytes of a KV row as floats (8 halves or 4 floats; VEC = 16 / sizeof(KV)).
+template <typename KV>
+__device__ __forceinline__ void load16(const KV* p, float* out) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  if constexpr (sizeof(KV) == 2) {
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  } else {
+    const float* f = reinterpret_cast<const float*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = f[i];
+  }
+}
+
+template <typename KV>
+__global__ void k_kv_store(const float* __restrict__ qkv, KV* __restrict__ kc, KV* __restrict__ vc, UpgAttnArgs a,
+                           const int32_t* __restrict__ pass) {
+  pdl_enter();
+  const int d = blockIdx.x * blockDim.x + threadIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+  const int pos = n_past(pass) + t;
+  if (d >= a.head_dim || t >= n_tokens(pass) || pos >= a.kv_stride) return;
+  const float* row = qkv + int64_t(t) * a.q_stride;
+  const int64_t dst = (int64_t(kvh) * a.kv_stride + pos) * a.head_dim + d;
+  kc[dst] = to_kv<KV>(row[(a.n_heads + kvh) * a.head_dim + d]);
+  vc[dst] = to_kv<KV>(row[(a.n_heads + a.n_kv_heads + kvh) * a.head_dim + d]);
+}
+
+// One (KV head, split of kSplitLen positions), all G query heads of the group:
+// 1. scores into shared memory: a quarter-warp (8 lanes) per position, 4 positions per warp
+//    step, STEPS steps' 16-byte K loads issued before the first use (consecutive positions are
+//    consecutive rows: the warp reads whole rows); lane-group sums by shuffles;
+// 2. softmax pieces per head (max, exp, sum), a warp per head;
+// 3. P V: thread = (16-byte column unit, position group), the V loads of 4 positions in flight,
+//    then the position groups summed through shared memory.
+// Writes the split's unnormalized output, max and sum: acc [n_heads][max_splits][hd], then
+// ml [n_heads][max_splits][2].
+template <typename KV, int NVL>
+__global__ void __launch_bounds__(kDecThreads) k_attn_decode(const float* __restrict__ qkv, const KV* __restrict__ kc,
+                                                             const KV* __restrict__ vc, float* __restrict__ ws,
+                                                             UpgAttnArgs a, int max_splits,
+                                                             const int32_t* __restrict__ pass) {
+  constexpr int VEC = 16 / sizeof(KV), STEPS = 8 / NVL;
+  pdl_enter();
+  const int kvh = blockIdx.x, split = blockIdx.y, hd = a.head_dim, G = a.n_heads / a.n_kv_heads, nvec = hd / VEC;
+  const int n_kv = n_past(pass) + n_tokens(pass);
+  const int p0 = split * kSplitLen, len = min(n_kv - p0, kSplitLen);
+  if (len <= 0) return;
+  extern __shared__ float sm[];
+  float* qs = sm;                   // [G][hd], scaled
+  float* sc = qs + G * hd;          // [G][kSplitLen]
+  float* red = sc + G * kSplitLen;  // [npg][G][hd]
+  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) qs[i] = qkv[kvh * G * hd + i] * a.scale;
+  __syncthreads();
+  const KV* kbase = kc + (int64_t(kvh) * a.kv_stride + p0) * hd;
+  const KV* vbase = vc + (int64_t(kvh) * a.kv_stride + p0) * hd;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, l8 = lane & 7, sub = lane >> 3;
+
+  for (int pb = warp * 4 * STEPS; pb < len; pb += (kDecThreads / 32) * 4 * STEPS) {
+    uint4 raw[STEPS][NVL];
+#pragma unroll
+    for (int st = 0; st < STEPS; ++st)
+#pragma unroll
+      for (int i = 0; i < NVL; ++i) {
+        const int p = pb + 4 * st + sub, v = l8 + 8 * i;
+        raw[st][i] = p < len && v < nvec ? __ldg(reinterpret_cast<const uint4*>(kbase + int64_t(p) * hd + v * VEC))
+                                         : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int st = 0; st < STEPS; ++st) {
+      float s[kMaxGroup];
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) s[g] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < NVL; ++i) {
+        const int v = l8 + 8 * i;
+        if (v >= nvec) continue;
+        float kf[VEC];
+        load16<KV>(reinterpret_cast<const KV*>(&raw[st][i]), kf);
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+          if (g < G)
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) s[g] += kf[j] * qs[g * hd + v * VEC + j];
+      }
+      const int p = pb + 4 * st + sub;
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g >= G) break;  // uniform over the warp
+        float t = s[g];
+        t += __shfl_xor_sync(0xffffffffu, t, 1);
+        t += __shfl_xor_sync(0xffffffffu, t, 2);
+        t += __shfl_xor_sync(0xffffffffu, t, 4);
+        if (l8 == 0 && p < len) sc[g * kSplitLen + p] = t;
+      }
+    }
+  }
+  __syncthreads();
+  __shared__ float mx[kMaxGroup], sum[kMaxGroup];
+  for (int g = warp; g < G; g += kDecThreads / 32) {
+    float m = -INFINITY;
+    for (int p = lane; p < len; p += 32) m = fmaxf(m, sc[g * kSplitLen + p]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int p = lane; p < len; p += 32) {
+      const float e = __expf(sc[g * kSplitLen + p] - m);
+      sc[g * kSplitLen + p] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      mx[g] = m;
+      sum[g] = l;
+    }
+  }
+  __syncthreads();
+  const int npg = kDecThreads / nvec, cu = threadIdx.x % nvec, pg = threadIdx.x / nvec;
+  if (pg < npg) {
+    float acc[kMaxGroup][VEC];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[g][i] = 0.0f;
+    for (int pb = pg; pb < len; pb += 4 * npg) {
+      uint4 raw[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int p = pb + j * npg;
+        raw[j] = p < len ? __ldg(reinterpret_cast<const uint4*>(vbase + int64_t(p) * hd + cu * VEC)) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int p = pb + j * npg;
+        if (p >= len) break;
+        float v[VEC];
+        load16<KV>(reinterpret_cast<const KV*>(&raw[j]), v);
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+          if (g < G) {
+            const float e = sc[g * kSplitLen + p];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[g][i] += e * v[i];
+          }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+      if (g < G)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) red[(pg * G + g) * hd + cu * VEC + i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+    const int g = i / hd, d = i % hd;
+    float s = 0.0f;
+    for (int q = 0; q < npg; ++q) s += red[(q * G + g) * hd + d];
+    ws[(int64_t(kvh * G + g) * max_splits + split) * hd + d] = s;
+  }
+  if (threadIdx.x < G) {
+    float* ml = ws + int64_t(a.n_heads) * max_splits * hd;
+    const int64_t slot = int64_t(kvh * G + threadIdx.x) * max_splits + split;
+    ml[2 * slot] = mx[threadIdx.x];
+    ml[2 * slot + 1] = sum[threadIdx.x];
+  }
+}
+
+// out[h][d] = sum_s e^(m_s - M) acc_s[d] / sum_s e^(m_s - M) l_s over the active splits. One block
+// per head: the splits' (m, l) go to shared memory in one parallel load, the weights
+// e^(m_s - M) / L are formed there, then thread (4-dim column, split group) sums its splits with
+// four loads in flight and the split groups meet in shared memory.
+constexpr int kCombineThreads = 256;
+
+__global__ void __launch_bounds__(kCombineThreads) k_attn_combine(const float* __restrict__ ws, float* __restrict__ out,
+                                                                 UpgAttnArgs a, int max_splits,
+                                                                 const int32_t* __restrict__ pass) {
+  pdl_enter();
+  extern __shared__ float cm[];  // [max_splits] weights (padded to 4), then [kCombineThreads * 4] partial sums
+  __shared__ float red[kCombineThreads / 32];
+  const int h = blockIdx.x, hd = a.head_dim, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_kv = n_past(pass) + n_tokens(pass);
+  const int ns = min(max_splits, (n_kv + kSplitLen - 1) / kSplitLen);
+  const float* ml = ws + int64_t(a.n_heads) * max_splits * hd + int64_t(h) * max_splits * 2;
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+    cm[s] = ml[2 * s];
+    m = fmaxf(m, cm[s]);
+  }
+  m = warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  float M = red[0];
+  for (int i = 1; i < kCombineThreads / 32; ++i) M = fmaxf(M, red[i]);
+  __syncthreads();
+  float l = 0.0f;
+  for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+    cm[s] = __expf(cm[s] - M);
+    l += cm[s] * ml[2 * s + 1];
+  }
+  l = warp_sum(l);
+  if (lane == 0) red[warp] = l;
+  __syncthreads();
+  float L = 0.0f;
+  for (int i = 0; i < kCombineThreads / 32; ++i) L += red[i];
+  const int cols = hd / 4, groups = kCombineThreads / cols, c = threadIdx.x % cols, g = threadIdx.x / cols;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (g < groups) {
+    const float4* base = reinterpret_cast<const float4*>(ws + int64_t(h) * max_splits * hd) + c;
+    for (int s0 = g; s0 < ns; s0 += 4 * groups) {
+      float4 v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int s = s0 + j * groups;
+        v[j] = s < ns ? base[int64_t(s) * cols] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int s = s0 + j * groups;
+        const float w = s < ns ? cm[s] : 0.0f;
+        acc.x += w * v[j].x;
+        acc.y += w * v[j].y;
+        acc.z += w * v[j].z;
+        acc.w += w * v[j].w;
+      }
+    }
+  }
+  float* part = cm + (max_splits + 3) / 4 * 4;
+  reinterpret_cast<float4*>(part)[threadIdx.x] = acc;
+  __syncthreads();
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float v = 0.0f;
+    for (int q = 0; q < groups; ++q) v += part[(q * cols + d / 4) * 4 + d % 4];
+    out[h * hd + d] = v / L;
+  }
+}
+
+// Prefill: block (query head, 16 queries); warp w owns queries 4w..4w+3 of the block, lane j the
+// key j of each 32-key tile and the dims j, j + 32, ... of the outputs.
+template <typename KV>
+__global__ void __launch_bounds__(kPreThreads) k_attn_prefill(const float* __restrict__ qkv, const KV* __restrict__ kc,
+                                                              const KV* __restrict__ vc, float* __restrict__ out,
+                                                              UpgAttnArgs a, const int32_t* __restrict__ pass) {
+  pdl_enter();
+  const int h = blockIdx.x, t0 = blockIdx.y * kPreQ, hd = a.head_dim;
+  const int n = n_tokens(pass), past = n_past(pass);
+  if (t0 >= n) return;
+  const int kvh = h / (a.n_heads / a.n_kv_heads);
+  extern __shared__ float sm[];
+  float* ks = sm;                      // [kPreK][hd + 1]
+  float* vs = ks + kPreK * (hd + 1);   // [kPreK][hd]
+  float* qs = vs + kPreK * hd;         // [kPreQ][hd]
+  for (int i = threadIdx.x; i < kPreQ * hd; i += blockDim.x) {
+    const int q = i / hd, t = min(t0 + q, n - 1);
+    qs[i] = qkv[int64_t(t) * a.q_stride + h * hd + i % hd] * a.scale;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int QW = kPreQ / (kPreThreads / 32), ND = kMaxHeadDim / 32;
+  float m[QW], l[QW], acc[QW][ND];
+#pragma unroll
+  for (int q = 0; q < QW; ++q) {
+    m[q] = -INFINITY;
+    l[q] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) acc[q][i] = 0.0f;
+  }
+  const KV* kbase = kc + int64_t(kvh) * a.kv_stride * hd;
+  const KV* vbase = vc + int64_t(kvh) * a.kv_stride * hd;
+  const int last = past + min(t0 + kPreQ, n);  // keys [0, last)
+  for (int j0 = 0; j0 < last; j0 += kPreK) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kPreK * hd; i += blockDim.x) {
+      const int j = i / hd, d = i % hd, p = j0 + j;
+      const bool ok = p < last;
+      ks[j * (hd + 1) + d] = ok ? kv_f<KV>(kbase[int64_t(p) * hd + d]) : 0.0f;
+      vs[j * hd + d] = ok ? kv_f<KV>(vbase[int64_t(p) * hd + d]) : 0.0f;
+    }
+    __syncthreads();
+    float s[QW];
+#pragma unroll
+    for (int q = 0; q < QW; ++q) s[q] = 0.0f;
+    for (int d = 0; d < hd; ++d) {
+      const float k = ks[lane * (hd + 1) + d];
+#pragma unroll
+      for (int q = 0; q < QW; ++q) s[q] += qs[(warp * QW + q) * hd + d] * k;
+    }
+    const int p = j0 + lane;
+#pragma unroll
+    for (int q = 0; q < QW; ++q) {
+      const int t = t0 + warp * QW + q;
+      if (p > past + t) s[q] = -INFINITY;  // causal (and past the tile's end)
+      const float m_new = fmaxf(m[q], warp_max(s[q]));
+      const float c = __expf(m[q] - m_new), e = __expf(s[q] - m_new);
+      l[q] = l[q] * c + warp_sum(e);
+      m[q] = m_new;
+#pragma unroll
+      for (int i = 0; i < ND; ++i) acc[q][i] *= c;
+      for (int j = 0; j < kPreK; ++j) {
+        const float ej = __shfl_sync(0xffffffffu, e, j);
+#pragma unroll
+        for (int i = 0; i < ND; ++i)
+          if (i * 32 + lane < hd) acc[q][i] += ej * vs[j * hd + i * 32 + lane];
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < QW; ++q) {
+    const int t = t0 + warp * QW + q;
+    if (t >= n) continue;
+#pragma unroll
+    for (int i = 0; i < ND; ++i)
+      if (i * 32 + lane < hd) out[(int64_t(t) * a.n_heads + h) * hd + i * 32 + lane] = acc[q][i] / l[q];
+  }
+}
+
+void check_attn(const UpgAttnArgs& a, const char* what) {
+  if (a.head_dim < 8 || a.head_dim % 8 != 0 || a.head_dim > kMaxHeadDim || a.n_kv_heads < 1 ||
+      a.n_heads % a.n_kv_heads != 0 || a.kv_stride < 1 || a.n_tokens < 1)
+    throw std::invalid_argument(std::string("cuda ") + what + ": bad attention shape");
+}
+
+size_t decode_smem(const UpgAttnArgs& a, bool f16) {
+  const int G = a.n_heads / a.n_kv_heads, npg = kDecThreads / (a.head_dim / (f16 ? 8 : 4));
+  return size_t(G * a.head_dim + G * kSplitLen + npg * G * a.head_dim) * 4;
+}
+
+// 16-byte K vectors per lane of a quarter-warp: 1, 2, 4 or 8.
+int decode_nvl(const UpgAttnArgs& a, bool f16) {
+  const int per_lane = (a.head_dim / (f16 ? 8 : 4) + 7) / 8;
+  return per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : per_lane <= 4 ? 4 : 8;
+}
+
+template <typename KV>
+void launch_decode(int nvl, dim3 grid, size_t smem, cudaStream_t s, const float* qkv, const void* kc, const void* vc,
+                   float* ws, const UpgAttnArgs& a, int max_splits, const int32_t* pass) {
+  auto k = k_attn_decode<KV, 1>;
+  if (nvl == 2) k = k_attn_decode<KV, 2>;
+  if (nvl == 4) k = k_attn_decode<KV, 4>;
+  if (nvl == 8) k = k_attn_decode<KV, 8>;
+  launch("attention_decode", k, grid, kDecThreads, smem, s, qkv, static_cast<const KV*>(kc), static_cast<const KV*>(vc), ws, a,
+         max_splits, pass);
+}
+
+size_t prefill_smem(const UpgAttnArgs& a) {
+  return size_t(kPreK * (a.head_dim + 1) + kPreK * a.head_dim + kPreQ * a.head_dim) * 4;
+}
+
+}  // namespace
+
+void init_attention() {
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<float, 1>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<float, 2>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<float, 4>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<float, 8>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<__half, 1>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<__half, 2>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<__half, 4>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_decode<__half, 8>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_combine));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_prefill<float>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_prefill<__half>));
+}
+
+void kv_store(const float* qkv, void* k_cache, void* v_cache, bool f16, const UpgAttnArgs& a, const int32_t* pass,
+              cudaStream_t s) {
+  check_attn(a, "kv_store");
+  const dim3 grid((a.head_dim + 31) / 32, a.n_kv_heads, a.n_tokens);
+  if (f16) launch("kv_store", k_kv_store<__half>, grid, 32, 0, s, qkv, static_cast<__half*>(k_cache), static_cast<__half*>(v_cache), a, pass);
+  else launch("kv_store", k_kv_store<float>, grid, 32, 0, s, qkv, static_cast<float*>(k_cache), static_cast<float*>(v_cache), a, pass);
+}
+
+DecodeSplits decode_splits(const UpgAttnArgs& a) {
+  DecodeSplits d;
+  d.split_len = kSplitLen;
+  d.max_splits = (a.kv_stride + kSplitLen - 1) / kSplitLen;
+  d.workspace = size_t(a.n_heads) * d.max_splits * (a.head_dim + 2) * 4;
+  return d;
+}
+
+void attention_decode(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
+                      const UpgAttnArgs& a, float* workspace, const int32_t* pass, cudaStream_t s) {
+  check_attn(a, "attention_decode");
+  if (a.n_heads / a.n_kv_heads > kMaxGroup) throw std::invalid_argument("cuda attention_decode: GQA group above 8");
+  const DecodeSplits d = decode_splits(a);
+  const dim3 grid(a.n_kv_heads, d.max_splits);
+  const size_t smem = decode_smem(a, f16);
+  const int nvl = decode_nvl(a, f16);
+  if (f16) launch_decode<__half>(nvl, grid, smem, s, qkv, k_cache, v_cache, workspace, a, d.max_splits, pass);
+  else launch_decode<float>(nvl, grid, smem, s, qkv, k_cache, v_cache, workspace, a, d.max_splits, pass);
+  const size_t cmem = size_t((d.max_splits + 3) / 4 * 4 + kCombineThreads * 4) * 4;
+  launch("attention_decode combine", k_attn_combine, a.n_heads, kCombineThreads, cmem, s, workspace, out, a, d.max_splits, pass);
+}
+
+void attention_prefill(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
+                       const UpgAttnArgs& a, const int32_t* pass, cudaStream_t s) {
+  check_attn(a, "attention_prefill");
+  const dim3 grid(a.n_heads, (a.n_tokens + kPreQ - 1) / kPreQ);
+  const size_t smem = prefill_smem(a);
+  if (f16)
+    launch("attention_prefill", k_attn_prefill<__half>, grid, kPreThreads, smem, s, qkv,
+           static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache), out, a, pass);
+  else
+    launch("attention_prefill", k_attn_prefill<float>, grid, kPreThreads, smem, s, qkv,
+           static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), out, a, pass);
+}
+
+}  // namespace upg::cuda

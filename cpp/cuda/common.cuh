@@ -1,0 +1,155 @@
+// Device helpers shared by the CUDA kernels (cpp/cuda/*.cu): type decoding, the swizzle of the
+// activation vector in shared memory, warp reductions, per-pass values. Layouts: docs/FORMAT.md.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <utility>
+
+#include "kernels.cuh"
+
+namespace upg::cuda::dev {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float f16(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+__device__ __forceinline__ float bf16(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Programmatic dependent launch (sm_90+; no-ops before): every kernel lets the next launch begin
+// at once (trigger), and waits for the previous grid's completion and memory (wait) before it
+// reads anything that grid may write. Code before the wait may only read the weights.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Both, at the top of a kernel that reads nothing before the wait.
+__device__ __forceinline__ void pdl_enter() {
+  pdl_trigger();
+  pdl_wait();
+}
+
+// Per-pass values (kernels.cuh: PassSlot).
+__device__ __forceinline__ int n_past(const int32_t* pass) { return pass[kPassNPast]; }
+__device__ __forceinline__ int n_tokens(const int32_t* pass) { return pass[kPassNTokens]; }
+
+// x lives in shared memory as 16-byte units with unit u stored at u ^ ((u >> S) & 7): the lanes
+// of a mat-vec warp read units S bits apart, and the XOR spreads them over the 8 bank groups.
+// Any S >= 1 is a bijection; S is picked per weight type (matvec.cu).
+template <int S>
+__device__ __forceinline__ int swz(int unit) { return unit ^ ((unit >> S) & 7); }
+template <int S>
+__device__ __forceinline__ int swz_float(int i) { return (swz<S>(i >> 2) << 2) | (i & 3); }
+
+// Weight matrix of any type, byte pointers resolved (UpgMatArgs offsets applied).
+struct MatView {
+  const uint8_t* codes;   // dense elements, or qs / ql
+  const uint8_t* high;    // q3 qh
+  const uint16_t* scales; // f16 bits, [rows][cols / block]
+  int rows, cols, block;
+  const int32_t* rowptr;  // CSR outliers, nullptr when absent
+  const int32_t* col;
+  const uint16_t* val;    // f16 bits
+};
+
+// Element k of row r, outliers excluded. Generic (scalar) decoder for get_rows and ragged tiles.
+template <int DT, int B>
+__device__ __forceinline__ float elem(const MatView& m, int r, int k) {
+  const int64_t i = int64_t(r) * m.cols + k;
+  if constexpr (DT == UPG_DTYPE_F32) return reinterpret_cast<const float*>(m.codes)[i];
+  if constexpr (DT == UPG_DTYPE_F16) return f16(reinterpret_cast<const uint16_t*>(m.codes)[i]);
+  if constexpr (DT == UPG_DTYPE_BF16) return bf16(reinterpret_cast<const uint16_t*>(m.codes)[i]);
+  constexpr int BB = B > 0 ? B : 32;
+  const int b = k / BB, j = k % BB;
+  const float d = f16(m.scales[int64_t(r) * (m.cols / BB) + b]);
+  const int64_t e = int64_t(r) * m.cols + int64_t(b) * BB;  // first element of the block
+  if constexpr (DT == UPG_DTYPE_Q8_0) return d * float(reinterpret_cast<const int8_t*>(m.codes)[i]);
+  if constexpr (DT == UPG_DTYPE_Q4) {
+    const uint8_t q = m.codes[e / 2 + j % (BB / 2)];
+    return d * float(int(j < BB / 2 ? (q & 15) : (q >> 4)) - UPG_Q4_ZERO);
+  }
+  const int lo = (m.codes[e / 4 + j % (BB / 4)] >> (2 * (j / (BB / 4)))) & 3;
+  const int hi = (m.high[e / 8 + j % (BB / 8)] >> (j / (BB / 8))) & 1;
+  return d * float((lo | (hi << 2)) - UPG_Q3_ZERO);
+}
+
+}  // namespace upg::cuda::dev
+
+namespace upg::cuda {
+
+// Throws std::runtime_error naming the call when a CUDA call failed.
+void check(cudaError_t e, const char* what);
+// Whether launches carry the programmatic-stream-serialization attribute (init: on for sm_90+).
+bool programmatic_launch();
+
+// kernel<<<grid, block, smem, s>>>(args...), with programmatic dependent launch when enabled.
+template <class... P, class... A>
+void launch(const char* what, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic_launch() ? 1 : 0;
+  check(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...), what);
+}
+
+// Multiprocessors of the current device, and the shared memory a block may opt into (read once,
+// by init or the first launch that needs them).
+int sm_count();
+int max_smem_optin();
+// Lets kernel use all the dynamic shared memory a block may opt into (minus its static share).
+void allow_max_smem(const void* kernel);
+// Resolves the section pointers of a weight.
+dev::MatView view(const Weight& w);
+// Throws unless dtype/block is a type the kernels handle.
+void check_weight(const Weight& w, const char* what);
+
+}  // namespace upg::cuda
+
+namespace upg::cuda::dev {
+
+// Four bytes of b (each 0..255) minus `zero`, as floats: each byte becomes the mantissa of the
+// f16 1024 + byte (one PRMT per two), an exact f16 subtraction removes 1024 + zero, then the
+// halves widen to f32. bias2 = the f16 pair (1024 + zero, 1024 + zero) as raw bits.
+__device__ __forceinline__ float4 bytes_to_float4(uint32_t b, uint32_t bias2) {
+  const uint32_t lo = __byte_perm(b, 0x64646464u, 0x4140), hi = __byte_perm(b, 0x64646464u, 0x4342);
+  __half2 h0 = *reinterpret_cast<const __half2*>(&lo), h1 = *reinterpret_cast<const __half2*>(&hi);
+  const __half2 bias = *reinterpret_cast<const __half2*>(&bias2);
+  const float2 f0 = __half22float2(__hsub2(h0, bias)), f1 = __half22float2(__hsub2(h1, bias));
+  return make_float4(f0.x, f0.y, f1.x, f1.y);
+}
+constexpr uint32_t kBiasQ8 = 0x64806480u;  // 1024 + 128 (codes XOR 0x80)
+
+// Four codes c (0..15) held in bits 3..6 of the bytes of b, as the floats 0.5 + c / 32, exactly:
+// one PRMT each moves the byte under the exponent of 0.5 (f32 0x3F000000 | byte << 16). Dot
+// products against them are undone with sum (c - z) x = 32 sum (0.5 + c / 32) x - (16 + z) sum x;
+// the constant half is no larger than the code part, so the subtraction loses about one bit.
+__device__ __forceinline__ float4 small_codes_to_float4(uint32_t b) {
+  return make_float4(__uint_as_float(__byte_perm(b, 0x3F00u, 0x5044)), __uint_as_float(__byte_perm(b, 0x3F00u, 0x5144)),
+                     __uint_as_float(__byte_perm(b, 0x3F00u, 0x5244)), __uint_as_float(__byte_perm(b, 0x3F00u, 0x5344)));
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
+}  // namespace upg::cuda::dev

@@ -1,0 +1,104 @@
+// The CUDA backend's kernel layer: one host launcher per op of the graph (docs/CUDA.md). Every
+// pointer is a device pointer; every launch goes to the given stream and allocates nothing, so a
+// sequence of them can be captured once as a CUDA graph and replayed.
+//
+// Per-pass values live in a small device buffer `pass` (int32, kPassCount slots): kernels that
+// depend on the position or the token count read them there, not from launch arguments. The
+// token count in an argument struct (UpgMatArgs::n_tokens, UpgRopeArgs::n_tokens,
+// UpgAttnArgs::n_tokens, UpgEltArgs::n_tokens) is the capacity the launch is sized for (the
+// largest batch); pass[kPassNTokens] must not exceed it. UpgRopeArgs::pos0, UpgAttnArgs::n_kv and
+// UpgRopeArgs::has_factors are not read (position from pass, factors from a non-null pointer).
+#pragma once
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "upg_quant.h"  // metal/: the argument structs shared with the Metal kernels
+
+namespace upg::cuda {
+
+// Slots of the per-pass buffer.
+enum PassSlot : int {
+  kPassNPast = 0,    // tokens already in the KV cache (position of this pass's first token)
+  kPassNTokens = 1,  // tokens of this pass
+  kPassCount = 4,    // int32 slots to allocate (2 spare)
+};
+
+// Once per device, before any launch or capture: reads the multiprocessor count and raises the
+// dynamic shared-memory limits of the kernels that need more than 48 KiB.
+void init(int device);
+
+// Programmatic dependent launch (each kernel may start while the previous one drains; it waits
+// for that grid before reading its inputs): on by default on sm_90 and newer. For measurements.
+void set_programmatic_launch(bool on);
+
+// A weight matrix of any UPG type: `data` is its first byte on the device (sections as in
+// docs/FORMAT.md, offsets in `args`), outliers nullptr when absent. dtype: UPG_DTYPE_*.
+struct Weight {
+  int dtype = UPG_DTYPE_F32;
+  UpgMatArgs args{};          // rows, cols, block, high_offset, scales_offset, n_tokens, ldy
+  const void* data = nullptr;
+  const int32_t* rowptr = nullptr;
+  const int32_t* col = nullptr;
+  const uint16_t* val = nullptr;  // f16 bits
+};
+// Fills args from the type and shape (n_tokens = capacity, ldy = rows).
+Weight make_weight(int dtype, int rows, int cols, int block, const void* data, int n_tokens = 1,
+                   const int32_t* rowptr = nullptr, const int32_t* col = nullptr,
+                   const uint16_t* val = nullptr);
+
+// Optional fusions of the mat-vec: its input prologue and output epilogue (all off by default).
+struct MatvecFuse {
+  const float* norm_weight = nullptr;  // x := rms_norm(x) * norm_weight before the product
+  float eps = 0.0f;
+  bool silu_mul = false;  // x holds gate_up [2 * cols]: x := silu(gate) * up
+  bool accumulate = false;  // y += W x instead of y = W x (residual add)
+};
+
+// y[rows] = W x[cols] (+ outliers), one token. Streams W once with 16-byte loads.
+void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse = {});
+// y[t * ldy + r] = sum_k W[r][k] x[t * cols + k] (+ outliers) for t < pass[kPassNTokens], on the
+// tensor cores (W tiles decoded to f16, x rounded to f16, f32 accumulation).
+void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s);
+// out[t][k] = W[ids[t]][k] (+ outliers) for t < pass[kPassNTokens]; an id outside [0, rows)
+// gives a zero row.
+void get_rows(const Weight& w, const int32_t* ids, float* out, const int32_t* pass, cudaStream_t s);
+
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight for t < pass[kPassNTokens] (rows of a.n);
+// last_only: only the pass's last token, written to out row 0.
+void rms_norm(const float* x, const float* weight, float* out, const UpgNormArgs& a, int capacity,
+              bool last_only, const int32_t* pass, cudaStream_t s);
+// In place over the first a.n_heads heads of each token row (queries then keys of the fused qkv),
+// positions pass[kPassNPast] + t. factors: the LongRoPE set the host picked, nullptr for none.
+void rope(float* qkv, const float* factors, const UpgRopeArgs& a, const int32_t* pass, cudaStream_t s);
+// Appends the K and V heads of the pass's tokens (qkv rows) at positions pass[kPassNPast] + t of a
+// layer's cache [n_kv_heads][kv_stride][head_dim], f16 or f32.
+void kv_store(const float* qkv, void* k_cache, void* v_cache, bool f16, const UpgAttnArgs& a,
+              const int32_t* pass, cudaStream_t s);
+
+// Decode attention (one token attending pass[kPassNPast] + 1 positions, after kv_store), as
+// flash-decoding: the positions are cut into splits of a fixed length, one block per (KV head,
+// split) handles all query heads of its group, then a combine launch merges the splits.
+struct DecodeSplits {
+  int split_len;     // positions per split
+  int max_splits;    // ceil(kv_stride / split_len): the grid
+  size_t workspace;  // bytes of f32 scratch that attention_decode needs
+};
+DecodeSplits decode_splits(const UpgAttnArgs& a);
+void attention_decode(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
+                      const UpgAttnArgs& a, float* workspace, const int32_t* pass, cudaStream_t s);
+// Prefill attention: query t (t < pass[kPassNTokens]) at position n_past + t attends causally
+// positions [0, n_past + t]; tiles of keys in shared memory, online softmax (flash attention).
+void attention_prefill(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
+                       const UpgAttnArgs& a, const int32_t* pass, cudaStream_t s);
+
+// out[t][i] = silu(in[t][i]) * in[t][a.n + i], rows of in a.in_stride floats apart.
+void silu_mul(const float* gate_up, float* out, const UpgEltArgs& a, const int32_t* pass, cudaStream_t s);
+// x[i] += y[i] for i < a.n * pass[kPassNTokens].
+void add(float* x, const float* y, const UpgEltArgs& a, const int32_t* pass, cudaStream_t s);
+// out[0] = index of the largest of x[0..n) (the lowest on ties).
+void argmax(const float* x, int n, int32_t* out, cudaStream_t s);
+// The pass after a decode step: n_past += n_tokens, n_tokens = 1 (for replaying a captured step).
+void advance_pass(int32_t* pass, cudaStream_t s);
+
+}  // namespace upg::cuda

@@ -1,0 +1,151 @@
+"""ctypes binding of tests/gpu/capi.cu for the GPU tests and benchmarks/cuda_ops.py.
+
+The library is $UPG_CUDA_LIB when set, else it is built with nvcc (for this GPU's architecture)
+into a cache folder on first use. Tensors are torch CUDA tensors; every call launches on torch's
+current stream, so the launches can be captured with torch.cuda.graph.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4": 4, "q3": 5}
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_F = ctypes.c_float
+
+_SIGNATURES = {
+    "upg_cuda_init": [_I],
+    "upg_set_programmatic_launch": [_I],
+    "upg_matvec": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _F, _I, _I, _P],
+    "upg_matmul": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
+    "upg_get_rows": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P],
+    "upg_rms_norm": [_P, _P, _P, _I, _F, _I, _I, _P, _P],
+    "upg_rope": [_P, _P, _I, _I, _I, _I, _I, _F, _F, _P, _P],
+    "upg_kv_store": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P],
+    "upg_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P],
+    "upg_attention_prefill": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _P, _P],
+    "upg_silu_mul": [_P, _P, _I, _I, _I, _P, _P],
+    "upg_add": [_P, _P, _I, _I, _P, _P],
+    "upg_argmax": [_P, _I, _P, _P],
+    "upg_advance_pass": [_P, _P],
+}
+
+
+def _sources():
+    return sorted((ROOT / "cpp" / "cuda").glob("*.cu*")) + [ROOT / "tests" / "gpu" / "capi.cu", ROOT / "metal" / "upg_quant.h"]
+
+
+def build(out: Path) -> Path:
+    """Compiles the kernels and capi.cu into the shared library `out` for the current GPU."""
+    major, minor = torch.cuda.get_device_capability()
+    cmd = ["nvcc", "-std=c++17", "-O3", f"-arch=sm_{major}{minor}", "-shared", "-Xcompiler", "-fPIC",
+           f"-I{ROOT / 'cpp' / 'cuda'}", f"-I{ROOT / 'metal'}", "-o", str(out)]
+    cmd += [str(p) for p in _sources() if p.suffix == ".cu"]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def _library_path() -> Path:
+    if os.environ.get("UPG_CUDA_LIB"):
+        return Path(os.environ["UPG_CUDA_LIB"])
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _sources())).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"upg_cuda_test_{digest}.so"
+    return path if path.exists() else build(path)
+
+
+class Lib:
+    """The launchers with tensor arguments; raises RuntimeError with the launcher's message."""
+
+    def __init__(self):
+        self._lib = ctypes.CDLL(str(_library_path()))
+        for name, args in _SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        self._lib.upg_cuda_last_error.restype = ctypes.c_char_p
+        self._lib.upg_decode_workspace.argtypes = [_I, _I, _I, _I]
+        self._lib.upg_decode_workspace.restype = ctypes.c_size_t
+        self._call("upg_cuda_init", torch.cuda.current_device())
+
+    def _call(self, name, *args):
+        conv = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+        if getattr(self._lib, name)(*conv) != 0:
+            raise RuntimeError(self._lib.upg_cuda_last_error().decode())
+
+    def set_programmatic_launch(self, on):
+        """Programmatic dependent launch on or off for the launches that follow (default: on, sm_90+)."""
+        self._call("upg_set_programmatic_launch", int(on))
+
+    @staticmethod
+    def _stream():
+        return torch.cuda.current_stream().cuda_stream
+
+    def matvec(self, w, x, y, norm_weight=None, eps=0.0, silu=False, accumulate=False):
+        """w: Weight (below); x, y f32 tensors."""
+        self._call("upg_matvec", DTYPES[w.dtype], w.rows, w.cols, w.block, w.data, *w.outliers, x, y,
+                   norm_weight, eps, int(silu), int(accumulate), self._stream())
+
+    def matmul(self, w, x, y, capacity, ldy, pass_):
+        self._call("upg_matmul", DTYPES[w.dtype], w.rows, w.cols, w.block, w.data, *w.outliers, x, y, capacity,
+                   ldy, pass_, self._stream())
+
+    def get_rows(self, w, ids, out, capacity, pass_):
+        self._call("upg_get_rows", DTYPES[w.dtype], w.rows, w.cols, w.block, w.data, *w.outliers, ids, out,
+                   capacity, pass_, self._stream())
+
+    def rms_norm(self, x, w, out, n, eps, capacity, last_only, pass_):
+        self._call("upg_rms_norm", x, w, out, n, eps, capacity, int(last_only), pass_, self._stream())
+
+    def rope(self, qkv, factors, capacity, n_heads, head_dim, rot_dims, token_stride, theta, attn_factor, pass_):
+        self._call("upg_rope", qkv, factors, capacity, n_heads, head_dim, rot_dims, token_stride, theta,
+                   attn_factor, pass_, self._stream())
+
+    def kv_store(self, qkv, kc, vc, nh, nkv, hd, kv_stride, q_stride, capacity, pass_):
+        self._call("upg_kv_store", qkv, kc, vc, int(kc.dtype == torch.float16), nh, nkv, hd, kv_stride, q_stride,
+                   capacity, pass_, self._stream())
+
+    def decode_workspace(self, nh, nkv, hd, kv_stride):
+        """A scratch tensor of the size attention_decode needs."""
+        n = self._lib.upg_decode_workspace(nh, nkv, hd, kv_stride)
+        return torch.zeros((n + 3) // 4, dtype=torch.float32, device="cuda")
+
+    def attention_decode(self, qkv, kc, vc, out, nh, nkv, hd, kv_stride, q_stride, scale, ws, pass_):
+        self._call("upg_attention_decode", qkv, kc, vc, out, int(kc.dtype == torch.float16), nh, nkv, hd,
+                   kv_stride, q_stride, scale, ws, pass_, self._stream())
+
+    def attention_prefill(self, qkv, kc, vc, out, nh, nkv, hd, kv_stride, q_stride, capacity, scale, pass_):
+        self._call("upg_attention_prefill", qkv, kc, vc, out, int(kc.dtype == torch.float16), nh, nkv, hd,
+                   kv_stride, q_stride, capacity, scale, pass_, self._stream())
+
+    def silu_mul(self, gu, out, n, capacity, in_stride, pass_):
+        self._call("upg_silu_mul", gu, out, n, capacity, in_stride, pass_, self._stream())
+
+    def add(self, x, y, n, capacity, pass_):
+        self._call("upg_add", x, y, n, capacity, pass_, self._stream())
+
+    def argmax(self, x, n, out):
+        self._call("upg_argmax", x, n, out, self._stream())
+
+    def advance_pass(self, pass_):
+        self._call("upg_advance_pass", pass_, self._stream())
+
+
+class Weight:
+    """A matrix on the device in the file layout: `data` uint8 tensor, outliers (rowptr, col, val)
+    as int32 / int32 / int16-bits tensors or Nones."""
+
+    def __init__(self, dtype, rows, cols, block, data, outliers=None):
+        self.dtype, self.rows, self.cols, self.block, self.data = dtype, rows, cols, block, data
+        self.outliers = tuple(outliers) if outliers is not None else (None, None, None)
+
+
+def pass_tensor(n_past, n_tokens):
+    """The per-pass buffer (kernels.cuh: PassSlot): [n_past, n_tokens, 0, 0] int32 on the device."""
+    return torch.tensor([n_past, n_tokens, 0, 0], dtype=torch.int32, device="cuda")

@@ -1,0 +1,373 @@
+"""The CUDA kernels (cpp/cuda/) against the numpy references of tests/reference, on the GPU.
+
+Fresh random inputs for every case, ragged shapes, outputs poisoned with NaN before each launch.
+Errors are ||out - ref|| / ||ref|| against a float64 reference; tolerances: f32 arithmetic 1e-5
+(mat-vec, norms, elementwise, rope), 1e-4 where __expf enters (attention), 3e-3 for the tensor-core
+mat-mul (W and x rounded to f16). Runs with UPG_GPU_TESTS=1 (conftest.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from reference.quant import add_outliers, dequantize, quantize
+
+from cuda_lib import Lib, Weight, pass_tensor
+
+SMALL = os.environ.get("UPG_GPU_SMALL") == "1"  # compute-sanitizer runs: fewer, smaller cases
+TYPES = [("f32", 0), ("f16", 0), ("bf16", 0), ("q8_0", 32), ("q8_0", 64), ("q4", 32), ("q4", 64), ("q3", 32),
+         ("q3", 64)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return Lib()
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(out)), "unwritten (NaN) or non-finite outputs"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def dev(a, dtype=None):
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t if dtype is None else t.to(dtype)).cuda()
+
+
+def nan(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def random_outliers(rng, rows, cols, frac=0.02):
+    """CSR outliers: rowptr, col (strictly increasing per row), f16 value bits."""
+    counts = rng.binomial(cols, frac, size=rows)
+    counts[rng.integers(rows)] = 0  # a row without outliers
+    cols_list = [np.sort(rng.choice(cols, size=c, replace=False)) for c in counts]
+    rowptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    col = (np.concatenate(cols_list) if rowptr[-1] else np.zeros(0)).astype(np.int32)
+    val = (rng.standard_normal(len(col)) * 2).astype(np.float16).view(np.uint16)
+    return rowptr, col, val
+
+
+def make_weight(rng, dtype, block, rows, cols, outliers):
+    """(device Weight, float64 effective matrix)."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    data = quantize(dtype, block, w)
+    ref = dequantize(dtype, block, data, rows, cols).astype(np.float64)
+    dev_outliers = None
+    if outliers:
+        rowptr, col, val = random_outliers(rng, rows, cols)
+        ref = add_outliers(ref, rowptr, col, val)
+        # a CSR of nnz 0 still needs valid pointers
+        dev_outliers = (dev(rowptr), dev(col if len(col) else np.zeros(1, np.int32)),
+                        dev(val.view(np.int16) if len(val) else np.zeros(1, np.int16)))
+    return Weight(dtype, rows, cols, block, dev(data), dev_outliers), ref
+
+
+def matrix_shapes(dtype, block):
+    if dtype in ("f32", "f16", "bf16"):
+        shapes = [(37, 100), (300, 1000), (64, 256)]  # cols 100, 1000 leave the 16-byte path
+    else:
+        shapes = [(37, block * 7), (300, block * 10), (5, block * 3)]  # odd block counts
+    if not SMALL:
+        shapes.append((1030, 2048 if block != 32 or dtype != "q3" else 2080))
+    return shapes
+
+
+@pytest.mark.parametrize("dtype,block", TYPES)
+@pytest.mark.parametrize("outliers", [False, True])
+def test_matvec(lib, dtype, block, outliers):
+    rng = np.random.default_rng()
+    for rows, cols in matrix_shapes(dtype, block):
+        w, ref = make_weight(rng, dtype, block, rows, cols, outliers)
+        x = rng.standard_normal(cols).astype(np.float32)
+        y = nan(rows)
+        lib.matvec(w, dev(x), y)
+        err = rel_err(y.cpu().numpy(), ref @ x.astype(np.float64))
+        assert err < 1e-5, (rows, cols, err)
+
+
+@pytest.mark.parametrize("dtype,block", [("q4", 32), ("q3", 64), ("f16", 0)])
+def test_matvec_fused(lib, dtype, block):
+    """The prologue fusions (rms_norm, silu_mul) and the accumulating epilogue."""
+    rng = np.random.default_rng()
+    rows, cols = 129, (block or 32) * 9
+    w, ref = make_weight(rng, dtype, block, rows, cols, True)
+    x = rng.standard_normal(cols).astype(np.float32)
+    nw = (1 + 0.2 * rng.standard_normal(cols)).astype(np.float32)
+    eps = 1e-5
+    xn = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + eps) * nw
+    y = nan(rows)
+    lib.matvec(w, dev(x), y, norm_weight=dev(nw), eps=eps)
+    assert rel_err(y.cpu().numpy(), ref @ xn) < 1e-5
+
+    gu = rng.standard_normal(2 * cols).astype(np.float32)
+    g, u = gu[:cols].astype(np.float64), gu[cols:].astype(np.float64)
+    y0 = rng.standard_normal(rows).astype(np.float32)
+    y = dev(y0)
+    lib.matvec(w, dev(gu), y, silu=True, accumulate=True)
+    assert rel_err(y.cpu().numpy(), y0 + ref @ (g / (1 + np.exp(-g)) * u)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,block", TYPES)
+@pytest.mark.parametrize("outliers", [False, True])
+def test_matmul(lib, dtype, block, outliers):
+    rng = np.random.default_rng()
+    tokens = [(1, 3), (5, 70), (70, 70)] if SMALL else [(1, 3), (5, 70), (70, 70), (130, 200)]
+    for rows, cols in matrix_shapes(dtype, block)[:3 if SMALL else 4]:
+        w, ref = make_weight(rng, dtype, block, rows, cols, outliers)
+        for n, capacity in tokens:
+            ldy = rows + 3
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            xd = torch.zeros(capacity, cols, device="cuda")
+            xd[:n] = dev(x)
+            y = nan(capacity, ldy)
+            lib.matmul(w, xd, y, capacity, ldy, pass_tensor(11, n))
+            y = y.cpu().numpy()
+            assert np.all(np.isnan(y[n:])), "rows past the pass's token count were written"
+            assert np.all(np.isnan(y[:n, rows:])), "the ldy gap was written"
+            err = rel_err(y[:n, :rows], x.astype(np.float64) @ ref.T)
+            assert err < 3e-3, (rows, cols, n, err)
+
+
+@pytest.mark.parametrize("dtype,block", TYPES)
+def test_get_rows(lib, dtype, block):
+    rng = np.random.default_rng()
+    rows, cols = 41, (block or 8) * 5 + (3 if block == 0 else 0)
+    w, ref = make_weight(rng, dtype, block, rows, cols, True)
+    ids = np.array([3, 0, 40, -1, 41, 7, 3], np.int32)
+    out = nan(9, cols)
+    lib.get_rows(w, dev(ids), out, 9, pass_tensor(0, len(ids)))
+    out = out.cpu().numpy()
+    want = np.where(((ids >= 0) & (ids < rows))[:, None], ref[np.clip(ids, 0, rows - 1)], 0.0)
+    assert rel_err(out[:len(ids)], want) < 1e-6
+    assert np.all(np.isnan(out[len(ids):]))
+
+
+def test_rms_norm(lib):
+    rng = np.random.default_rng()
+    n, cap, tokens, eps = 1001, 6, 4, 1e-5
+    x = rng.standard_normal((cap, n)).astype(np.float32) * 3
+    w = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    ref = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1, keepdims=True) + eps) * w
+    out = nan(cap, n)
+    lib.rms_norm(dev(x), dev(w), out, n, eps, cap, False, pass_tensor(0, tokens))
+    out = out.cpu().numpy()
+    assert rel_err(out[:tokens], ref[:tokens]) < 1e-5 and np.all(np.isnan(out[tokens:]))
+    out = nan(cap, n)
+    lib.rms_norm(dev(x), dev(w), out, n, eps, cap, True, pass_tensor(0, tokens))
+    out = out.cpu().numpy()
+    assert rel_err(out[0], ref[tokens - 1]) < 1e-5 and np.all(np.isnan(out[1:]))
+
+
+def rope_ref(x, pos, rot, theta, factors, attn_factor):
+    """x [n, heads, hd] float64, positions pos [n]."""
+    half = rot // 2
+    inv = 1.0 / (theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
+    if factors is not None:
+        inv = inv / factors.astype(np.float64)
+    ang = pos[:, None].astype(np.float64) * inv[None]
+    c, s = np.cos(ang)[:, None] * attn_factor, np.sin(ang)[:, None] * attn_factor
+    out = x.copy()
+    x0, x1 = x[..., :half], x[..., half:rot]
+    out[..., :half] = x0 * c - x1 * s
+    out[..., half:rot] = x1 * c + x0 * s
+    return out
+
+
+@pytest.mark.parametrize("hd,rot", [(64, 64), (96, 72), (128, 96)])
+@pytest.mark.parametrize("longrope", [False, True])
+def test_rope(lib, hd, rot, longrope):
+    rng = np.random.default_rng()
+    nh, nkv, cap, n, n_past = 6, 2, 5, 3, 70000
+    stride = (nh + 2 * nkv) * hd + 5
+    qkv = rng.standard_normal((cap, stride)).astype(np.float32)
+    factors = (1 + 4 * rng.random(rot // 2)).astype(np.float32) if longrope else None
+    attn_factor = 1.19 if longrope else 1.0
+    d = dev(qkv)
+    lib.rope(d, dev(factors) if longrope else None, cap, nh + nkv, hd, rot, stride, 10000.0, attn_factor,
+             pass_tensor(n_past, n))
+    out = d.cpu().numpy()
+    heads = qkv[:n, :(nh + nkv) * hd].reshape(n, nh + nkv, hd).astype(np.float64)
+    ref = rope_ref(heads, n_past + np.arange(n), rot, 10000.0, factors, attn_factor)
+    assert rel_err(out[:n, :(nh + nkv) * hd].reshape(n, nh + nkv, hd), ref) < 1e-5
+    assert np.array_equal(out[:n, (nh + nkv) * hd:], qkv[:n, (nh + nkv) * hd:]), "values rotated"
+    assert np.array_equal(out[n:], qkv[n:]), "tokens past the pass rotated"
+
+
+def attention_ref(q, k, v, n_past, scale):
+    """q [n, nh, hd]; k, v [nkv, >= n_past + n, hd]; causal; float64 out [n, nh, hd]."""
+    n, nh, _ = q.shape
+    group = nh // k.shape[0]
+    out = np.empty_like(q)
+    for t in range(n):
+        keys = n_past + t + 1
+        for h in range(nh):
+            s = k[h // group, :keys] @ q[t, h] * scale
+            p = np.exp(s - s.max())
+            out[t, h] = p @ v[h // group, :keys] / p.sum()
+    return out
+
+
+ATTN_SHAPES = [(4, 4, 64), (8, 4, 96), (16, 4, 128), (32, 4, 128), (8, 1, 64), (40, 10, 128)]
+
+
+def attn_setup(rng, nh, nkv, hd, n_ctx, n_past, n, kv_dtype):
+    """Random qkv rows [n], a cache holding n_past random positions; returns device and host copies."""
+    stride = (nh + 2 * nkv) * hd
+    qkv = rng.standard_normal((n, stride)).astype(np.float32)
+    kc = nan(nkv, n_ctx, hd, dtype=kv_dtype)
+    vc = nan(nkv, n_ctx, hd, dtype=kv_dtype)
+    kc[:, :n_past] = torch.randn(nkv, n_past, hd, device="cuda").to(kv_dtype)
+    vc[:, :n_past] = torch.randn(nkv, n_past, hd, device="cuda").to(kv_dtype)
+    return stride, qkv, kc, vc
+
+
+def check_cache_and_ref(kc, vc, qkv, nh, nkv, hd, n_past, n):
+    """The stored positions equal the qkv K/V rows (as rounded to the cache type); returns the
+    cache contents as float64 for the reference."""
+    k = kc.float().cpu().numpy().astype(np.float64)
+    v = vc.float().cpu().numpy().astype(np.float64)
+    kt = torch.from_numpy(qkv[:, nh * hd:(nh + nkv) * hd].reshape(n, nkv, hd)).to(kc.dtype).float().numpy()
+    vt = torch.from_numpy(qkv[:, (nh + nkv) * hd:].reshape(n, nkv, hd)).to(kc.dtype).float().numpy()
+    assert np.array_equal(k[:, n_past:n_past + n], kt.transpose(1, 0, 2))
+    assert np.array_equal(v[:, n_past:n_past + n], vt.transpose(1, 0, 2))
+    assert np.all(np.isnan(k[:, n_past + n:])), "kv_store wrote past the pass"
+    return k, v
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("nh,nkv,hd,n_ctx", [(*s, 301 if SMALL else 1001) for s in (ATTN_SHAPES[:3] if SMALL else ATTN_SHAPES)]
+                         + [(40, 10, 128, 5001), (32, 4, 96, 5001)])
+def test_attention_decode(lib, kv_dtype, nh, nkv, hd, n_ctx):
+    """n_ctx 5001: 79 splits of 64 positions for the combine to merge."""
+    rng = np.random.default_rng()
+    for n_past in ([0, 257] if SMALL or n_ctx > 1001 else [0, 63, 64, 600, n_ctx - 1]) + ([n_ctx - 1] if n_ctx > 1001 else []):
+        stride, qkv, kc, vc = attn_setup(rng, nh, nkv, hd, n_ctx, n_past, 1, kv_dtype)
+        p = pass_tensor(n_past, 1)
+        d = dev(qkv)
+        lib.kv_store(d, kc, vc, nh, nkv, hd, n_ctx, stride, 1, p)
+        out = nan(nh * hd)
+        ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
+        scale = 1 / math.sqrt(hd)
+        lib.attention_decode(d, kc, vc, out, nh, nkv, hd, n_ctx, stride, scale, ws, p)
+        k, v = check_cache_and_ref(kc, vc, qkv, nh, nkv, hd, n_past, 1)
+        ref = attention_ref(qkv[:, :nh * hd].reshape(1, nh, hd).astype(np.float64), k, v, n_past, scale)
+        assert rel_err(out.cpu().numpy(), ref.reshape(-1)) < 1e-4, n_past
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("nh,nkv,hd", ATTN_SHAPES[:3] if SMALL else ATTN_SHAPES)
+def test_attention_prefill(lib, kv_dtype, nh, nkv, hd):
+    rng = np.random.default_rng()
+    n_ctx, cap = 301, 80
+    for n_past, n in ([(0, 17), (37, 5)] if SMALL else [(0, 1), (0, 17), (37, 50), (200, 80)]):
+        stride, qkv, kc, vc = attn_setup(rng, nh, nkv, hd, n_ctx, n_past, n, kv_dtype)
+        qd = torch.zeros(cap, stride, device="cuda")
+        qd[:n] = dev(qkv)
+        p = pass_tensor(n_past, n)
+        lib.kv_store(qd, kc, vc, nh, nkv, hd, n_ctx, stride, cap, p)
+        out = nan(cap, nh * hd)
+        scale = 1 / math.sqrt(hd)
+        lib.attention_prefill(qd, kc, vc, out, nh, nkv, hd, n_ctx, stride, cap, scale, p)
+        k, v = check_cache_and_ref(kc, vc, qkv, nh, nkv, hd, n_past, n)
+        ref = attention_ref(qkv[:, :nh * hd].reshape(n, nh, hd).astype(np.float64), k, v, n_past, scale)
+        out = out.cpu().numpy()
+        assert rel_err(out[:n], ref.reshape(n, -1)) < 1e-4, (n_past, n)
+        assert np.all(np.isnan(out[n:]))
+
+
+def test_silu_mul_add(lib):
+    rng = np.random.default_rng()
+    n, cap, tokens, stride = 1003, 5, 3, 2 * 1003 + 7
+    gu = rng.standard_normal((cap, stride)).astype(np.float32) * 3
+    out = nan(cap, n)
+    lib.silu_mul(dev(gu), out, n, cap, stride, pass_tensor(0, tokens))
+    g, u = gu[:tokens, :n].astype(np.float64), gu[:tokens, n:2 * n].astype(np.float64)
+    o = out.cpu().numpy()
+    assert rel_err(o[:tokens], g / (1 + np.exp(-g)) * u) < 1e-5 and np.all(np.isnan(o[tokens:]))
+    x = rng.standard_normal((cap, n)).astype(np.float32)
+    y = rng.standard_normal((cap, n)).astype(np.float32)
+    xd = dev(x)
+    lib.add(xd, dev(y), n, cap, pass_tensor(0, tokens))
+    xo = xd.cpu().numpy()
+    assert np.array_equal(xo[:tokens], x[:tokens] + y[:tokens]) and np.array_equal(xo[tokens:], x[tokens:])
+
+
+@pytest.mark.parametrize("n", [1, 1001, 100352])
+def test_argmax(lib, n):
+    rng = np.random.default_rng()
+    x = rng.standard_normal(n).astype(np.float32)
+    if n > 10:
+        x[[n // 3, n // 2, n - 1]] = x.max() + 1  # ties: the lowest index wins
+    out = torch.full((1,), -7, dtype=torch.int32, device="cuda")
+    lib.argmax(dev(x), n, out)
+    assert int(out.item()) == int(np.argmax(x))
+
+
+def test_captured_decode_replays_with_device_pass(lib):
+    """rope + kv_store + attention captured once as a CUDA graph, replayed at new positions by
+    writing the pass buffer only (advance_pass inside the graph)."""
+    rng = np.random.default_rng()
+    nh, nkv, hd, n_ctx = 8, 2, 64, 700
+    stride = (nh + 2 * nkv) * hd
+    scale = 1 / math.sqrt(hd)
+    qkv_in = torch.zeros(stride, device="cuda")
+    qkv = torch.zeros(stride, device="cuda")
+    kc = torch.zeros(nkv, n_ctx, hd, dtype=torch.float16, device="cuda")
+    vc = torch.zeros_like(kc)
+    out = torch.zeros(nh * hd, device="cuda")
+    ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
+    p = pass_tensor(0, 1)
+
+    def step():
+        qkv.copy_(qkv_in)
+        lib.rope(qkv, None, 1, nh + nkv, hd, hd, stride, 10000.0, 1.0, p)
+        lib.kv_store(qkv, kc, vc, nh, nkv, hd, n_ctx, stride, 1, p)
+        lib.attention_decode(qkv, kc, vc, out, nh, nkv, hd, n_ctx, stride, scale, ws, p)
+        lib.advance_pass(p)
+
+    step()  # loads the kernels before the capture
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    p.copy_(pass_tensor(0, 1))
+    rows = []
+    for step in range(520):  # crosses two split boundaries (256 positions each)
+        row = rng.standard_normal(stride).astype(np.float32)
+        rows.append(row)
+        qkv_in.copy_(dev(row))
+        g.replay()
+        if step in (0, 255, 256, 519):
+            torch.cuda.synchronize()
+            seq = np.stack(rows).astype(np.float64)
+            pos = np.arange(len(rows))
+            heads = rope_ref(seq[:, :(nh + nkv) * hd].reshape(-1, nh + nkv, hd), pos, hd, 10000.0, None, 1.0)
+            k = torch.from_numpy(heads[:, nh:].astype(np.float32)).half().double().numpy().transpose(1, 0, 2)
+            v = torch.from_numpy(seq[:, (nh + nkv) * hd:].astype(np.float32)).half().double().numpy()
+            v = v.reshape(-1, nkv, hd).transpose(1, 0, 2)
+            ref = attention_ref(heads[-1:, :nh], k, v, step, scale)
+            assert rel_err(out.cpu().numpy(), ref.reshape(-1)) < 1e-4, step
+    assert p.cpu().tolist()[:2] == [520, 1]
+
+
+def test_bad_input_raises(lib):
+    w = Weight("q4", 4, 48, 48, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
+    with pytest.raises(RuntimeError, match="block must be 32 or 64"):
+        lib.matvec(w, torch.zeros(48, device="cuda"), torch.zeros(4, device="cuda"))
+    wide = Weight("q8_0", 1, 64000, 32, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
+    with pytest.raises(RuntimeError, match="cols too large"):
+        lib.matvec(wide, torch.zeros(64000, device="cuda"), torch.zeros(1, device="cuda"))
+    with pytest.raises(RuntimeError, match="bad attention shape"):
+        z = torch.zeros(64, device="cuda")
+        lib.attention_prefill(z, z, z, z, 2, 1, 12, 4, 64, 1, 1.0, pass_tensor(0, 1))
