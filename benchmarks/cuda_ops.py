@@ -189,13 +189,15 @@ class DecodeStep:
         self.ids = torch.zeros(4, dtype=torch.int32, device="cuda")
         self.ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
         self.pass_ = pass_tensor(0, 1)
+        self.inv_freq = 1.0 / c["theta"] ** (torch.arange(0, hd, 2, device="cuda", dtype=torch.float64) / hd)
+        self.inv_freq = self.inv_freq.float()
         self.weight_bytes = sum(w.data.numel() for L in self.layers for w in (L["qkv"], L["o"], L["gate_up"], L["down"]))
         self.weight_bytes += self.lm_head.data.numel()
 
     def attention(self, L):
         lib, c, p = self.lib, self.c, self.pass_
         nh, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
-        lib.rope(self.qkv, None, 1, nh + nkv, hd, hd, self.qkv_rows, c["theta"], 1.0, p)
+        lib.rope(self.qkv, self.inv_freq, 1, nh + nkv, hd, hd, self.qkv_rows, 1.0, p)
         lib.kv_store(self.qkv, L["k"], L["v"], nh, nkv, hd, self.n_ctx, self.qkv_rows, 1, p)
         lib.attention_decode(self.qkv, L["k"], L["v"], self.attn, nh, nkv, hd, self.n_ctx, self.qkv_rows,
                              1 / math.sqrt(hd), self.ws, p)

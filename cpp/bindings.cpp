@@ -18,6 +18,10 @@ namespace py = pybind11;
 using namespace upg;
 
 void bind_backend(py::module_& m);
+#ifdef UPG_CUDA
+void bind_cuda(py::module_& m);
+int cuda_device_count();
+#endif
 void bind_kernels(py::module_& m);
 void bind_metal(py::module_& m);
 
@@ -229,11 +233,17 @@ PYBIND11_MODULE(_core, m) {
   m.def("backends", [] {
         std::vector<std::string> names{"cpu"};
 #ifdef UPG_METAL
-        names.push_back("metal");
+        names.push_back("metal");  // whether the GPU opens is found when it is opened
+#endif
+#ifdef UPG_CUDA
+        if (cuda_device_count() > 0) names.push_back("cuda");
 #endif
         return names;
-      }, "The backends this build has, fastest last (whether a GPU is present is found when one opens).");
+      }, "The backends this build has and this machine can run, fastest last.");
 
   bind_kernels(m);
   bind_metal(m);
+#ifdef UPG_CUDA
+  bind_cuda(m);
+#endif
 }

@@ -90,11 +90,11 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, i
     be.add(x, proj, n * hidden);
   }
   if (output == Output::kNone) return;
-  // Final norm and the vocabulary projection: every row, or only the last.
+  // Final norm of every row, then the vocabulary projection of every row or only the last.
+  be.rms_norm(x, place(model_.final_norm(), weights), xn, n, hidden, c.rms_norm_eps);
+  if (output == Output::kHidden) return;
   const int first = output == Output::kLastLogits ? n - 1 : 0;
-  be.rms_norm(x.at(uint64_t(4) * first * hidden), place(model_.final_norm(), weights), xn, n - first, hidden,
-              c.rms_norm_eps);
-  if (output != Output::kHidden) be.linear(place(model_.lm_head(), weights), xn, n - first, buffers[kLogits]);
+  be.linear(place(model_.lm_head(), weights), xn.at(uint64_t(4) * first * hidden), n - first, buffers[kLogits]);
 }
 
 }  // namespace upg

@@ -16,6 +16,10 @@ import pytest
 # compiled `_core`); the test subprocesses inherit this setting, which turns that off.
 os.environ["PYTHONSAFEPATH"] = "1"
 
+# The GPU tests (tests/gpu/) run only on a machine with an NVIDIA GPU when UPG_GPU_TESTS=1
+# (docs/CUDA.md); the default run does not collect them.
+collect_ignore_glob = [] if os.environ.get("UPG_GPU_TESTS") == "1" else ["gpu/*"]
+
 
 # Phi-4's tokenizer, chat template and config (tokenizer.json: cl100k_base ranks plus Phi-4's
 # special tokens), for templates, tokenization and Phi-4-shaped synthetic models.

@@ -8,21 +8,24 @@ import sys
 import pytest
 
 from upg_backend import _core
-from upg_backend.backends import NAMES, built, open_backend
+from upg_backend.backends import NAMES, available, built, open_backend
 from upg_backend.builtin import builtin_model_path
 from upg_backend.format import UPGFile
 from upg_backend.llama import Llama
 
 
-def test_built_lists_known_backends_cpu_first():
+def test_built_and_available_list_known_backends_cpu_first():
     names = built()
     assert names[0] == "cpu" and set(names) <= set(NAMES) - {"auto"}
     assert ("metal" in names) == hasattr(_core, "metal_device")
+    assert available()[0] == "cpu" and set(available()) <= set(names)
+    if "cuda" in names:
+        assert ("cuda" in available()) == (_core.cuda_device_count() > 0)
 
 
 def test_auto_and_cpu():
     llm = Llama(backend="auto")
-    assert llm.backend == ("metal" if "metal" in built() else "cpu")
+    assert llm.backend == next(n for n in ("cuda", "metal", "cpu") if n in available())
     assert Llama(backend="cpu").backend == "cpu"
 
 
@@ -32,6 +35,12 @@ def test_absent_backend_says_what_it_needs(name, needs):
         open_backend(name)
     with pytest.raises(ValueError, match=needs):
         Llama(backend=name)
+
+
+@pytest.mark.parametrize("case", ["CUDA built, no GPU"] if "cuda" in built() and "cuda" not in available() else [])
+def test_cuda_built_without_a_gpu_says_so(case):  # CI's case
+    with pytest.raises(ValueError, match="backend='cuda': no NVIDIA GPU found"):
+        open_backend("cuda")
 
 
 @pytest.mark.parametrize("bad", ["gpu", "CPU", "", None, 3])
@@ -56,9 +65,9 @@ def upg(*args: str) -> subprocess.CompletedProcess:
 def test_cli_backend_option():
     r = upg("complete", "--backend", "cpu", "--max-tokens", "2", "--temperature", "0", "12 + 30 =")
     assert r.returncode == 0, r.stderr
-    if "cuda" not in built():
+    if "cuda" not in available():
         r = upg("complete", "--backend", "cuda", "hi")
-        assert r.returncode == 1 and "upg complete: error: backend='cuda' needs" in r.stderr
+        assert r.returncode == 1 and "upg complete: error: backend='cuda'" in r.stderr
     for cmd in (["chat"], ["complete", "hi"], ["serve"], ["bench", "small"], ["quality", "m.upg", "--reference", "r", "--text", "t"]):
         r = upg(*cmd, "--backend", "tpu")
         assert r.returncode == 2 and "invalid choice: 'tpu'" in r.stderr, cmd

@@ -1,4 +1,4 @@
-# The CUDA kernel layer (cpp/cuda/): a static library `upg_cuda`, built when CMake finds a CUDA
+# The CUDA backend and its kernels (cpp/cuda/): a static library `upg_cuda`, built when CMake finds a CUDA
 # compiler (UPG_CUDA defaults to ON then, OFF otherwise, so `pip install .` without nvcc still
 # builds). Include from the top-level CMakeLists.txt after project(); link the consumer with
 # `target_link_libraries(<target> PRIVATE upg_cuda)`; it defines UPG_CUDA=1 for its users.
@@ -33,6 +33,7 @@ if(UPG_CUDA)
     set(UPG_CUDA_PTX)
   endif()
   add_library(upg_cuda STATIC
+    ${CMAKE_CURRENT_LIST_DIR}/backend.cu
     ${CMAKE_CURRENT_LIST_DIR}/host.cu
     ${CMAKE_CURRENT_LIST_DIR}/matvec.cu
     ${CMAKE_CURRENT_LIST_DIR}/matmul.cu
@@ -46,8 +47,8 @@ if(UPG_CUDA)
     CUDA_STANDARD 17
     CUDA_STANDARD_REQUIRED ON
     POSITION_INDEPENDENT_CODE ON)
-  # metal/upg_quant.h: the argument structs shared with the Metal kernels.
-  target_include_directories(upg_cuda PUBLIC ${CMAKE_CURRENT_LIST_DIR} ${CMAKE_CURRENT_LIST_DIR}/../../metal)
+  # cpp/upg/upg_common.h: the argument structs every backend shares.
+  target_include_directories(upg_cuda PUBLIC ${CMAKE_CURRENT_LIST_DIR} ${CMAKE_CURRENT_LIST_DIR}/..)
   target_link_libraries(upg_cuda PUBLIC CUDA::cudart_static)
   target_compile_definitions(upg_cuda PUBLIC UPG_CUDA=1)
 endif()

@@ -6,14 +6,13 @@
 // depend on the position or the token count read them there, not from launch arguments. The
 // token count in an argument struct (UpgMatArgs::n_tokens, UpgRopeArgs::n_tokens,
 // UpgAttnArgs::n_tokens, UpgEltArgs::n_tokens) is the capacity the launch is sized for (the
-// largest batch); pass[kPassNTokens] must not exceed it. UpgRopeArgs::pos0, UpgAttnArgs::n_kv and
-// UpgRopeArgs::has_factors are not read (position from pass, factors from a non-null pointer).
+// largest batch); pass[kPassNTokens] must not exceed it.
 #pragma once
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#include "upg_quant.h"  // metal/: the argument structs shared with the Metal kernels
+#include "upg/upg_common.h"  // the type codes and argument structs every backend shares
 
 namespace upg::cuda {
 
@@ -69,8 +68,8 @@ void get_rows(const Weight& w, const int32_t* ids, float* out, const int32_t* pa
 void rms_norm(const float* x, const float* weight, float* out, const UpgNormArgs& a, int capacity,
               bool last_only, const int32_t* pass, cudaStream_t s);
 // In place over the first a.n_heads heads of each token row (queries then keys of the fused qkv),
-// positions pass[kPassNPast] + t. factors: the LongRoPE set the host picked, nullptr for none.
-void rope(float* qkv, const float* factors, const UpgRopeArgs& a, const int32_t* pass, cudaStream_t s);
+// positions pass[kPassNPast] + t; inv_freq [rot_dims / 2]: the model's (the LongRoPE set the host picked).
+void rope(float* qkv, const float* inv_freq, const UpgRopeArgs& a, const int32_t* pass, cudaStream_t s);
 // Appends the K and V heads of the pass's tokens (qkv rows) at positions pass[kPassNPast] + t of a
 // layer's cache [n_kv_heads][kv_stride][head_dim], f16 or f32.
 void kv_store(const float* qkv, void* k_cache, void* v_cache, bool f16, const UpgAttnArgs& a,

@@ -1,8 +1,8 @@
 // RoPE, rotate-half (NeoX) layout, in place over the query and key heads of each token row. Only
 // the first rot_dims of a head rotate; pair i is (i, i + rot_dims/2):
-//   inv_freq = 1 / (factor[i] * theta^(2i / rot_dims)),  angle = pos * inv_freq,
-//   c = cos(angle) * attn_factor, s = sin(angle) * attn_factor,
+//   angle = pos * inv_freq[i],  c = cos(angle) * attn_factor, s = sin(angle) * attn_factor,
 //   x[i], x[i + rot/2] = x[i] c - x[i + rot/2] s, x[i + rot/2] c + x[i] s.
+// inv_freq is the model's (LongRoPE factors applied), computed once on the host for every backend.
 // The angle is computed in double: positions reach 10^5 and an f32 angle would be off by 1e-2 rad.
 // One thread per (pair, head, token).
 #include <stdexcept>
@@ -15,15 +15,13 @@ namespace {
 
 using namespace dev;
 
-__global__ void k_rope(float* __restrict__ qk, const float* __restrict__ factor, UpgRopeArgs a,
+__global__ void k_rope(float* __restrict__ qk, const float* __restrict__ inv_freq, UpgRopeArgs a,
                        const int32_t* __restrict__ pass) {
   pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, t = blockIdx.z, half_rot = a.rot_dims / 2;
   if (i >= half_rot || t >= n_tokens(pass)) return;
-  const double f = factor != nullptr ? double(factor[i]) : 1.0;
-  const double inv_freq = 1.0 / (f * pow(double(a.theta), double(2 * i) / double(a.rot_dims)));
   double sn, cs;
-  sincos(double(n_past(pass) + t) * inv_freq, &sn, &cs);
+  sincos(double(n_past(pass) + t) * double(inv_freq[i]), &sn, &cs);
   const float c = float(cs) * a.attn_factor, s = float(sn) * a.attn_factor;
   float* p = qk + int64_t(t) * a.token_stride + h * a.head_dim;
   const float x0 = p[i], x1 = p[i + half_rot];
@@ -33,11 +31,12 @@ __global__ void k_rope(float* __restrict__ qk, const float* __restrict__ factor,
 
 }  // namespace
 
-void rope(float* qkv, const float* factors, const UpgRopeArgs& a, const int32_t* pass, cudaStream_t s) {
+void rope(float* qkv, const float* inv_freq, const UpgRopeArgs& a, const int32_t* pass, cudaStream_t s) {
   if (a.rot_dims < 2 || a.rot_dims % 2 != 0 || a.rot_dims > a.head_dim || a.n_heads < 1 || a.n_tokens < 1)
     throw std::invalid_argument("cuda rope: bad shape");
   const dim3 grid((a.rot_dims / 2 + 63) / 64, a.n_heads, a.n_tokens);
-  launch("rope", k_rope, grid, 64, 0, s, qkv, factors, a, pass);
+  if (inv_freq == nullptr) throw std::invalid_argument("cuda rope: no inverse frequencies");
+  launch("rope", k_rope, grid, 64, 0, s, qkv, inv_freq, a, pass);
 }
 
 }  // namespace upg::cuda

@@ -54,6 +54,8 @@ class Backend {
   virtual void end() {}
 
   // ---- ops, in the order the graph calls them; every float buffer is row-major by token ----
+  // An op's n_tokens is the pass's token count (UpgPass), except linear's, which may also be 1
+  // (the last token's logits).
   // out[t] = row ids[t] of w (embedding lookup, outliers included); ids: int32 [n_tokens].
   virtual void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) = 0;
   // out[t] = x[t] / rms(x[t]) * weight, rows of n floats.

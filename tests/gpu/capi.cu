@@ -79,8 +79,8 @@ int upg_rms_norm(const float* x, const float* w, float* out, int n, float eps, i
   return guarded([&] { rms_norm(x, w, out, UpgNormArgs{n, eps}, capacity, last_only != 0, pass, st(s)); });
 }
 
-int upg_rope(float* qkv, const float* factors, int capacity, int n_heads, int head_dim, int rot_dims, int token_stride,
-             float theta, float attn_factor, const int32_t* pass, void* s) {
+int upg_rope(float* qkv, const float* inv_freq, int capacity, int n_heads, int head_dim, int rot_dims, int token_stride,
+             float attn_factor, const int32_t* pass, void* s) {
   return guarded([&] {
     UpgRopeArgs a{};
     a.n_tokens = capacity;
@@ -88,9 +88,8 @@ int upg_rope(float* qkv, const float* factors, int capacity, int n_heads, int he
     a.head_dim = head_dim;
     a.rot_dims = rot_dims;
     a.token_stride = token_stride;
-    a.theta = theta;
     a.attn_factor = attn_factor;
-    rope(qkv, factors, a, pass, st(s));
+    rope(qkv, inv_freq, a, pass, st(s));
   });
 }
 

@@ -28,7 +28,7 @@ _SIGNATURES = {
     "upg_matmul": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
     "upg_get_rows": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P],
     "upg_rms_norm": [_P, _P, _P, _I, _F, _I, _I, _P, _P],
-    "upg_rope": [_P, _P, _I, _I, _I, _I, _I, _F, _F, _P, _P],
+    "upg_rope": [_P, _P, _I, _I, _I, _I, _I, _F, _P, _P],
     "upg_kv_store": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P],
     "upg_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P],
     "upg_attention_prefill": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _P, _P],
@@ -103,8 +103,8 @@ class Lib:
     def rms_norm(self, x, w, out, n, eps, capacity, last_only, pass_):
         self._call("upg_rms_norm", x, w, out, n, eps, capacity, int(last_only), pass_, self._stream())
 
-    def rope(self, qkv, factors, capacity, n_heads, head_dim, rot_dims, token_stride, theta, attn_factor, pass_):
-        self._call("upg_rope", qkv, factors, capacity, n_heads, head_dim, rot_dims, token_stride, theta,
+    def rope(self, qkv, inv_freq, capacity, n_heads, head_dim, rot_dims, token_stride, attn_factor, pass_):
+        self._call("upg_rope", qkv, inv_freq, capacity, n_heads, head_dim, rot_dims, token_stride,
                    attn_factor, pass_, self._stream())
 
     def kv_store(self, qkv, kc, vc, nh, nkv, hd, kv_stride, q_stride, capacity, pass_):

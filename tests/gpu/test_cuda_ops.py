@@ -166,13 +166,16 @@ def test_rms_norm(lib):
     assert rel_err(out[0], ref[tokens - 1]) < 1e-5 and np.all(np.isnan(out[1:]))
 
 
-def rope_ref(x, pos, rot, theta, factors, attn_factor):
-    """x [n, heads, hd] float64, positions pos [n]."""
-    half = rot // 2
+def inv_freq(rot, theta, factors):
+    """RoPE's inverse frequencies as the host computes them (float32; LongRoPE factors applied)."""
     inv = 1.0 / (theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
-    if factors is not None:
-        inv = inv / factors.astype(np.float64)
-    ang = pos[:, None].astype(np.float64) * inv[None]
+    return (inv if factors is None else inv / factors.astype(np.float64)).astype(np.float32)
+
+
+def rope_ref(x, pos, rot, inv, attn_factor):
+    """x [n, heads, hd] float64, positions pos [n], inverse frequencies inv [rot / 2]."""
+    half = rot // 2
+    ang = pos[:, None].astype(np.float64) * inv[None].astype(np.float64)
     c, s = np.cos(ang)[:, None] * attn_factor, np.sin(ang)[:, None] * attn_factor
     out = x.copy()
     x0, x1 = x[..., :half], x[..., half:rot]
@@ -191,11 +194,11 @@ def test_rope(lib, hd, rot, longrope):
     factors = (1 + 4 * rng.random(rot // 2)).astype(np.float32) if longrope else None
     attn_factor = 1.19 if longrope else 1.0
     d = dev(qkv)
-    lib.rope(d, dev(factors) if longrope else None, cap, nh + nkv, hd, rot, stride, 10000.0, attn_factor,
-             pass_tensor(n_past, n))
+    inv = inv_freq(rot, 10000.0, factors)
+    lib.rope(d, dev(inv), cap, nh + nkv, hd, rot, stride, attn_factor, pass_tensor(n_past, n))
     out = d.cpu().numpy()
     heads = qkv[:n, :(nh + nkv) * hd].reshape(n, nh + nkv, hd).astype(np.float64)
-    ref = rope_ref(heads, n_past + np.arange(n), rot, 10000.0, factors, attn_factor)
+    ref = rope_ref(heads, n_past + np.arange(n), rot, inv, attn_factor)
     assert rel_err(out[:n, :(nh + nkv) * hd].reshape(n, nh + nkv, hd), ref) < 1e-5
     assert np.array_equal(out[:n, (nh + nkv) * hd:], qkv[:n, (nh + nkv) * hd:]), "values rotated"
     assert np.array_equal(out[n:], qkv[n:]), "tokens past the pass rotated"
@@ -325,10 +328,12 @@ def test_captured_decode_replays_with_device_pass(lib):
     out = torch.zeros(nh * hd, device="cuda")
     ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
     p = pass_tensor(0, 1)
+    inv = inv_freq(hd, 10000.0, None)
+    inv_dev = dev(inv)
 
     def step():
         qkv.copy_(qkv_in)
-        lib.rope(qkv, None, 1, nh + nkv, hd, hd, stride, 10000.0, 1.0, p)
+        lib.rope(qkv, inv_dev, 1, nh + nkv, hd, hd, stride, 1.0, p)
         lib.kv_store(qkv, kc, vc, nh, nkv, hd, n_ctx, stride, 1, p)
         lib.attention_decode(qkv, kc, vc, out, nh, nkv, hd, n_ctx, stride, scale, ws, p)
         lib.advance_pass(p)
@@ -352,7 +357,7 @@ def test_captured_decode_replays_with_device_pass(lib):
             torch.cuda.synchronize()
             seq = np.stack(rows).astype(np.float64)
             pos = np.arange(len(rows))
-            heads = rope_ref(seq[:, :(nh + nkv) * hd].reshape(-1, nh + nkv, hd), pos, hd, 10000.0, None, 1.0)
+            heads = rope_ref(seq[:, :(nh + nkv) * hd].reshape(-1, nh + nkv, hd), pos, hd, inv, 1.0)
             k = torch.from_numpy(heads[:, nh:].astype(np.float32)).half().double().numpy().transpose(1, 0, 2)
             v = torch.from_numpy(seq[:, (nh + nkv) * hd:].astype(np.float32)).half().double().numpy()
             v = v.reshape(-1, nkv, hd).transpose(1, 0, 2)

@@ -1,0 +1,203 @@
+#include "backend.h"
+
+#include <cstring>
+#include <stdexcept>
+
+namespace upg::cuda {
+namespace {
+
+void ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
+}
+
+// Argument bytes for a pass's signature: scalars, pointers and the padding-free argument structs
+// of upg_common.h as they are; a Weight field by field (it has padding).
+template <typename T>
+void append(std::string& sig, const T& v) {
+  sig.append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+void append(std::string& sig, const Weight& w) {
+  append(sig, w.dtype);
+  append(sig, w.args);
+  append(sig, w.data);
+  append(sig, w.rowptr);
+  append(sig, w.col);
+  append(sig, w.val);
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(int device) : device_(device) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count)
+    throw std::runtime_error("cuda: no GPU " + std::to_string(device) + " (" + std::to_string(count) + " found)");
+  ok(cudaSetDevice(device), "cudaSetDevice");
+  init(device);
+  ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+}
+
+CudaBackend::~CudaBackend() {
+  cudaSetDevice(device_);
+  if (graph_) cudaGraphExecDestroy(graph_);
+  for (void* p : base_) cudaFree(p);
+  if (workspace_) cudaFree(workspace_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+Buf CudaBackend::weights(const void* data, size_t bytes) {
+  Buf b = alloc(bytes);
+  upload(b, data, bytes);
+  return b;
+}
+
+Buf CudaBackend::alloc(size_t bytes) {
+  ok(cudaSetDevice(device_), "cudaSetDevice");
+  void* p = nullptr;
+  ok(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");  // 256-byte aligned
+  ok(cudaMemset(p, 0, bytes), "cudaMemset");
+  base_.push_back(p);
+  return Buf{int(base_.size() - 1), 0};
+}
+
+void CudaBackend::upload(Buf dst, const void* src, size_t bytes) {
+  ok(cudaMemcpyAsync(ptr(dst), src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  ok(cudaStreamSynchronize(stream_), "upload");  // src may go away once this returns
+}
+
+void CudaBackend::download(void* dst, Buf src, size_t bytes) {
+  ok(cudaMemcpyAsync(dst, ptr(src), bytes, cudaMemcpyDeviceToHost, stream_), "download");
+  ok(cudaStreamSynchronize(stream_), "download");
+}
+
+void CudaBackend::begin(Buf pass) {
+  pass_ = ptr<int32_t>(pass);
+  ops_.clear();
+  signature_.clear();
+}
+
+void CudaBackend::end() {
+  ++passes_;
+  if (graph_ && signature_ == graph_signature_) {
+    ++replays_;
+  } else {
+    cudaGraph_t g = nullptr;
+    ok(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture");
+    try {
+      for (const auto& op : ops_) op();
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+      throw;
+    }
+    ok(cudaStreamEndCapture(stream_, &g), "end capture");
+    if (graph_) cudaGraphExecDestroy(graph_), graph_ = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&graph_, g, 0);
+    cudaGraphDestroy(g);
+    ok(e, "instantiate the pass's graph");
+    graph_signature_ = signature_;
+  }
+  ok(cudaGraphLaunch(graph_, stream_), "launch the pass's graph");
+  ok(cudaStreamSynchronize(stream_), "pass");
+}
+
+template <typename... A>
+void CudaBackend::record(const char* op, std::function<void()> launch, const A&... args) {
+  signature_ += op;
+  (append(signature_, args), ...);
+  ops_.push_back(std::move(launch));
+}
+
+Weight CudaBackend::weight(const Matrix& m, int n_tokens) const {
+  const bool outliers = m.has_outliers();
+  return make_weight(int(m.type), int(m.rows), int(m.cols), m.block, ptr(m.data), n_tokens,
+                     outliers ? ptr<const int32_t>(m.rowptr) : nullptr, outliers ? ptr<const int32_t>(m.col) : nullptr,
+                     outliers ? ptr<const uint16_t>(m.val) : nullptr);
+}
+
+void CudaBackend::get_rows(const Matrix& m, Buf ids, int n_tokens, Buf out) {
+  const Weight w = weight(m, n_tokens);
+  const int32_t* id = ptr<const int32_t>(ids);
+  float* o = ptr<float>(out);
+  const int32_t* pass = pass_;
+  record("get_rows", [=, s = stream_] { cuda::get_rows(w, id, o, pass, s); }, w, id, o, pass);
+}
+
+void CudaBackend::rms_norm(Buf x, Buf weight_buf, Buf out, int n_tokens, int n, float eps) {
+  const float *xp = ptr<const float>(x), *wp = ptr<const float>(weight_buf);
+  float* o = ptr<float>(out);
+  const UpgNormArgs a{n, eps};
+  const int32_t* pass = pass_;
+  record("rms_norm", [=, s = stream_] { cuda::rms_norm(xp, wp, o, a, n_tokens, false, pass, s); }, xp, wp, o, a,
+         n_tokens, pass);
+}
+
+void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, Buf y) {
+  const Weight w = weight(m, n_tokens);
+  const float* xp = ptr<const float>(x);
+  float* yp = ptr<float>(y);
+  const int32_t* pass = pass_;
+  // One row: the mat-vec (the pass's only token, or its last one's logits); else the pass's rows.
+  if (n_tokens == 1) record("matvec", [=, s = stream_] { cuda::matvec(w, xp, yp, s); }, w, xp, yp);
+  else record("matmul", [=, s = stream_] { cuda::matmul(w, xp, yp, pass, s); }, w, xp, yp, pass);
+}
+
+void CudaBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& a) {
+  float* q = ptr<float>(qkv);
+  const float* f = ptr<const float>(inv_freq);
+  const int32_t* pass = pass_;
+  record("rope", [=, s = stream_] { cuda::rope(q, f, a, pass, s); }, q, f, a, pass);
+}
+
+void CudaBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& a) {
+  const float* q = ptr<const float>(qkv);
+  void *k = ptr(k_cache), *v = ptr(v_cache);
+  const int32_t* pass = pass_;
+  record("kv_store", [=, s = stream_] { cuda::kv_store(q, k, v, f16, a, pass, s); }, q, k, v, f16, a, pass);
+}
+
+void CudaBackend::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& a) {
+  const float* q = ptr<const float>(qkv);
+  const void *k = ptr(k_cache), *v = ptr(v_cache);
+  float* o = ptr<float>(out);
+  const int32_t* pass = pass_;
+  if (a.n_tokens > 1) {
+    record("attention_prefill", [=, s = stream_] { cuda::attention_prefill(q, k, v, o, f16, a, pass, s); },
+           q, k, v, o, f16, a, pass);
+    return;
+  }
+  // Decode: flash-decoding over splits of the positions, merged through the workspace.
+  const size_t need = decode_splits(a).workspace;
+  if (need > workspace_bytes_) {
+    if (workspace_) ok(cudaFree(workspace_), "cudaFree");
+    workspace_ = nullptr;
+    ok(cudaMalloc(&workspace_, need), "cudaMalloc");
+    workspace_bytes_ = need;
+  }
+  float* ws = workspace_;
+  record("attention_decode", [=, s = stream_] { cuda::attention_decode(q, k, v, o, f16, a, ws, pass, s); },
+         q, k, v, o, f16, a, ws, pass);
+}
+
+void CudaBackend::silu_mul(Buf gate_up, Buf out, int n_tokens, int n) {
+  const float* g = ptr<const float>(gate_up);
+  float* o = ptr<float>(out);
+  const UpgEltArgs a{n, n_tokens, 2 * n};
+  const int32_t* pass = pass_;
+  record("silu_mul", [=, s = stream_] { cuda::silu_mul(g, o, a, pass, s); }, g, o, a, pass);
+}
+
+void CudaBackend::add(Buf x, Buf y, int n) {
+  float* xp = ptr<float>(x);
+  const float* yp = ptr<const float>(y);
+  const UpgEltArgs a{n, 1, 0};  // one row of all n floats (the kernel's rows are tokens)
+  const int32_t* pass = pass_;
+  record("add", [=, s = stream_] { cuda::add(xp, yp, a, pass, s); }, xp, yp, a, pass);
+}
+
+void CudaBackend::argmax(Buf x, int n, Buf out) {
+  const float* xp = ptr<const float>(x);
+  int32_t* o = ptr<int32_t>(out);
+  record("argmax", [=, s = stream_] { cuda::argmax(xp, n, o, s); }, xp, n, o);
+}
+
+}  // namespace upg::cuda

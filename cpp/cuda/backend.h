@@ -1,0 +1,77 @@
+// The CUDA backend: the seam's ops (upg/backend.h) over the kernel layer (kernels.cuh), device
+// memory, and whole passes replayed as CUDA graphs.
+//
+// Memory: the weights (the file's data section) are copied to the device once, as they are (the
+// kernels read the file's layout with 16-byte loads: no repacking); buffers are cudaMalloc'd
+// and zero-filled; upload / download are stream copies. VRAM = weights + the session's buffers
+// (KV cache, activations, logits) + the decode-attention workspace.
+//
+// Passes: the ops of a pass are recorded (not launched) between begin() and end(). end() compares
+// the record with the previous pass's: a decode step issues the same ops with the same arguments
+// at every position (the position is in the pass buffer), so from the second step on the captured
+// graph of the first is replayed with one cudaGraphLaunch. Anything else is captured anew.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels.cuh"
+#include "upg/backend.h"
+
+namespace upg::cuda {
+
+class CudaBackend : public Backend {
+ public:
+  explicit CudaBackend(int device = 0);  // throws std::runtime_error when there is no such GPU
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  const char* name() const override { return "cuda"; }
+  Buf weights(const void* data, size_t bytes) override;
+  Buf alloc(size_t bytes) override;
+  void upload(Buf dst, const void* src, size_t bytes) override;
+  void download(void* dst, Buf src, size_t bytes) override;
+  void begin(Buf pass) override;
+  void end() override;
+
+  void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) override;
+  void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) override;
+  void linear(const Matrix& w, Buf x, int n_tokens, Buf y) override;
+  void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) override;
+  void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) override;
+  void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) override;
+  void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
+  void add(Buf x, Buf y, int n) override;
+  void argmax(Buf x, int n, Buf out) override;
+
+  // Passes run so far, and how many of them were replays of the captured graph.
+  int64_t passes() const { return passes_; }
+  int64_t replays() const { return replays_; }
+
+ private:
+  template <typename T = uint8_t>
+  T* ptr(Buf b) const { return reinterpret_cast<T*>(static_cast<uint8_t*>(base_.at(size_t(b.id))) + b.offset); }
+  Weight weight(const Matrix& m, int n_tokens) const;
+  // Records one launch: its arguments' bytes go into the pass's signature.
+  template <typename... A>
+  void record(const char* op, std::function<void()> launch, const A&... args);
+
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  std::vector<void*> base_;       // by buffer id
+  int32_t* pass_ = nullptr;       // of the pass begun
+  float* workspace_ = nullptr;    // decode attention's
+  size_t workspace_bytes_ = 0;
+
+  std::vector<std::function<void()>> ops_;  // of the pass being recorded
+  std::string signature_;                   // its ops and arguments, as bytes
+  std::string graph_signature_;             // of the graph below
+  cudaGraphExec_t graph_ = nullptr;
+  int64_t passes_ = 0, replays_ = 0;
+};
+
+}  // namespace upg::cuda
