@@ -102,6 +102,24 @@ def engine_backend(request):
     return lambda: HarnessGpu(lib)
 
 
+def serve_app(app):
+    """Runs an ASGI app (the server's) on a free local port in a daemon thread; returns (server,
+    thread, base URL). Stop it with `server.should_exit = True`."""
+    import threading
+    import time
+
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

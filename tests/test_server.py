@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
-import uvicorn
 
 from chat_model import make_chat_model
+from conftest import serve_app
 from upg_backend.llama import Llama
 from upg_backend.server import create_app
 
@@ -34,17 +33,8 @@ def reference(model_path):
 @pytest.fixture(scope="module")
 def server(model_path):
     llama = Llama(model_path, n_ctx=N_CTX, n_threads=1)
-    config = uvicorn.Config(create_app(llama, model_name="tiny", api_key=API_KEY), host="127.0.0.1", port=0,
-                            log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield llama, f"http://127.0.0.1:{port}"
+    srv, thread, url = serve_app(create_app(llama, model_name="tiny", api_key=API_KEY))
+    yield llama, url
     srv.should_exit = True
     thread.join(10)
 

@@ -8,7 +8,6 @@ import base64
 import json
 import re
 import socket
-import threading
 import time
 from typing import Literal
 
@@ -17,12 +16,12 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
+from conftest import serve_app
 from upg_backend.llama import Llama
 from upg_backend.server import create_app
 
@@ -37,15 +36,7 @@ QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
 def start_server(llama: Llama, **kwargs):
-    srv = uvicorn.Server(uvicorn.Config(create_app(llama, model_name=NAME, **kwargs), host="127.0.0.1", port=0,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    return serve_app(create_app(llama, model_name=NAME, **kwargs))
 
 
 @pytest.fixture(scope="module")

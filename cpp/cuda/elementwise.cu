@@ -30,6 +30,18 @@ __global__ void k_add(float* __restrict__ x, const float* __restrict__ y, UpgElt
   x[int64_t(t) * a.n + i] += y[int64_t(t) * a.n + i];
 }
 
+// (v, idx) := the largest v of the warp with its lowest idx, in every lane.
+__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ov > v || (ov == v && oi < idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+}
+
 // Lowest index of the largest value: strided scan, warp reduction, then warp 0 over the warps.
 __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restrict__ x, int n, int32_t* __restrict__ out) {
   pdl_enter();
@@ -42,14 +54,7 @@ __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restri
     }
   __shared__ float bv[32];
   __shared__ int bi[32];
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (ov > v || (ov == v && oi < idx)) {
-      v = ov;
-      idx = oi;
-    }
-  }
+  warp_argmax(v, idx);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     bv[warp] = v;
@@ -59,14 +64,7 @@ __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restri
   if (warp != 0) return;
   v = lane < int(blockDim.x >> 5) ? bv[lane] : -INFINITY;
   idx = lane < int(blockDim.x >> 5) ? bi[lane] : INT_MAX;
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (ov > v || (ov == v && oi < idx)) {
-      v = ov;
-      idx = oi;
-    }
-  }
+  warp_argmax(v, idx);
   if (lane == 0) out[0] = idx == INT_MAX ? 0 : idx;
 }
 
