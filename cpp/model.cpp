@@ -189,10 +189,7 @@ ActQ8 Session::quantize_act(const float* x, int64_t n, int64_t cols, int block) 
 
 void Session::matmul(const WeightView& w, const float* x, int64_t n, float* y) {
   const ActQ8 xq = is_quantized(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
-  pool_.run([&](int t, int nt) {
-    int64_t r0, r1;
-    split_range(w.rows, t, nt, 16, r0, r1);
-    if (r0 >= r1) return;
+  pool_.parallel_for(w.rows, matmul_chunk_rows(w, n, pool_.size()), [&](int64_t r0, int64_t r1) {
     if (n == 1) k_.matvec(w, x, xq, y, r0, r1);
     else k_.matmul(w, x, xq, n, y, w.rows, r0, r1);
   });

@@ -1,6 +1,7 @@
 // CPU kernel interface. One implementation per instruction set (scalar reference, AVX2, AVX-512),
 // chosen at run time; the model graph calls only what is declared here.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include "upg/quant.h"
 
@@ -66,6 +67,24 @@ struct Kernels {
   float (*exp_shift_sum)(float* x, int64_t n, float shift);
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
 };
+
+// Rows per work item when threads share one product of w with n tokens (ThreadPool::parallel_for).
+// A multiple of 16, the row tile of every path, so that a row's sums never depend on the split.
+// Decode takes about kDecodeChunkBytes of weights per item: enough to amortize taking it (one atomic add and
+// a prefetch stream that starts cold), and small enough that a thread the OS deschedules leaves
+// little behind. Prefill takes about a quarter of each thread's share, in multiples of 96 rows
+// (whole dense tiles of 48 and quantized pairs of 16-row tiles on AVX-512).
+constexpr int64_t kDecodeChunkBytes = 64 << 10;
+inline int64_t matmul_chunk_rows(const WeightView& w, int64_t n, int threads) {
+  const auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
+  if (n > 1) return round_up((w.rows + 4 * threads - 1) / (4 * int64_t(threads)), 96);
+  int64_t row_bytes = w.cols * dense_elem_size(w.type);
+  if (is_quantized(w.type)) {
+    const QuantSections one_row = quant_sections(w.type, 1, uint64_t(w.cols), uint64_t(w.block));
+    row_bytes = int64_t(one_row.codes + one_row.high + one_row.scales);
+  }
+  return round_up(std::max<int64_t>(1, kDecodeChunkBytes / std::max<int64_t>(1, row_bytes)), 16);
+}
 
 // The kernels used by the engine: named by the UPG_SIMD environment variable (scalar, avx2,
 // avx512) when set, else the best this CPU runs. Throws std::runtime_error when UPG_SIMD names a
