@@ -26,6 +26,8 @@ constexpr int kScaleGroup = 64;  // matvec: block scales converted to f32 per ba
 // q4 rows are 2.5 KiB) started every group cold: gate_up streamed at 15.6 GB/s on one core
 // against 23.3 GB/s with this distance.
 constexpr int64_t kMaxPrefetchBytes = 32768;
+// matvec: quantized rows of at most this many code bytes are short (V::kMatvecRowsI8Short at a time).
+constexpr int64_t kShortRowBytes = 1024;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // quant.h's is_quantized, not called here (see top).
@@ -216,11 +218,12 @@ void quantize_act(const float* x, int64_t n, int block, int8_t* q, float* d, int
 // accumulators that consecutive vectors take in turn, so that no vector waits for the previous
 // one's FMA (with one, a row was bound by FMA latency: 4 cycles per vector, q3 in cache at 20 GB/s).
 // U depends on the path only, not on R: a row sums in the same order whichever rows share its
-// call, so results do not depend on how rows are split between threads.
+// call, so results do not depend on how rows are split between threads. zs: -zero point x sum of
+// activation codes of every block (row-independent, computed once per call of matvec).
 template <class V, DType T, int B, int R>
-inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* out) {
+inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, int64_t r, float* out) {
   using S = I8Shape<V, T, B>;
-  constexpr int P = S::P, C = S::C, E = S::E;
+  constexpr int P = S::P, C = S::C, E = S::E, W = V::W;
   constexpr int U = V::kMatvecRowsI8 >= 4 ? 1 : 4 / V::kMatvecRowsI8;
   const int64_t nb = w.cols / B, nbv = nb / P * P;  // blocks in whole vectors
   const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
@@ -231,15 +234,17 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* o
     tail[i] = 0.0f;
   }
   alignas(64) float sd[R][kScaleGroup];  // weight scale x activation scale, per block
-  alignas(64) int32_t zs[kScaleGroup];   // -zero point x sum of activation codes, per block
   for (int64_t b0 = 0; b0 < nb; b0 += kScaleGroup) {
     const int n = int(min64(kScaleGroup, nb - b0));
+    // Whole vectors (a scalar loop here cost short rows more than their dot products did: SmolLM2's
+    // 576-wide q4 rows ran at 13 GB/s in cache).
     for (int i = 0; i < R; ++i) {
       V::halves_to_f32(w.scales + (r + i) * nb + b0, n, sd[i]);
-      for (int j = 0; j < n; ++j) sd[i][j] *= a.d[b0 + j];
+      for (int j = 0; j < n; j += W) {
+        const int m = n - j < W ? n - j : W;
+        V::store_n(sd[i] + j, V::mul(V::load_n(sd[i] + j, m), V::load_n(a.d + b0 + j, m)), m);
+      }
     }
-    if constexpr (S::kZero != 0)
-      for (int j = 0; j < n; ++j) zs[j] = -S::kZero * a.sum[b0 + j];
     const int64_t bend = min64(b0 + n, nbv);
     for (int64_t bu = b0; bu < bend; bu += U * P)
 #pragma GCC unroll 4
@@ -247,7 +252,7 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* o
         const int64_t b = bu + u * P;
         if (U > 1 && b >= bend) break;
         typename V::ireg init = V::izero();
-        if constexpr (S::kZero != 0) init = V::template acc_init<P>(zs + (b - b0));
+        if constexpr (S::kZero != 0) init = V::template acc_init<P>(zs + b);
         typename V::ireg av[C];
         for (int c = 0; c < C; ++c) av[c] = V::load_i(a.q + b * B + c * E);
 #pragma GCC unroll 4
@@ -462,9 +467,17 @@ void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int6
     constexpr int B = decltype(b)::value;
     int64_t r = r0;
     if constexpr (kActQ8<T>) {
-      constexpr int R = V::kMatvecRowsI8;
-      for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R>(w, xq, r, y + r);
-      for (; r < r1; ++r) rows_dot_i8<V, T, B, 1>(w, xq, r, y + r);
+      const int64_t nb = w.cols / B;
+      static thread_local std::vector<int32_t> zs;
+      zs.resize(size_t(nb));
+      for (int64_t b = 0; b < nb; ++b) zs[b] = -I8Shape<V, T, B>::kZero * xq.sum[b];
+      // Short rows (SmolLM2's) go kMatvecRowsI8Short at a time: consecutive rows are one stretch of
+      // memory then, and the rows share the activation loads and the per-call work.
+      constexpr int R = V::kMatvecRowsI8, RS = V::kMatvecRowsI8Short;
+      if (nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes)
+        for (; r + RS <= r1; r += RS) rows_dot_i8<V, T, B, RS>(w, xq, zs.data(), r, y + r);
+      for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R>(w, xq, zs.data(), r, y + r);
+      for (; r < r1; ++r) rows_dot_i8<V, T, B, 1>(w, xq, zs.data(), r, y + r);
     } else {
       constexpr int R = V::kMatvecRows;
       for (; r + R <= r1; r += R) rows_dot_dense<V, T, R>(w, x, r, y + r);
