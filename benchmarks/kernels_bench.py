@@ -116,7 +116,11 @@ def main():
     ap.add_argument("--decode", help="a model's decode matrices: smollm2 or a upg_backend.bench shape")
     ap.add_argument("--threads", default="1,2", help="--decode: thread counts")
     ap.add_argument("--stream-mb", type=int, default=256, help="--decode: bytes of copies per matrix")
+    ap.add_argument("--list-matrices", action="store_true",
+                    help="--decode: print the matrices as ggml_matvec.py --matrices takes them, and exit")
     args = ap.parse_args()
+    if args.decode and args.list_matrices:
+        return print(",".join(f"{n}:{r}x{c}x{k}" for n, r, c, k in decode_matrices(args.decode)))
     if args.decode:
         return decode_table(args)
     rows, cols = args.rows, args.cols

@@ -150,18 +150,40 @@ struct V512 {
   }
   // The integer accumulator of a vector of P blocks: zs[p] (-zero x sum of codes) in the first
   // lane of block p, 0 elsewhere; one masked load or one permute, no scalar-to-vector moves.
+  // P = 4: block p in lanes 4p..4p+3 (the q4 quad layout below).
   template <int P>
   static ireg acc_init(const int32_t* zs) {
     if constexpr (P == 1) return _mm512_maskz_loadu_epi32(1, zs);
+    if constexpr (P == 4)
+      return _mm512_maskz_permutexvar_epi32(0x1111, _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                            _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zs))));
     const __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zs)));
     return _mm512_maskz_permutexvar_epi32(0x0101, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), pair);
   }
   template <int P>
   static reg block_scales(const float* s) {
     if constexpr (P == 1) return _mm512_set1_ps(s[0]);
+    if constexpr (P == 4)
+      return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm512_castps128_ps512(_mm_loadu_ps(s)));
     const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                  _mm512_castps128_ps512(pair));
+  }
+  // q4 with blocks of 32, four blocks a vector pair (rows_dot_q4_quad): 64 code bytes hold elements
+  // 0-15 of the four blocks in their low nibbles and 16-31 in their high nibbles; the activations
+  // of the same four blocks (128 bytes) are rearranged to match, once for all rows of a call.
+  static constexpr bool kQ4Quad = true;
+  static void q4_quad_codes(const uint8_t* p, ireg& lo, ireg& hi) {
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i m = _mm512_set1_epi8(15);
+    lo = _mm512_and_si512(v, m);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+  }
+  static void q4_quad_act(const int8_t* q, ireg& lo, ireg& hi) {
+    const __m512i a = _mm512_loadu_si512(q), b = _mm512_loadu_si512(q + 64);  // blocks 0-1, 2-3
+    lo = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // first halves of blocks 0, 1, 2, 3
+    hi = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 1, 3, 1));  // second halves
   }
   static void store_n(float* p, reg v, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), v); }
   static reg load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }

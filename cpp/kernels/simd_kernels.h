@@ -245,8 +245,33 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
         V::store_n(sd[i] + j, V::mul(V::load_n(sd[i] + j, m), V::load_n(a.d + b0 + j, m)), m);
       }
     }
+    int64_t bq = b0;  // blocks [b0, bq) went through the quad loop
+    if constexpr (T == DType::Q4 && B == 32 && V::kQ4Quad) {
+      // Four blocks at a time (V::q4_quad_codes): 1 load and 3 bit operations for 128 codes where
+      // the pair loop below takes 2 loads and 6 (SmolLM2-shaped q4 in cache 21 -> 30 GB/s on one core).
+      const int64_t qend = b0 + n / 4 * 4;
+      for (int64_t bu = b0; bu < qend; bu += U * 4)
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) {
+          const int64_t b = bu + u * 4;
+          if (U > 1 && b >= qend) break;
+          const auto init = V::template acc_init<4>(zs + b);
+          typename V::ireg alo, ahi;
+          V::q4_quad_act(a.q + b * B, alo, ahi);
+#pragma GCC unroll 4
+          for (int i = 0; i < R; ++i) {
+            const int64_t g = (r + i) * nb + b;
+            prefetch(w.codes + g * S::kCodeBytes, pf);
+            typename V::ireg lo, hi;
+            V::q4_quad_codes(w.codes + g * S::kCodeBytes, lo, hi);
+            const auto s = V::template dpbusd<T>(V::template dpbusd<T>(init, lo, alo), hi, ahi);
+            acc[i][u] = V::fma(V::cvt(s), V::template block_scales<4>(sd[i] + (b - b0)), acc[i][u]);
+          }
+        }
+      bq = qend;
+    }
     const int64_t bend = min64(b0 + n, nbv);
-    for (int64_t bu = b0; bu < bend; bu += U * P)
+    for (int64_t bu = bq; bu < bend; bu += U * P)
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {  // vector u of this turn into accumulator u
         const int64_t b = bu + u * P;
