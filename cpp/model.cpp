@@ -275,6 +275,14 @@ void Session::attention(int layer, int64_t n) {
   }
 
   if (n >= kBlockedAttentionMin) return attention_blocked(layer, n);
+  auto k_rows = [&](size_t base, int64_t len) {  // keys [0, len) of one kv head, a dense matrix
+    WeightView kv;
+    kv.type = f16 ? DType::F16 : DType::F32;
+    kv.rows = len;
+    kv.cols = hd;
+    kv.codes = f16 ? reinterpret_cast<const uint8_t*>(&k_f16_[base]) : reinterpret_cast<const uint8_t*>(&k_f32_[base]);
+    return kv;
+  };
 
   pool_.run([&](int th, int nth) {
     int64_t w0, w1;
@@ -286,18 +294,15 @@ void Session::attention(int layer, int64_t n) {
       const float* q = &qkv_[t * qkv_rows + h * hd];
       const int64_t len = pos_[t] + 1;
       const size_t base = kv_index(g, 0);
+      k_.matvec(k_rows(base, len), q, ActQ8{}, s, 0, len);  // scores: one call over the K rows
       float mx = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        s[j] = scale * (f16 ? k_.dot_f16(q, &k_f16_[base + j * hd], hd) : k_.dot_f32(q, &k_f32_[base + j * hd], hd));
-        mx = std::max(mx, s[j]);
-      }
+      for (int64_t j = 0; j < len; ++j) mx = std::max(mx, s[j] *= scale);
       const float inv = 1.0f / k_.exp_shift_sum(s, len, mx);
+      for (int64_t j = 0; j < len; ++j) s[j] *= inv;
       float* o = &attn_[t * n_heads * hd + h * hd];
       std::fill(o, o + hd, 0.0f);
-      for (int64_t j = 0; j < len; ++j) {
-        if (f16) k_.axpy_f16(s[j] * inv, &v_f16_[base + j * hd], o, hd);
-        else k_.axpy_f32(s[j] * inv, &v_f32_[base + j * hd], o, hd);
-      }
+      if (f16) k_.axpy_rows_f16(s, &v_f16_[base], len, o, hd);
+      else k_.axpy_rows_f32(s, &v_f32_[base], len, o, hd);
     }
   });
 }

@@ -55,11 +55,11 @@ struct Kernels {
   // out[k] = W[r][k] for k in [0, cols), outliers included (embedding lookup).
   void (*dequant_row)(const WeightView& w, int64_t r, float* out);
 
-  // Attention helpers over one head's KV rows, which are f32 or f16.
-  float (*dot_f32)(const float* a, const float* b, int64_t n);
-  float (*dot_f16)(const float* a, const uint16_t* b, int64_t n);
-  void (*axpy_f32)(float a, const float* x, float* y, int64_t n);   // y += a * x
-  void (*axpy_f16)(float a, const uint16_t* x, float* y, int64_t n);
+  // Decode attention's P V over one head's V rows (f32 or f16): y[k] += sum of a[j] * x[j * n + k]
+  // over j in [0, rows) for k in [0, n), j in order (one FMA after another per element). The
+  // scores, Q K^T, are a matvec over the K rows.
+  void (*axpy_rows_f32)(const float* a, const float* x, int64_t rows, float* y, int64_t n);
+  void (*axpy_rows_f16)(const float* a, const uint16_t* x, int64_t rows, float* y, int64_t n);
   void (*to_f16)(const float* x, uint16_t* y, int64_t n);            // round to nearest even
 
   // Softmax and SiLU: x[i] = e^(x[i] - shift), returning the sum; out[i] = silu(g[i]) * u[i] with
