@@ -41,11 +41,11 @@ struct V256 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  // out[0, n) = f32 of n halves.
-  static void halves_to_f32(const uint16_t* p, int n, float* out) {
+  // out[i] = f32(p[i]) * d[i] for i in [0, n), n <= kScaleGroup.
+  static void scaled_halves(const uint16_t* p, const float* d, int n, float* out) {
     int i = 0;
-    for (; i + W <= n; i += W) store(out + i, load_f16(p + i));
-    for (; i < n; ++i) out[i] = half_to_float(p[i]);
+    for (; i + W <= n; i += W) store(out + i, _mm256_mul_ps(load_f16(p + i), load(d + i)));
+    for (; i < n; ++i) out[i] = half_to_float(p[i]) * d[i];
   }
 
   static __m128i load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }

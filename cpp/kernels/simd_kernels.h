@@ -223,7 +223,7 @@ void quantize_act(const float* x, int64_t n, int block, int8_t* q, float* d, int
 template <class V, DType T, int B, int R>
 inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, int64_t r, float* out) {
   using S = I8Shape<V, T, B>;
-  constexpr int P = S::P, C = S::C, E = S::E, W = V::W;
+  constexpr int P = S::P, C = S::C, E = S::E;
   constexpr int U = V::kMatvecRowsI8 >= 4 ? 1 : 4 / V::kMatvecRowsI8;
   const int64_t nb = w.cols / B, nbv = nb / P * P;  // blocks in whole vectors
   const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
@@ -238,13 +238,7 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
     const int n = int(min64(kScaleGroup, nb - b0));
     // Whole vectors (a scalar loop here cost short rows more than their dot products did: SmolLM2's
     // 576-wide q4 rows ran at 13 GB/s in cache).
-    for (int i = 0; i < R; ++i) {
-      V::halves_to_f32(w.scales + (r + i) * nb + b0, n, sd[i]);
-      for (int j = 0; j < n; j += W) {
-        const int m = n - j < W ? n - j : W;
-        V::store_n(sd[i] + j, V::mul(V::load_n(sd[i] + j, m), V::load_n(a.d + b0 + j, m)), m);
-      }
-    }
+    for (int i = 0; i < R; ++i) V::scaled_halves(w.scales + (r + i) * nb + b0, a.d + b0, n, sd[i]);
     int64_t bq = b0;  // blocks [b0, bq) went through the quad loop
     if constexpr (T == DType::Q4 && B == 32 && V::kQ4Quad) {
       // Four blocks at a time (V::q4_quad_codes): 1 load and 3 bit operations for 128 codes where
