@@ -29,6 +29,16 @@ struct V256 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Matvec rows' sums: four at once (one reduction for four rows), and one alone by the same
+  // additions in the same order, so that a row's sum does not depend on the rows beside it.
+  static void hsum4(reg a, reg b, reg c, reg d, float* out) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+  static float hsum1(reg a) {
+    const __m256 h1 = _mm256_hadd_ps(a, a), h = _mm256_hadd_ps(h1, h1);
+    return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
 
   static reg load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

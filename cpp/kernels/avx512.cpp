@@ -29,6 +29,17 @@ struct V512 {
   static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
+  // Matvec rows' sums: four at once (one reduction for four rows), and one alone by the same
+  // additions in the same order, so that a row's sum does not depend on the rows beside it.
+  static __m256 fold(reg v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+  static void hsum4(reg a, reg b, reg c, reg d, float* out) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(d)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+  static float hsum1(reg a) {
+    const __m256 f = fold(a), h1 = _mm256_hadd_ps(f, f), h = _mm256_hadd_ps(h1, h1);
+    return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
 
   static reg load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

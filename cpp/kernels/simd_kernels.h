@@ -213,6 +213,17 @@ void quantize_act(const float* x, int64_t n, int block, int8_t* q, float* d, int
   }
 }
 
+// out[i] = the sum of v[i]'s lanes, for R rows (R = 1 or a multiple of 4): V::hsum4 and V::hsum1
+// add in the same order, so a row's sum is the same whichever rows share its call.
+template <class V, int R>
+inline void row_sums(const typename V::reg* v, float* out) {
+  if constexpr (R % 4 == 0) {
+    for (int i = 0; i < R; i += 4) V::hsum4(v[i], v[i + 1], v[i + 2], v[i + 3], out + i);
+  } else {
+    for (int i = 0; i < R; ++i) out[i] = V::hsum1(v[i]);
+  }
+}
+
 // out[i] = dot(row r + i, x) for R rows: per vector of codes one integer dot product, shared
 // activation loads across the R rows, one float scale step per vector. Each row keeps U
 // accumulators that consecutive vectors take in turn, so that no vector waits for the previous
@@ -287,11 +298,13 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
     for (int64_t b = bend; b < b0 + n; ++b)  // a last block that fills half a vector
       for (int i = 0; i < R; ++i) tail[i] += sd[i][b - b0] * float(block_dot_i8<T, B>(w, (r + i) * nb + b, a.q + b * B));
   }
+  typename V::reg sum[R];
   for (int i = 0; i < R; ++i) {
-    auto sum = acc[i][0];
-    for (int u = 1; u < U; ++u) sum = V::add(sum, acc[i][u]);
-    out[i] = V::hsum(sum) + tail[i];
+    sum[i] = acc[i][0];
+    for (int u = 1; u < U; ++u) sum[i] = V::add(sum[i], acc[i][u]);
   }
+  row_sums<V, R>(sum, out);
+  for (int i = 0; i < R; ++i) out[i] += tail[i];
 }
 
 // Matmul tile for a group of W rows: the codes of columns [k0, k0 + kbn * B) in dot form, laid
@@ -472,8 +485,11 @@ inline void rows_dot_dense(const WeightView& w, const float* x, int64_t r, float
     const reg x0 = V::load(x + k);
     for (int i = 0; i < R; ++i) acc0[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k), x0, acc0[i]);
   }
+  reg sum[R];
+  for (int i = 0; i < R; ++i) sum[i] = V::add(acc0[i], acc1[i]);
+  row_sums<V, R>(sum, out);
   for (int i = 0; i < R; ++i) {
-    float s = V::hsum(V::add(acc0[i], acc1[i]));
+    float s = out[i];
     for (int64_t kk = k; kk < K; ++kk) s += dense_at<T>(w.codes, (r + i) * K + kk) * x[kk];
     out[i] = s;
   }
