@@ -233,14 +233,13 @@ inline void row_sums(const typename V::reg* v, float* out) {
 // activation loads across the R rows, one float scale step per vector. Each row keeps U
 // accumulators that consecutive vectors take in turn, so that no vector waits for the previous
 // one's FMA (with one, a row was bound by FMA latency: 4 cycles per vector, q3 in cache at 20 GB/s).
-// U depends on the path only, not on R: a row sums in the same order whichever rows share its
-// call, so results do not depend on how rows are split between threads. zs: -zero point x sum of
+// U depends on the path and the row length only, not on R: a row sums in the same order whichever
+// rows share its call, so results do not depend on how rows are split between threads. zs: -zero point x sum of
 // activation codes of every block (row-independent, computed once per call of matvec).
-template <class V, DType T, int B, int R>
+template <class V, DType T, int B, int R, int U>
 inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, int64_t r, float* out) {
   using S = I8Shape<V, T, B>;
   constexpr int P = S::P, C = S::C, E = S::E;
-  constexpr int U = V::kMatvecRowsI8 >= 4 ? 1 : 4 / V::kMatvecRowsI8;
   const int64_t nb = w.cols / B, nbv = nb / P * P;  // blocks in whole vectors
   const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
   typename V::reg acc[R][U];
@@ -515,11 +514,17 @@ void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int6
       for (int64_t b = 0; b < nb; ++b) zs[b] = -I8Shape<V, T, B>::kZero * xq.sum[b];
       // Short rows (SmolLM2's) go kMatvecRowsI8Short at a time: consecutive rows are one stretch of
       // memory then, and the rows share the activation loads and the per-call work.
+      // Accumulators per row: enough independent FMA chains in the rows of one call (4 / rows), a
+      // function of the shape only, so the tail rows of a chunk sum as the grouped ones do.
       constexpr int R = V::kMatvecRowsI8, RS = V::kMatvecRowsI8Short;
-      if (nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes)
-        for (; r + RS <= r1; r += RS) rows_dot_i8<V, T, B, RS>(w, xq, zs.data(), r, y + r);
-      for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R>(w, xq, zs.data(), r, y + r);
-      for (; r < r1; ++r) rows_dot_i8<V, T, B, 1>(w, xq, zs.data(), r, y + r);
+      constexpr int U = R >= 4 ? 1 : 4 / R, US = RS >= 4 ? 1 : 4 / RS;
+      if (nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes) {
+        for (; r + RS <= r1; r += RS) rows_dot_i8<V, T, B, RS, US>(w, xq, zs.data(), r, y + r);
+        for (; r < r1; ++r) rows_dot_i8<V, T, B, 1, US>(w, xq, zs.data(), r, y + r);
+      } else {
+        for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R, U>(w, xq, zs.data(), r, y + r);
+        for (; r < r1; ++r) rows_dot_i8<V, T, B, 1, U>(w, xq, zs.data(), r, y + r);
+      }
     } else {
       constexpr int R = V::kMatvecRows;
       for (; r + R <= r1; r += R) rows_dot_dense<V, T, R>(w, x, r, y + r);
