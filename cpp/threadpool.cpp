@@ -26,10 +26,11 @@ inline void spin_pause() {
 constexpr int kPauseSpins = 2000;
 
 // A wait for the workers longer than this (and than the caller's own parts took) means a worker
-// lost its core while it held a part; the next kSoloJobs jobs then run on the caller alone (about a
+// lost its core while it held a part (a decode part takes microseconds, a time slice milliseconds;
+// at 300 us, Phi-4-shaped decode went solo often enough to lose about a tenth); the next kSoloJobs jobs then run on the caller alone (about a
 // token of decode), after which the workers are tried again. Which thread runs a part does not
 // change the results.
-constexpr std::chrono::microseconds kStall{300};
+constexpr std::chrono::microseconds kStall{1000};
 constexpr int kSoloJobs = 256;
 
 }  // namespace
