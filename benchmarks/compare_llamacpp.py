@@ -64,6 +64,7 @@ REFERENCE_TEXT = (
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
            "The three primary colors are"]
 TOP1_THRESHOLD = 0.99
+MIN_DOC_RUNS = 3
 CHECK_N_CTX = 1024  # REFERENCE_TEXT is about 400 tokens
 
 
@@ -281,6 +282,18 @@ METRICS = [("load s", "load_s", "{:.2f}"), ("load + 1st token s", "ready_s", "{:
            ("decode tok/s", "decode_tps", "{:.2f}"), ("peak RSS MB", "peak_rss_bytes", "{:.0f}")]
 
 
+def run_ratios(res: dict[str, list[dict]], key: str) -> list[float]:
+    """ours / llama.cpp of each run: run i of both engines ran back to back (ABBA), on the same prompt."""
+    return [a[key] / b[key] for a, b in zip(res["upg"], res["llamacpp"])]
+
+
+def _ratio_cell(res: dict[str, list[dict]], key: str) -> str:
+    """The median of the per-run ratios, and their range when there are several."""
+    r = run_ratios(res, key)
+    spread = f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else ""
+    return f"**{statistics.median(r):.2f}**{spread}"
+
+
 def table(rows: list[tuple[Pair, dict[str, list[dict]]]]) -> str:
     head = ["model", "engine", "weights", "file MB", "bpw", *(m[0] for m in METRICS), "loadavg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -298,7 +311,7 @@ def table(rows: list[tuple[Pair, dict[str, list[dict]]]]) -> str:
                              f"{min(loads):.1f}-{max(loads):.1f}"]
         ratio = ["", "**ours / llama.cpp**", "", f"{values['upg']['size'] / values['llamacpp']['size']:.2f}",
                  f"{values['upg']['bpw'] / values['llamacpp']['bpw']:.2f}",
-                 *(f"**{values['upg'][key] / values['llamacpp'][key]:.2f}**" for _, key, _ in METRICS), ""]
+                 *(_ratio_cell(res, key) for _, key, _ in METRICS), ""]
         lines += ["| " + " | ".join(c) + " |" for c in (cells["upg"], cells["llamacpp"], ratio)]
     return "\n".join(lines)
 
@@ -319,8 +332,10 @@ def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list
            f"n_batch 512; each run is a fresh process per engine, engines alternating (ABBA), {args.runs} runs unless the model says :N; "
            f"prefill = {args.prompt} random token ids then the greedy first token (its time is TTFT), decode = "
            f"{args.gen} greedy tokens; load = constructing the model object (imports excluded), load + 1st token = load and a one-token warm-up eval (an engine that maps lazily or repacks weights pays at one or the other); peak RSS = the child's high-water resident set (VmHWM; ru_maxrss would include the parent's at fork); "
-           "bpw = bits per weight of the matrices, scales included. Medians; ratios are ours / llama.cpp "
-           "(above 1 is better for tok/s, below 1 is better for times, sizes and memory). "
+           "bpw = bits per weight of the matrices, scales included. Medians; a ratio is ours / llama.cpp "
+           "of each run (the two engines' run i back to back), given as the median over runs and, in "
+           "brackets, the lowest and highest run (above 1 is better for tok/s, below 1 is better for "
+           "times, sizes and memory). "
            "loadavg is the 1-minute load average when each run started.", "",
            table(rows), ""]
     if checks:
@@ -391,6 +406,8 @@ def main() -> None:
     for name in ("threads", "runs", "prompt", "gen"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name} must be positive")
+    # a ratio in the doc is a median of alternating runs with its spread: one or two runs have neither
+    least_runs = 1 if str(args.doc) == "-" else MIN_DOC_RUNS
     args.n_ctx = args.n_ctx or -(-(args.prompt + args.gen + 1) // 256) * 256
     if args.n_ctx <= args.prompt + args.gen:
         ap.error("--n-ctx must exceed --prompt + --gen")
@@ -403,6 +420,9 @@ def main() -> None:
         name, _, runs = entry.partition(":")
         if runs and not (runs.isdigit() and int(runs) > 0):
             ap.error(f"--models entry {entry!r}: the run count after ':' must be a positive integer")
+        if int(runs or args.runs) < least_runs:
+            ap.error(f"--models entry {entry!r}: writing the doc takes at least {MIN_DOC_RUNS} runs per model "
+                     "(--doc - prints fewer)")
         if name != "smollm2":
             try:
                 _shape_model(name)

@@ -1,6 +1,12 @@
 """CPU kernel throughput: matvec GB/s (1 and 2 threads) and matmul GFLOP/s, per type and path.
 
 Run: python3 benchmarks/kernels_bench.py [--rows 5120] [--cols 17920] [--types q4,q8_0,...]
+     python3 benchmarks/kernels_bench.py --decode smollm2 [--types f16,q4] [--threads 1,2]
+
+--decode SHAPE: every matrix of one decode step of that model (smollm2, or a upg_backend.bench
+shape), as the engine runs it: enough copies of each matrix to stream from memory, each product
+shared by the engine's thread pool, against the read probe (_core.measure_read_bandwidth) measured
+just before each row. Medians of --reps passes, ms per product and GB/s of weights.
 
 matvec streams a Phi-4 down_proj-shaped matrix (5120 x 17920); GB/s counts the matrix bytes read
 per call, to compare with the machine's memory bandwidth, measured here as a numpy copy of 1 GiB
@@ -46,6 +52,60 @@ def memory_bandwidth():
     return 2 * a.nbytes / median_time(lambda: np.copyto(b, a), 5) / 1e9
 
 
+# SmolLM2-135M (the llama.cpp comparison's small model): hidden 576, MLP 1536, 9 heads of 64 of which 3 KV, vocabulary 49152
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+               vocab_size=49152, num_hidden_layers=30)
+
+
+def decode_matrices(shape):
+    """(name, rows, cols, matrices of that shape per token) of one decode step."""
+    if shape == "smollm2":
+        c = SMOLLM2
+    else:
+        from upg_backend.bench import SHAPES
+        c = SHAPES[shape]
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    hd = c.get("head_dim", h // c["num_attention_heads"])
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * hd
+    return [("qkv", qkv, h, layers), ("o", h, c["num_attention_heads"] * hd, layers),
+            ("gate_up", 2 * inter, h, layers), ("down", h, inter, layers), ("lm_head", c["vocab_size"], h, 1)]
+
+
+def decode_table(args):
+    """Per matrix of one decode step: ms per product and GB/s, at each thread count, against the probe."""
+    threads = [int(t) for t in args.threads.split(",")]
+    rng = np.random.default_rng(0)
+    print(f"decode matrices of {args.decode}, path {args.paths.split(',')[-1]}; copies of each matrix "
+          f"totalling >= {args.stream_mb} MB stream from memory\n")
+    print("| type | matrix | rows x cols | MB | per token | " + " | ".join(
+        f"{t}T ms | {t}T GB/s | {t}T probe GB/s" for t in threads) + " |")
+    print("|---|---|---|---:|---:|" + "---:|---:|---:|" * len(threads))
+    path = args.paths.split(",")[-1]
+    for type_ in args.types.split(","):
+        block = TYPES[type_]
+        token_s = {t: 0.0 for t in threads}
+        token_bytes = 0
+        for name, rows, cols, per_token in decode_matrices(args.decode):
+            w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
+            one = _core.quantize(type_, block, w)
+            copies = max(2, -(-args.stream_mb * 10**6 // one.nbytes))
+            data = aligned64(np.tile(one, copies))
+            x = rng.standard_normal(cols, dtype=np.float32)
+            cells = []
+            for t in threads:
+                probe = _core.measure_read_bandwidth(1 << 28, t, 3)
+                s = statistics.median(_core.time_matvec(type_, block, data, rows, cols, copies, x, path,
+                                                        n_threads=t, passes=args.reps))
+                token_s[t] += s * per_token
+                cells += [f"{s * 1e3:.3f}", f"{one.nbytes / s / 1e9:.1f}", f"{probe:.1f}"]
+            token_bytes += one.nbytes * per_token
+            print(f"| {type_} | {name} | {rows} x {cols} | {one.nbytes / 1e6:.2f} | {per_token} | "
+                  + " | ".join(cells) + " |", flush=True)
+            del data
+        print(f"| {type_} | **all (one token)** | | {token_bytes / 1e6:.1f} | | " + " | ".join(
+            f"{token_s[t] * 1e3:.2f} | {token_bytes / token_s[t] / 1e9:.1f} | " for t in threads) + " |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5120)
@@ -53,7 +113,16 @@ def main():
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--paths", default=",".join(_core.simd_paths()))
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--decode", help="a model's decode matrices: smollm2 or a upg_backend.bench shape")
+    ap.add_argument("--threads", default="1,2", help="--decode: thread counts")
+    ap.add_argument("--stream-mb", type=int, default=256, help="--decode: bytes of copies per matrix")
+    ap.add_argument("--list-matrices", action="store_true",
+                    help="--decode: print the matrices as ggml_matvec.py --matrices takes them, and exit")
     args = ap.parse_args()
+    if args.decode and args.list_matrices:
+        return print(",".join(f"{n}:{r}x{c}x{k}" for n, r, c, k in decode_matrices(args.decode)))
+    if args.decode:
+        return decode_table(args)
     rows, cols = args.rows, args.cols
     rng = np.random.default_rng(0)
     w = rng.standard_normal((rows, cols), dtype=np.float32)

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "upg/kernels.h"
+#include "upg/threadpool.h"
 
 namespace py = pybind11;
 using upg::DType;
@@ -151,11 +153,29 @@ void fill_nan_if_partial(A& y, int64_t rows, std::pair<int64_t, int64_t> range) 
     std::fill_n(y.mutable_data(), y.size(), std::numeric_limits<float>::quiet_NaN());
 }
 
+void check_sharing(int n_threads, int64_t chunk_rows) {
+  if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
+  if (chunk_rows < 0 || chunk_rows % 16) throw py::value_error("chunk_rows must be 0 (the engine's choice) or a multiple of 16");
+}
+
+// Rows [range) computed by f(r0, r1) over chunks, n_threads sharing them as the engine does
+// (chunk_rows 0: the engine's matmul_chunk_rows).
+template <class F>
+void share_rows(const upg::WeightView& w, int64_t n, std::pair<int64_t, int64_t> range, int n_threads,
+                int64_t chunk_rows, F&& f) {
+  upg::ThreadPool pool(n_threads);
+  const int64_t chunk = chunk_rows ? chunk_rows : upg::matmul_chunk_rows(w, n, n_threads);
+  pool.parallel_for(range.second - range.first, chunk,
+                    [&](int64_t a, int64_t b) { f(range.first + a, range.first + b); });
+}
+
 py::array_t<float> matvec(const std::string& type_name, int block, const CArray<uint8_t>& data, int64_t rows,
                           int64_t cols, const FArray& x, const std::optional<std::string>& path,
-                          const std::optional<Outliers>& outliers, int64_t r0, std::optional<int64_t> r1) {
+                          const std::optional<Outliers>& outliers, int64_t r0, std::optional<int64_t> r1,
+                          int n_threads, int64_t chunk_rows) {
   const upg::WeightView w = make_view(parse_type(type_name), block, data, rows, cols, outliers);
   if (x.ndim() != 1 || x.size() != cols) throw py::value_error("x must be float32[cols]");
+  check_sharing(n_threads, chunk_rows);
   const auto range = row_range(rows, r0, r1);
   const upg::Kernels& k = pick_path(path);
   py::array_t<float> y(static_cast<py::ssize_t>(rows));
@@ -165,16 +185,18 @@ py::array_t<float> matvec(const std::string& type_name, int block, const CArray<
   {
     py::gil_scoped_release release;
     const QuantizedInput xq(k, w, xp, 1);
-    k.matvec(w, xp, xq.view, yp, range.first, range.second);
+    share_rows(w, 1, range, n_threads, chunk_rows, [&](int64_t a, int64_t b) { k.matvec(w, xp, xq.view, yp, a, b); });
   }
   return y;
 }
 
 py::array_t<float> matmul(const std::string& type_name, int block, const CArray<uint8_t>& data, int64_t rows,
                           int64_t cols, const FArray& x, const std::optional<std::string>& path,
-                          const std::optional<Outliers>& outliers, int64_t r0, std::optional<int64_t> r1) {
+                          const std::optional<Outliers>& outliers, int64_t r0, std::optional<int64_t> r1,
+                          int n_threads, int64_t chunk_rows) {
   const upg::WeightView w = make_view(parse_type(type_name), block, data, rows, cols, outliers);
   if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be float32[n, cols]");
+  check_sharing(n_threads, chunk_rows);
   const int64_t n = x.shape(0);
   const auto range = row_range(rows, r0, r1);
   const upg::Kernels& k = pick_path(path);
@@ -185,9 +207,47 @@ py::array_t<float> matmul(const std::string& type_name, int block, const CArray<
   {
     py::gil_scoped_release release;
     const QuantizedInput xq(k, w, xp, n);
-    k.matmul(w, xp, xq.view, n, yp, rows, range.first, range.second);
+    share_rows(w, n, range, n_threads, chunk_rows,
+               [&](int64_t a, int64_t b) { k.matmul(w, xp, xq.view, n, yp, rows, a, b); });
   }
   return y;
+}
+
+// Decode's mat-vec as the engine runs it, for benchmarks: `data` holds `copies` matrices of one
+// type and shape back to back (more than the caches hold, so that they stream from memory as a
+// model's weights do), and each pass multiplies x by every one in turn, n_threads sharing each
+// product through the engine's ThreadPool::parallel_for (chunk_rows 0: the engine's
+// matmul_chunk_rows). Returns the seconds per product of each pass after one warm-up pass.
+std::vector<double> time_matvec(const std::string& type_name, int block, const CArray<uint8_t>& data, int64_t rows,
+                                int64_t cols, int64_t copies, const FArray& x, const std::optional<std::string>& path,
+                                int n_threads, int passes, int64_t chunk_rows) {
+  const DType type = parse_type(type_name);
+  const uint64_t nbytes = matrix_nbytes(type, block, rows, cols);
+  if (copies < 1 || data.ndim() != 1 || uint64_t(data.size()) != nbytes * uint64_t(copies))
+    throw py::value_error("data must be a 1-D uint8 array of copies x the matrix's bytes");
+  if (x.ndim() != 1 || x.size() != cols) throw py::value_error("x must be float32[cols]");
+  check_sharing(n_threads, chunk_rows);
+  if (passes < 1) throw py::value_error("passes must be >= 1");
+  const upg::Kernels& k = pick_path(path);
+  std::vector<upg::WeightView> views;
+  for (int64_t c = 0; c < copies; ++c) {
+    const CArray<uint8_t> one(static_cast<py::ssize_t>(nbytes), data.data() + c * int64_t(nbytes), data);
+    views.push_back(make_view(type, block, one, rows, cols, std::nullopt));
+  }
+  std::vector<float> y(static_cast<size_t>(rows));
+  std::vector<double> out;
+  py::gil_scoped_release release;
+  const QuantizedInput xq(k, views[0], x.data(), 1);
+  upg::ThreadPool pool(n_threads);
+  const int64_t chunk = chunk_rows ? chunk_rows : upg::matmul_chunk_rows(views[0], 1, n_threads);
+  for (int p = 0; p <= passes; ++p) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const upg::WeightView& w : views)
+      pool.parallel_for(rows, chunk, [&](int64_t r0, int64_t r1) { k.matvec(w, x.data(), xq.view, y.data(), r0, r1); });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (p > 0) out.push_back(s / double(copies));
+  }
+  return out;
 }
 
 // (codes int8[n], scales float32[n / block]) of a float32[n] row, by one path.
@@ -240,12 +300,18 @@ void bind_kernels(py::module_& m) {
   m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0,
         "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md).");
   m.def("matvec", &matvec, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
-        "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(),
+        "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(), "n_threads"_a = 1,
+        "chunk_rows"_a = 0,
         "y = W x for a UPG matrix; path None uses the engine's choice (UPG_SIMD or the best). Only "
-        "rows [r0, r1) are computed, the others are NaN.");
+        "rows [r0, r1) are computed, the others are NaN; n_threads share them in chunks of chunk_rows "
+        "as the engine does (0: the engine's chunk).");
   m.def("matmul", &matmul, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
-        "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(),
+        "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(), "n_threads"_a = 1,
+        "chunk_rows"_a = 0,
         "y[t] = W x[t] for every row t of x: float32[n, rows] (rows [r0, r1) only, as matvec).");
+  m.def("time_matvec", &time_matvec, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "copies"_a, "x"_a,
+        "path"_a = py::none(), py::kw_only(), "n_threads"_a = 1, "passes"_a = 5, "chunk_rows"_a = 0,
+        "Seconds per decode mat-vec of each pass over `copies` matrices, n_threads sharing each as the engine does.");
   m.def("quantize_act", &quantize_act, "x"_a, "block"_a, "path"_a = py::none(),
         "The 8-bit activations that quantized weights multiply (kernels.h): (codes, scales).");
   m.def("exp_shift_sum", &exp_shift_sum, "x"_a, "shift"_a, "path"_a = py::none(),

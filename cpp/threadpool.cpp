@@ -1,12 +1,43 @@
 #include "upg/threadpool.h"
 
-#include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace upg {
 
+namespace {
+
+// One step of a wait that keeps the core: a yield hands it to any other runnable process, and on a
+// shared host that one keeps it for a whole time slice (milliseconds) while the part we wait for
+// takes microseconds.
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Pause steps before a wait starts yielding: on the order of 50 microseconds, longer than a part
+// of a decode mat-vec (about 64 KiB of weights) takes.
+constexpr int kPauseSpins = 2000;
+
+// A wait for the workers longer than this (and than the caller's own parts took) means a worker
+// lost its core while it held a part (a decode part takes microseconds, a time slice milliseconds;
+// at 300 us, Phi-4-shaped decode went solo often enough to lose about a tenth); the next kSoloJobs jobs then run on the caller alone (about a
+// token of decode), after which the workers are tried again. Which thread runs a part does not
+// change the results.
+constexpr std::chrono::microseconds kStall{1000};
+constexpr int kSoloJobs = 256;
+
+}  // namespace
+
 ThreadPool::ThreadPool(int n_threads)
     : n_(n_threads > 0 ? n_threads : int(std::max(1u, std::thread::hardware_concurrency()))) {
-  for (int i = 1; i < n_; ++i) threads_.emplace_back(&ThreadPool::worker, this, i);
+  for (int i = 1; i < n_; ++i) threads_.emplace_back(&ThreadPool::worker, this);
 }
 
 ThreadPool::~ThreadPool() {
@@ -19,48 +50,82 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::run(const std::function<void(int, int)>& fn) {
-  if (n_ == 1) {
-    fn(0, 1);
+  dispatch(n_, [&](int64_t part) { fn(int(part), n_); });
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(1, chunk);
+  dispatch((n + chunk - 1) / chunk, [&](int64_t c) { fn(c * chunk, std::min(n, (c + 1) * chunk)); });
+}
+
+void ThreadPool::dispatch(int64_t parts, const std::function<void(int64_t)>& fn) {
+  if (n_ == 1 || parts == 1 || solo_ > 0) {
+    if (solo_ > 0) --solo_;
+    for (int64_t p = 0; p < parts; ++p) fn(p);
     return;
   }
+  // No worker is inside a job here (the last dispatch waited for them), so these are ours to write.
   job_ = &fn;
+  parts_ = parts;
   error_ = nullptr;
-  pending_.store(n_ - 1, std::memory_order_relaxed);
+  next_.store(0, std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    generation_.fetch_add(1, std::memory_order_release);
+    std::lock_guard<std::mutex> lock(mu_);  // a worker about to sleep sees the job or the notify
+    open_.store(++jobs_, std::memory_order_seq_cst);
   }
   wake_.notify_all();
-  try {
-    fn(0, n_);
-  } catch (...) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!error_) error_ = std::current_exception();
+  const auto t0 = std::chrono::steady_clock::now();
+  take_parts();
+  open_.store(0, std::memory_order_seq_cst);  // late workers now leave without touching the job
+  const auto t1 = std::chrono::steady_clock::now();
+  for (int spin = 0; active_.load(std::memory_order_seq_cst) != 0; ++spin) {
+    if (spin < kPauseSpins) spin_pause();
+    else std::this_thread::yield();
   }
-  while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  // A worker that kept us waiting far longer than our own share took was descheduled while it
+  // held a part (the machine has more runnable threads than cores): for a while, run alone.
+  const auto waited = std::chrono::steady_clock::now() - t1;
+  if (waited > kStall && waited > t1 - t0) solo_ = kSoloJobs;
   job_ = nullptr;
   if (error_) std::rethrow_exception(error_);
 }
 
-void ThreadPool::worker(int index) {
-  uint64_t seen = 0;
-  for (;;) {
-    // Spin a little: the next job usually follows within microseconds during decode.
-    for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen && !stop_; ++spin)
-      std::this_thread::yield();
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_acquire) != seen; });
-      if (stop_) return;
-      seen = generation_.load(std::memory_order_acquire);
-    }
+void ThreadPool::take_parts() {
+  for (int64_t p; (p = next_.fetch_add(1, std::memory_order_relaxed)) < parts_;) {
     try {
-      (*job_)(index, n_);
+      (*job_)(p);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mu_);
       if (!error_) error_ = std::current_exception();
     }
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::worker() {
+  uint64_t seen = 0;
+  const auto fresh = [&] {
+    const uint64_t j = open_.load(std::memory_order_acquire);
+    return j != 0 && j != seen;
+  };
+  for (;;) {
+    // Spin a little: the next job usually follows within microseconds during decode.
+    for (int spin = 0; spin < kPauseSpins + 20000 && !fresh() && !stop_; ++spin) {
+      if (spin < kPauseSpins) spin_pause();
+      else std::this_thread::yield();
+    }
+    if (!fresh()) {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait(lock, [&] { return stop_ || fresh(); });
+    }
+    if (stop_) return;
+    active_.fetch_add(1, std::memory_order_seq_cst);
+    const uint64_t j = open_.load(std::memory_order_seq_cst);
+    if (j != 0 && j != seen) {
+      seen = j;
+      take_parts();
+    }
+    active_.fetch_sub(1, std::memory_order_release);
   }
 }
 

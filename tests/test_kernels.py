@@ -342,6 +342,52 @@ def test_concurrent_calls_on_disjoint_rows(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("type_,block", TYPES)
+def test_rows_shared_by_threads_give_the_same_bits(path, type_, block):
+    """The engine's work split (ThreadPool::parallel_for): chunks of rows taken by whichever thread
+    is free. Every split, thread count and chunk size gives the bits of one thread doing all rows,
+    for decode (mat-vec) and prefill (mat-mul), outliers included."""
+    rows, cols = 1000, _cols(type_, block)  # 1000: chunks of 16 and 48 leave a short last one
+    w = _matrix(rows, cols, seed=21)
+    data = ref.quantize(type_, block, w)
+    out = _outliers(rows, cols, seed=22)
+    rng = np.random.default_rng(23)
+    x, xs = rng.standard_normal(cols).astype(np.float32), rng.standard_normal((7, cols)).astype(np.float32)
+    want_v = _core.matvec(type_, block, data, rows, cols, x, path, out)
+    want_m = _core.matmul(type_, block, data, rows, cols, xs, path, out)
+    assert _rel_err(want_v[5:], _product(type_, block, ref.dequantize(type_, block, data, rows, cols), x, out)[5:]) <= TOL
+    for n_threads, chunk in [(2, 0), (2, 16), (3, 48), (3, 0), (4, 112)]:
+        y = _core.matvec(type_, block, data, rows, cols, x, path, out, n_threads=n_threads, chunk_rows=chunk)
+        np.testing.assert_array_equal(y, want_v, err_msg=f"matvec, {n_threads} threads, chunks of {chunk}")
+        y = _core.matmul(type_, block, data, rows, cols, xs, path, out, n_threads=n_threads, chunk_rows=chunk)
+        np.testing.assert_array_equal(y, want_m, err_msg=f"matmul, {n_threads} threads, chunks of {chunk}")
+    y = _core.matvec(type_, block, data, rows, cols, x, path, out, r0=100, r1=700, n_threads=2, chunk_rows=32)
+    assert np.isnan(y[:100]).all() and np.isnan(y[700:]).all()
+    np.testing.assert_array_equal(y[100:700], want_v[100:700])
+
+
+def test_row_sharing_rejects_bad_arguments():
+    rows, cols, data, x = _q4()
+    for kwargs, match in [(dict(n_threads=0), "n_threads"), (dict(chunk_rows=24), "multiple of 16"),
+                          (dict(chunk_rows=-16), "multiple of 16")]:
+        with pytest.raises(ValueError, match=match):
+            _core.matvec("q4", 32, data, rows, cols, x, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            _core.matmul("q4", 32, data, rows, cols, x[None], **kwargs)
+
+
+def test_time_matvec_times_each_pass():
+    rows, cols = 64, 256
+    w = _matrix(rows, cols, seed=24)
+    data = ref.quantize("q8_0", 32, w)
+    x = np.ones(cols, np.float32)
+    times = _core.time_matvec("q8_0", 32, np.tile(data, 3), rows, cols, 3, x, n_threads=2, passes=4)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    with pytest.raises(ValueError, match="copies"):
+        _core.time_matvec("q8_0", 32, data, rows, cols, 2, x)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("block", [32, 64])
 def test_activation_quantization_matches_reference(path, block):
     """The 8-bit activations of q8_0 / q4 products: same codes and scales as the numpy statement

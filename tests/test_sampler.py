@@ -133,12 +133,19 @@ def test_one_model_serves_sessions_in_parallel(tmp_path):
     convert_hf(tmp_path / "hf", tmp_path / "m.upg", type="q8_0", progress=False)
     model = _core.Model(str(tmp_path / "m.upg"), UPGFile(tmp_path / "m.upg").config.engine_config())
     prompts = [RNG.integers(0, V, 40, dtype=np.int32) for _ in range(4)]
-    alone = [_core.Session(model, 64, "f16", 1).eval(p, True) for p in prompts]
+
+    def evals(p):  # two passes (prefill, then a short pass that takes the per-token attention path)
+        s = _core.Session(model, 64, "f16", 1)
+        return np.concatenate([s.eval(p[:25], True), s.eval(p[25:], True)])
+
+    # The same passes alone and in parallel: with no shared mutable state the bits are the same
+    # (one 40-token pass against 25 + 15 would differ by summation order, which 8-bit activations
+    # can amplify past any tolerance).
+    alone = [evals(p) for p in prompts]
     results = [None] * 4
 
     def run(i):
-        s = _core.Session(model, 64, "f16", 1)
-        results[i] = np.concatenate([s.eval(prompts[i][:25], True), s.eval(prompts[i][25:], True)])
+        results[i] = evals(prompts[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
@@ -146,4 +153,4 @@ def test_one_model_serves_sessions_in_parallel(tmp_path):
     for t in threads:
         t.join()
     for got, ref in zip(results, alone):
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_array_equal(got, ref)

@@ -98,10 +98,7 @@ void CpuBackend::linear(const Matrix& m, Buf xb, int n, Buf yb) {
   const float* x = ptr<const float>(xb);
   float* y = ptr<float>(yb);
   const ActQ8 xq = is_quantized(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
-  pool_.run([&](int t, int nt) {
-    int64_t r0, r1;
-    split_range(w.rows, t, nt, 16, r0, r1);
-    if (r0 >= r1) return;
+  pool_.parallel_for(w.rows, matmul_chunk_rows(w, n, pool_.size()), [&](int64_t r0, int64_t r1) {
     if (n == 1) k_.matvec(w, x, xq, y, r0, r1);
     else k_.matmul(w, x, xq, n, y, w.rows, r0, r1);
   });
@@ -160,10 +157,15 @@ void CpuBackend::attention(Buf qkv_b, Buf k_cache, Buf v_cache, Buf out_b, bool 
   const int hd = a.head_dim, n_heads = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int64_t keys = n_past + n;
   if (scores_.size() < size_t(pool_.size() * keys)) scores_.resize(size_t(pool_.size() * keys));
-  const float* kf = ptr<const float>(k_cache);
-  const float* vf = ptr<const float>(v_cache);
-  const uint16_t* kh = ptr<const uint16_t>(k_cache);
-  const uint16_t* vh = ptr<const uint16_t>(v_cache);
+  const size_t elem = f16 ? 2 : 4;
+  auto k_rows = [&](size_t head, int64_t len) {  // keys [0, len) of one kv head, a dense matrix
+    WeightView kv;
+    kv.type = f16 ? DType::F16 : DType::F32;
+    kv.rows = len;
+    kv.cols = hd;
+    kv.codes = ptr(k_cache) + head * a.kv_stride * hd * elem;
+    return kv;
+  };
   pool_.run([&](int th, int nth) {
     int64_t w0, w1;
     split_range(n * n_heads, th, nth, 1, w0, w1);
@@ -174,18 +176,15 @@ void CpuBackend::attention(Buf qkv_b, Buf k_cache, Buf v_cache, Buf out_b, bool 
       const float* q = qkv + t * a.q_stride + h * hd;
       const int64_t len = n_past + t + 1;
       const size_t base = size_t(g) * a.kv_stride * hd;
+      k_.matvec(k_rows(size_t(g), len), q, ActQ8{}, s, 0, len);  // scores: one call over the K rows
       float mx = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        s[j] = a.scale * (f16 ? k_.dot_f16(q, kh + base + j * hd, hd) : k_.dot_f32(q, kf + base + j * hd, hd));
-        mx = std::max(mx, s[j]);
-      }
+      for (int64_t j = 0; j < len; ++j) mx = std::max(mx, s[j] *= a.scale);
       const float inv = 1.0f / k_.exp_shift_sum(s, len, mx);
+      for (int64_t j = 0; j < len; ++j) s[j] *= inv;
       float* o = out + t * n_heads * hd + h * hd;
       std::fill(o, o + hd, 0.0f);
-      for (int64_t j = 0; j < len; ++j) {
-        if (f16) k_.axpy_f16(s[j] * inv, vh + base + j * hd, o, hd);
-        else k_.axpy_f32(s[j] * inv, vf + base + j * hd, o, hd);
-      }
+      if (f16) k_.axpy_rows_f16(s, ptr<const uint16_t>(v_cache) + base, len, o, hd);
+      else k_.axpy_rows_f32(s, ptr<const float>(v_cache) + base, len, o, hd);
     }
   });
 }

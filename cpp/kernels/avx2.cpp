@@ -10,6 +10,7 @@ struct V256 {
   // Quantized matvec rows at a time: this path is bound by instructions, so rows share the
   // activation loads (4 rows: 37 GB/s on two cores against 29 with 1).
   static constexpr int kMatvecRowsI8 = 4;
+  static constexpr int kMatvecRowsI8Short = 4;  // short rows (kShortRowBytes) at a time
   static constexpr int kMR = 2, kNT = 6;  // dense matmul register tile: 2 row vectors x 6 tokens
   using reg = __m256;
   using ireg = __m256i;
@@ -28,6 +29,16 @@ struct V256 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Matvec rows' sums: four at once (one reduction for four rows), and one alone by the same
+  // additions in the same order, so that a row's sum does not depend on the rows beside it.
+  static void hsum4(reg a, reg b, reg c, reg d, float* out) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+  static float hsum1(reg a) {
+    const __m256 h1 = _mm256_hadd_ps(a, a), h = _mm256_hadd_ps(h1, h1);
+    return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
 
   static reg load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -40,11 +51,11 @@ struct V256 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  // out[0, n) = f32 of n halves.
-  static void halves_to_f32(const uint16_t* p, int n, float* out) {
+  // out[i] = f32(p[i]) * d[i] for i in [0, n), n <= kScaleGroup.
+  static void scaled_halves(const uint16_t* p, const float* d, int n, float* out) {
     int i = 0;
-    for (; i + W <= n; i += W) store(out + i, load_f16(p + i));
-    for (; i < n; ++i) out[i] = half_to_float(p[i]);
+    for (; i + W <= n; i += W) store(out + i, _mm256_mul_ps(load_f16(p + i), load(d + i)));
+    for (; i < n; ++i) out[i] = half_to_float(p[i]) * d[i];
   }
 
   static __m128i load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
@@ -163,6 +174,7 @@ struct V256 {
   }
   template <int P>
   static reg block_scales(const float* s) { return _mm256_set1_ps(s[0]); }
+  static constexpr bool kQ4Quad = false;  // rows_dot_q4_quad: 16-lane paths only
   static __m256i first_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, first_n(n), v); }
   static reg load_n(const float* p, int n) { return _mm256_maskload_ps(p, first_n(n)); }

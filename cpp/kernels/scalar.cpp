@@ -120,24 +120,14 @@ void dequant_row(const WeightView& w, int64_t r, float* out) {
   for (int32_t i = w.o_rowptr[r]; i < w.o_rowptr[r + 1]; ++i) out[w.o_col[i]] += f16_to_f32(w.o_val[i]);
 }
 
-float dot_f32(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+void axpy_rows_f32(const float* a, const float* x, int64_t rows, float* y, int64_t n) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t i = 0; i < n; ++i) y[i] += a[j] * x[j * n + i];
 }
 
-float dot_f16(const float* a, const uint16_t* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * f16_to_f32(b[i]);
-  return s;
-}
-
-void axpy_f32(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-void axpy_f16(float a, const uint16_t* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * f16_to_f32(x[i]);
+void axpy_rows_f16(const float* a, const uint16_t* x, int64_t rows, float* y, int64_t n) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t i = 0; i < n; ++i) y[i] += a[j] * f16_to_f32(x[j * n + i]);
 }
 
 void to_f16(const float* x, uint16_t* y, int64_t n) {
@@ -157,7 +147,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 extern const Kernels kScalarKernels = {"scalar", matvec,   matmul,   quantize_act,  dequant_row,
-                                       dot_f32,  dot_f16,  axpy_f32, axpy_f16,      to_f16,
+                                       axpy_rows_f32, axpy_rows_f16, to_f16,
                                        exp_shift_sum, silu_mul};
 
 }  // namespace upg

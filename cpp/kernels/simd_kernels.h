@@ -26,12 +26,19 @@ constexpr int kScaleGroup = 64;  // matvec: block scales converted to f32 per ba
 // q4 rows are 2.5 KiB) started every group cold: gate_up streamed at 15.6 GB/s on one core
 // against 23.3 GB/s with this distance.
 constexpr int64_t kMaxPrefetchBytes = 32768;
+// matvec: quantized rows of at most this many code bytes are short (V::kMatvecRowsI8Short at a time).
+constexpr int64_t kShortRowBytes = 1024;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // quant.h's is_quantized, not called here (see top).
 inline bool is_quantized_type(DType t) { return t == DType::Q8_0 || t == DType::Q4 || t == DType::Q3; }
+// At least kMinPrefetchBytes: a group of short rows (SmolLM2's q4 rows are 324 bytes) is too short
+// a distance to cover memory latency (576-wide q4 from DRAM: 15 GB/s on one core against 29 in
+// cache with one group's distance).
+constexpr int64_t kMinPrefetchBytes = 4096;
 inline int64_t prefetch_distance(int64_t row_bytes, int rows_per_group) {
-  return min64(row_bytes * rows_per_group, kMaxPrefetchBytes);
+  const int64_t d = min64(row_bytes * rows_per_group, kMaxPrefetchBytes);
+  return d < kMinPrefetchBytes ? kMinPrefetchBytes : d;
 }
 inline void prefetch(const void* p, int64_t distance) {
   _mm_prefetch(static_cast<const char*>(p) + distance, _MM_HINT_T0);
@@ -211,17 +218,28 @@ void quantize_act(const float* x, int64_t n, int block, int8_t* q, float* d, int
   }
 }
 
+// out[i] = the sum of v[i]'s lanes, for R rows (R = 1 or a multiple of 4): V::hsum4 and V::hsum1
+// add in the same order, so a row's sum is the same whichever rows share its call.
+template <class V, int R>
+inline void row_sums(const typename V::reg* v, float* out) {
+  if constexpr (R % 4 == 0) {
+    for (int i = 0; i < R; i += 4) V::hsum4(v[i], v[i + 1], v[i + 2], v[i + 3], out + i);
+  } else {
+    for (int i = 0; i < R; ++i) out[i] = V::hsum1(v[i]);
+  }
+}
+
 // out[i] = dot(row r + i, x) for R rows: per vector of codes one integer dot product, shared
 // activation loads across the R rows, one float scale step per vector. Each row keeps U
 // accumulators that consecutive vectors take in turn, so that no vector waits for the previous
 // one's FMA (with one, a row was bound by FMA latency: 4 cycles per vector, q3 in cache at 20 GB/s).
-// U depends on the path only, not on R: a row sums in the same order whichever rows share its
-// call, so results do not depend on how rows are split between threads.
-template <class V, DType T, int B, int R>
-inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* out) {
+// U depends on the path and the row length only, not on R: a row sums in the same order whichever
+// rows share its call, so results do not depend on how rows are split between threads. zs: -zero point x sum of
+// activation codes of every block (row-independent, computed once per call of matvec).
+template <class V, DType T, int B, int R, int U>
+inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, int64_t r, float* out) {
   using S = I8Shape<V, T, B>;
   constexpr int P = S::P, C = S::C, E = S::E;
-  constexpr int U = V::kMatvecRowsI8 >= 4 ? 1 : 4 / V::kMatvecRowsI8;
   const int64_t nb = w.cols / B, nbv = nb / P * P;  // blocks in whole vectors
   const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
   typename V::reg acc[R][U];
@@ -231,23 +249,46 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* o
     tail[i] = 0.0f;
   }
   alignas(64) float sd[R][kScaleGroup];  // weight scale x activation scale, per block
-  alignas(64) int32_t zs[kScaleGroup];   // -zero point x sum of activation codes, per block
   for (int64_t b0 = 0; b0 < nb; b0 += kScaleGroup) {
     const int n = int(min64(kScaleGroup, nb - b0));
-    for (int i = 0; i < R; ++i) {
-      V::halves_to_f32(w.scales + (r + i) * nb + b0, n, sd[i]);
-      for (int j = 0; j < n; ++j) sd[i][j] *= a.d[b0 + j];
+    // the scales are a stream of their own, an eighth to a sixteenth of the codes' bytes
+    prefetch(w.scales + r * nb + b0, pf / (S::kCodeBytes / 2));
+    // Whole vectors (a scalar loop here cost short rows more than their dot products did: SmolLM2's
+    // 576-wide q4 rows ran at 13 GB/s in cache).
+    for (int i = 0; i < R; ++i) V::scaled_halves(w.scales + (r + i) * nb + b0, a.d + b0, n, sd[i]);
+    int64_t bq = b0;  // blocks [b0, bq) went through the quad loop
+    if constexpr (T == DType::Q4 && B == 32 && V::kQ4Quad) {
+      // Four blocks at a time (V::q4_quad_codes): 1 load and 3 bit operations for 128 codes where
+      // the pair loop below takes 2 loads and 6 (SmolLM2-shaped q4 in cache 21 -> 30 GB/s on one core).
+      const int64_t qend = b0 + n / 4 * 4;
+      for (int64_t bu = b0; bu < qend; bu += U * 4)
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) {
+          const int64_t b = bu + u * 4;
+          if (U > 1 && b >= qend) break;
+          const auto init = V::template acc_init<4>(zs + b);
+          typename V::ireg alo, ahi;
+          V::q4_quad_act(a.q + b * B, alo, ahi);
+#pragma GCC unroll 4
+          for (int i = 0; i < R; ++i) {
+            const int64_t g = (r + i) * nb + b;
+            prefetch(w.codes + g * S::kCodeBytes, pf);
+            typename V::ireg lo, hi;
+            V::q4_quad_codes(w.codes + g * S::kCodeBytes, lo, hi);
+            const auto s = V::template dpbusd<T>(V::template dpbusd<T>(init, lo, alo), hi, ahi);
+            acc[i][u] = V::fma(V::cvt(s), V::template block_scales<4>(sd[i] + (b - b0)), acc[i][u]);
+          }
+        }
+      bq = qend;
     }
-    if constexpr (S::kZero != 0)
-      for (int j = 0; j < n; ++j) zs[j] = -S::kZero * a.sum[b0 + j];
     const int64_t bend = min64(b0 + n, nbv);
-    for (int64_t bu = b0; bu < bend; bu += U * P)
+    for (int64_t bu = bq; bu < bend; bu += U * P)
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {  // vector u of this turn into accumulator u
         const int64_t b = bu + u * P;
         if (U > 1 && b >= bend) break;
         typename V::ireg init = V::izero();
-        if constexpr (S::kZero != 0) init = V::template acc_init<P>(zs + (b - b0));
+        if constexpr (S::kZero != 0) init = V::template acc_init<P>(zs + b);
         typename V::ireg av[C];
         for (int c = 0; c < C; ++c) av[c] = V::load_i(a.q + b * B + c * E);
 #pragma GCC unroll 4
@@ -263,11 +304,13 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, int64_t r, float* o
     for (int64_t b = bend; b < b0 + n; ++b)  // a last block that fills half a vector
       for (int i = 0; i < R; ++i) tail[i] += sd[i][b - b0] * float(block_dot_i8<T, B>(w, (r + i) * nb + b, a.q + b * B));
   }
+  typename V::reg sum[R];
   for (int i = 0; i < R; ++i) {
-    auto sum = acc[i][0];
-    for (int u = 1; u < U; ++u) sum = V::add(sum, acc[i][u]);
-    out[i] = V::hsum(sum) + tail[i];
+    sum[i] = acc[i][0];
+    for (int u = 1; u < U; ++u) sum[i] = V::add(sum[i], acc[i][u]);
   }
+  row_sums<V, R>(sum, out);
+  for (int i = 0; i < R; ++i) out[i] += tail[i];
 }
 
 // Matmul tile for a group of W rows: the codes of columns [k0, k0 + kbn * B) in dot form, laid
@@ -448,8 +491,11 @@ inline void rows_dot_dense(const WeightView& w, const float* x, int64_t r, float
     const reg x0 = V::load(x + k);
     for (int i = 0; i < R; ++i) acc0[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k), x0, acc0[i]);
   }
+  reg sum[R];
+  for (int i = 0; i < R; ++i) sum[i] = V::add(acc0[i], acc1[i]);
+  row_sums<V, R>(sum, out);
   for (int i = 0; i < R; ++i) {
-    float s = V::hsum(V::add(acc0[i], acc1[i]));
+    float s = out[i];
     for (int64_t kk = k; kk < K; ++kk) s += dense_at<T>(w.codes, (r + i) * K + kk) * x[kk];
     out[i] = s;
   }
@@ -462,9 +508,23 @@ void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int6
     constexpr int B = decltype(b)::value;
     int64_t r = r0;
     if constexpr (kActQ8<T>) {
-      constexpr int R = V::kMatvecRowsI8;
-      for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R>(w, xq, r, y + r);
-      for (; r < r1; ++r) rows_dot_i8<V, T, B, 1>(w, xq, r, y + r);
+      const int64_t nb = w.cols / B;
+      static thread_local std::vector<int32_t> zs;
+      zs.resize(size_t(nb));
+      for (int64_t b = 0; b < nb; ++b) zs[b] = -I8Shape<V, T, B>::kZero * xq.sum[b];
+      // Short rows (SmolLM2's) go kMatvecRowsI8Short at a time: consecutive rows are one stretch of
+      // memory then, and the rows share the activation loads and the per-call work.
+      // Accumulators per row: enough independent FMA chains in the rows of one call (4 / rows), a
+      // function of the shape only, so the tail rows of a chunk sum as the grouped ones do.
+      constexpr int R = V::kMatvecRowsI8, RS = V::kMatvecRowsI8Short;
+      constexpr int U = R >= 4 ? 1 : 4 / R, US = RS >= 4 ? 1 : 4 / RS;
+      if (nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes) {
+        for (; r + RS <= r1; r += RS) rows_dot_i8<V, T, B, RS, US>(w, xq, zs.data(), r, y + r);
+        for (; r < r1; ++r) rows_dot_i8<V, T, B, 1, US>(w, xq, zs.data(), r, y + r);
+      } else {
+        for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R, U>(w, xq, zs.data(), r, y + r);
+        for (; r < r1; ++r) rows_dot_i8<V, T, B, 1, U>(w, xq, zs.data(), r, y + r);
+      }
     } else {
       constexpr int R = V::kMatvecRows;
       for (; r + R <= r1; r += R) rows_dot_dense<V, T, R>(w, x, r, y + r);
@@ -612,26 +672,29 @@ inline typename V::reg load_row(const uint16_t* p) { return V::load_f16(p); }
 inline float to_float(float f) { return f; }
 inline float to_float(uint16_t h) { return half_to_float(h); }
 
+// y += sum_j a[j] x[j]: the outputs stay in registers across the rows, 4 vectors at a time (one
+// head of 64, or a quarter of 256); each element takes its rows' FMAs in order, as repeated
+// axpy calls did.
 template <class V, typename E>
-float dot(const float* a, const E* b, int64_t n) {
-  auto acc0 = V::zero(), acc1 = V::zero();
+void axpy_rows(const float* a, const E* x, int64_t rows, float* y, int64_t n) {
+  constexpr int W = V::W, NV = 4;
   int64_t i = 0;
-  for (; i + 2 * V::W <= n; i += 2 * V::W) {
-    acc0 = V::fma(V::load(a + i), load_row<V>(b + i), acc0);
-    acc1 = V::fma(V::load(a + i + V::W), load_row<V>(b + i + V::W), acc1);
+  for (; i + NV * W <= n; i += NV * W) {
+    typename V::reg acc[NV];
+    for (int c = 0; c < NV; ++c) acc[c] = V::load(y + i + c * W);
+    for (int64_t j = 0; j < rows; ++j) {
+      const auto aj = V::set1(a[j]);
+      for (int c = 0; c < NV; ++c) acc[c] = V::fma(aj, load_row<V>(x + j * n + i + c * W), acc[c]);
+    }
+    for (int c = 0; c < NV; ++c) V::store(y + i + c * W, acc[c]);
   }
-  for (; i + V::W <= n; i += V::W) acc0 = V::fma(V::load(a + i), load_row<V>(b + i), acc0);
-  float s = V::hsum(V::add(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * to_float(b[i]);
-  return s;
-}
-
-template <class V, typename E>
-void axpy(float a, const E* x, float* y, int64_t n) {
-  const auto av = V::set1(a);
-  int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, load_row<V>(x + i), V::load(y + i)));
-  for (; i < n; ++i) y[i] += a * to_float(x[i]);
+  for (; i + W <= n; i += W) {
+    auto acc = V::load(y + i);
+    for (int64_t j = 0; j < rows; ++j) acc = V::fma(V::set1(a[j]), load_row<V>(x + j * n + i), acc);
+    V::store(y + i, acc);
+  }
+  for (; i < n; ++i)
+    for (int64_t j = 0; j < rows; ++j) y[i] += a[j] * to_float(x[j * n + i]);
 }
 
 template <class V>
@@ -700,8 +763,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 template <class V>
 constexpr Kernels make_kernels(const char* name) {
   return {name,          matvec<V>,        matmul<V>,         quantize_act<V>, dequant_row<V>,
-          dot<V, float>, dot<V, uint16_t>, axpy<V, float>, axpy<V, uint16_t>, to_f16<V>,
-          exp_shift_sum<V>, silu_mul<V>};
+          axpy_rows<V, float>, axpy_rows<V, uint16_t>, to_f16<V>, exp_shift_sum<V>, silu_mul<V>};
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // CPU kernel interface. One implementation per instruction set (scalar reference, AVX2, AVX-512),
 // chosen at run time; the model graph calls only what is declared here.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include "upg/quant.h"
 
@@ -54,11 +55,11 @@ struct Kernels {
   // out[k] = W[r][k] for k in [0, cols), outliers included (embedding lookup).
   void (*dequant_row)(const WeightView& w, int64_t r, float* out);
 
-  // Attention helpers over one head's KV rows, which are f32 or f16.
-  float (*dot_f32)(const float* a, const float* b, int64_t n);
-  float (*dot_f16)(const float* a, const uint16_t* b, int64_t n);
-  void (*axpy_f32)(float a, const float* x, float* y, int64_t n);   // y += a * x
-  void (*axpy_f16)(float a, const uint16_t* x, float* y, int64_t n);
+  // Decode attention's P V over one head's V rows (f32 or f16): y[k] += sum of a[j] * x[j * n + k]
+  // over j in [0, rows) for k in [0, n), j in order (one FMA after another per element). The
+  // scores, Q K^T, are a matvec over the K rows.
+  void (*axpy_rows_f32)(const float* a, const float* x, int64_t rows, float* y, int64_t n);
+  void (*axpy_rows_f16)(const float* a, const uint16_t* x, int64_t rows, float* y, int64_t n);
   void (*to_f16)(const float* x, uint16_t* y, int64_t n);            // round to nearest even
 
   // Softmax and SiLU: x[i] = e^(x[i] - shift), returning the sum; out[i] = silu(g[i]) * u[i] with
@@ -66,6 +67,24 @@ struct Kernels {
   float (*exp_shift_sum)(float* x, int64_t n, float shift);
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
 };
+
+// Rows per work item when threads share one product of w with n tokens (ThreadPool::parallel_for).
+// A multiple of 16, the row tile of every path, so that a row's sums never depend on the split.
+// Decode takes about kDecodeChunkBytes of weights per item: enough to amortize taking it (one atomic add and
+// a prefetch stream that starts cold), and small enough that a thread the OS deschedules leaves
+// little behind. Prefill takes about a quarter of each thread's share, in multiples of 96 rows
+// (whole dense tiles of 48 and quantized pairs of 16-row tiles on AVX-512).
+constexpr int64_t kDecodeChunkBytes = 64 << 10;
+inline int64_t matmul_chunk_rows(const WeightView& w, int64_t n, int threads) {
+  const auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
+  if (n > 1) return round_up((w.rows + 4 * threads - 1) / (4 * int64_t(threads)), 96);
+  int64_t row_bytes = w.cols * dense_elem_size(w.type);
+  if (is_quantized(w.type)) {
+    const QuantSections one_row = quant_sections(w.type, 1, uint64_t(w.cols), uint64_t(w.block));
+    row_bytes = int64_t(one_row.codes + one_row.high + one_row.scales);
+  }
+  return round_up(std::max<int64_t>(1, kDecodeChunkBytes / std::max<int64_t>(1, row_bytes)), 16);
+}
 
 // The kernels used by the engine: named by the UPG_SIMD environment variable (scalar, avx2,
 // avx512) when set, else the best this CPU runs. Throws std::runtime_error when UPG_SIMD names a

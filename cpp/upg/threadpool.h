@@ -1,8 +1,18 @@
-// A fixed set of worker threads that run one function on every thread and wait for all of them.
+// A fixed set of worker threads that share out the parts of one job and wait for all of them.
 // Decode calls this a few hundred times per token, so workers spin briefly before sleeping.
+//
+// Parts are taken one at a time from a shared counter by whichever thread is free (the caller
+// included), not assigned to threads: on a shared host a thread the OS has descheduled for a while
+// takes fewer parts instead of stalling every matrix, and a worker that has not started when the
+// parts run out is not waited for; after a worker held up the caller (descheduled while it held a
+// part), the caller runs jobs alone for a while. Which thread runs a part never changes what the
+// part computes.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -19,17 +29,32 @@ class ThreadPool {
 
   int size() const { return n_; }
 
-  // Calls fn(thread_index, n_threads) on every thread (the caller is thread 0) and returns when all
-  // calls have returned. The first exception thrown by any call is rethrown here.
+  // Calls fn(part, size()) for every part in [0, size()), each once, on some thread; parts may run
+  // one after another on one thread (never two at once on different threads). Returns when all have
+  // returned; the first exception thrown by any call is rethrown here.
   void run(const std::function<void(int, int)>& fn);
 
+  // Calls fn(begin, end) for the chunks [c * chunk, min(n, (c + 1) * chunk)) of [0, n), as run()
+  // shares out its parts.
+  void parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn);
+
  private:
-  void worker(int index);
+  void dispatch(int64_t parts, const std::function<void(int64_t)>& fn);
+  void take_parts();  // runs parts of the open job until none is left
+  void worker();
+
   int n_;
   std::vector<std::thread> threads_;
-  const std::function<void(int, int)>* job_ = nullptr;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  // The open job: its parts, the next part to take, and the job's number in open_ (0: none open).
+  // A worker counts itself in active_ before it looks at open_, and the caller, having closed the
+  // job, waits for active_ to reach 0: so no worker touches a job after its caller has returned.
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t parts_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<uint64_t> open_{0};
+  std::atomic<int> active_{0};
+  uint64_t jobs_ = 0;  // jobs dispatched (the caller's side only)
+  int solo_ = 0;       // jobs still to run on the caller alone (threadpool.cpp: kStall)
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable wake_;
