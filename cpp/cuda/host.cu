@@ -3,6 +3,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "upg/quant.h"
 
 namespace upg::cuda {
 
@@ -84,7 +85,6 @@ dev::MatView view(const Weight& w) {
 
 Weight make_weight(int dtype, int rows, int cols, int block, const void* data, int n_tokens,
                    const int32_t* rowptr, const int32_t* col, const uint16_t* val) {
-  auto pad64 = [](uint64_t n) { return (n + 63) & ~uint64_t(63); };
   Weight w;
   w.dtype = dtype;
   w.data = data;
@@ -94,14 +94,13 @@ Weight make_weight(int dtype, int rows, int cols, int block, const void* data, i
   UpgMatArgs& a = w.args;
   a.rows = rows;
   a.cols = cols;
-  a.block = (dtype == UPG_DTYPE_Q8_0 || dtype == UPG_DTYPE_Q4 || dtype == UPG_DTYPE_Q3) ? block : 0;
-  const uint64_t n = uint64_t(rows) * uint64_t(cols);
-  uint64_t codes = 0, high = 0;
-  if (dtype == UPG_DTYPE_Q8_0) codes = n;
-  if (dtype == UPG_DTYPE_Q4) codes = n / 2;
-  if (dtype == UPG_DTYPE_Q3) { codes = n / 4; high = n / 8; }
-  a.high_offset = uint32_t(pad64(codes));
-  a.scales_offset = uint32_t(pad64(codes) + pad64(high));
+  const bool quantized = is_quantized(DType(dtype));
+  a.block = quantized ? block : 0;
+  if (quantized && block > 0) {  // the sections' offsets as the format defines them (upg/quant.h)
+    const QuantSections q = quant_sections(DType(dtype), uint64_t(rows), uint64_t(cols), uint64_t(block));
+    a.high_offset = uint32_t(q.high_offset());
+    a.scales_offset = uint32_t(q.scales_offset());
+  }
   a.has_outliers = rowptr != nullptr;
   a.n_tokens = n_tokens;
   a.ldy = rows;
