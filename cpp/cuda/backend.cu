@@ -1,14 +1,11 @@
 #include "backend.h"
 
-#include <cstring>
 #include <stdexcept>
+
+#include "common.cuh"  // check()
 
 namespace upg::cuda {
 namespace {
-
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
-}
 
 // Argument bytes for a pass's signature: scalars, pointers and the padding-free argument structs
 // of upg_common.h as they are; a Weight field by field (it has padding).
@@ -31,9 +28,9 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count)
     throw std::runtime_error("cuda: no GPU " + std::to_string(device) + " (" + std::to_string(count) + " found)");
-  ok(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaSetDevice(device), "cudaSetDevice");
   init(device);
-  ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
 }
 
 CudaBackend::~CudaBackend() {
@@ -51,22 +48,22 @@ Buf CudaBackend::weights(const void* data, size_t bytes) {
 }
 
 Buf CudaBackend::alloc(size_t bytes) {
-  ok(cudaSetDevice(device_), "cudaSetDevice");
+  check(cudaSetDevice(device_), "cudaSetDevice");
   void* p = nullptr;
-  ok(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");  // 256-byte aligned
-  ok(cudaMemset(p, 0, bytes), "cudaMemset");
+  check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");  // 256-byte aligned
+  check(cudaMemset(p, 0, bytes), "cudaMemset");
   base_.push_back(p);
   return Buf{int(base_.size() - 1), 0};
 }
 
 void CudaBackend::upload(Buf dst, const void* src, size_t bytes) {
-  ok(cudaMemcpyAsync(ptr(dst), src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
-  ok(cudaStreamSynchronize(stream_), "upload");  // src may go away once this returns
+  check(cudaMemcpyAsync(ptr(dst), src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+  check(cudaStreamSynchronize(stream_), "upload");  // src may go away once this returns
 }
 
 void CudaBackend::download(void* dst, Buf src, size_t bytes) {
-  ok(cudaMemcpyAsync(dst, ptr(src), bytes, cudaMemcpyDeviceToHost, stream_), "download");
-  ok(cudaStreamSynchronize(stream_), "download");
+  check(cudaMemcpyAsync(dst, ptr(src), bytes, cudaMemcpyDeviceToHost, stream_), "download");
+  check(cudaStreamSynchronize(stream_), "download");
 }
 
 void CudaBackend::begin(Buf pass) {
@@ -81,7 +78,7 @@ void CudaBackend::end() {
     ++replays_;
   } else {
     cudaGraph_t g = nullptr;
-    ok(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture");
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture");
     try {
       for (const auto& op : ops_) op();
     } catch (...) {
@@ -89,15 +86,15 @@ void CudaBackend::end() {
       if (g) cudaGraphDestroy(g);
       throw;
     }
-    ok(cudaStreamEndCapture(stream_, &g), "end capture");
+    check(cudaStreamEndCapture(stream_, &g), "end capture");
     if (graph_) cudaGraphExecDestroy(graph_), graph_ = nullptr;
     const cudaError_t e = cudaGraphInstantiate(&graph_, g, 0);
     cudaGraphDestroy(g);
-    ok(e, "instantiate the pass's graph");
+    check(e, "instantiate the pass's graph");
     graph_signature_ = signature_;
   }
-  ok(cudaGraphLaunch(graph_, stream_), "launch the pass's graph");
-  ok(cudaStreamSynchronize(stream_), "pass");
+  check(cudaGraphLaunch(graph_, stream_), "launch the pass's graph");
+  check(cudaStreamSynchronize(stream_), "pass");
 }
 
 template <typename... A>
@@ -168,9 +165,9 @@ void CudaBackend::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16
   // Decode: flash-decoding over splits of the positions, merged through the workspace.
   const size_t need = decode_splits(a).workspace;
   if (need > workspace_bytes_) {
-    if (workspace_) ok(cudaFree(workspace_), "cudaFree");
+    if (workspace_) check(cudaFree(workspace_), "cudaFree");
     workspace_ = nullptr;
-    ok(cudaMalloc(&workspace_, need), "cudaMalloc");
+    check(cudaMalloc(&workspace_, need), "cudaMalloc");
     workspace_bytes_ = need;
   }
   float* ws = workspace_;
