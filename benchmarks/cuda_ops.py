@@ -189,6 +189,7 @@ class DecodeStep:
         self.ids = torch.zeros(4, dtype=torch.int32, device="cuda")
         self.ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
         self.pass_ = pass_tensor(0, 1)
+        self.generated = torch.zeros(n_ctx + 256, dtype=torch.int32, device="cuda")  # next_token's output
         self.inv_freq = 1.0 / c["theta"] ** (torch.arange(0, hd, 2, device="cuda", dtype=torch.float64) / hd)
         self.inv_freq = self.inv_freq.float()
         self.weight_bytes = sum(w.data.numel() for L in self.layers for w in (L["qkv"], L["o"], L["gate_up"], L["down"]))
@@ -230,7 +231,7 @@ class DecodeStep:
             lib.rms_norm(self.x, self.final_norm, self.xn, h, eps, 1, True, p)
             lib.matvec(self.lm_head, self.xn, self.logits)
         lib.argmax(self.logits, c["vocab"], self.ids)
-        lib.advance_pass(p)
+        lib.next_token(p, self.ids, self.generated)
 
     def tokens_per_s(self, fused, n_past, steps=128):
         """Replays the captured step `steps` times from position n_past; tokens per second."""

@@ -175,6 +175,19 @@ PYBIND11_MODULE(_core, m) {
              }
              return out;
            }, py::arg("tokens"))
+      .def("decode_greedy", [](PySession& s, int32_t token, int64_t n) {
+             if (n < 1) throw std::invalid_argument("decode_greedy needs n >= 1");
+             py::array_t<int32_t> out(n);
+             int32_t* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard<std::mutex> lock(s.mu);
+               s.session.decode_greedy(token, n, op);
+             }
+             return out;
+           }, py::arg("token"), py::arg("n"),
+           "Appends `token` and n - 1 greedy tokens after it on the backend; returns the n argmaxes "
+           "(the first maximum of each position's logits; the last is not appended).")
       .def_property_readonly("n_past", [](PySession& s) { return s.session.n_past(); })
       .def_property_readonly("n_ctx", [](PySession& s) { return s.session.n_ctx(); })
       .def("truncate", [](PySession& s, int64_t n) {

@@ -66,7 +66,8 @@ void bind_backend(py::module_& m) {
       .def("attention", &Backend::attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "out"_a, "f16"_a, "args"_a)
       .def("silu_mul", &Backend::silu_mul, "gate_up"_a, "out"_a, "n_tokens"_a, "n"_a)
       .def("add", &Backend::add, "x"_a, "y"_a, "n"_a)
-      .def("argmax", &Backend::argmax, "x"_a, "n"_a, "out"_a);
+      .def("argmax", &Backend::argmax, "x"_a, "n"_a, "out"_a)
+      .def("next_token", &Backend::next_token, "pass_"_a, "tokens"_a, "out"_a);
   py::class_<CpuBackend, Backend, std::shared_ptr<CpuBackend>>(m, "CpuBackend")
       .def(py::init<int>(), "n_threads"_a = 0, "The CPU kernels on n_threads threads (0: all cores).");
 }

@@ -1,9 +1,11 @@
 // The CUDA backend in Python (builds with UPG_CUDA only): _core.CudaBackend(device), which a
-// Session runs on, and _core.cuda_device_count().
+// Session runs on, _core.cuda_device_count() and the read-bandwidth probe.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
 #include <memory>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/backend.h"
 
@@ -20,6 +22,16 @@ void bind_cuda(py::module_& m) {
   py::class_<CudaBackend, upg::Backend, std::shared_ptr<CudaBackend>>(m, "CudaBackend")
       .def(py::init<int>(), "device"_a = 0, "The CUDA backend on GPU `device` (RuntimeError when there is none).")
       .def_property_readonly("passes", &CudaBackend::passes)
-      .def_property_readonly("replays", &CudaBackend::replays, "Passes that replayed the previous pass's CUDA graph.");
+      .def_property_readonly("replays", &CudaBackend::replays, "Passes that replayed the previous pass's CUDA graph.")
+      .def_property_readonly("device_bytes", &CudaBackend::device_bytes,
+                             "Bytes of device memory the backend holds: weights, buffers, workspace.");
   m.def("cuda_device_count", &cuda_device_count, "NVIDIA GPUs the CUDA runtime sees (0 when none or no driver).");
+  m.def(
+      "cuda_read_bandwidth",
+      [](size_t bytes, int device) {
+        if (cudaSetDevice(device) != cudaSuccess) throw std::runtime_error("cuda: no GPU " + std::to_string(device));
+        return upg::cuda::read_bandwidth(bytes);
+      },
+      "bytes"_a = size_t(4) << 30, "device"_a = 0,
+      "GB/s of one streaming read over `bytes` of GPU memory (median of 10 passes): the decode floor.");
 }

@@ -45,6 +45,7 @@ std::vector<uint64_t> Graph::buffer_sizes() const {
   s[kAct] = 4 * nb * c.intermediate_size;
   s[kKCache] = s[kVCache] = uint64_t(c.num_hidden_layers) * layer_kv_bytes();
   s[kLogits] = 4 * nb * c.vocab_size;
+  s[kGenerated] = 4 * uint64_t(n_ctx_);
   return s;
 }
 
@@ -93,8 +94,11 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, i
   // Final norm of every row, then the vocabulary projection of every row or only the last.
   be.rms_norm(x, place(model_.final_norm(), weights), xn, n, hidden, c.rms_norm_eps);
   if (output == Output::kHidden) return;
-  const int first = output == Output::kLastLogits ? n - 1 : 0;
+  const int first = output == Output::kAllLogits ? 0 : n - 1;
   be.linear(place(model_.lm_head(), weights), xn.at(uint64_t(4) * first * hidden), n - first, buffers[kLogits]);
+  if (output != Output::kGreedy) return;
+  be.argmax(buffers[kLogits], c.vocab_size, buffers[kTokens]);
+  be.next_token(buffers[kPass], buffers[kTokens], buffers[kGenerated]);
 }
 
 }  // namespace upg

@@ -26,20 +26,24 @@ void Session::truncate(int64_t n) {
   n_past_ = n;
 }
 
-template <typename Fn>
-void Session::run(const int32_t* tokens, int64_t n, Graph::Output last, Graph::Output others, Fn download) {
+void Session::check_tokens(const int32_t* tokens, int64_t n, int64_t positions) const {
   const int32_t vocab = model_->config().vocab_size;
-  if (n < 1) throw std::invalid_argument("eval needs at least one token");
-  if (n > n_ctx_ - n_past_)
-    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
+  if (n < 1 || positions < 1) throw std::invalid_argument("eval needs at least one token");
+  if (positions > n_ctx_ - n_past_)
+    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(positions) +
                                 " tokens exceed n_ctx " + std::to_string(n_ctx_));
   for (int64_t i = 0; i < n; ++i)
     if (tokens[i] < 0 || tokens[i] >= vocab)
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+}
+
+template <typename Fn>
+void Session::run(const int32_t* tokens, int64_t n, Graph::Output last, Graph::Output others, Fn download) {
+  check_tokens(tokens, n, n);
   for (int64_t done = 0; done < n;) {
     const int m = int(std::min<int64_t>(n_batch_, n - done));
     const Graph::Output output = done + m == n ? last : others;
-    const UpgPass pass{int32_t(n_past_), m};
+    const UpgPass pass{int32_t(n_past_), m, 0};
     backend_->upload(buffers_[Graph::kTokens], tokens + done, size_t(m) * sizeof(int32_t));
     backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
     backend_->begin(buffers_[Graph::kPass]);
@@ -68,6 +72,20 @@ void Session::eval_hidden(const int32_t* tokens, int64_t n, float* out) {
   run(tokens, n, Graph::Output::kHidden, Graph::Output::kHidden, [&](int64_t first, int m, Graph::Output) {
     backend_->download(out + first * hidden, buffers_[Graph::kXn], size_t(m) * hidden * sizeof(float));
   });
+}
+
+void Session::decode_greedy(int32_t token, int64_t n, int32_t* out) {
+  check_tokens(&token, 1, n);
+  const UpgPass pass{int32_t(n_past_), 1, int32_t(n_past_)};
+  backend_->upload(buffers_[Graph::kTokens], &token, sizeof(token));
+  backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
+  for (int64_t i = 0; i < n; ++i) {  // each pass reads the token and position the last one left
+    backend_->begin(buffers_[Graph::kPass]);
+    graph_.forward(*backend_, weights_, buffers_, 1, int(n_past_ + i), Graph::Output::kGreedy);
+    backend_->end();
+  }
+  backend_->download(out, buffers_[Graph::kGenerated], size_t(n) * sizeof(int32_t));
+  n_past_ += n;
 }
 
 template <typename Fn>

@@ -1,4 +1,4 @@
-// Greedy sampling: out[0] = the index of the largest of x[0..n), the lowest index on ties (as
+// Greedy decoding. kernel_argmax: out[0] = the index of the largest of x[0..n), the lowest index on ties (as
 // numpy.argmax). One threadgroup of UPG_REDUCE_THREADS threads: strided scan, then a simdgroup
 // reduction, then one thread over the simdgroups' results in threadgroup memory (0: values,
 // 1: indices, UPG_REDUCE_THREADS / 32 entries each).
@@ -37,4 +37,13 @@ kernel void kernel_argmax(device const float* x [[buffer(0)]], device int* out [
       bi = best_i[g];
     }
   out[0] = bi == INT_MAX ? 0 : bi;
+}
+
+// Greedy decoding's step (Backend::next_token), one thread: the token argmax chose is appended at
+// its place in out, and the pass moves on to it, so the next decode pass needs no upload.
+kernel void kernel_next_token(device UpgPass* pass [[buffer(0)]], device const int* tokens [[buffer(1)]],
+                              device int* out [[buffer(2)]]) {
+  out[pass->n_past - pass->out_base] = tokens[0];
+  pass->n_past += pass->n_tokens;
+  pass->n_tokens = 1;
 }

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from . import _core
 from .backends import NAMES, open_backend
 from .config import ModelConfig
+from .llama import GREEDY_CHUNK
 
 # Real shapes with random weights: speed and memory depend on shapes and types, not on values.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -88,9 +89,10 @@ class BenchResult:
     decode_tokens: int
     decode_tps: float
     decode_gbps: float
-    machine_gbps: float  # the CPU's read bandwidth measured in the same run; 0 for a GPU backend
+    machine_gbps: float  # the backend's memory read bandwidth (host or GPU) measured in the same run
     peak_rss_bytes: int
     kv_bytes: int
+    device_bytes: int = 0  # GPU memory the backend holds (weights, buffers, workspace); 0 on the CPU
 
     @property
     def roofline(self) -> float:
@@ -104,10 +106,12 @@ class BenchResult:
                 ("time to first token", f"{self.ttft_s:.2f} s"),
                 ("decode", f"{self.decode_tps:.2f} tok/s ({self.decode_tokens} tokens, median of runs)"),
                 ("decode weight bandwidth", f"{self.decode_gbps:.1f} GB/s = {100 * self.roofline:.0f}% of "
-                                            f"measured {self.machine_gbps:.1f} GB/s" if self.machine_gbps else
-                                            f"{self.decode_gbps:.1f} GB/s (benchmarks/cuda_ops.py measures the GPU's copy rate)"),
+                                            f"measured {self.machine_gbps:.1f} GB/s ({'GPU' if self.backend == 'cuda' else 'host'} read)"
+                                            if self.machine_gbps else f"{self.decode_gbps:.1f} GB/s (no read probe here)"),
                 ("peak RSS", f"{self.peak_rss_bytes / 1e9:.2f} GB (file {self.file_bytes / 1e9:.2f} + KV "
                              f"{self.kv_bytes / 1e9:.2f} + {(self.peak_rss_bytes - self.file_bytes - self.kv_bytes) / 1e6:.0f} MB)")]
+        if self.device_bytes:
+            rows.append(("GPU memory", f"{self.device_bytes / 1e9:.2f} GB held by the backend"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -160,17 +164,24 @@ def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs:
         prefill.append(prompt / (t1 - t0))
         ttft.append(t1 - t0)
         t0 = time.perf_counter()
-        for _ in range(gen):
-            logits = session.eval(np.array([tok], np.int32))
-            tok = session.sample(logits[-1], greedy, tokens)
+        if backend == "cpu":
+            for _ in range(gen):
+                logits = session.eval(np.array([tok], np.int32))
+                tok = session.sample(logits[-1], greedy, tokens)
+        else:  # as a greedy completion runs on a GPU (llama._GreedyAhead)
+            for done in range(0, gen, GREEDY_CHUNK):
+                tok = int(session.decode_greedy(tok, min(GREEDY_CHUNK, gen - done))[-1])
         decode.append(gen / (time.perf_counter() - t0))
+    # The GPU's floor is measured here, in the process that holds the GPU.
+    gpu_gbps = _core.cuda_read_bandwidth() if backend == "cuda" else 0.0
+    device_bytes = device.device_bytes if backend == "cuda" else 0
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt + gen + 1) * (2 if kv_type == "f16" else 4)
     tps = statistics.median(decode)
     return dict(backend=backend, file_bytes=os.path.getsize(path), weight_bytes_per_token=per_token, load_s=load_s,
                 load_and_first_token_s=first_token_s,
                 prefill_tokens=prompt, prefill_tps=statistics.median(prefill), ttft_s=statistics.median(ttft),
                 decode_tokens=gen, decode_tps=tps, decode_gbps=per_token * tps / 1e9,
-                peak_rss_bytes=_peak_rss(), kv_bytes=kv_bytes)
+                peak_rss_bytes=_peak_rss(), kv_bytes=kv_bytes, device_bytes=device_bytes, gpu_gbps=gpu_gbps)
 
 
 def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
@@ -204,5 +215,6 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         r = pool.apply(_measure, (str(path), backend, threads, prompt, gen, runs, kv_type))
     # here, so its buffer stays out of the child's RSS; the host's memory is the decode floor on the CPU only
-    machine = _core.measure_read_bandwidth(1 << 30, threads) if r["backend"] == "cpu" else 0.0
+    gpu_gbps = r.pop("gpu_gbps")
+    machine = _core.measure_read_bandwidth(1 << 30, threads) if r["backend"] == "cpu" else gpu_gbps
     return BenchResult(model=model, type=type, threads=threads, machine_gbps=machine, **r)

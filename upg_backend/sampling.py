@@ -38,6 +38,12 @@ class SamplingParams:
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     seed: int | None = None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the raw logits: temperature 0, no penalty and no bias changing them."""
+        penalties = self.penalty_last_n and (self.repeat_penalty != 1.0 or self.presence_penalty or self.frequency_penalty)
+        return self.temperature <= 0.0 and not penalties and not self.logit_bias
+
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
                      "frequency_penalty"):

@@ -32,6 +32,7 @@ class CpuBackend : public Backend {
   void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
   void add(Buf x, Buf y, int n) override;
   void argmax(Buf x, int n, Buf out) override;
+  void next_token(Buf pass, Buf tokens, Buf out) override;
 
  private:
   template <typename T = uint8_t>

@@ -53,6 +53,7 @@ Buf CudaBackend::alloc(size_t bytes) {
   check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");  // 256-byte aligned
   check(cudaMemset(p, 0, bytes), "cudaMemset");
   base_.push_back(p);
+  device_bytes_ += bytes;
   return Buf{int(base_.size() - 1), 0};
 }
 
@@ -94,7 +95,7 @@ void CudaBackend::end() {
     graph_signature_ = signature_;
   }
   check(cudaGraphLaunch(graph_, stream_), "launch the pass's graph");
-  check(cudaStreamSynchronize(stream_), "pass");
+  // No wait: upload and download synchronize the stream, so passes queue back to back.
 }
 
 template <typename... A>
@@ -195,6 +196,13 @@ void CudaBackend::argmax(Buf x, int n, Buf out) {
   const float* xp = ptr<const float>(x);
   int32_t* o = ptr<int32_t>(out);
   record("argmax", [=, s = stream_] { cuda::argmax(xp, n, o, s); }, xp, n, o);
+}
+
+void CudaBackend::next_token(Buf pass, Buf tokens, Buf out) {
+  int32_t* p = ptr<int32_t>(pass);
+  const int32_t* t = ptr<const int32_t>(tokens);
+  int32_t* o = ptr<int32_t>(out);
+  record("next_token", [=, s = stream_] { cuda::next_token(p, t, o, s); }, p, t, o);
 }
 
 }  // namespace upg::cuda

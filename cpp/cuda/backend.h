@@ -47,10 +47,13 @@ class CudaBackend : public Backend {
   void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
   void add(Buf x, Buf y, int n) override;
   void argmax(Buf x, int n, Buf out) override;
+  void next_token(Buf pass, Buf tokens, Buf out) override;
 
   // Passes run so far, and how many of them were replays of the captured graph.
   int64_t passes() const { return passes_; }
   int64_t replays() const { return replays_; }
+  // Device memory held: weights, buffers and the attention workspace.
+  size_t device_bytes() const { return device_bytes_ + workspace_bytes_; }
 
  private:
   template <typename T = uint8_t>
@@ -66,6 +69,7 @@ class CudaBackend : public Backend {
   int32_t* pass_ = nullptr;       // of the pass begun
   float* workspace_ = nullptr;    // decode attention's
   size_t workspace_bytes_ = 0;
+  size_t device_bytes_ = 0;       // of base_
 
   std::vector<std::function<void()>> ops_;  // of the pass being recorded
   std::string signature_;                   // its ops and arguments, as bytes

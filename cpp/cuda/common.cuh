@@ -129,27 +129,6 @@ void check_weight(const Weight& w, const char* what);
 
 namespace upg::cuda::dev {
 
-// Four bytes of b (each 0..255) minus `zero`, as floats: each byte becomes the mantissa of the
-// f16 1024 + byte (one PRMT per two), an exact f16 subtraction removes 1024 + zero, then the
-// halves widen to f32. bias2 = the f16 pair (1024 + zero, 1024 + zero) as raw bits.
-__device__ __forceinline__ float4 bytes_to_float4(uint32_t b, uint32_t bias2) {
-  const uint32_t lo = __byte_perm(b, 0x64646464u, 0x4140), hi = __byte_perm(b, 0x64646464u, 0x4342);
-  __half2 h0 = *reinterpret_cast<const __half2*>(&lo), h1 = *reinterpret_cast<const __half2*>(&hi);
-  const __half2 bias = *reinterpret_cast<const __half2*>(&bias2);
-  const float2 f0 = __half22float2(__hsub2(h0, bias)), f1 = __half22float2(__hsub2(h1, bias));
-  return make_float4(f0.x, f0.y, f1.x, f1.y);
-}
-constexpr uint32_t kBiasQ8 = 0x64806480u;  // 1024 + 128 (codes XOR 0x80)
-
-// Four codes c (0..15) held in bits 3..6 of the bytes of b, as the floats 0.5 + c / 32, exactly:
-// one PRMT each moves the byte under the exponent of 0.5 (f32 0x3F000000 | byte << 16). Dot
-// products against them are undone with sum (c - z) x = 32 sum (0.5 + c / 32) x - (16 + z) sum x;
-// the constant half is no larger than the code part, so the subtraction loses about one bit.
-__device__ __forceinline__ float4 small_codes_to_float4(uint32_t b) {
-  return make_float4(__uint_as_float(__byte_perm(b, 0x3F00u, 0x5044)), __uint_as_float(__byte_perm(b, 0x3F00u, 0x5144)),
-                     __uint_as_float(__byte_perm(b, 0x3F00u, 0x5244)), __uint_as_float(__byte_perm(b, 0x3F00u, 0x5344)));
-}
-
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
 }  // namespace upg::cuda::dev

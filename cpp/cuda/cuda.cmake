@@ -34,6 +34,7 @@ if(UPG_CUDA)
   endif()
   add_library(upg_cuda STATIC
     ${CMAKE_CURRENT_LIST_DIR}/backend.cu
+    ${CMAKE_CURRENT_LIST_DIR}/bandwidth.cu
     ${CMAKE_CURRENT_LIST_DIR}/host.cu
     ${CMAKE_CURRENT_LIST_DIR}/matvec.cu
     ${CMAKE_CURRENT_LIST_DIR}/matmul.cu

@@ -1,4 +1,4 @@
-// Elementwise kernels (silu_mul, add), greedy argmax and the per-pass step.
+// Elementwise kernels (silu_mul, add), greedy argmax and greedy decoding's step.
 #include <climits>
 #include <stdexcept>
 
@@ -68,8 +68,9 @@ __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restri
   if (lane == 0) out[0] = idx == INT_MAX ? 0 : idx;
 }
 
-__global__ void k_advance_pass(int32_t* pass) {
+__global__ void k_next_token(int32_t* pass, const int32_t* token, int32_t* out) {
   pdl_enter();
+  out[pass[kPassNPast] - pass[kPassOutBase]] = token[0];
   pass[kPassNPast] += pass[kPassNTokens];
   pass[kPassNTokens] = 1;
 }
@@ -91,8 +92,8 @@ void argmax(const float* x, int n, int32_t* out, cudaStream_t s) {
   launch("argmax", k_argmax, 1, kArgmaxThreads, 0, s, x, n, out);
 }
 
-void advance_pass(int32_t* pass, cudaStream_t s) {
-  launch("advance_pass", k_advance_pass, 1, 1, 0, s, pass);
+void next_token(int32_t* pass, const int32_t* token, int32_t* out, cudaStream_t s) {
+  launch("next_token", k_next_token, 1, 1, 0, s, pass, token, out);
 }
 
 }  // namespace upg::cuda

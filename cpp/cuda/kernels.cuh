@@ -20,7 +20,8 @@ namespace upg::cuda {
 enum PassSlot : int {
   kPassNPast = 0,    // tokens already in the KV cache (position of this pass's first token)
   kPassNTokens = 1,  // tokens of this pass
-  kPassCount = 4,    // int32 slots to allocate (2 spare)
+  kPassOutBase = 2,  // greedy decoding: the position whose token next_token writes to out[0]
+  kPassCount = 4,    // int32 slots to allocate (1 spare)
 };
 
 // Once per device, before any launch or capture: reads the multiprocessor count and raises the
@@ -30,6 +31,10 @@ void init(int device);
 // Programmatic dependent launch (each kernel may start while the previous one drains; it waits
 // for that grid before reading its inputs): on by default on sm_90 and newer. For measurements.
 void set_programmatic_launch(bool on);
+
+// GB/s of one pass of 16-byte loads over `bytes` of device memory (median of 10 timed passes): the
+// decode floor the benchmarks compare against. Synchronizes; not for capture.
+double read_bandwidth(size_t bytes);
 
 // A weight matrix of any UPG type: `data` is its first byte on the device (sections as in
 // docs/FORMAT.md, offsets in `args`), outliers nullptr when absent. dtype: UPG_DTYPE_*.
@@ -97,7 +102,8 @@ void silu_mul(const float* gate_up, float* out, const UpgEltArgs& a, const int32
 void add(float* x, const float* y, const UpgEltArgs& a, const int32_t* pass, cudaStream_t s);
 // out[0] = index of the largest of x[0..n) (the lowest on ties).
 void argmax(const float* x, int n, int32_t* out, cudaStream_t s);
-// The pass after a decode step: n_past += n_tokens, n_tokens = 1 (for replaying a captured step).
-void advance_pass(int32_t* pass, cudaStream_t s);
+// Greedy decoding's step: out[n_past - out_base] = token[0], then n_past += n_tokens,
+// n_tokens = 1, so a captured decode step replays with nothing uploaded.
+void next_token(int32_t* pass, const int32_t* token, int32_t* out, cudaStream_t s);
 
 }  // namespace upg::cuda

@@ -2,9 +2,11 @@
 // reading W in the file layout (no repack). x (f32) is staged once per block in shared memory,
 // swizzled (common.cuh: swz) so that the lanes' 16-byte reads hit distinct bank groups. Each warp
 // owns kMvRows rows at a time; lane l takes the 16-byte code chunks l, l + 32, ... of those rows
-// (consecutive lanes, consecutive chunks: one 512-byte coalesced read per row and step), decodes
-// them to f32 in registers and multiplies them with the x units it needs. Row groups go round-robin
-// over a grid of about (multiprocessors x resident blocks), so every block loads x once.
+// (consecutive lanes, consecutive chunks: one 512-byte coalesced read per row and step). Dense
+// chunks are widened to f32 and multiplied with x; quantized ones multiply x rounded to 8 bits per
+// block, as the CPU engine rounds it, with integer dot products (dp4a) per scale block. Row groups
+// go round-robin over a grid of about (multiprocessors x resident blocks), so every block loads x
+// once.
 #include <algorithm>
 #include <stdexcept>
 
@@ -82,85 +84,125 @@ __device__ __forceinline__ int x_unit(int c, int u) {
 
 __device__ __forceinline__ uint32_t shift_left(uint32_t v, int n) { return n >= 0 ? v << n : v >> -n; }
 
-// Codes of a q3 word, each in bits 3..5 of its byte (small_codes_to_float4): field k of the ql
-// word plus the high bits of qh at bit hs.
-__device__ __forceinline__ uint32_t q3_bytes(uint32_t ql, uint32_t qh, int k, int hs) {
-  return (shift_left(ql, 3 - 2 * k) & 0x18181818u) | (shift_left(qh, 5 - hs) & 0x20202020u);
+// Codes of a q3 word in bits 0..2 of its bytes, for the 8-bit products.
+__device__ __forceinline__ uint32_t q3_codes(uint32_t ql, uint32_t qh, int k, int hs) {
+  return (shift_left(ql, -2 * k) & 0x03030303u) | (shift_left(qh, 2 - hs) & 0x04040404u);
 }
 
-// Sums of the chunk's x per scale block (q4, q3: the offset term of small_codes_to_float4).
+// ---- 8-bit activations (the CPU's rounding: reference.quant.quantize_activations) ----
+// Quantized weights multiply x rounded per activation block of B elements, as the CPU kernels do:
+// d = f16(amax / 127), q = rint(x * (127 / amax)). The codes sit in shared memory as 32-bit words
+// (4 elements) in chunk order (word u of chunk c: the unit x_unit(c, u)), so a lane reads its
+// chunk's words with G 16-byte loads; xq_group spreads the lanes of a quarter warp over the banks.
 template <int DT, int B, int NBL>
-__device__ __forceinline__ void chunk_xsum(const float4* xv, float* xsum) {
-  constexpr int CE = chunk_elems<DT, B, NBL>(), UPB = (CE / 4) / (DT == UPG_DTYPE_Q3 ? NBL : 1);
-  if constexpr (DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_Q3) {
+__host__ __device__ constexpr int chunk_groups() { return chunk_elems<DT, B, NBL>() / 16; }
+
+template <int DT, int B, int NBL>
+__device__ __forceinline__ int xq_group(int g) {
+  constexpr int G = chunk_groups<DT, B, NBL>();
+  return g ^ ((g >> 3) & (G - 1));
+}
+
+// Word index (chunk order) of global unit U: the inverse of x_unit.
+template <int DT, int B, int NBL>
+__device__ __forceinline__ int xq_word(int U) {
+  if constexpr (DT == UPG_DTYPE_Q4 && B == 64) {
+    const int r = U & 15;
+    return ((U >> 4) * 2 + ((r >> 2) & 1)) * 8 + (r & 3) + 4 * (r >> 3);
+  }
+  return U;
+}
+
+// xs (f32, swizzled by S) -> xq words and the activation scales xd [cols / B]. Consecutive threads
+// hold consecutive units, so the B / 4 threads of one activation block reduce its amax together.
+template <int DT, int B, int NBL, int S>
+__device__ void quantize_x(const float4* xs4, uint32_t* xq, float* xd, int cols) {
+  constexpr int L = B / 4;
+  const int units = cols / 4;
+  for (int u0 = 0; u0 < units; u0 += blockDim.x) {  // the same trip count in every lane: shuffles
+    const int u = u0 + threadIdx.x;
+    const float4 v = u < units ? xs4[swz<S>(u)] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float m = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
-    for (int bl = 0; bl < (DT == UPG_DTYPE_Q3 ? NBL : 1); ++bl) {
-      float s = 0.0f;
-#pragma unroll
-      for (int u = 0; u < UPB; ++u) s += (xv[bl * UPB + u].x + xv[bl * UPB + u].y) + (xv[bl * UPB + u].z + xv[bl * UPB + u].w);
-      xsum[bl] = s;
-    }
+    for (int o = L / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (u >= units) continue;
+    const float inv = m != 0.0f ? 127.0f / m : 0.0f;
+    const uint32_t word = (uint32_t(__float2int_rn(v.x * inv)) & 0xffu) | (uint32_t(__float2int_rn(v.y * inv)) & 0xffu) << 8 |
+                          (uint32_t(__float2int_rn(v.z * inv)) & 0xffu) << 16 | uint32_t(__float2int_rn(v.w * inv)) << 24;
+    const int w = xq_word<DT, B, NBL>(u);
+    xq[xq_group<DT, B, NBL>(w >> 2) * 4 + (w & 3)] = word;
+    if ((u & (L - 1)) == 0) xd[u / L] = __half2float(__float2half_rn(m / 127.0f));
   }
 }
 
-// The chunk's dot product with its x units xv (local order of x_unit), scales applied; xsum from
-// chunk_xsum.
+// The chunk's dot product with its 8-bit x words xw (chunk order), scales applied: integer dot
+// products per scale block (dp4a), the zero point removed with the block's code sum.
 template <int DT, int B, int NBL>
-__device__ __forceinline__ float chunk_dot(const Raw& raw, const float4* xv, const float* xsum) {
-  const uint32_t w[4] = {raw.q.x, raw.q.y, raw.q.z, raw.q.w};
-  if constexpr (DT == UPG_DTYPE_F32) return dot4(*reinterpret_cast<const float4*>(&raw.q), xv[0]);
-  if constexpr (DT == UPG_DTYPE_F16 || DT == UPG_DTYPE_BF16) {
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 f;
-      if constexpr (DT == UPG_DTYPE_F16) f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-      else f = make_float2(__uint_as_float(w[i] << 16), __uint_as_float(w[i] & 0xffff0000u));
-      const float4 x = xv[i / 2];
-      s += (i & 1) ? f.x * x.z + f.y * x.w : f.x * x.x + f.y * x.y;
-    }
-    return s;
-  }
+__device__ __forceinline__ float chunk_dot_q8(const Raw& raw, const uint32_t* xw, const float* xd) {
+  constexpr int CE = chunk_elems<DT, B, NBL>();
+  const int w[4] = {int(raw.q.x), int(raw.q.y), int(raw.q.z), int(raw.q.w)};
+  const int* x = reinterpret_cast<const int*>(xw);
   if constexpr (DT == UPG_DTYPE_Q8_0) {
-    float s = 0.0f;
+    int dp = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s += dot4(bytes_to_float4(w[i] ^ 0x80808080u, kBiasQ8), xv[i]);
-    return raw.d0 * s;
+    for (int i = 0; i < 4; ++i) dp = __dp4a(w[i], x[i], dp);
+    return raw.d0 * xd[0] * float(dp);
   }
-  if constexpr (DT == UPG_DTYPE_Q4) {  // word i: low nibbles -> unit i, high nibbles -> unit 4 + i
-    float s = 0.0f;
+  if constexpr (DT == UPG_DTYPE_Q4) {  // word i: low nibbles -> x word i, high nibbles -> x word 4 + i
+    int dp = 0, xs = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      s += dot4(small_codes_to_float4((w[i] << 3) & 0x78787878u), xv[i]);
-      s += dot4(small_codes_to_float4((w[i] >> 1) & 0x78787878u), xv[4 + i]);
+      dp = __dp4a(w[i] & 0x0f0f0f0f, x[i], dp);
+      dp = __dp4a((w[i] >> 4) & 0x0f0f0f0f, x[4 + i], dp);
+      xs = __dp4a(x[i], 0x01010101, __dp4a(x[4 + i], 0x01010101, xs));
     }
-    return raw.d0 * (32.0f * s - float(16 + UPG_Q4_ZERO) * xsum[0]);
+    return raw.d0 * xd[0] * float(dp - UPG_Q4_ZERO * xs);
   }
-  // q3. B = 32: block bl has ql words 2bl, 2bl+1 and qh word bl; field k of ql word wl holds
-  // elements 4wl + i + 8k (unit 8bl + 2k + wl), their high bits at qh bit 2k + wl.
-  // B = 64: ql word wq, field k: elements 4wq + i + 16k (unit 4k + wq), high bits in qh word wq % 2
-  // at bit 2k + wq / 2.
-  if constexpr (B == 32) {
-    float s[2] = {0.0f, 0.0f};
-    const uint32_t h[2] = {raw.h.x, raw.h.y};
+  const uint32_t h[2] = {raw.h.x, raw.h.y};
+  if constexpr (B == 32) {  // the word layout of chunk_dot's q3 comment
+    float s = 0.0f;
 #pragma unroll
-    for (int bl = 0; bl < NBL; ++bl)
+    for (int bl = 0; bl < NBL; ++bl) {
+      int dp = 0, xs = 0;
 #pragma unroll
       for (int wl = 0; wl < 2; ++wl)
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-          s[bl] += dot4(small_codes_to_float4(q3_bytes(w[2 * bl + wl], h[bl], k, 2 * k + wl)), xv[8 * bl + 2 * k + wl]);
-    constexpr float kOff = float(16 + UPG_Q3_ZERO);
-    return raw.d0 * (32.0f * s[0] - kOff * xsum[0]) + (NBL == 2 ? raw.d1 * (32.0f * s[1] - kOff * xsum[1]) : 0.0f);
+        for (int k = 0; k < 4; ++k) {
+          const int j = 8 * bl + 2 * k + wl;
+          dp = __dp4a(int(q3_codes(w[2 * bl + wl], h[bl], k, 2 * k + wl)), x[j], dp);
+          xs = __dp4a(x[j], 0x01010101, xs);
+        }
+      s += (bl == 0 ? raw.d0 : raw.d1) * xd[bl] * float(dp - UPG_Q3_ZERO * xs);
+    }
+    return s;
   }
-  float s = 0.0f;
-  const uint32_t h[2] = {raw.h.x, raw.h.y};
+  int dp = 0, xs = 0;
 #pragma unroll
   for (int wq = 0; wq < 4; ++wq)
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      s += dot4(small_codes_to_float4(q3_bytes(w[wq], h[wq % 2], k, 2 * k + wq / 2)), xv[4 * k + wq]);
-  return raw.d0 * (32.0f * s - float(16 + UPG_Q3_ZERO) * xsum[0]);
+    for (int k = 0; k < 4; ++k) {
+      dp = __dp4a(int(q3_codes(w[wq], h[wq % 2], k, 2 * k + wq / 2)), x[4 * k + wq], dp);
+      xs = __dp4a(x[4 * k + wq], 0x01010101, xs);
+    }
+  static_assert(CE == 64 || DT != UPG_DTYPE_Q3 || B == 32, "q3 block 64: one block per chunk");
+  return raw.d0 * xd[0] * float(dp - UPG_Q3_ZERO * xs);
+}
+
+// A dense chunk's dot product with its f32 x units xv (local order of x_unit).
+template <int DT>
+__device__ __forceinline__ float chunk_dot_f32(const Raw& raw, const float4* xv) {
+  const uint32_t w[4] = {raw.q.x, raw.q.y, raw.q.z, raw.q.w};
+  if constexpr (DT == UPG_DTYPE_F32) return dot4(*reinterpret_cast<const float4*>(&raw.q), xv[0]);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f;
+    if constexpr (DT == UPG_DTYPE_F16) f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    else f = make_float2(__uint_as_float(w[i] << 16), __uint_as_float(w[i] & 0xffff0000u));
+    const float4 x = xv[i / 2];
+    s += (i & 1) ? f.x * x.z + f.y * x.w : f.x * x.x + f.y * x.y;
+  }
+  return s;
 }
 
 constexpr int kPrefetchBytes = 4096;  // per row, before the dependency wait
@@ -235,12 +277,20 @@ __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const Fus
   for (int i = threadIdx.x; i < n; i += blockDim.x) xs[swz_float<S>(i)] *= inv;  // after the barrier
 }
 
+// Bytes of shared memory before the 8-bit activations: x as f32, whole 16-byte units, 8 at a time.
+__host__ __device__ inline int xs_bytes(int cols) { return ((cols + 3) / 4 + 7) / 8 * 8 * 16; }
+
+template <int DT>
+constexpr bool kQuantized = DT == UPG_DTYPE_Q8_0 || DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_Q3;
+
 template <int DT, int B, int NBL, bool VEC>
 __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float* __restrict__ x,
                                                          float* __restrict__ y, FuseDev f) {
   constexpr int CE = chunk_elems<DT, B, NBL>(), S = swizzle_shift<DT, B, NBL>(), R = kMvRows;
   extern __shared__ float4 xs4[];
   float* xs = reinterpret_cast<float*>(xs4);
+  uint32_t* xq = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(xs4) + xs_bytes(m.cols));
+  float* xd = reinterpret_cast<float*>(xq + m.cols / 4);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = (m.rows + R - 1) / R, nc = m.cols / CE;
   pdl_trigger();
@@ -257,6 +307,10 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
   pdl_wait();
   stage_x<S>(xs, x, m.cols, f);
   __syncthreads();
+  if constexpr (kQuantized<DT>) {
+    quantize_x<DT, B, NBL, S>(xs4, xq, xd, m.cols);
+    __syncthreads();
+  }
 
   for (int g = blockIdx.x + gridDim.x * warp; g < groups; g += gridDim.x * kMvWarps) {
     const int r0 = g * R;
@@ -269,13 +323,25 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
         Raw raw[R];
 #pragma unroll
         for (int i = 0; i < R; ++i) raw[i] = load_chunk<DT, B, NBL>(m, min(r0 + i, m.rows - 1), c);
-        float4 xv[CE / 4];
+        if constexpr (kQuantized<DT>) {
+          constexpr int G = chunk_groups<DT, B, NBL>();
+          uint32_t xw[CE / 4];
 #pragma unroll
-        for (int u = 0; u < CE / 4; ++u) xv[u] = xs4[swz<S>(x_unit<DT, B, NBL>(c, u))];
-        float xsum[2] = {0.0f, 0.0f};
-        chunk_xsum<DT, B, NBL>(xv, xsum);
+          for (int j = 0; j < G; ++j) {
+            const uint4 v = reinterpret_cast<const uint4*>(xq)[xq_group<DT, B, NBL>(c * G + j)];
+            xw[4 * j] = v.x, xw[4 * j + 1] = v.y, xw[4 * j + 2] = v.z, xw[4 * j + 3] = v.w;
+          }
+          const int b0 = DT == UPG_DTYPE_Q3 ? c * NBL : (c * CE) / B;  // the chunk's first activation block
+          const float xdc[2] = {xd[b0], NBL == 2 ? xd[b0 + 1] : 0.0f};
 #pragma unroll
-        for (int i = 0; i < R; ++i) acc[i] += chunk_dot<DT, B, NBL>(raw[i], xv, xsum);
+          for (int i = 0; i < R; ++i) acc[i] += chunk_dot_q8<DT, B, NBL>(raw[i], xw, xdc);
+        } else {
+          float4 xv[CE / 4];
+#pragma unroll
+          for (int u = 0; u < CE / 4; ++u) xv[u] = xs4[swz<S>(x_unit<DT, B, NBL>(c, u))];
+#pragma unroll
+          for (int i = 0; i < R; ++i) acc[i] += chunk_dot_f32<DT>(raw[i], xv);
+        }
       }
     } else {
       for (int k = lane; k < m.cols; k += 32) {
@@ -341,8 +407,9 @@ void init_matvec() {
 void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse) {
   check_weight(w, "matvec");
   const MatvecKernel kernel = pick(w);
-  const int units = (w.args.cols + 3) / 4;
-  const size_t smem = size_t((units + 7) / 8 * 8) * 16;
+  const bool q8 = w.dtype == UPG_DTYPE_Q8_0 || w.dtype == UPG_DTYPE_Q4 || w.dtype == UPG_DTYPE_Q3;
+  const size_t smem = size_t(xs_bytes(w.args.cols)) +
+                      (q8 ? size_t(w.args.cols) + size_t(w.args.cols / w.args.block) * 4 : 0);  // + xq, xd
   // x, plus stage_x's static reduction scratch, must fit in one block's shared memory.
   if (smem + 32 * sizeof(float) > size_t(max_smem_optin()))
     throw std::invalid_argument("cuda matvec: cols too large for shared memory");

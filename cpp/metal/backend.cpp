@@ -146,4 +146,13 @@ void MetalBackend::argmax(Buf x, int n, Buf out) {
   gpu_->dispatch(l);
 }
 
+void MetalBackend::next_token(Buf pass, Buf tokens, Buf out) {
+  Launch l;
+  l.kernel = "kernel_next_token";
+  l.buffers = {{0, pass}, {1, tokens}, {2, out}};
+  l.groups = {1, 1, 1};
+  l.threads = 1;
+  gpu_->dispatch(l);
+}
+
 }  // namespace upg::metal

@@ -20,7 +20,7 @@ namespace upg::metal {
 struct Launch {
   std::string kernel;
   std::vector<std::pair<int, Buf>> buffers;  // [[buffer(i)]] -> range; id -1: declared, not read
-  int args_index = -1;                       // [[buffer(i)]] of the constant argument struct
+  int args_index = -1;                       // [[buffer(i)]] of the constant argument struct (-1: none)
   std::vector<uint8_t> args;                 // its bytes
   std::vector<uint32_t> tgmem;               // threadgroup memory 0, 1, ... in bytes (multiples of 16)
   std::array<uint32_t, 3> groups{1, 1, 1};
@@ -68,6 +68,7 @@ class MetalBackend : public Backend {
   void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
   void add(Buf x, Buf y, int n) override;
   void argmax(Buf x, int n, Buf out) override;
+  void next_token(Buf pass, Buf tokens, Buf out) override;
 
  private:
   std::shared_ptr<Gpu> gpu_;

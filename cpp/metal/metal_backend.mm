@@ -163,7 +163,7 @@ void Device::dispatch(const Launch& l) {
   Impl& m = *impl_;
   id<MTLComputeCommandEncoder> enc = m.encoder(l.kernel);
   for (const auto& [index, buf] : l.buffers) m.bind(index, buf);
-  [enc setBytes:l.args.data() length:l.args.size() atIndex:NSUInteger(l.args_index)];
+  if (l.args_index >= 0) [enc setBytes:l.args.data() length:l.args.size() atIndex:NSUInteger(l.args_index)];
   for (size_t i = 0; i < l.tgmem.size(); ++i) [enc setThreadgroupMemoryLength:l.tgmem[i] atIndex:i];
   [enc dispatchThreadgroups:MTLSizeMake(l.groups[0], l.groups[1], l.groups[2])
       threadsPerThreadgroup:MTLSizeMake(l.threads, 1, 1)];

@@ -47,9 +47,10 @@ class Backend {
   virtual void download(void* dst, Buf src, size_t bytes) = 0;
 
   // A pass: the ops between begin() and end() run in order, and those that depend on the
-  // position read it from `pass` (an UpgPass the host uploaded before begin), so the same calls
-  // serve every position. end() returns when the results can be downloaded. upload() and
-  // download() are called outside a pass.
+  // position read it from `pass` (an UpgPass the host uploaded before begin, or the previous
+  // pass's next_token left), so the same calls serve every position. end() may return before the
+  // pass has run (a GPU queues it); upload() and download() are ordered after every pass ended
+  // before them and return when their bytes have moved. They are called outside a pass.
   virtual void begin(Buf pass) = 0;
   virtual void end() {}
 
@@ -76,6 +77,10 @@ class Backend {
   virtual void add(Buf x, Buf y, int n) = 0;  // x += y over n floats
   // out: int32 index of the largest of n floats (the first one on ties).
   virtual void argmax(Buf x, int n, Buf out) = 0;
+  // Greedy decoding's step, after argmax wrote the pass's token into tokens[0]:
+  // out[n_past - out_base] = tokens[0], then the pass moves on to that token (n_past += n_tokens,
+  // n_tokens = 1), so the next pass runs on the device's own state with nothing uploaded.
+  virtual void next_token(Buf pass, Buf tokens, Buf out) = 0;
 };
 
 }  // namespace upg

@@ -27,6 +27,7 @@ class Graph {
     kKCache,     // [layer][kv_head][n_ctx][head_dim], f16 or f32
     kVCache,     // the same for V
     kLogits,     // [n_batch][vocab]
+    kGenerated,  // int32 [n_ctx] greedy decoding's tokens (Output::kGreedy)
     kBufferCount
   };
 
@@ -41,8 +42,9 @@ class Graph {
 
   // What a pass leaves behind: logits of every token in kLogits [n][vocab] (kAllLogits), of the
   // last in kLogits [vocab] (kLastLogits), every token's hidden state after the final norm in kXn
-  // [n][hidden] (kHidden: embeddings), or only the KV cache (kNone).
-  enum class Output { kNone, kLastLogits, kAllLogits, kHidden };
+  // [n][hidden] (kHidden: embeddings), or only the KV cache (kNone). kGreedy: the last token's
+  // logits, their argmax appended to kGenerated and fed to the next pass (Backend::next_token).
+  enum class Output { kNone, kLastLogits, kAllLogits, kHidden, kGreedy };
   // One pass of n <= n_batch tokens (ids in kTokens; UpgPass in kPass, the pass the caller began
   // on the backend) at positions n_past... weights: the backend's buffer of the file's data section.
   void forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, int n, int n_past, Output output) const;

@@ -25,6 +25,11 @@ class Session {
   // As eval, but writes every token's hidden state after the final norm into out[n][hidden]
   // instead of logits (embeddings).
   void eval_hidden(const int32_t* tokens, int64_t n, float* out);
+  // Greedy decoding on the backend: appends `token`, then n - 1 more, each the argmax of the
+  // logits before it (the first maximum), and writes the n argmaxes into out[n]; the last one is
+  // not appended (as a sampled token is not until the next eval). One pass per token with nothing
+  // uploaded or downloaded in between, so a GPU queues them back to back. Same errors as eval.
+  void decode_greedy(int32_t token, int64_t n, int32_t* out);
 
   int64_t n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
@@ -39,6 +44,9 @@ class Session {
   const Backend& backend() const { return *backend_; }
 
  private:
+  // Throws unless `positions` >= 1 more positions fit the context and the n tokens' ids are in the
+  // vocabulary.
+  void check_tokens(const int32_t* tokens, int64_t n, int64_t positions) const;
   // Runs the tokens in batches of n_batch; download(batch's first token, its count, its output)
   // takes each batch's results. last: the output of the final batch; others: of the rest.
   template <typename Fn>

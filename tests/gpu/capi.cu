@@ -126,6 +126,8 @@ int upg_add(float* x, const float* y, int n, int capacity, const int32_t* pass, 
 
 int upg_argmax(const float* x, int n, int32_t* out, void* s) { return guarded([&] { argmax(x, n, out, st(s)); }); }
 
-int upg_advance_pass(int32_t* pass, void* s) { return guarded([&] { advance_pass(pass, st(s)); }); }
+int upg_next_token(int32_t* pass, const int32_t* token, int32_t* out, void* s) {
+  return guarded([&] { next_token(pass, token, out, st(s)); });
+}
 
 }  // extern "C"

@@ -35,7 +35,7 @@ _SIGNATURES = {
     "upg_silu_mul": [_P, _P, _I, _I, _I, _P, _P],
     "upg_add": [_P, _P, _I, _I, _P, _P],
     "upg_argmax": [_P, _I, _P, _P],
-    "upg_advance_pass": [_P, _P],
+    "upg_next_token": [_P, _P, _P, _P],
 }
 
 
@@ -133,8 +133,8 @@ class Lib:
     def argmax(self, x, n, out):
         self._call("upg_argmax", x, n, out, self._stream())
 
-    def advance_pass(self, pass_):
-        self._call("upg_advance_pass", pass_, self._stream())
+    def next_token(self, pass_, token, out):
+        self._call("upg_next_token", pass_, token, out, self._stream())
 
 
 class Weight:

@@ -19,7 +19,7 @@ status=0
 for stage in "$@"; do
   case $stage in
     tests)
-      python3 -P -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$LOG/tests.log" || status=1 ;;
+      python3 -P -m pytest -q -rA -p no:cacheprovider tests/gpu 2>&1 | tee "$LOG/tests.log" || status=1 ;;
     sanitize)
       # No caching allocator: every tensor is its own cudaMalloc, so memcheck sees each bound.
       for tool in memcheck racecheck; do

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference.quant import add_outliers, dequantize, quantize
+from reference.quant import activations_as_used, add_outliers, dequantize, quantize
 
 from cuda_lib import Lib, Weight, pass_tensor
 
@@ -55,11 +55,12 @@ def random_outliers(rng, rows, cols, frac=0.02):
     return rowptr, col, val
 
 
-def make_weight(rng, dtype, block, rows, cols, outliers):
-    """(device Weight, float64 effective matrix)."""
+def make_weight(rng, dtype, block, rows, cols, outliers, split=False):
+    """(device Weight, float64 effective matrix), or with split (Weight, dense part, outlier part)."""
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     data = quantize(dtype, block, w)
     ref = dequantize(dtype, block, data, rows, cols).astype(np.float64)
+    dense = ref
     dev_outliers = None
     if outliers:
         rowptr, col, val = random_outliers(rng, rows, cols)
@@ -67,7 +68,14 @@ def make_weight(rng, dtype, block, rows, cols, outliers):
         # a CSR of nnz 0 still needs valid pointers
         dev_outliers = (dev(rowptr), dev(col if len(col) else np.zeros(1, np.int32)),
                         dev(val.view(np.int16) if len(val) else np.zeros(1, np.int16)))
-    return Weight(dtype, rows, cols, block, dev(data), dev_outliers), ref
+    weight = Weight(dtype, rows, cols, block, dev(data), dev_outliers)
+    return (weight, dense, ref - dense) if split else (weight, ref)
+
+
+def matvec_reference(dtype, block, dense, outl, x):
+    """What the mat-vec computes: the dense part times the activations as the CPU kernels round them
+    for quantized types (reference.quant.activations_as_used), the outliers times x itself."""
+    return dense @ activations_as_used(dtype, block, np.asarray(x, np.float32)) + outl @ np.asarray(x, np.float64)
 
 
 def matrix_shapes(dtype, block):
@@ -85,34 +93,40 @@ def matrix_shapes(dtype, block):
 def test_matvec(lib, dtype, block, outliers):
     rng = np.random.default_rng()
     for rows, cols in matrix_shapes(dtype, block):
-        w, ref = make_weight(rng, dtype, block, rows, cols, outliers)
+        w, dense, outl = make_weight(rng, dtype, block, rows, cols, outliers, split=True)
         x = rng.standard_normal(cols).astype(np.float32)
         y = nan(rows)
         lib.matvec(w, dev(x), y)
-        err = rel_err(y.cpu().numpy(), ref @ x.astype(np.float64))
+        err = rel_err(y.cpu().numpy(), matvec_reference(dtype, block, dense, outl, x))
         assert err < 1e-5, (rows, cols, err)
 
 
 @pytest.mark.parametrize("dtype,block", [("q4", 32), ("q3", 64), ("f16", 0)])
 def test_matvec_fused(lib, dtype, block):
-    """The prologue fusions (rms_norm, silu_mul) and the accumulating epilogue."""
+    """The prologue fusions (rms_norm, silu_mul) and the accumulating epilogue. For quantized
+    weights the prologue's f32 result (rsqrtf, __expf) is rounded to 8 bits in the kernel, and a
+    value that lands next to a rounding boundary may take the neighbouring code: about 1e-3 of the
+    product per such code at these widths, so those types are held to 5e-3 (a wrong fusion is off by
+    order 1)."""
     rng = np.random.default_rng()
     rows, cols = 129, (block or 32) * 9
-    w, ref = make_weight(rng, dtype, block, rows, cols, True)
+    tol = 5e-3 if block else 1e-5
+    w, dense, outl = make_weight(rng, dtype, block, rows, cols, True, split=True)
     x = rng.standard_normal(cols).astype(np.float32)
     nw = (1 + 0.2 * rng.standard_normal(cols)).astype(np.float32)
     eps = 1e-5
     xn = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + eps) * nw
     y = nan(rows)
     lib.matvec(w, dev(x), y, norm_weight=dev(nw), eps=eps)
-    assert rel_err(y.cpu().numpy(), ref @ xn) < 1e-5
+    assert rel_err(y.cpu().numpy(), matvec_reference(dtype, block, dense, outl, xn)) < tol
 
     gu = rng.standard_normal(2 * cols).astype(np.float32)
     g, u = gu[:cols].astype(np.float64), gu[cols:].astype(np.float64)
     y0 = rng.standard_normal(rows).astype(np.float32)
     y = dev(y0)
     lib.matvec(w, dev(gu), y, silu=True, accumulate=True)
-    assert rel_err(y.cpu().numpy(), y0 + ref @ (g / (1 + np.exp(-g)) * u)) < 1e-5
+    act = g / (1 + np.exp(-g)) * u
+    assert rel_err(y.cpu().numpy(), y0 + matvec_reference(dtype, block, dense, outl, act)) < tol
 
 
 @pytest.mark.parametrize("dtype,block", TYPES)
@@ -316,7 +330,7 @@ def test_argmax(lib, n):
 
 def test_captured_decode_replays_with_device_pass(lib):
     """rope + kv_store + attention captured once as a CUDA graph, replayed at new positions by
-    writing the pass buffer only (advance_pass inside the graph)."""
+    writing the pass buffer only (next_token inside the graph)."""
     rng = np.random.default_rng()
     nh, nkv, hd, n_ctx = 8, 2, 64, 700
     stride = (nh + 2 * nkv) * hd
@@ -328,6 +342,8 @@ def test_captured_decode_replays_with_device_pass(lib):
     out = torch.zeros(nh * hd, device="cuda")
     ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
     p = pass_tensor(0, 1)
+    token = torch.tensor([4321], dtype=torch.int32, device="cuda")
+    generated = torch.full((n_ctx,), -7, dtype=torch.int32, device="cuda")
     inv = inv_freq(hd, 10000.0, None)
     inv_dev = dev(inv)
 
@@ -336,7 +352,7 @@ def test_captured_decode_replays_with_device_pass(lib):
         lib.rope(qkv, inv_dev, 1, nh + nkv, hd, hd, stride, 1.0, p)
         lib.kv_store(qkv, kc, vc, nh, nkv, hd, n_ctx, stride, 1, p)
         lib.attention_decode(qkv, kc, vc, out, nh, nkv, hd, n_ctx, stride, scale, ws, p)
-        lib.advance_pass(p)
+        lib.next_token(p, token, generated)
 
     step()  # loads the kernels before the capture
     g = torch.cuda.CUDAGraph()
@@ -364,6 +380,7 @@ def test_captured_decode_replays_with_device_pass(lib):
             ref = attention_ref(heads[-1:, :nh], k, v, step, scale)
             assert rel_err(out.cpu().numpy(), ref.reshape(-1)) < 1e-4, step
     assert p.cpu().tolist()[:2] == [520, 1]
+    assert (generated[:520] == 4321).all() and (generated[520:] == -7).all()
 
 
 def test_bad_input_raises(lib):

@@ -46,6 +46,7 @@ class HarnessGpu(_core.MetalGpu):
     def dispatch(self, launch: dict):
         bound = {i: None if buf < 0 else self.buffers[buf][off:] for i, buf, off in launch["buffers"]}
         args = launch["args"]
-        bound[launch["args_index"]] = (ctypes.c_ubyte * len(args)).from_buffer_copy(args)
+        if launch["args_index"] >= 0:
+            bound[launch["args_index"]] = (ctypes.c_ubyte * len(args)).from_buffer_copy(args)
         self.lib.launch(launch["kernel"], bound, launch["groups"], (launch["threads"],), launch["tgmem"])
         self.launches += 1
