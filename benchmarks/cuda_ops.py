@@ -139,6 +139,7 @@ def bench_prefill(lib, types, n=512):
     """Tensor-core mat-mul TFLOP/s for n tokens, and prefill attention per layer."""
     out = []
     for dtype in types:
+        kernel = "s8" if dtype in ("q8_0", "q4", "q3") else "f16"
         for name in ("qkv", "o", "gate_up", "down"):
             rows, cols = SHAPES[name]
             w = random_weight(dtype, rows, cols)
@@ -148,8 +149,9 @@ def bench_prefill(lib, types, n=512):
             ms, _ = time_graph(lambda: [lib.matmul(w, x, y, n, rows, p) for _ in range(5)])
             us = ms * 1e3 / 5
             tflops = 2 * rows * cols * n / us / 1e6
-            out.append(dict(op="matmul", type=dtype, matrix=name, tokens=n, us=us, tflops=tflops))
-            print(f"matmul {dtype:5s} {name:8s} {rows}x{cols} x {n} tokens: {us:8.1f} us  {tflops:6.1f} TFLOP/s", flush=True)
+            out.append(dict(op="matmul", type=dtype, kernel=kernel, matrix=name, tokens=n, us=us, tflops=tflops))
+            print(f"matmul {dtype:5s} {kernel} {name:8s} {rows}x{cols} x {n} tokens: {us:8.1f} us  {tflops:6.1f} TFLOP/s",
+                  flush=True)
     c = PHI4
     nh, nkv, hd, n_ctx = c["heads"], c["kv_heads"], c["head_dim"], 4096
     stride = (nh + 2 * nkv) * hd
@@ -264,7 +266,7 @@ def main():
     types = ["q4", "q8_0"] if args.quick else ["q4", "q3", "q8_0", "f16", "bf16", "f32"]
     res["matvec"] = bench_matvec(lib, types, SHAPES)
     res["attention"] = bench_attention(lib) + bench_attention(lib, n_kv=64)
-    res["prefill"] = bench_prefill(lib, ["q4", "q8_0"] if args.quick else ["q4", "q8_0", "f16"])
+    res["prefill"] = bench_prefill(lib, ["q4", "q8_0", "q3"] if args.quick else ["q4", "q8_0", "q3", "f16"])
     res["decode_step"] = []
     if not args.skip_step:
         for dtype in ("q4", "q8_0"):

@@ -62,7 +62,8 @@ struct MatvecFuse {
 // y[rows] = W x[cols] (+ outliers), one token. Streams W once with 16-byte loads.
 void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse = {});
 // y[t * ldy + r] = sum_k W[r][k] x[t * cols + k] (+ outliers) for t < pass[kPassNTokens], on the
-// tensor cores (W tiles decoded to f16, x rounded to f16, f32 accumulation).
+// tensor cores: quantized W as int8 codes times x rounded to 8 bits per block as the mat-vec and
+// the CPU round it (s32 sums per block, scaled into f32); dense W and x rounded to f16 (f32 sums).
 void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s);
 // out[t][k] = W[ids[t]][k] (+ outliers) for t < pass[kPassNTokens]; an id outside [0, rows)
 // gives a zero row.

@@ -1,8 +1,8 @@
 // Prefill mat-mul on the tensor cores: y[t * ldy + r] = sum_k W[r][k] x[t][k] (+ outliers) for the
-// pass's tokens. A block computes a 64-token x 128-row tile of y with 8 warps (each 32 x 32, four
-// 16x16x16 f16 WMMA fragments, f32 accumulation). Per 64-wide k step the block decodes its weight
-// tile once into shared memory as f16 (any UPG type), rounds the x tile to f16 beside it, and the
-// next step's raw codes are loaded into registers while the current step multiplies. Ragged rows,
+// pass's tokens. A block computes a 64-token x 128-row tile of y with 8 warps of 32 x 32. Quantized
+// weights (k_matmul_q8): their int8 codes times x rounded to 8 bits per block, as the mat-vec and
+// the CPU round it, on mma.m16n8k32 s8. Dense weights (k_matmul): W and x rounded to f16 in shared
+// memory per 64-wide k step, four 16x16x16 WMMA fragments per warp, f32 accumulation. Ragged rows,
 // tokens and k are zero-filled on load and skipped on store; the outliers are added in the
 // epilogue from the f32 activations.
 #include <mma.h>
@@ -25,87 +25,23 @@ constexpr size_t kSmemTiles = size_t(kTm + kTn) * kLd * 2;
 constexpr size_t kSmemOut = size_t(kTn) * kCld * 4;
 constexpr size_t kSmem = kSmemTiles > kSmemOut ? kSmemTiles : kSmemOut;
 
-// Raw codes of one thread's 32 weight elements (quantized types): row tid / 2, elements
-// k0 + 32 * (tid % 2) + [0, 32).
-struct RawTile {
-  uint4 q[2];   // up to 32 bytes of qs / ql
-  uint2 h;      // q3: up to 8 bytes of qh
-  float d;
-  bool valid;
-};
-
-template <int DT, int B>
-__device__ __forceinline__ RawTile load_raw(const MatView& m, int r, int k0, int half) {
-  RawTile t{};
-  const int k = k0 + 32 * half;
-  t.valid = r < m.rows && k < m.cols;
-  if (!t.valid) return t;
-  const int64_t rc = int64_t(r) * m.cols;
-  t.d = f16(m.scales[int64_t(r) * (m.cols / B) + k / B]);
-  if constexpr (DT == UPG_DTYPE_Q8_0) {
-    const uint4* p = reinterpret_cast<const uint4*>(m.codes + rc + k);
-    t.q[0] = __ldg(p);
-    t.q[1] = __ldg(p + 1);
-  } else if constexpr (DT == UPG_DTYPE_Q4) {
-    if constexpr (B == 32) {
-      t.q[0] = __ldg(reinterpret_cast<const uint4*>(m.codes + (rc + k) / 2));
-    } else {
-      const uint4* p = reinterpret_cast<const uint4*>(m.codes + (rc + k0) / 2);
-      t.q[0] = __ldg(p);
-      t.q[1] = __ldg(p + 1);
-    }
-  } else {
-    if constexpr (B == 32) {
-      const uint2 q = __ldg(reinterpret_cast<const uint2*>(m.codes + (rc + k) / 4));
-      t.q[0] = make_uint4(q.x, q.y, 0, 0);
-      t.h.x = __ldg(reinterpret_cast<const unsigned int*>(m.high + (rc + k) / 8));
-    } else {
-      t.q[0] = __ldg(reinterpret_cast<const uint4*>(m.codes + (rc + k0) / 4));
-      t.h = __ldg(reinterpret_cast<const uint2*>(m.high + (rc + k0) / 8));
-    }
+// The block's output tile, cs [kTn tokens][kCld] (rows contiguous), plus the rows' outliers times the
+// f32 activations, into y: consecutive threads write consecutive rows of one token.
+__device__ __forceinline__ void store_tile(const MatView& m, const float* __restrict__ x, float* __restrict__ y,
+                                           int ldy, const float* cs, int r0, int t0, int n) {
+  for (int e = threadIdx.x; e < kTn * kTm; e += kThreads) {
+    const int t = t0 + e / kTm, r = r0 + e % kTm;
+    if (t >= n || r >= m.rows) continue;
+    float v = cs[(e / kTm) * kCld + e % kTm];
+    if (m.rowptr != nullptr)
+      for (int o = m.rowptr[r]; o < m.rowptr[r + 1]; ++o) v += f16(m.val[o]) * x[int64_t(t) * m.cols + m.col[o]];
+    y[int64_t(t) * ldy + r] = v;
   }
-  return t;
 }
 
-__device__ __forceinline__ int byte_of(const uint4* q, int i) {
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(q);
-  return (w[i >> 2] >> (8 * (i & 3))) & 0xff;
-}
-
-// Element j (0..31) of the thread's 32, as f16.
-template <int DT, int B>
-__device__ __forceinline__ __half decode(const RawTile& t, int half, int j) {
-  int q;
-  if constexpr (DT == UPG_DTYPE_Q8_0) {
-    q = int(int8_t(byte_of(t.q, j)));
-  } else if constexpr (DT == UPG_DTYPE_Q4) {
-    const int e = B == 32 ? j : 32 * half + j;  // element within the block
-    const int b = byte_of(t.q, e % (B / 2));
-    q = (e < B / 2 ? (b & 15) : (b >> 4)) - UPG_Q4_ZERO;
-  } else {
-    const int e = B == 32 ? j : 32 * half + j;
-    const uint32_t hw = (e % (B / 8)) < 4 ? t.h.x : t.h.y;
-    const int lo = (byte_of(t.q, e % (B / 4)) >> (2 * (e / (B / 4)))) & 3;
-    const int hi = (hw >> (8 * ((e % (B / 8)) & 3) + e / (B / 8))) & 1;
-    q = (lo | (hi << 2)) - UPG_Q3_ZERO;
-  }
-  return __float2half_rn(t.d * float(q));
-}
-
-template <int DT, int B>
-__device__ __forceinline__ void store_raw(__half* ws, const RawTile& t, int rr, int half) {
-  alignas(16) __half v[32];
-#pragma unroll
-  for (int j = 0; j < 32; ++j) v[j] = t.valid ? decode<DT, B>(t, half, j) : __float2half(0.0f);
-  uint4* dst = reinterpret_cast<uint4*>(ws + rr * kLd + 32 * half);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) dst[i] = reinterpret_cast<const uint4*>(v)[i];
-}
-
-template <int DT, int B>
+template <int DT>
 __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __restrict__ x, float* __restrict__ y,
                                                     int ldy, const int32_t* __restrict__ pass) {
-  constexpr bool kQuant = DT == UPG_DTYPE_Q8_0 || DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_Q3;
   pdl_enter();
   const int n = n_tokens(pass);
   const int r0 = blockIdx.x * kTm, t0 = blockIdx.y * kTn;
@@ -122,19 +58,11 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  const int rr = tid >> 1, half = tid & 1;
-  RawTile raw{};
-  if constexpr (kQuant) raw = load_raw<DT, B>(m, r0 + rr, 0, half);
   for (int k0 = 0; k0 < m.cols; k0 += kTk) {
-    if constexpr (kQuant) {
-      store_raw<DT, B>(ws, raw, rr, half);
-      if (k0 + kTk < m.cols) raw = load_raw<DT, B>(m, r0 + rr, k0 + kTk, half);
-    } else {
 #pragma unroll 8
-      for (int j = 0; j < kTm * kTk / kThreads; ++j) {
-        const int e = tid + kThreads * j, r = r0 + e / kTk, k = k0 + e % kTk;
-        ws[(e / kTk) * kLd + e % kTk] = __float2half_rn(r < m.rows && k < m.cols ? elem<DT, B>(m, r, k) : 0.0f);
-      }
+    for (int j = 0; j < kTm * kTk / kThreads; ++j) {
+      const int e = tid + kThreads * j, r = r0 + e / kTk, k = k0 + e % kTk;
+      ws[(e / kTk) * kLd + e % kTk] = __float2half_rn(r < m.rows && k < m.cols ? elem<DT, 0>(m, r, k) : 0.0f);
     }
 #pragma unroll 8
     for (int j = 0; j < kTn * kTk / kThreads; ++j) {
@@ -164,14 +92,199 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(cs + (wt * 32 + i * 16) * kCld + wr * 32 + j * 16, acc[i][j], kCld, wmma::mem_row_major);
   __syncthreads();
-  for (int e = tid; e < kTn * kTm; e += kThreads) {
-    const int t = t0 + e / kTm, r = r0 + e % kTm;
-    if (t >= n || r >= m.rows) continue;
-    float v = cs[(e / kTm) * kCld + e % kTm];
-    if (m.rowptr != nullptr)
-      for (int o = m.rowptr[r]; o < m.rowptr[r + 1]; ++o) v += f16(m.val[o]) * x[int64_t(t) * m.cols + m.col[o]];
-    y[int64_t(t) * ldy + r] = v;
+  store_tile(m, x, y, ldy, cs, r0, t0, n);
+}
+
+// ---- 8-bit tensor-core mat-mul for the quantized types ----
+// The weights' integer codes (zero point removed) times x rounded to 8 bits per weight block
+// exactly as the decode mat-vec and the CPU round it (d = f16(amax / 127), q = rint(x * 127 /
+// amax)): per block of B along k, B / 32 mma.m16n8k32 (s8 x s8 -> s32), then the block's integer
+// sums scaled by d_w * d_x into the f32 accumulators. The same 128-row x 64-token tile and 8 warps
+// of 32 x 32 as the f16 kernel; a k step is one block: its codes decoded to int8 and its x slice
+// rounded in shared memory, while the next block's raw codes and x wait in registers.
+template <int B>
+constexpr int kQld = B + 16;  // bytes per shared row: fragment loads of 8 rows x 4 words hit 32 banks
+
+template <int DT, int B>
+struct Q8Step {
+  uint4 q[2];      // this thread's codes of the block (q3: the row's whole ql)
+  uint2 h;         // q3: the row's whole qh
+  float d;         // the block's weight scale
+  float4 x[B / 16];  // this thread's B / 4 floats of x
+};
+
+template <int DT, int B>
+__device__ __forceinline__ void q8_load(const MatView& m, const float* __restrict__ x, int r0, int t0, int n, int kb,
+                                        Q8Step<DT, B>& st) {
+  const int tid = threadIdx.x, rr = tid >> 1, half = tid & 1, r = r0 + rr;
+  st.d = 0.0f;
+  if (r < m.rows) {
+    const int64_t e = int64_t(r) * m.cols + int64_t(kb) * B;  // first element of the row's block
+    st.d = f16(m.scales[int64_t(r) * (m.cols / B) + kb]);
+    if constexpr (DT == UPG_DTYPE_Q8_0) {
+      const uint4* p = reinterpret_cast<const uint4*>(m.codes + e + half * (B / 2));
+      st.q[0] = __ldg(p);
+      if constexpr (B == 64) st.q[1] = __ldg(p + 1);
+    } else if constexpr (DT == UPG_DTYPE_Q4) {
+      if constexpr (B == 32) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(m.codes + e / 2 + 8 * half));
+        st.q[0] = make_uint4(v.x, v.y, 0, 0);
+      } else {
+        st.q[0] = __ldg(reinterpret_cast<const uint4*>(m.codes + e / 2 + 16 * half));
+      }
+    } else if constexpr (B == 32) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(m.codes + e / 4));
+      st.q[0] = make_uint4(v.x, v.y, 0, 0);
+      st.h = make_uint2(__ldg(reinterpret_cast<const unsigned int*>(m.high + e / 8)), 0);
+    } else {
+      st.q[0] = __ldg(reinterpret_cast<const uint4*>(m.codes + e / 4));
+      st.h = __ldg(reinterpret_cast<const uint2*>(m.high + e / 8));
+    }
+  } else {  // a row past the matrix: zero codes (its scale is 0 too)
+    st.q[0] = st.q[1] = make_uint4(0, 0, 0, 0);
+    st.h = make_uint2(0, 0);
   }
+  const int tt = tid >> 2, qq = tid & 3, t = t0 + tt;
+#pragma unroll
+  for (int i = 0; i < B / 16; ++i)
+    st.x[i] = t < n ? __ldg(reinterpret_cast<const float4*>(x + int64_t(t) * m.cols + int64_t(kb) * B + qq * (B / 4)) + i)
+                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+
+__device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
+  return (uint32_t(a) & 0xffu) | (uint32_t(b) & 0xffu) << 8 | (uint32_t(c) & 0xffu) << 16 | uint32_t(d) << 24;
+}
+
+// The step's codes as int8 (zero point removed) into ws [kTm][kQld], its x rounded into xs
+// [kTn][kQld], the scales into wd [kTm] and xd [kTn].
+template <int DT, int B>
+__device__ __forceinline__ void q8_store(const Q8Step<DT, B>& st, int8_t* ws, int8_t* xs, float* wd, float* xd) {
+  const int tid = threadIdx.x, rr = tid >> 1, half = tid & 1;
+  uint32_t* row = reinterpret_cast<uint32_t*>(ws + rr * kQld<B>);
+  const uint32_t* q = reinterpret_cast<const uint32_t*>(st.q);
+  if constexpr (DT == UPG_DTYPE_Q8_0) {
+#pragma unroll
+    for (int i = 0; i < B / 8; ++i) row[half * (B / 8) + i] = q[i];
+  } else if constexpr (DT == UPG_DTYPE_Q4) {
+    // bytes i of the half: element i (low nibble) and i + B / 2 (high), i from half * B / 4
+#pragma unroll
+    for (int i = 0; i < B / 16; ++i) {
+      row[half * (B / 16) + i] = __vsub4(q[i] & 0x0f0f0f0fu, 0x08080808u);
+      row[B / 8 + half * (B / 16) + i] = __vsub4((q[i] >> 4) & 0x0f0f0f0fu, 0x08080808u);
+    }
+  } else {  // q3: this half's elements from the whole ql / qh (docs/FORMAT.md)
+    const uint8_t* ql = reinterpret_cast<const uint8_t*>(st.q);
+    const uint8_t* qh = reinterpret_cast<const uint8_t*>(&st.h);
+#pragma unroll
+    for (int i = 0; i < B / 8; ++i) {
+      int v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = half * (B / 2) + 4 * i + u;
+        v[u] = (((ql[j % (B / 4)] >> (2 * (j / (B / 4)))) & 3) | (((qh[j % (B / 8)] >> (j / (B / 8))) & 1) << 2)) - UPG_Q3_ZERO;
+      }
+      row[half * (B / 8) + i] = pack4(v[0], v[1], v[2], v[3]);
+    }
+  }
+  if (half == 0) wd[rr] = st.d;
+  // x: the 4 threads of a token hold its B floats; amax over them, then the CPU's rounding.
+  const int tt = tid >> 2, qq = tid & 3;
+  float a = 0.0f;
+#pragma unroll
+  for (int i = 0; i < B / 16; ++i)
+    a = fmaxf(a, fmaxf(fmaxf(fabsf(st.x[i].x), fabsf(st.x[i].y)), fmaxf(fabsf(st.x[i].z), fabsf(st.x[i].w))));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+  const float inv = a != 0.0f ? 127.0f / a : 0.0f;
+  uint32_t* xrow = reinterpret_cast<uint32_t*>(xs + tt * kQld<B>) + qq * (B / 16);
+#pragma unroll
+  for (int i = 0; i < B / 16; ++i)
+    xrow[i] = pack4(__float2int_rn(st.x[i].x * inv), __float2int_rn(st.x[i].y * inv), __float2int_rn(st.x[i].z * inv),
+                    __float2int_rn(st.x[i].w * inv));
+  if (qq == 0) xd[tt] = __half2float(__float2half_rn(a / 127.0f));
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int DT, int B>
+__global__ void __launch_bounds__(kThreads) k_matmul_q8(MatView m, const float* __restrict__ x, float* __restrict__ y,
+                                                       int ldy, const int32_t* __restrict__ pass) {
+  constexpr int LD = kQld<B>;
+  pdl_enter();
+  const int n = n_tokens(pass);
+  const int r0 = blockIdx.x * kTm, t0 = blockIdx.y * kTn;
+  if (t0 >= n) return;
+  extern __shared__ __align__(16) uint8_t smem[];
+  int8_t* ws = reinterpret_cast<int8_t*>(smem);          // [kTm][LD]
+  int8_t* xs = ws + kTm * LD;                            // [kTn][LD]
+  float* wd = reinterpret_cast<float*>(xs + kTn * LD);   // [kTm]
+  float* xd = wd + kTm;                                  // [kTn]
+  float* cs = reinterpret_cast<float*>(smem);            // [kTn][kCld], after the main loop
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wr = warp & 3, wt = warp >> 2;
+  const int g = lane >> 2, tig = lane & 3;
+
+  float acc[2][4][4] = {};
+  Q8Step<DT, B> st;
+  q8_load<DT, B>(m, x, r0, t0, n, 0, st);
+  const int nb = m.cols / B;
+  for (int kb = 0; kb < nb; ++kb) {
+    q8_store<DT, B>(st, ws, xs, wd, xd);
+    __syncthreads();
+    if (kb + 1 < nb) q8_load<DT, B>(m, x, r0, t0, n, kb + 1, st);
+    int iacc[2][4][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < B; ks += 32) {
+      uint32_t a[2][4], b[4][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int8_t* p = ws + (wr * 32 + i * 16 + g) * LD + ks + 4 * tig;
+        a[i][0] = *reinterpret_cast<const uint32_t*>(p);
+        a[i][1] = *reinterpret_cast<const uint32_t*>(p + 8 * LD);
+        a[i][2] = *reinterpret_cast<const uint32_t*>(p + 16);
+        a[i][3] = *reinterpret_cast<const uint32_t*>(p + 8 * LD + 16);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int8_t* p = xs + (wt * 32 + j * 8 + g) * LD + ks + 4 * tig;
+        b[j][0] = *reinterpret_cast<const uint32_t*>(p);
+        b[j][1] = *reinterpret_cast<const uint32_t*>(p + 16);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_s8(iacc[i][j], a[i], b[j]);
+    }
+    // c[0], c[1]: row g, tokens 2 tig, 2 tig + 1; c[2], c[3]: row g + 8
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float d0 = wd[wr * 32 + i * 16 + g], d1 = wd[wr * 32 + i * 16 + g + 8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float x0 = xd[wt * 32 + j * 8 + 2 * tig], x1 = xd[wt * 32 + j * 8 + 2 * tig + 1];
+        acc[i][j][0] += d0 * x0 * float(iacc[i][j][0]);
+        acc[i][j][1] += d0 * x1 * float(iacc[i][j][1]);
+        acc[i][j][2] += d1 * x0 * float(iacc[i][j][2]);
+        acc[i][j][3] += d1 * x1 * float(iacc[i][j][3]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = wr * 32 + i * 16 + g, tok = wt * 32 + j * 8 + 2 * tig;
+      cs[tok * kCld + row] = acc[i][j][0];
+      cs[(tok + 1) * kCld + row] = acc[i][j][1];
+      cs[tok * kCld + row + 8] = acc[i][j][2];
+      cs[(tok + 1) * kCld + row + 8] = acc[i][j][3];
+    }
+  __syncthreads();
+  store_tile(m, x, y, ldy, cs, r0, t0, n);
 }
 
 using MatmulKernel = void (*)(MatView, const float*, float*, int, const int32_t*);
@@ -179,12 +292,12 @@ using MatmulKernel = void (*)(MatView, const float*, float*, int, const int32_t*
 MatmulKernel pick(const Weight& w) {
   const int B = w.args.block;
   switch (w.dtype) {
-    case UPG_DTYPE_F32: return k_matmul<UPG_DTYPE_F32, 0>;
-    case UPG_DTYPE_F16: return k_matmul<UPG_DTYPE_F16, 0>;
-    case UPG_DTYPE_BF16: return k_matmul<UPG_DTYPE_BF16, 0>;
-    case UPG_DTYPE_Q8_0: return B == 32 ? k_matmul<UPG_DTYPE_Q8_0, 32> : k_matmul<UPG_DTYPE_Q8_0, 64>;
-    case UPG_DTYPE_Q4: return B == 32 ? k_matmul<UPG_DTYPE_Q4, 32> : k_matmul<UPG_DTYPE_Q4, 64>;
-    default: return B == 32 ? k_matmul<UPG_DTYPE_Q3, 32> : k_matmul<UPG_DTYPE_Q3, 64>;
+    case UPG_DTYPE_F32: return k_matmul<UPG_DTYPE_F32>;
+    case UPG_DTYPE_F16: return k_matmul<UPG_DTYPE_F16>;
+    case UPG_DTYPE_BF16: return k_matmul<UPG_DTYPE_BF16>;
+    case UPG_DTYPE_Q8_0: return B == 32 ? k_matmul_q8<UPG_DTYPE_Q8_0, 32> : k_matmul_q8<UPG_DTYPE_Q8_0, 64>;
+    case UPG_DTYPE_Q4: return B == 32 ? k_matmul_q8<UPG_DTYPE_Q4, 32> : k_matmul_q8<UPG_DTYPE_Q4, 64>;
+    default: return B == 32 ? k_matmul_q8<UPG_DTYPE_Q3, 32> : k_matmul_q8<UPG_DTYPE_Q3, 64>;
   }
 }
 

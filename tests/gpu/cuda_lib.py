@@ -40,14 +40,17 @@ _SIGNATURES = {
 
 
 def _sources():
-    return sorted((ROOT / "cpp" / "cuda").glob("*.cu*")) + [ROOT / "tests" / "gpu" / "capi.cu", ROOT / "metal" / "upg_quant.h"]
+    """The kernel layer (not CudaBackend, which needs the engine), the C ABI, and the headers they read."""
+    kernels = [p for p in sorted((ROOT / "cpp" / "cuda").glob("*.cu*")) if p.name != "backend.cu"]
+    return kernels + [ROOT / "tests" / "gpu" / "capi.cu", ROOT / "cpp" / "upg" / "upg_common.h",
+                      ROOT / "cpp" / "upg" / "quant.h"]
 
 
 def build(out: Path) -> Path:
-    """Compiles the kernels and capi.cu into the shared library `out` for the current GPU."""
+    """Compiles the kernels and capi.cu into the shared library `out` for the current GPU (as run_all.sh)."""
     major, minor = torch.cuda.get_device_capability()
     cmd = ["nvcc", "-std=c++17", "-O3", f"-arch=sm_{major}{minor}", "-shared", "-Xcompiler", "-fPIC",
-           f"-I{ROOT / 'cpp' / 'cuda'}", f"-I{ROOT / 'metal'}", "-o", str(out)]
+           f"-I{ROOT / 'cpp' / 'cuda'}", f"-I{ROOT / 'cpp'}", "-o", str(out)]
     cmd += [str(p) for p in _sources() if p.suffix == ".cu"]
     subprocess.run(cmd, check=True)
     return out
