@@ -43,7 +43,7 @@ void Session::run(const int32_t* tokens, int64_t n, Graph::Output last, Graph::O
   for (int64_t done = 0; done < n;) {
     const int m = int(std::min<int64_t>(n_batch_, n - done));
     const Graph::Output output = done + m == n ? last : others;
-    const UpgPass pass{int32_t(n_past_), m, 0};
+    const UpgPass pass{int32_t(n_past_), m};
     backend_->upload(buffers_[Graph::kTokens], tokens + done, size_t(m) * sizeof(int32_t));
     backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
     backend_->begin(buffers_[Graph::kPass]);
@@ -76,7 +76,7 @@ void Session::eval_hidden(const int32_t* tokens, int64_t n, float* out) {
 
 void Session::decode_greedy(int32_t token, int64_t n, int32_t* out) {
   check_tokens(&token, 1, n);
-  const UpgPass pass{int32_t(n_past_), 1, int32_t(n_past_)};
+  const UpgPass pass{int32_t(n_past_), 1};
   backend_->upload(buffers_[Graph::kTokens], &token, sizeof(token));
   backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
   for (int64_t i = 0; i < n; ++i) {  // each pass reads the token and position the last one left
@@ -84,7 +84,9 @@ void Session::decode_greedy(int32_t token, int64_t n, int32_t* out) {
     graph_.forward(*backend_, weights_, buffers_, 1, int(n_past_ + i), Graph::Output::kGreedy);
     backend_->end();
   }
-  backend_->download(out, buffers_[Graph::kGenerated], size_t(n) * sizeof(int32_t));
+  // kGenerated[p]: the argmax after the token at position p
+  backend_->download(out, buffers_[Graph::kGenerated].at(uint64_t(n_past_) * sizeof(int32_t)),
+                     size_t(n) * sizeof(int32_t));
   n_past_ += n;
 }
 

@@ -43,7 +43,7 @@ kernel void kernel_argmax(device const float* x [[buffer(0)]], device int* out [
 // its place in out, and the pass moves on to it, so the next decode pass needs no upload.
 kernel void kernel_next_token(device UpgPass* pass [[buffer(0)]], device const int* tokens [[buffer(1)]],
                               device int* out [[buffer(2)]]) {
-  out[pass->n_past - pass->out_base] = tokens[0];
+  out[pass->n_past] = tokens[0];
   pass->n_past += pass->n_tokens;
   pass->n_tokens = 1;
 }

@@ -273,7 +273,7 @@ void CpuBackend::argmax(Buf xb, int n, Buf out) {
 
 void CpuBackend::next_token(Buf pass, Buf tokens, Buf out) {
   UpgPass* p = ptr<UpgPass>(pass);
-  ptr<int32_t>(out)[p->n_past - p->out_base] = *ptr<const int32_t>(tokens);
+  ptr<int32_t>(out)[p->n_past] = *ptr<const int32_t>(tokens);
   p->n_past += p->n_tokens;
   p->n_tokens = 1;
 }

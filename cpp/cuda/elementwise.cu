@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restri
 
 __global__ void k_next_token(int32_t* pass, const int32_t* token, int32_t* out) {
   pdl_enter();
-  out[pass[kPassNPast] - pass[kPassOutBase]] = token[0];
+  out[pass[kPassNPast]] = token[0];
   pass[kPassNPast] += pass[kPassNTokens];
   pass[kPassNTokens] = 1;
 }

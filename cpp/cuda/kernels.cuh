@@ -20,8 +20,7 @@ namespace upg::cuda {
 enum PassSlot : int {
   kPassNPast = 0,    // tokens already in the KV cache (position of this pass's first token)
   kPassNTokens = 1,  // tokens of this pass
-  kPassOutBase = 2,  // greedy decoding: the position whose token next_token writes to out[0]
-  kPassCount = 4,    // int32 slots to allocate (1 spare)
+  kPassCount = 4,    // int32 slots to allocate (2 spare)
 };
 
 // Once per device, before any launch or capture: reads the multiprocessor count and raises the
@@ -103,7 +102,7 @@ void silu_mul(const float* gate_up, float* out, const UpgEltArgs& a, const int32
 void add(float* x, const float* y, const UpgEltArgs& a, const int32_t* pass, cudaStream_t s);
 // out[0] = index of the largest of x[0..n) (the lowest on ties).
 void argmax(const float* x, int n, int32_t* out, cudaStream_t s);
-// Greedy decoding's step: out[n_past - out_base] = token[0], then n_past += n_tokens,
+// Greedy decoding's step: out[n_past] = token[0], then n_past += n_tokens,
 // n_tokens = 1, so a captured decode step replays with nothing uploaded.
 void next_token(int32_t* pass, const int32_t* token, int32_t* out, cudaStream_t s);
 

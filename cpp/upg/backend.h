@@ -77,8 +77,8 @@ class Backend {
   virtual void add(Buf x, Buf y, int n) = 0;  // x += y over n floats
   // out: int32 index of the largest of n floats (the first one on ties).
   virtual void argmax(Buf x, int n, Buf out) = 0;
-  // Greedy decoding's step, after argmax wrote the pass's token into tokens[0]:
-  // out[n_past - out_base] = tokens[0], then the pass moves on to that token (n_past += n_tokens,
+  // Greedy decoding's step, after argmax wrote the pass's token into tokens[0]: out[n_past] =
+  // tokens[0] (out: int32 by the position it follows), then the pass moves on to that token (n_past += n_tokens,
   // n_tokens = 1), so the next pass runs on the device's own state with nothing uploaded.
   virtual void next_token(Buf pass, Buf tokens, Buf out) = 0;
 };

@@ -27,7 +27,7 @@ class Graph {
     kKCache,     // [layer][kv_head][n_ctx][head_dim], f16 or f32
     kVCache,     // the same for V
     kLogits,     // [n_batch][vocab]
-    kGenerated,  // int32 [n_ctx] greedy decoding's tokens (Output::kGreedy)
+    kGenerated,  // int32 [n_ctx] greedy decoding's tokens: [p] the argmax after position p (kGreedy)
     kBufferCount
   };
 

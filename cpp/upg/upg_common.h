@@ -58,7 +58,6 @@ struct UpgNormArgs {
 struct UpgPass {
   int32_t n_past;         // position of the pass's first token (tokens already in the KV cache)
   int32_t n_tokens;       // tokens in this pass
-  int32_t out_base;       // greedy decoding (Backend::next_token): the position whose token is out[0]
 };
 
 // Rotate-half (NeoX) RoPE over the first rot_dims of each head: pairs (i, i + rot_dims/2).
