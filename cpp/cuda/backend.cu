@@ -135,8 +135,22 @@ void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, Buf y) {
   float* yp = ptr<float>(y);
   const int32_t* pass = pass_;
   // One row: the mat-vec (the pass's only token, or its last one's logits); else the pass's rows.
-  if (n_tokens == 1) record("matvec", [=, s = stream_] { cuda::matvec(w, xp, yp, s); }, w, xp, yp);
-  else record("matmul", [=, s = stream_] { cuda::matmul(w, xp, yp, pass, s); }, w, xp, yp, pass);
+  if (n_tokens == 1) {
+    record("matvec", [=, s = stream_] { cuda::matvec(w, xp, yp, s); }, w, xp, yp);
+    return;
+  }
+  void* ws = workspace(matmul_scratch(w));  // the rounded x of quantized weights
+  record("matmul", [=, s = stream_] { cuda::matmul(w, xp, yp, pass, s, ws); }, w, xp, yp, pass, ws);
+}
+
+void* CudaBackend::workspace(size_t bytes) {
+  if (bytes > workspace_bytes_) {  // cudaFree waits for the queued passes that may still read the old one
+    if (workspace_) check(cudaFree(workspace_), "cudaFree");
+    workspace_ = nullptr;
+    check(cudaMalloc(&workspace_, bytes), "cudaMalloc");
+    workspace_bytes_ = bytes;
+  }
+  return workspace_;
 }
 
 void CudaBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& a) {
@@ -164,14 +178,7 @@ void CudaBackend::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16
     return;
   }
   // Decode: flash-decoding over splits of the positions, merged through the workspace.
-  const size_t need = decode_splits(a).workspace;
-  if (need > workspace_bytes_) {
-    if (workspace_) check(cudaFree(workspace_), "cudaFree");
-    workspace_ = nullptr;
-    check(cudaMalloc(&workspace_, need), "cudaMalloc");
-    workspace_bytes_ = need;
-  }
-  float* ws = workspace_;
+  float* ws = static_cast<float*>(workspace(decode_splits(a).workspace));
   record("attention_decode", [=, s = stream_] { cuda::attention_decode(q, k, v, o, f16, a, ws, pass, s); },
          q, k, v, o, f16, a, ws, pass);
 }

@@ -67,7 +67,10 @@ class CudaBackend : public Backend {
   cudaStream_t stream_ = nullptr;
   std::vector<void*> base_;       // by buffer id
   int32_t* pass_ = nullptr;       // of the pass begun
-  float* workspace_ = nullptr;    // decode attention's
+  // One scratch buffer for the ops that need one (decode attention's splits, the mat-mul's rounded
+  // x): the launches of a stream run one after another, so they can share it. Grows, never shrinks.
+  void* workspace(size_t bytes);
+  void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   size_t device_bytes_ = 0;       // of base_
 

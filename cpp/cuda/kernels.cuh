@@ -63,7 +63,10 @@ void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const Mat
 // y[t * ldy + r] = sum_k W[r][k] x[t * cols + k] (+ outliers) for t < pass[kPassNTokens], on the
 // tensor cores: quantized W as int8 codes times x rounded to 8 bits per block as the mat-vec and
 // the CPU round it (s32 sums per block, scaled into f32); dense W and x rounded to f16 (f32 sums).
-void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s);
+// Quantized W needs `scratch`: matmul_scratch(w) bytes of device memory, 16-byte aligned, for the
+// rounded x (capacity rows), which no other launch may use until this one is done.
+void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s, void* scratch = nullptr);
+size_t matmul_scratch(const Weight& w);  // 0 for dense weights
 // out[t][k] = W[ids[t]][k] (+ outliers) for t < pass[kPassNTokens]; an id outside [0, rows)
 // gives a zero row.
 void get_rows(const Weight& w, const int32_t* ids, float* out, const int32_t* pass, cudaStream_t s);

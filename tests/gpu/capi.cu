@@ -61,12 +61,17 @@ int upg_matvec(int dtype, int rows, int cols, int block, const void* w, const in
 }
 
 int upg_matmul(int dtype, int rows, int cols, int block, const void* w, const int32_t* rowptr, const int32_t* col,
-               const uint16_t* val, const float* x, float* y, int capacity, int ldy, const int32_t* pass, void* s) {
+               const uint16_t* val, const float* x, float* y, int capacity, int ldy, const int32_t* pass,
+               void* scratch, void* s) {
   return guarded([&] {
     Weight wt = make_weight(dtype, rows, cols, block, w, capacity, rowptr, col, val);
     wt.args.ldy = ldy;
-    matmul(wt, x, y, pass, st(s));
+    matmul(wt, x, y, pass, st(s), scratch);
   });
+}
+
+size_t upg_matmul_scratch(int dtype, int rows, int cols, int block, int capacity) {
+  return matmul_scratch(make_weight(dtype, rows, cols, block, nullptr, capacity));
 }
 
 int upg_get_rows(int dtype, int rows, int cols, int block, const void* w, const int32_t* rowptr, const int32_t* col,

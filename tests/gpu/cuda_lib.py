@@ -25,7 +25,7 @@ _SIGNATURES = {
     "upg_cuda_init": [_I],
     "upg_set_programmatic_launch": [_I],
     "upg_matvec": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _F, _I, _I, _P],
-    "upg_matmul": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
+    "upg_matmul": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P],
     "upg_get_rows": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P],
     "upg_rms_norm": [_P, _P, _P, _I, _F, _I, _I, _P, _P],
     "upg_rope": [_P, _P, _I, _I, _I, _I, _I, _F, _P, _P],
@@ -75,6 +75,9 @@ class Lib:
         self._lib.upg_cuda_last_error.restype = ctypes.c_char_p
         self._lib.upg_decode_workspace.argtypes = [_I, _I, _I, _I]
         self._lib.upg_decode_workspace.restype = ctypes.c_size_t
+        self._lib.upg_matmul_scratch.argtypes = [_I, _I, _I, _I, _I]
+        self._lib.upg_matmul_scratch.restype = ctypes.c_size_t
+        self._scratch = {}  # matmul scratch by size, kept so that captured graphs can replay
         self._call("upg_cuda_init", torch.cuda.current_device())
 
     def _call(self, name, *args):
@@ -96,8 +99,11 @@ class Lib:
                    norm_weight, eps, int(silu), int(accumulate), self._stream())
 
     def matmul(self, w, x, y, capacity, ldy, pass_):
+        n = self._lib.upg_matmul_scratch(DTYPES[w.dtype], w.rows, w.cols, w.block, capacity)
+        if n and n not in self._scratch:
+            self._scratch[n] = torch.empty(n, dtype=torch.uint8, device="cuda")
         self._call("upg_matmul", DTYPES[w.dtype], w.rows, w.cols, w.block, w.data, *w.outliers, x, y, capacity,
-                   ldy, pass_, self._stream())
+                   ldy, pass_, self._scratch[n] if n else None, self._stream())
 
     def get_rows(self, w, ids, out, capacity, pass_):
         self._call("upg_get_rows", DTYPES[w.dtype], w.rows, w.cols, w.block, w.data, *w.outliers, ids, out,
