@@ -62,7 +62,7 @@ Launch matrix_launch(const std::string& name, const Matrix& w, Buf x, Buf y, int
 void MetalBackend::upload(Buf dst, const void* src, size_t bytes) { std::memcpy(gpu_->contents(dst), src, bytes); }
 void MetalBackend::download(void* dst, Buf src, size_t bytes) { std::memcpy(dst, gpu_->contents(src), bytes); }
 
-void MetalBackend::linear(const Matrix& w, Buf x, int n_tokens, Buf y) {
+void MetalBackend::linear(const Matrix& w, Buf x, int n_tokens, int /*n_decode*/, Buf y) {
   if (n_tokens == 1) {
     Launch l = matrix_launch("kernel_matvec_", w, x, y, 1, int(w.rows));
     l.groups = {ceil_div(w.rows, UPG_MV_SG * UPG_MV_ROWS), 1, 1};
