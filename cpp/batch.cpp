@@ -53,6 +53,12 @@ void BatchSession::copy_prefix(int src, int dst, int64_t n) {
   n_past_[size_t(dst)] = n;
 }
 
+int64_t BatchSession::logit_rows(const std::vector<Entry>& entries) {
+  int64_t rows = 0;
+  for (const Entry& e : entries) rows += e.logits == Logits::kAll ? e.n : e.logits == Logits::kLast ? 1 : 0;
+  return rows;
+}
+
 void BatchSession::step(const std::vector<Entry>& entries, float* out) {
   if (entries.empty()) throw std::invalid_argument("step: no entries");
   std::vector<bool> seen(size_t(n_slots_), false);
@@ -77,7 +83,7 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out) {
   std::stable_partition(order.begin(), order.end(), [&](size_t i) { return entries[i].generated; });
   Graph::Pass p;
   std::vector<int32_t> tokens;
-  std::vector<int> out_row(entries.size(), -1);  // row of kLogits of each entry
+  std::vector<int> out_row(entries.size(), -1);  // first row of kLogits of each entry
   int row = 0;
   for (size_t i : order) {
     const Entry& e = entries[i];
@@ -85,23 +91,28 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out) {
     p.seqs.push_back({e.slot, int(n_past_[size_t(e.slot)]), e.n});
     if (e.generated) p.n_decode += e.n;
     tokens.insert(tokens.end(), e.tokens, e.tokens + e.n);
-    if (!e.logits) continue;
-    const int last = first + e.n - 1;
-    if (!p.logits.empty() && p.logits.back().first + p.logits.back().count == last &&
-        (p.logits.back().first < p.n_decode) == (last < p.n_decode))
-      ++p.logits.back().count;  // one run over consecutive rows of the same kind
+    if (e.logits == Logits::kNone) continue;
+    const Graph::Rows r = e.logits == Logits::kAll ? Graph::Rows{first, e.n} : Graph::Rows{first + e.n - 1, 1};
+    Graph::Rows* last = p.logits.empty() ? nullptr : &p.logits.back();
+    // one run over consecutive rows of the same kind (generated rows come first)
+    if (last && last->first + last->count == r.first && (last->first < p.n_decode) == (r.first < p.n_decode))
+      last->count += r.count;
     else
-      p.logits.push_back({last, 1});
-    out_row[i] = row++;
+      p.logits.push_back(r);
+    out_row[i] = row;
+    row += r.count;
   }
   p.output = row > 0 ? Graph::Output::kLogits : Graph::Output::kNone;
   graph_.run(*backend_, weights_, buffers_, tokens.data(), p);
   const size_t vocab = size_t(model_->config().vocab_size);
-  int k = 0;
-  for (size_t i = 0; i < entries.size(); ++i)
-    if (entries[i].logits)
-      backend_->download(out + size_t(k++) * vocab, buffers_[Graph::kLogits].at(uint64_t(out_row[i]) * vocab * 4),
-                         vocab * sizeof(float));
+  float* o = out;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const Entry& e = entries[i];
+    if (e.logits == Logits::kNone) continue;
+    const size_t rows = e.logits == Logits::kAll ? size_t(e.n) : 1;
+    backend_->download(o, buffers_[Graph::kLogits].at(uint64_t(out_row[i]) * vocab * 4), rows * vocab * sizeof(float));
+    o += rows * vocab;
+  }
   for (const Entry& e : entries) n_past_[size_t(e.slot)] += e.n;
 }
 

@@ -241,15 +241,15 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_slots", [](PyBatch& b) { return b.batch.n_slots(); })
       .def_property_readonly("n_ctx", [](PyBatch& b) { return b.batch.n_ctx(); })
       .def_property_readonly("n_batch", [](PyBatch& b) { return b.batch.n_batch(); })
-      .def("step", [](PyBatch& b, const std::vector<std::tuple<int, Tokens, bool, bool>>& entries) {
+      .def("step", [](PyBatch& b, const std::vector<std::tuple<int, Tokens, bool, int>>& entries) {
              std::vector<BatchSession::Entry> es;
-             int n_logits = 0;
              for (const auto& [slot, tokens, generated, logits] : entries) {
                if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
-               es.push_back({slot, tokens.data(), int(tokens.shape(0)), generated, logits});
-               n_logits += logits;
+               if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
+               es.push_back({slot, tokens.data(), int(tokens.shape(0)), generated, BatchSession::Logits(logits)});
              }
-             py::array_t<float> out(std::vector<py::ssize_t>{n_logits, b.model->config().vocab_size});
+             const int64_t n_logits = BatchSession::logit_rows(es);
+             py::array_t<float> out(std::vector<py::ssize_t>{py::ssize_t(n_logits), b.model->config().vocab_size});
              float* op = out.mutable_data();
              {
                py::gil_scoped_release nogil;
@@ -258,8 +258,8 @@ PYBIND11_MODULE(_core, m) {
              }
              return out;
            }, py::arg("entries"),
-           "One pass over [(slot, tokens int32[n], generated, logits)]: the logits of the entries that ask "
-           "for them, [k, n_vocab] in order.")
+           "One pass over [(slot, tokens int32[n], generated, logits: 0 none, 1 last token, 2 every token)]: "
+           "the logits asked for, [rows, n_vocab], entry after entry.")
       .def("n_past", [](PyBatch& b, int slot) { return b.batch.n_past(slot); }, py::arg("slot"))
       .def("truncate", [](PyBatch& b, int slot, int64_t n) {
              std::lock_guard<std::mutex> lock(b.mu);

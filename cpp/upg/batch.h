@@ -21,17 +21,20 @@ class BatchSession {
 
   // Tokens of one slot in a step, appended at its n_past. generated: sampled tokens (decode
   // arithmetic), else prompt tokens (prompt arithmetic): a token's results depend on its kind and
-  // its sequence only, never on what else the step holds. logits: this entry's last token's
+  // its sequence only, never on what else the step holds. logits: which of the entry's tokens'
   // logits are wanted.
+  enum class Logits { kNone, kLast, kAll };
   struct Entry {
     int slot;
     const int32_t* tokens;
     int n;
     bool generated;
-    bool logits;
+    Logits logits;
   };
-  // One pass over the entries (at most one per slot, n_batch tokens in all); writes the logits of
-  // the entries that want them into out[k][vocab], k counting those entries in order. Throws
+  // Rows of logits step() writes for these entries.
+  static int64_t logit_rows(const std::vector<Entry>& entries);
+  // One pass over the entries (at most one per slot, n_batch tokens in all); writes the logits
+  // the entries ask for into out[row][vocab], entry after entry in order. Throws
   // std::invalid_argument (nothing evaluated) when an entry does not fit its slot, names a slot
   // twice or holds a token outside the vocabulary.
   void step(const std::vector<Entry>& entries, float* out);
