@@ -118,11 +118,12 @@ void CpuBackend::linear(const Matrix& m, Buf xb, int n, int n_dec, Buf yb) {
     const int64_t nb = w.cols / w.block;
     return ActQ8{xq.block, xq.q + t * w.cols, xq.d + t * nb, xq.sum + t * nb};
   };
-  // Generated rows: the mat-vec of each token over every chunk of rows (a chunk's weights are read
-  // from memory once and from cache for the other tokens), the summation order of a token alone.
+  // Generated rows: the mat-vec of every token over each group of rows (read from memory once),
+  // in the summation order of a token alone.
   if (n_dec > 0)
     pool_.parallel_for(w.rows, matmul_chunk_rows(w, 1, pool_.size()), [&](int64_t r0, int64_t r1) {
-      for (int64_t t = 0; t < n_dec; ++t) k_.matvec(w, x + t * w.cols, row_q(t), y + t * w.rows, r0, r1);
+      if (n_dec == 1) k_.matvec(w, x, xq, y, r0, r1);
+      else k_.matvec_n(w, x, xq, n_dec, y, w.rows, r0, r1);
     });
   // Prompt rows: the mat-mat kernel, whose sums per row and token do not depend on the token count.
   const int64_t np = n - n_dec;
