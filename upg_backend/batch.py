@@ -6,7 +6,7 @@ chat template as `llama`, its own context, so every `Llama` method (completions,
 grammars, logprobs, streaming) runs unchanged in a request's own thread. A view's evals go to the
 scheduler, which merges the evals of every running view into one step: the generated token of
 each sequence that is decoding, and chunks of the prompts being admitted (at most `prefill_chunk`
-prompt tokens per step while others decode, so a long prompt does not stall them). A token's
+prompt tokens in all per step while others decode, so a long prompt does not stall them). A token's
 results depend on its sequence and on whether it was generated or given, never on the step's
 other tokens (docs/ARCHITECTURE.md "Batch-invariant arithmetic"): a request gets the same tokens
 alone or beside 15 others.
@@ -99,7 +99,8 @@ class Batch:
         kv_type: "f16" or "f32" (default: llama's).
         n_threads: threads of the batch's CPU backend (default: llama's).
         n_batch: the most tokens one step takes.
-        prefill_chunk: the most prompt tokens a step takes while other sequences decode.
+        prefill_chunk: the most prompt tokens (of all prompts together) a step takes while some
+            sequence decodes.
 
     Raises:
         ValueError: a bad argument, or a backend that runs one sequence per pass (Metal, CUDA today)
@@ -258,17 +259,20 @@ class Batch:
             self._step(entries, jobs)
 
     def _plan(self) -> tuple[list[tuple[int, np.ndarray, bool, int]], list[tuple[_Job, int]]]:
-        """The next step: every generated token waiting, then prompt chunks within the budget."""
+        """The next step: every generated token waiting, then prompt chunks within the budget
+        (prefill_chunk prompt tokens in all while some sequence decodes)."""
         budget = self.n_batch
-        entries, jobs = [], []
         order = sorted(self._pending.values(), key=lambda j: not j.generated)
-        decoding = any(j.generated for j in order)
+        prompt_budget = self.prefill_chunk if any(j.generated for j in order) else budget
+        entries, jobs = [], []
         for job in order:
-            if budget <= 0:
-                break
             left = len(job.tokens) - job.offset
-            take = min(left, budget) if job.generated or not decoding else min(left, budget, self.prefill_chunk)
+            take = min(left, budget) if job.generated else min(left, budget, prompt_budget)
+            if take <= 0:
+                continue
             budget -= take
+            if not job.generated:
+                prompt_budget -= take
             final = job.offset + take == len(job.tokens)
             entries.append((job.slot, job.tokens[job.offset:job.offset + take], job.generated,
                             2 if job.logits_all else int(final)))
