@@ -235,3 +235,42 @@ def test_closed_batch_fails_waiting_evals(models):
     with pytest.raises(ValueError, match="closed"):
         batch.views[0].create_completion([5, 6], max_tokens=2)
     assert not any(t.name == "upg-batch" and t.is_alive() for t in threading.enumerate() if t is batch._thread)
+
+
+# ---- the issue's case: a real model whose logits 8-bit activations make order-sensitive ----
+
+
+@pytest.fixture(scope="module")
+def smollm2_q8(tmp_path_factory):
+    from conftest import smollm2_gguf_path
+    from upg_backend.gguf_source import convert_gguf
+
+    path = tmp_path_factory.mktemp("smollm2") / "q8_0.upg"
+    convert_gguf(smollm2_gguf_path(), path, type="q8_0", progress=False)
+    return str(path)
+
+
+def test_smollm2_answers_the_same_on_a_cache_hit_and_in_a_batch(smollm2_q8):
+    """SmolLM2 q8_0, greedy: a question asked again (its prompt now cached, all but the last token),
+    asked after another question (a shared system prompt cached), or asked among 7 others in a
+    batch gets the answer it got first, token for token."""
+    system = {"role": "system", "content": "You are a helpful assistant who tells short stories."}
+    questions = ["Write the first sentence of a story about a storm.", "Name three colors of the sunset.",
+                 "What is the capital of France?", "Describe a cat in one sentence.",
+                 "Tell me a fact about the Moon.", "Write a haiku about rain.", "What do bees make?",
+                 "Give me a name for a boat."]
+    convs = [[system, {"role": "user", "content": q}] for q in questions]
+    llm = Llama(smollm2_q8, n_ctx=512, n_threads=2)
+
+    def ask(model, conv):
+        return model.create_chat_completion(conv, max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
+    first = [ask(llm, c) for c in convs]  # each after the previous: the system prompt is a cache hit
+    with Llama(smollm2_q8, n_ctx=512, n_threads=2) as fresh:
+        assert ask(fresh, convs[0]) == first[0]  # a miss
+        assert ask(fresh, convs[0]) == first[0]  # the whole prompt but its last token cached
+        assert ask(fresh, convs[3]) == first[3]
+    with Batch(llm, 8) as batch:
+        got = [r["choices"][0]["message"]["content"]
+               for r in batch.create_chat_completions(convs, max_tokens=24, temperature=0)]
+    assert got == first
+    assert len(set(first)) == len(first)
