@@ -43,7 +43,7 @@ std::vector<uint64_t> Graph::buffer_sizes() const {
   const uint64_t qkv_rows = uint64_t(c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
   std::vector<uint64_t> s(kBufferCount);
   s[kTokens] = 4 * nb;
-  s[kPass] = sizeof(UpgPass) + nb * sizeof(UpgSeq);
+  s[kPass] = sizeof(UpgPass) + nb * (sizeof(UpgToken) + sizeof(UpgSeq));
   s[kInvFreq] = 4 * uint64_t(c.rotary_dim);  // two sets of rotary_dim / 2
   s[kX] = s[kXn] = s[kProj] = 4 * nb * c.hidden_size;
   s[kQkv] = 4 * nb * qkv_rows;
@@ -94,10 +94,16 @@ std::vector<uint8_t> Graph::pass_bytes(const Pass& p) const {
     first += q.n_tokens;
   }
   if (split) throw std::invalid_argument("graph: n_decode must end on a sequence boundary");
+  std::vector<UpgToken> toks;
+  for (size_t s = 0; s < seqs.size(); ++s)
+    for (int i = 0; i < seqs[s].n_tokens; ++i)
+      toks.push_back(UpgToken{seqs[s].n_past + i, seqs[s].kv_base, seqs[s].rope_set, int32_t(s)});
   const UpgPass head{seqs[0].n_past, n, int32_t(seqs.size()), p.n_decode};
-  std::vector<uint8_t> out(sizeof head + seqs.size() * sizeof(UpgSeq));
+  const size_t tok_bytes = toks.size() * sizeof(UpgToken), seq_bytes = seqs.size() * sizeof(UpgSeq);
+  std::vector<uint8_t> out(sizeof head + tok_bytes + seq_bytes);
   std::memcpy(out.data(), &head, sizeof head);
-  std::memcpy(out.data() + sizeof head, seqs.data(), seqs.size() * sizeof(UpgSeq));
+  std::memcpy(out.data() + sizeof head, toks.data(), tok_bytes);
+  std::memcpy(out.data() + sizeof head + tok_bytes, seqs.data(), seq_bytes);
   return out;
 }
 

@@ -51,13 +51,15 @@ def get(be, buf, n: int, dtype=np.float32) -> np.ndarray:
 
 
 def pass_record(seqs, n_decode=0) -> np.ndarray:
-    """UpgPass and its UpgSeq entries (int32 fields, upg_common.h) for [(n_past, n_tokens, slot_base)]."""
+    """UpgPass, its UpgToken and UpgSeq entries (int32 fields, upg_common.h) for sequences
+    [(n_past, n_tokens, kv_base)]."""
     n = sum(s[1] for s in seqs)
-    rows, first = [[seqs[0][0], n, len(seqs), n_decode]], 0
-    for n_past, n_tokens, kv_base in seqs:
-        rows.append([first, n_tokens, n_past, kv_base, 0, 0, 0, 0])
+    head, toks, entries, first = [[seqs[0][0], n, len(seqs), n_decode]], [], [], 0
+    for i, (n_past, n_tokens, kv_base) in enumerate(seqs):
+        toks += [[n_past + t, kv_base, 0, i] for t in range(n_tokens)]
+        entries.append([first, n_tokens, n_past, kv_base, 0, 0, 0, 0])
         first += n_tokens
-    return np.concatenate([np.array(r, np.int32) for r in rows])
+    return np.concatenate([np.array(r, np.int32) for r in head + toks + entries])
 
 
 def pass_buffer(be, n_past: int, n_tokens: int, generated: bool | None = None):
@@ -210,11 +212,10 @@ def test_attention(be, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens, gen
 
 
 @pytest.mark.parametrize("f16", [False, True])
-def test_attention_batch_cpu(f16):
-    """A pass of several sequences (CPU: any number): generated and prompt tokens, each sequence in
-    its own slot of the cache, each token attending its own slot only; every token's output has the
-    bits of its sequence's tokens run alone in a pass of the same kind."""
-    be = _core.CpuBackend(2)
+def test_attention_batch(be, f16):
+    """A pass of several sequences: generated and prompt tokens, each sequence in its own slot of
+    the cache, each token attending its own slot only; every token's output has the bits of its
+    sequence's tokens run alone in a pass of the same kind."""
     n_heads, n_kv, hd, n_slot = 8, 2, 64, 40
     # (n_past, n_tokens, generated) per slot; generated sequences first (UpgPass::n_decode)
     seqs = [(7, 1, True), (30, 1, True), (0, 9, False), (12, 20, False)]
@@ -260,10 +261,9 @@ def test_attention_batch_cpu(f16):
 
 
 @pytest.mark.parametrize("type_, block", [("q4", 32), ("q8_0", 32), ("f16", 0)])
-def test_linear_rows_by_kind_cpu(type_, block):
-    """CPU linear: generated rows (the first n_decode) have the bits of the mat-vec of each row
-    alone, prompt rows those of the mat-mat of each row alone, whatever the call's token count."""
-    be = _core.CpuBackend(2)
+def test_linear_rows_by_kind(be, type_, block):
+    """linear: generated rows (the first n_decode) have the bits of the mat-vec of each row alone,
+    prompt rows those of the mat-mat of each row alone, whatever the call's token count."""
     rows, cols, n, n_decode = 45, 320, 11, 4
     m, _, _ = weight_matrix(be, type_, block, rows, cols, 2, outliers=block > 0)
     x = np.random.default_rng(3).standard_normal((n, cols)).astype(np.float32)

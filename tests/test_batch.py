@@ -39,10 +39,10 @@ def core_model(path):
     return _core.Model(str(path), UPGFile(path).config.engine_config())
 
 
-def alone(model, prompt, n_gen, n_ctx=96):
+def alone(model, prompt, n_gen, n_ctx=96, backend=None):
     """Greedy run of one sequence on a Session: (logits of the last prompt token and of every
     generated token, the generated tokens)."""
-    s = _core.Session(model, n_ctx, "f16", 2)
+    s = _core.Session(model, n_ctx, "f16", 2, 512, backend)
     rows = [s.eval(np.array(prompt, np.int32), False, False)[0]]
     out = []
     for _ in range(n_gen):
@@ -56,16 +56,23 @@ def prompts(n, seed=0):
     return [rng.integers(3, 320, int(rng.integers(1, 40))).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("type_", TYPES)
-def test_batch_equals_each_sequence_alone(models, type_):
-    """16 sequences through 16 slots: they join at different steps (their prompts cut into chunks of
-    1 to 13 tokens, mixed with the others' generated tokens) and leave after different lengths;
-    every logits row has the bits of the sequence alone."""
+@pytest.mark.parametrize("type_, backend, n_seq", [(t, "cpu", 16) for t in TYPES] +
+                         [("q4", "metal-harness", 4), ("f16", "metal-harness", 4)])
+def test_batch_equals_each_sequence_alone(models, type_, backend, n_seq, request):
+    """16 sequences through 16 slots (4 on the Metal backend's launches on the CPU harness): they
+    join at different steps (their prompts cut into chunks of 1 to 13 tokens, mixed with the others'
+    generated tokens) and leave after different lengths; every logits row has the bits of the
+    sequence alone on a Session of the same backend."""
     model = core_model(models[type_])
-    ps = prompts(16, seed=1)
-    n_gen = [3 + (i * 7) % 11 for i in range(16)]
-    want = [alone(model, p, g) for p, g in zip(ps, n_gen)]
-    b = _core.BatchSession(model, 16, 96, "f16", 2, 64)
+    gpu = None
+    if backend == "metal-harness":
+        from metal_harness.gpu import HarnessGpu
+
+        gpu = HarnessGpu(request.getfixturevalue("lib"))
+    ps = prompts(n_seq, seed=1)
+    n_gen = [3 + (i * 7) % 11 for i in range(n_seq)]
+    want = [alone(model, p, g, backend=gpu) for p, g in zip(ps, n_gen)]
+    b = _core.BatchSession(model, n_seq, 96, "f16", 2, 64, gpu)
     rng = np.random.default_rng(2)
     start = [int(rng.integers(0, 12)) for _ in ps]  # the step each sequence joins at
     state = [dict(off=0, rows=[], gen=[]) for _ in ps]
@@ -218,14 +225,6 @@ def test_views_share_a_prompt_prefix(models):
                 batch.release(v)
         assert batch.prefix_copies == 1
         assert batch._core.n_past(1) >= len(system)
-
-
-def test_batch_refuses_one_sequence_backends(models, lib):
-    from metal_harness.gpu import HarnessGpu
-
-    model = core_model(models["f16"])
-    with pytest.raises(ValueError, match="one sequence"):
-        _core.BatchSession(model, 2, 16, "f16", 1, 16, HarnessGpu(lib))
 
 
 def test_closed_batch_fails_waiting_evals(models):

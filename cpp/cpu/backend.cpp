@@ -48,7 +48,7 @@ void CpuBackend::upload(Buf dst, const void* src, size_t bytes) { std::memcpy(pt
 
 void CpuBackend::begin(Buf pass) {
   const UpgPass* p = ptr<const UpgPass>(pass);
-  const UpgSeq* q = reinterpret_cast<const UpgSeq*>(p + 1);
+  const UpgSeq* q = reinterpret_cast<const UpgSeq*>(reinterpret_cast<const UpgToken*>(p + 1) + std::max(0, p->n_tokens));
   // The sequences must tile the pass's tokens: every op below trusts them.
   bool ok = p->n_tokens >= 1 && p->n_seqs >= 1 && p->n_seqs <= p->n_tokens && p->n_decode >= 0 && p->n_decode <= p->n_tokens;
   for (int32_t s = 0, next = 0; ok && s < p->n_seqs; next += q[s].n_tokens, ++s)

@@ -48,6 +48,7 @@ class MetalBackend : public Backend {
   explicit MetalBackend(std::shared_ptr<Gpu> gpu) : gpu_(std::move(gpu)) {}
 
   const char* name() const override { return "metal"; }
+  int max_seqs() const override { return 1 << 20; }  // the kernels read each token's UpgToken
   Buf weights(const void* data, size_t bytes) override { return gpu_->wrap(data, bytes); }
   Buf alloc(size_t bytes) override { return gpu_->alloc(bytes); }
   void upload(Buf dst, const void* src, size_t bytes) override;

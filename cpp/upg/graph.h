@@ -15,7 +15,7 @@ class Graph {
   // The buffers of one session by id (sizes: buffer_sizes()); the weights are the backend's own.
   enum BufferId {
     kTokens,     // int32 [n_batch] token ids of the pass
-    kPass,       // UpgPass, then n_batch UpgSeq entries (pass_bytes())
+    kPass,       // UpgPass, then up to n_batch UpgToken and UpgSeq entries (pass_bytes())
     kInvFreq,    // f32 RoPE inverse frequencies: short set, then LongRoPE's long set
     kX,          // [n_batch][hidden] residual stream
     kXn,         // [n_batch][hidden] normed input of a block
