@@ -142,7 +142,8 @@ def commands(engine: str, pair: Any, port: int, slots: int, args: argparse.Names
                 "--port", str(port), "--parallel", str(slots), "--n-ctx", str(args.n_ctx), "--threads",
                 str(args.threads), "--queue", "64"]
     return [args.llama_server, "-m", str(pair.peer), "--port", str(port), "-np", str(slots), "-c",
-            str(args.n_ctx * slots), "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"]
+            str(args.n_ctx * slots), "-t", str(args.threads), "-tb", str(args.threads), "--no-webui",
+            *args.peer_args.split()]
 
 
 def main() -> None:
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--n-ctx", type=int, default=512, help="positions per slot")
     ap.add_argument("--engines", default="ours,llama.cpp")
+    ap.add_argument("--peer-args", default="", help="more llama-server arguments (e.g. '--poll 0')")
     ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "upg-bench")
     ap.add_argument("--doc", type=Path, help="markdown file with serve-bench markers to fill")
     args = ap.parse_args()
@@ -188,7 +190,7 @@ def main() -> None:
 def report(rows: list[dict], clients: list[int], args: argparse.Namespace, started: str, machine: str,
            build: str) -> str:
     out = [f"{started}, {machine}, build {build}, {args.threads} threads; llama-server -np {max(clients)} "
-           f"-c {args.n_ctx * max(clients)}, ours --parallel {max(clients)} --n-ctx {args.n_ctx}; prompts of "
+           f"-c {args.n_ctx * max(clients)} {args.peer_args}".rstrip() + f", ours --parallel {max(clients)} --n-ctx {args.n_ctx}; prompts of "
            f"{args.prompt_words} words, {args.gen} greedy tokens each (end of text banned).", "",
            "| model | clients | ours aggregate tok/s | llama-server | ratio | ours per stream | llama-server | "
            "ours TTFT median / max s | llama-server | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

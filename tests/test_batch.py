@@ -227,6 +227,33 @@ def test_views_share_a_prompt_prefix(models):
         assert batch._core.n_past(1) >= len(system)
 
 
+def test_the_same_prompt_again_evaluates_nothing(models, monkeypatch):
+    """A prompt that is the one the context's prompt run ended with keeps its last token's logits:
+    asked again (alone or on a batch's view) it evaluates no token and answers the same; a prompt
+    one token shorter evaluates that last token again."""
+    llm = Llama(str(models["q8_0"]), n_ctx=128, n_threads=2)
+    p = prompts(1, seed=11)[0] + [3, 4, 5]
+    first = llm.create_completion(p, max_tokens=5, temperature=0)["choices"][0]["text"]
+    evals = []
+    real = Llama._eval
+    monkeypatch.setattr(Llama, "_eval", lambda self, t, g: (evals.append((len(t), g)), real(self, t, g)))
+    assert llm.create_completion(p, max_tokens=5, temperature=0)["choices"][0]["text"] == first
+    assert evals == [(1, True)] * 4  # the generated tokens only
+    evals.clear()
+    llm.create_completion(p[:-1], max_tokens=1, temperature=0)
+    assert evals[0] == (1, False)
+    with Batch(llm, 2) as batch:
+        v = batch.views[0]
+        batch.acquire(v)
+        try:
+            assert v.create_completion(p, max_tokens=5, temperature=0)["choices"][0]["text"] == first
+            evals.clear()
+            assert v.create_completion(p, max_tokens=5, temperature=0)["choices"][0]["text"] == first
+            assert evals == [(1, True)] * 4
+        finally:
+            batch.release(v)
+
+
 def test_closed_batch_fails_waiting_evals(models):
     llm = Llama(str(models["q4"]), n_ctx=64, n_threads=1)
     batch = Batch(llm, 2)

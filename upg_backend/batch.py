@@ -140,6 +140,7 @@ class Batch:
         view._n_ctx = self.n_ctx
         view._input_ids = []
         view._prompt_run = 0
+        view._prompt_logits = None
         view._score_buf = view._scores = np.zeros((0, llama.n_vocab()), dtype=np.float32)
         view.context_params = SimpleNamespace(**{**vars(llama.context_params), "n_ctx": self.n_ctx})
         view._tables = llama._tables
@@ -168,8 +169,8 @@ class Batch:
         Every slot's truncation happens here under one lock, so a prefix being copied is never
         being overwritten: a slot writes only past the tokens it lists."""
         with self._prefix_lock:
-            limit = len(tokens) - 1  # the last prompt token is evaluated again for its logits
-            own = min(_common_prefix(view._input_ids, tokens), view._prompt_run, limit)
+            limit = len(tokens) - 1  # a copied prefix leaves the last prompt token to evaluate
+            own = view._reusable(tokens)
             best, src = own, None
             for other in self.views:
                 n = min(_common_prefix(other._input_ids, tokens), other._prompt_run, limit)
@@ -181,6 +182,7 @@ class Batch:
             self._core.copy_prefix(src._batch_slot, view._batch_slot, best)
             view._input_ids = list(tokens[:best])
             view._prompt_run = best
+            view._prompt_logits = None
             view._score_buf = view._scores = np.zeros((0, view.n_vocab()), dtype=np.float32)
             self.prefix_copies += 1
 

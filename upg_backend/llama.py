@@ -210,6 +210,7 @@ class Llama:
         # (generated tokens are computed by the decode kernels; docs/ARCHITECTURE.md "Batch-invariant
         # arithmetic").
         self._prompt_run = 0
+        self._prompt_logits: tuple[int, np.ndarray] | None = None  # (position, logits) ending the prompt run
         # With logits_all, rows live in _score_buf (grown by doubling, so appending one token's
         # logits at a time stays linear) and _scores is a view of its first n_tokens rows.
         self._score_buf = self._scores = np.zeros((0, self._n_vocab), dtype=np.float32)
@@ -310,6 +311,8 @@ class Llama:
         self._live().truncate(n)
         del self._input_ids[n:]
         self._prompt_run = min(self._prompt_run, n)
+        if self._prompt_logits is not None and self._prompt_logits[0] > n:
+            self._prompt_logits = None
         self._scores = self._scores[:n] if self.logits_all else self._scores[:0]
 
     def eval(self, tokens: Sequence[int]) -> None:
@@ -336,10 +339,12 @@ class Llama:
         for start in range(0, len(tokens), self.n_batch):
             batch = tokens[start:start + self.n_batch].astype(np.int32)
             logits = np.asarray(session.eval(batch, self.logits_all, generated), dtype=np.float32)
-            if not generated and self._prompt_run == len(self._input_ids):
-                self._prompt_run += len(batch)
+            extends_run = not generated and self._prompt_run == len(self._input_ids)
             self._input_ids.extend(int(t) for t in batch)
             self._append_scores(logits)
+            if extends_run:
+                self._prompt_run = len(self._input_ids)
+                self._prompt_logits = (self._prompt_run, logits[-1].copy())
 
     def _append_scores(self, logits: np.ndarray) -> None:
         if not self.logits_all:
@@ -364,10 +369,22 @@ class Llama:
         self._check_prompt(tokens)
         if self._prefix_source is not None:
             self._prefix_source(self, tokens)
-        keep = min(_common_prefix(self._input_ids, tokens), self._prompt_run)
-        keep = min(keep, len(tokens) - 1)  # the last prompt token is evaluated again for its logits
+        keep = self._reusable(tokens)
         self._truncate(keep)
+        if keep == len(tokens):  # the same prompt again: its last token's logits were kept
+            self._append_scores(self._prompt_logits[1][None])
+            return
         self._eval(tokens[keep:], False)
+
+    def _reusable(self, tokens: Sequence[int]) -> int:
+        """Leading positions of the context a prompt can keep: as far as it agrees and was
+        computed as prompt tokens, all but the last prompt token (evaluated again for its logits)
+        unless the prompt is the one that ended the run and its logits were kept."""
+        keep = min(_common_prefix(self._input_ids, tokens), self._prompt_run)
+        if keep == len(tokens) and not self.logits_all and self._prompt_logits is not None \
+                and self._prompt_logits[0] == keep:
+            return keep
+        return min(keep, len(tokens) - 1)
 
     def sample(self, sampling: SamplingParams | None = None, logits: np.ndarray | None = None) -> int:
         """Samples the next token from the last logits (or `logits`), with the recent tokens as penalty history."""
@@ -866,6 +883,7 @@ class Llama:
         self._live().load_kv(len(state.input_ids), state.kv)
         self._input_ids = [int(t) for t in state.input_ids]
         self._prompt_run = len(self._input_ids)  # as the saved context was computed
+        self._prompt_logits = None
         self._score_buf = self._scores = np.array(state.scores, dtype=np.float32)
 
     def close(self) -> None:
