@@ -130,9 +130,12 @@ def round_(url: str, clients: int, args: argparse.Namespace, bias: dict[str, flo
         t.join()
     tokens = [r.get("tokens", r["chunks"]) for r in results]
     first, last = min(r["first"] for r in results), max(r["last"] for r in results)
+    # a stream whose text came in one chunk has no decode span (random weights: pieces of bytes)
     per_stream = [(n - 1) / (r["last"] - r["first"]) for n, r in zip(tokens, results) if r["last"] > r["first"]]
     ttft = [r["first"] - r["t0"] for r in results]
-    return {"aggregate": sum(n - 1 for n in tokens) / (last - first), "per_stream": statistics.median(per_stream),
+    nan = float("nan")
+    return {"aggregate": sum(n - 1 for n in tokens) / (last - first) if last > first else nan,
+            "per_stream": statistics.median(per_stream) if per_stream else nan,
             "ttft": statistics.median(ttft), "ttft_max": max(ttft), "tokens": sum(tokens)}
 
 
@@ -159,17 +162,23 @@ def main() -> None:
     ap.add_argument("--peer-args", default="", help="more llama-server arguments (e.g. '--poll 0')")
     ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "upg-bench")
     ap.add_argument("--doc", type=Path, help="markdown file with serve-bench markers to fill")
+    ap.add_argument("--reuse", type=Path, help="the printed output of an earlier run: its rows of the engines "
+                    "not run now go into the report")
     args = ap.parse_args()
     from compare_llamacpp import _machine, core_build, prepare
 
     clients = [int(c) for c in args.clients.split(",")]
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
+    engines = args.engines.split(",")
+    if args.reuse:
+        earlier = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.startswith("{")]
+        rows += [r for r in earlier if r["engine"] not in engines]
     for model in args.models.split(","):
         pairs = prepare(model, args.work_dir)
         pair = next(p for p in pairs if p.ours_type == "q4" and p.peer_type == "Q4_0")
         bias = {str(t): -100.0 for t in eos_ids(pair.ours)}
-        for engine in args.engines.split(","):
+        for engine in engines:
             port = free_port()
             log = args.work_dir / f"serve-{engine}-{model}.log"
             with Server(commands(engine, pair, port, max(clients), args), port, log) as srv:
