@@ -9,6 +9,7 @@
 #include "cpu/backend.h"
 #include "metal/backend.h"
 #include "upg/bandwidth.h"
+#include "upg/batch.h"
 #include "upg/format.h"
 #include "upg/model.h"
 #include "upg/sampler.h"
@@ -56,6 +57,35 @@ struct PySession {
   Rng rng{0};
   std::mutex mu;
 };
+
+// The slots' sequences and a sampler state (RNG) per slot; one step at a time (the lock).
+struct PyBatch {
+  PyBatch(std::shared_ptr<Model> m, int n_slots, int n_ctx, const std::string& kv, int n_threads, int n_batch,
+          py::object backend)
+      : model(m),
+        batch(m, PySession::make_backend(backend, n_threads), n_slots, n_ctx, PySession::kv_type(kv), n_batch),
+        rngs(size_t(n_slots), Rng(0)) {}
+  Rng& rng(int slot) {
+    if (slot < 0 || slot >= batch.n_slots()) throw std::invalid_argument("no such slot");
+    return rngs[size_t(slot)];
+  }
+  std::shared_ptr<Model> model;
+  BatchSession batch;
+  std::vector<Rng> rngs;
+  std::mutex mu;
+};
+
+using Tokens = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+int32_t sample_checked(const Model& model, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+                       const SamplingParams& p, Tokens history, Rng& rng, std::mutex& mu) {
+  const int32_t vocab = model.config().vocab_size;
+  if (logits.ndim() != 1 || logits.shape(0) != vocab) throw std::invalid_argument("logits must be a 1-D array of n_vocab floats");
+  if (history.ndim() != 1) throw std::invalid_argument("history must be a 1-D array");
+  py::gil_scoped_release nogil;
+  std::lock_guard<std::mutex> lock(mu);
+  return sample_token(logits.data(), vocab, p, history.data(), history.shape(0), rng);
+}
 
 }  // namespace
 
@@ -148,9 +178,10 @@ PYBIND11_MODULE(_core, m) {
            py::arg("n_batch") = 512, py::arg("backend") = py::none(),
            py::keep_alive<1, 7>())  // a Python MetalGpu must outlive its Python half's use here
       .def_property_readonly("backend", [](PySession& s) { return s.session.backend().name(); })
-      .def("eval", [](PySession& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, bool logits_all) {
+      .def("eval", [](PySession& s, Tokens tokens, bool logits_all, py::object generated) {
              if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
              const int64_t n = tokens.shape(0);
+             const bool gen = generated.is_none() ? n == 1 : generated.cast<bool>();
              const int64_t vocab = s.model->config().vocab_size;
              py::array_t<float> out(std::vector<py::ssize_t>{logits_all ? n : 1, vocab});
              const int32_t* tp = tokens.data();
@@ -158,10 +189,12 @@ PYBIND11_MODULE(_core, m) {
              {
                py::gil_scoped_release nogil;
                std::lock_guard<std::mutex> lock(s.mu);
-               s.session.eval(tp, n, logits_all, op);
+               s.session.eval(tp, n, logits_all, op, gen);
              }
              return out;
-           }, py::arg("tokens"), py::arg("logits_all") = false)
+           }, py::arg("tokens"), py::arg("logits_all") = false, py::arg("generated") = py::none(),
+           "generated: the tokens were sampled (decode arithmetic), else given (prompt arithmetic); None: "
+           "a single token is generated")
       .def("eval_hidden", [](PySession& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens) {
              if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
              const int64_t n = tokens.shape(0);
@@ -209,15 +242,52 @@ PYBIND11_MODULE(_core, m) {
            }, py::arg("n_past"), py::arg("kv"))
       .def("set_seed", [](PySession& s, uint64_t seed) { s.rng = Rng(seed); }, py::arg("seed"))
       .def("sample", [](PySession& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
-                        const SamplingParams& p, py::array_t<int32_t, py::array::c_style | py::array::forcecast> history) {
-             const int32_t vocab = s.model->config().vocab_size;
-             if (logits.ndim() != 1 || logits.shape(0) != vocab)
-               throw std::invalid_argument("logits must be a 1-D array of n_vocab floats");
-             if (history.ndim() != 1) throw std::invalid_argument("history must be a 1-D array");
-             py::gil_scoped_release nogil;
-             std::lock_guard<std::mutex> lock(s.mu);
-             return sample_token(logits.data(), vocab, p, history.data(), history.shape(0), s.rng);
+                        const SamplingParams& p, Tokens history) {
+             return sample_checked(*s.model, logits, p, history, s.rng, s.mu);
            }, py::arg("logits"), py::arg("params"), py::arg("history"));
+
+  py::class_<PyBatch>(m, "BatchSession", "n_slots sequences evaluated together (cpp/upg/batch.h).")
+      .def(py::init<std::shared_ptr<Model>, int, int, const std::string&, int, int, py::object>(),
+           py::arg("model"), py::arg("n_slots"), py::arg("n_ctx"), py::arg("kv_type") = "f16", py::arg("n_threads") = 0,
+           py::arg("n_batch") = 512, py::arg("backend") = py::none(), py::keep_alive<1, 8>())
+      .def_property_readonly("backend", [](PyBatch& b) { return b.batch.backend().name(); })
+      .def_property_readonly("n_slots", [](PyBatch& b) { return b.batch.n_slots(); })
+      .def_property_readonly("n_ctx", [](PyBatch& b) { return b.batch.n_ctx(); })
+      .def_property_readonly("n_batch", [](PyBatch& b) { return b.batch.n_batch(); })
+      .def("step", [](PyBatch& b, const std::vector<std::tuple<int, Tokens, bool, int>>& entries) {
+             std::vector<BatchSession::Entry> es;
+             for (const auto& [slot, tokens, generated, logits] : entries) {
+               if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
+               if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
+               es.push_back({slot, tokens.data(), int(tokens.shape(0)), generated, BatchSession::Logits(logits)});
+             }
+             const int64_t n_logits = BatchSession::logit_rows(es);
+             py::array_t<float> out(std::vector<py::ssize_t>{py::ssize_t(n_logits), b.model->config().vocab_size});
+             float* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard<std::mutex> lock(b.mu);
+               b.batch.step(es, op);
+             }
+             return out;
+           }, py::arg("entries"),
+           "One pass over [(slot, tokens int32[n], generated, logits: 0 none, 1 last token, 2 every token)]: "
+           "the logits asked for, [rows, n_vocab], entry after entry.")
+      .def("n_past", [](PyBatch& b, int slot) { return b.batch.n_past(slot); }, py::arg("slot"))
+      .def("truncate", [](PyBatch& b, int slot, int64_t n) {
+             std::lock_guard<std::mutex> lock(b.mu);
+             b.batch.truncate(slot, n);
+           }, py::arg("slot"), py::arg("n"))
+      .def("copy_prefix", [](PyBatch& b, int src, int dst, int64_t n) {
+             py::gil_scoped_release nogil;
+             std::lock_guard<std::mutex> lock(b.mu);
+             b.batch.copy_prefix(src, dst, n);
+           }, py::arg("src"), py::arg("dst"), py::arg("n"))
+      .def("set_seed", [](PyBatch& b, int slot, uint64_t seed) { b.rng(slot) = Rng(seed); }, py::arg("slot"), py::arg("seed"))
+      .def("sample", [](PyBatch& b, int slot, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+                        const SamplingParams& p, Tokens history) {
+             return sample_checked(*b.model, logits, p, history, b.rng(slot), b.mu);
+           }, py::arg("slot"), py::arg("logits"), py::arg("params"), py::arg("history"));
 
   m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes") = uint64_t(1) << 30,
         py::arg("n_threads") = 0, py::arg("reps") = 5, py::call_guard<py::gil_scoped_release>(),

@@ -56,11 +56,14 @@ void bind_backend(py::module_& m) {
              b.download(out.mutable_data(), src, nbytes);
              return out;
            }, "src"_a, "nbytes"_a)
-      .def("begin", &Backend::begin, "pass_"_a, "Begins a pass whose UpgPass (n_past, n_tokens: int32) is in pass_.")
+      .def("begin", &Backend::begin, "pass_"_a, "Begins a pass whose UpgPass and UpgSeq entries (int32 fields, upg_common.h) are in pass_.")
       .def("end", &Backend::end)
       .def("get_rows", &Backend::get_rows, "w"_a, "ids"_a, "n_tokens"_a, "out"_a)
       .def("rms_norm", &Backend::rms_norm, "x"_a, "weight"_a, "out"_a, "n_tokens"_a, "n"_a, "eps"_a)
-      .def("linear", &Backend::linear, "w"_a, "x"_a, "n_tokens"_a, "y"_a)
+      .def("linear", [](Backend& b, const Matrix& w, Buf x, int n_tokens, Buf y, int n_decode) {
+             b.linear(w, x, n_tokens, n_decode < 0 ? int(n_tokens == 1) : n_decode, y);
+           }, "w"_a, "x"_a, "n_tokens"_a, "y"_a, "n_decode"_a = -1,
+           "n_decode: rows that are generated tokens (-1: 1 for a single row, else 0)")
       .def("rope", &Backend::rope, "qkv"_a, "inv_freq"_a, "args"_a)
       .def("kv_store", &Backend::kv_store, "qkv"_a, "k_cache"_a, "v_cache"_a, "f16"_a, "args"_a)
       .def("attention", &Backend::attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "out"_a, "f16"_a, "args"_a)

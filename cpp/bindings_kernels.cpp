@@ -174,18 +174,25 @@ py::array_t<float> matvec(const std::string& type_name, int block, const CArray<
                           const std::optional<Outliers>& outliers, int64_t r0, std::optional<int64_t> r1,
                           int n_threads, int64_t chunk_rows) {
   const upg::WeightView w = make_view(parse_type(type_name), block, data, rows, cols, outliers);
-  if (x.ndim() != 1 || x.size() != cols) throw py::value_error("x must be float32[cols]");
+  const bool tokens = x.ndim() == 2;  // generated tokens of one pass: matvec_n
+  if (!(x.ndim() == 1 && x.size() == cols) && !(tokens && x.shape(1) == cols))
+    throw py::value_error("x must be float32[cols] or float32[n, cols]");
   check_sharing(n_threads, chunk_rows);
+  const int64_t n = tokens ? x.shape(0) : 1;
   const auto range = row_range(rows, r0, r1);
   const upg::Kernels& k = pick_path(path);
-  py::array_t<float> y(static_cast<py::ssize_t>(rows));
+  py::array_t<float> y = tokens ? py::array_t<float>({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(rows)})
+                                : py::array_t<float>(static_cast<py::ssize_t>(rows));
   fill_nan_if_partial(y, rows, range);
   float* yp = y.mutable_data();
   const float* xp = x.data();
   {
     py::gil_scoped_release release;
-    const QuantizedInput xq(k, w, xp, 1);
-    share_rows(w, 1, range, n_threads, chunk_rows, [&](int64_t a, int64_t b) { k.matvec(w, xp, xq.view, yp, a, b); });
+    const QuantizedInput xq(k, w, xp, n);
+    share_rows(w, 1, range, n_threads, chunk_rows, [&](int64_t a, int64_t b) {
+      if (tokens) k.matvec_n(w, xp, xq.view, n, yp, rows, a, b);
+      else k.matvec(w, xp, xq.view, yp, a, b);
+    });
   }
   return y;
 }
@@ -304,7 +311,8 @@ void bind_kernels(py::module_& m) {
         "chunk_rows"_a = 0,
         "y = W x for a UPG matrix; path None uses the engine's choice (UPG_SIMD or the best). Only "
         "rows [r0, r1) are computed, the others are NaN; n_threads share them in chunks of chunk_rows "
-        "as the engine does (0: the engine's chunk).");
+        "as the engine does (0: the engine's chunk). x float32[n, cols]: the decode of n tokens at once "
+        "(matvec_n), y float32[n, rows].");
   m.def("matmul", &matmul, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
         "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(), "n_threads"_a = 1,
         "chunk_rows"_a = 0,

@@ -6,6 +6,14 @@
 
 namespace upg {
 
+void check_tokens(const Model& model, const int32_t* tokens, int64_t n) {
+  const int32_t vocab = model.config().vocab_size;
+  if (n < 1) throw std::invalid_argument("eval needs at least one token");
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= vocab)
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+}
+
 Session::Session(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int n_ctx, KVType kv_type,
                  int n_batch)
     : model_(std::move(model)),
@@ -16,9 +24,7 @@ Session::Session(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
       graph_(*model_, n_ctx, n_batch_, kv_type) {
   const UPGFile& f = model_->file();
   weights_ = backend_->weights(f.data_section(), f.file_size() - f.data_offset());
-  for (uint64_t bytes : graph_.buffer_sizes()) buffers_.push_back(backend_->alloc(bytes));
-  const std::vector<float> inv_freq = graph_.inv_freq_table();
-  backend_->upload(buffers_[Graph::kInvFreq], inv_freq.data(), inv_freq.size() * sizeof(float));
+  buffers_ = graph_.alloc(*backend_);
 }
 
 void Session::truncate(int64_t n) {
@@ -26,62 +32,63 @@ void Session::truncate(int64_t n) {
   n_past_ = n;
 }
 
-void Session::check_tokens(const int32_t* tokens, int64_t n, int64_t positions) const {
-  const int32_t vocab = model_->config().vocab_size;
-  if (n < 1 || positions < 1) throw std::invalid_argument("eval needs at least one token");
-  if (positions > n_ctx_ - n_past_)
-    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(positions) +
-                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
-  for (int64_t i = 0; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= vocab)
-      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
-}
-
 template <typename Fn>
-void Session::run(const int32_t* tokens, int64_t n, Graph::Output last, Graph::Output others, Fn download) {
-  check_tokens(tokens, n, n);
+void Session::run(const int32_t* tokens, int64_t n, bool generated, Graph::Output last, Graph::Output others,
+                  bool all_rows, Fn download) {
+  check_tokens(*model_, tokens, n);
+  if (n > n_ctx_ - n_past_)
+    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
+                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
   for (int64_t done = 0; done < n;) {
     const int m = int(std::min<int64_t>(n_batch_, n - done));
-    const Graph::Output output = done + m == n ? last : others;
-    const UpgPass pass{int32_t(n_past_), m};
-    backend_->upload(buffers_[Graph::kTokens], tokens + done, size_t(m) * sizeof(int32_t));
-    backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
-    backend_->begin(buffers_[Graph::kPass]);
-    graph_.forward(*backend_, weights_, buffers_, m, int(n_past_), output);
-    backend_->end();
-    download(done, m, output);
+    Graph::Pass p;
+    p.seqs = {{0, int(n_past_), m}};
+    p.n_decode = generated ? m : 0;
+    p.output = done + m == n ? last : others;
+    if (p.output == Graph::Output::kLogits) p.logits = {all_rows ? Graph::Rows{0, m} : Graph::Rows{m - 1, 1}};
+    graph_.run(*backend_, weights_, buffers_, tokens + done, p);
+    download(done, m, p.output);
     n_past_ += m;
     done += m;
   }
 }
 
-void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+void Session::eval(const int32_t* tokens, int64_t n, bool all_logits, float* out, bool generated) {
   const size_t vocab = size_t(model_->config().vocab_size);
-  const Graph::Output last = all_logits ? Graph::Output::kAllLogits : Graph::Output::kLastLogits;
-  run(tokens, n, last, all_logits ? last : Graph::Output::kNone, [&](int64_t first, int m, Graph::Output output) {
+  const Graph::Output others = all_logits ? Graph::Output::kLogits : Graph::Output::kNone;
+  run(tokens, n, generated, Graph::Output::kLogits, others, all_logits, [&](int64_t first, int m, Graph::Output output) {
     // Rows of each batch go to their place in out; only the final row is kept otherwise.
-    if (output == Graph::Output::kAllLogits)
-      backend_->download(out + first * vocab, buffers_[Graph::kLogits], size_t(m) * vocab * sizeof(float));
-    else if (output == Graph::Output::kLastLogits)
-      backend_->download(out, buffers_[Graph::kLogits], vocab * sizeof(float));
+    if (output != Graph::Output::kLogits) return;
+    if (all_logits) backend_->download(out + first * vocab, buffers_[Graph::kLogits], size_t(m) * vocab * sizeof(float));
+    else backend_->download(out, buffers_[Graph::kLogits], vocab * sizeof(float));
   });
 }
 
 void Session::eval_hidden(const int32_t* tokens, int64_t n, float* out) {
   const size_t hidden = size_t(model_->config().hidden_size);
-  run(tokens, n, Graph::Output::kHidden, Graph::Output::kHidden, [&](int64_t first, int m, Graph::Output) {
+  run(tokens, n, false, Graph::Output::kHidden, Graph::Output::kHidden, false, [&](int64_t first, int m, Graph::Output) {
     backend_->download(out + first * hidden, buffers_[Graph::kXn], size_t(m) * hidden * sizeof(float));
   });
 }
 
 void Session::decode_greedy(int32_t token, int64_t n, int32_t* out) {
-  check_tokens(&token, 1, n);
-  const UpgPass pass{int32_t(n_past_), 1};
+  check_tokens(*model_, &token, 1);
+  if (n < 1) throw std::invalid_argument("decode_greedy needs at least one token");
+  if (n > n_ctx_ - n_past_)
+    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
+                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
+  Graph::Pass p;
+  p.seqs = {{0, int(n_past_), 1}};
+  p.n_decode = 1;
+  p.output = Graph::Output::kGreedy;
+  p.logits = {Graph::Rows{0, 1}};
+  const std::vector<uint8_t> pass = graph_.pass_bytes(p);
   backend_->upload(buffers_[Graph::kTokens], &token, sizeof(token));
-  backend_->upload(buffers_[Graph::kPass], &pass, sizeof(pass));
+  backend_->upload(buffers_[Graph::kPass], pass.data(), pass.size());
   for (int64_t i = 0; i < n; ++i) {  // each pass reads the token and position the last one left
+    p.seqs[0].n_past = int(n_past_ + i);  // the host's copy, for its own choices (LongRoPE's set)
     backend_->begin(buffers_[Graph::kPass]);
-    graph_.forward(*backend_, weights_, buffers_, 1, int(n_past_ + i), Graph::Output::kGreedy);
+    graph_.forward(*backend_, weights_, buffers_, p);
     backend_->end();
   }
   // kGenerated[p]: the argmax after the token at position p

@@ -51,22 +51,22 @@ inline void upg_attend(device const float* q, device const KV* kc, device const 
   }
 }
 
-// Query token t (0 for decode) of head h attends positions [0, n).
+// Query token t of head h attends positions [kv_base, kv_base + n) of its KV head's run.
 template <typename KV>
 inline void upg_attention(device const float* q, device const KV* kc, device const KV* vc,
-                          device float* out, int n, constant UpgAttnArgs& a,
+                          device float* out, int n, int kv_base, constant UpgAttnArgs& a,
                           threadgroup float* part, uint2 tgpig, uint tpitg, uint ntg, uint tiisg,
                           uint sgitg) {
   const int h = int(tgpig.x), t = int(tgpig.y), hd = a.head_dim;
   const int kvh = h / (a.n_heads / a.n_kv_heads);
-  upg_attend<KV>(q + t * a.q_stride + h * hd, kc + kvh * a.kv_stride * hd,
-                 vc + kvh * a.kv_stride * hd, out + (t * a.n_heads + h) * hd, n, a, part, tpitg,
+  upg_attend<KV>(q + t * a.q_stride + h * hd, kc + (kvh * a.kv_stride + kv_base) * hd,
+                 vc + (kvh * a.kv_stride + kv_base) * hd, out + (t * a.n_heads + h) * hd, n, a, part, tpitg,
                  ntg, tiisg, sgitg);
 }
 
-// Token t of the pass (0 for decode) sits at position n_past + t and attends causally, positions
-// [0, n_past + t]; n_past comes from the pass buffer (UpgPass), so a decode step's launch is the
-// same at every position.
+// Token t of the pass attends causally positions [0, pos] of its sequence's slot; pos and the slot
+// come from the pass buffer (its UpgToken after the UpgPass header), so a decode step's launch is
+// the same at every position.
 #define UPG_ATTN_KERNEL(NAME, KV)                                                             \
   kernel void NAME(device const float* q [[buffer(0)]], device const KV* kc [[buffer(1)]],    \
                    device const KV* vc [[buffer(2)]], device float* out [[buffer(3)]],        \
@@ -78,23 +78,27 @@ inline void upg_attention(device const float* q, device const KV* kc, device con
                    uint ntg [[threads_per_threadgroup]],                                      \
                    uint tiisg [[thread_index_in_simdgroup]],                                  \
                    uint sgitg [[simdgroup_index_in_threadgroup]]) {                           \
-    upg_attention<KV>(q, kc, vc, out, pass->n_past + int(tgpig.y) + 1, a, part, tgpig, tpitg, \
-                      ntg, tiisg, sgitg);                                                     \
+    device const UpgToken& tok = ((device const UpgToken*)(pass + 1))[tgpig.y];               \
+    upg_attention<KV>(q, kc, vc, out, tok.pos + 1, tok.kv_base, a, part, tgpig, tpitg, ntg,   \
+                      tiisg, sgitg);                                                          \
   }
 
 UPG_ATTN_KERNEL(kernel_attn_f16, half)
 UPG_ATTN_KERNEL(kernel_attn_f32, float)
 
-// Appends the K and V heads of n_tokens fused qkv rows (after RoPE) to the cache: token t goes to
-// position n_past + t; positions past kv_stride are dropped (the host never asks for them).
+// Stores the K and V heads of n_tokens fused qkv rows (after RoPE) in the cache: token t goes to
+// position kv_base + pos (its UpgToken); positions past kv_stride are dropped (the host never asks
+// for them).
 // Dispatch: (ceil(head_dim / 32), n_kv_heads, n_tokens) threadgroups of 32 threads.
 template <typename KV>
 inline void upg_kv_store(device const float* qkv, device KV* kc, device KV* vc,
-                         int n_past, constant UpgAttnArgs& a, uint3 tpig) {
+                         device const UpgToken* toks, constant UpgAttnArgs& a, uint3 tpig) {
   const int d = int(tpig.x), kvh = int(tpig.y), t = int(tpig.z), hd = a.head_dim;
-  if (d >= hd || kvh >= a.n_kv_heads || t >= a.n_tokens || n_past + t >= a.kv_stride) return;
+  if (d >= hd || kvh >= a.n_kv_heads || t >= a.n_tokens) return;
+  const int at = toks[t].kv_base + toks[t].pos;
+  if (at >= a.kv_stride) return;
   device const float* row = qkv + t * a.q_stride;
-  const int dst = (kvh * a.kv_stride + n_past + t) * hd + d;
+  const int dst = (kvh * a.kv_stride + at) * hd + d;
   kc[dst] = KV(row[(a.n_heads + kvh) * hd + d]);
   vc[dst] = KV(row[(a.n_heads + a.n_kv_heads + kvh) * hd + d]);
 }
@@ -104,7 +108,7 @@ inline void upg_kv_store(device const float* qkv, device KV* kc, device KV* vc,
                    device KV* vc [[buffer(2)]], device const UpgPass* pass [[buffer(3)]],     \
                    constant UpgAttnArgs& a [[buffer(4)]],                                     \
                    uint3 tpig [[thread_position_in_grid]]) {                                  \
-    upg_kv_store<KV>(qkv, kc, vc, pass->n_past, a, tpig);                                     \
+    upg_kv_store<KV>(qkv, kc, vc, (device const UpgToken*)(pass + 1), a, tpig);               \
   }
 
 UPG_KV_STORE_KERNEL(kernel_kv_store_f16, half)

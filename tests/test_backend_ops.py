@@ -50,9 +50,23 @@ def get(be, buf, n: int, dtype=np.float32) -> np.ndarray:
     return a[:n]
 
 
-def pass_buffer(be, n_past: int, n_tokens: int):
-    """The per-pass values the position-dependent ops read (UpgPass)."""
-    return put(be, np.array([n_past, n_tokens], np.int32))
+def pass_record(seqs, n_decode=0) -> np.ndarray:
+    """UpgPass, its UpgToken and UpgSeq entries (int32 fields, upg_common.h) for sequences
+    [(n_past, n_tokens, kv_base)]."""
+    n = sum(s[1] for s in seqs)
+    head, toks, entries, first = [[seqs[0][0], n, len(seqs), n_decode]], [], [], 0
+    for i, (n_past, n_tokens, kv_base) in enumerate(seqs):
+        toks += [[n_past + t, kv_base, 0, i] for t in range(n_tokens)]
+        entries.append([first, n_tokens, n_past, kv_base, 0, 0, 0, 0])
+        first += n_tokens
+    return np.concatenate([np.array(r, np.int32) for r in head + toks + entries])
+
+
+def pass_buffer(be, n_past: int, n_tokens: int, generated: bool | None = None):
+    """The per-pass values the position-dependent ops read: one sequence; its tokens generated
+    (decode paths) when generated, else prompt tokens (None: generated when it is one token)."""
+    generated = n_tokens == 1 if generated is None else generated
+    return put(be, pass_record([(n_past, n_tokens, 0)], n_tokens if generated else 0))
 
 
 def run(be, op, *args, n_past=0, n_tokens=1):
@@ -142,7 +156,7 @@ def test_rope(be, head_dim, rot):
     np.testing.assert_array_equal(got[:, rotated:], qkv[:, rotated:])
 
 
-def attention_case(be, rng, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens):
+def attention_case(be, rng, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens, generated=None):
     """(buffers and args for kv_store + attention, the queries, the cache as it must end up)."""
     n_ctx = n_past + n_tokens + 3  # room past the attended positions
     kv_type = np.float16 if f16 else np.float32
@@ -155,7 +169,7 @@ def attention_case(be, rng, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens
     want_k[:, n_past:n_past + n_tokens] = heads[:, n_heads:n_heads + n_kv_heads].transpose(1, 0, 2)
     want_v[:, n_past:n_past + n_tokens] = heads[:, n_heads + n_kv_heads:].transpose(1, 0, 2)
     args = _core.AttnArgs(n_heads, n_kv_heads, head_dim, n_ctx, q_stride, n_tokens, 1.0 / np.sqrt(head_dim))
-    bufs = dict(qkv=put(be, qkv), k=put(be, k), v=put(be, v), pass_=pass_buffer(be, n_past, n_tokens))
+    bufs = dict(qkv=put(be, qkv), k=put(be, k), v=put(be, v), pass_=pass_buffer(be, n_past, n_tokens, generated))
     return bufs, args, heads[:, :n_heads], want_k, want_v
 
 
@@ -175,11 +189,12 @@ def test_kv_store(be, f16):
 
 @pytest.mark.parametrize("f16", [False, True])
 @pytest.mark.parametrize("n_heads, n_kv_heads, head_dim", [(4, 4, 64), (8, 2, 96), (8, 1, 128)])  # GQA 1, 4, 8
-@pytest.mark.parametrize("n_past, n_tokens", [(0, 1), (36, 1), (0, 7), (5, 20)])  # decode; prefill, both paths
-def test_attention(be, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens):
+@pytest.mark.parametrize("n_past, n_tokens, generated", [(0, 1, True), (36, 1, True), (36, 1, False), (0, 7, False),
+                                                      (5, 20, False), (5, 3, True)])  # decode and prompt paths
+def test_attention(be, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens, generated):
     """kv_store then attention: token t attends positions [0, n_past + t] of the cache."""
     rng = np.random.default_rng(7)
-    bufs, args, q, k, v = attention_case(be, rng, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens)
+    bufs, args, q, k, v = attention_case(be, rng, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens, generated)
     out = out_buffer(be, n_tokens * n_heads * head_dim)
     be.begin(bufs["pass_"])
     be.kv_store(bufs["qkv"], bufs["k"], bufs["v"], f16, args)
@@ -194,6 +209,73 @@ def test_attention(be, f16, n_heads, n_kv_heads, head_dim, n_past, n_tokens):
             p = np.exp(s - s.max())
             want[t, h] = p @ v[g, :n].astype(np.float64) / p.sum()
     close(get(be, out, want.size).reshape(want.shape), want, 1e-4)
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_attention_batch(be, f16):
+    """A pass of several sequences: generated and prompt tokens, each sequence in its own slot of
+    the cache, each token attending its own slot only; every token's output has the bits of its
+    sequence's tokens run alone in a pass of the same kind."""
+    n_heads, n_kv, hd, n_slot = 8, 2, 64, 40
+    # (n_past, n_tokens, generated) per slot; generated sequences first (UpgPass::n_decode)
+    seqs = [(7, 1, True), (30, 1, True), (0, 9, False), (12, 20, False)]
+    rng = np.random.default_rng(9)
+    kv_type = np.float16 if f16 else np.float32
+    q_stride = (n_heads + 2 * n_kv) * hd
+    n = sum(s[1] for s in seqs)
+    qkv = (rng.standard_normal((n, q_stride)) * 0.5).astype(np.float32)
+    k = rng.standard_normal((n_kv, len(seqs) * n_slot, hd)).astype(kv_type)
+    v = rng.standard_normal((n_kv, len(seqs) * n_slot, hd)).astype(kv_type)
+    n_decode = sum(s[1] for s in seqs if s[2])
+
+    def attend(qkv_rows, record, n_tokens):
+        kb, vb = put(be, k), put(be, v)
+        out = out_buffer(be, n_tokens * n_heads * hd)
+        args = _core.AttnArgs(n_heads, n_kv, hd, len(seqs) * n_slot, q_stride, n_tokens, 1.0 / np.sqrt(hd))
+        qb = put(be, qkv_rows)
+        be.begin(put(be, record))
+        be.kv_store(qb, kb, vb, f16, args)
+        be.attention(qb, kb, vb, out, f16, args)
+        be.end()
+        return get(be, out, n_tokens * n_heads * hd).reshape(n_tokens, n_heads, hd)
+
+    record = pass_record([(p, m, i * n_slot) for i, (p, m, _) in enumerate(seqs)], n_decode)
+    got = attend(qkv, record, n)
+    first = 0
+    heads = qkv.reshape(n, n_heads + 2 * n_kv, hd)
+    for i, (n_past, m, generated) in enumerate(seqs):
+        alone = attend(qkv[first:first + m], pass_record([(n_past, m, i * n_slot)], m if generated else 0), m)
+        np.testing.assert_array_equal(got[first:first + m], alone)
+        kc, vc = k[:, i * n_slot:(i + 1) * n_slot].copy(), v[:, i * n_slot:(i + 1) * n_slot].copy()
+        kc[:, n_past:n_past + m] = heads[first:first + m, n_heads:n_heads + n_kv].transpose(1, 0, 2)
+        vc[:, n_past:n_past + m] = heads[first:first + m, n_heads + n_kv:].transpose(1, 0, 2)
+        want = np.zeros((m, n_heads, hd))
+        for t in range(m):
+            for h in range(n_heads):
+                g = h // (n_heads // n_kv)
+                s = kc[g, :n_past + t + 1].astype(np.float64) @ heads[first + t, h].astype(np.float64) / np.sqrt(hd)
+                p = np.exp(s - s.max())
+                want[t, h] = p @ vc[g, :n_past + t + 1].astype(np.float64) / p.sum()
+        close(got[first:first + m], want, 1e-4)
+        first += m
+
+
+@pytest.mark.parametrize("type_, block", [("q4", 32), ("q8_0", 32), ("f16", 0)])
+def test_linear_rows_by_kind(be, type_, block):
+    """linear: generated rows (the first n_decode) have the bits of the mat-vec of each row alone,
+    prompt rows those of the mat-mat of each row alone, whatever the call's token count."""
+    rows, cols, n, n_decode = 45, 320, 11, 4
+    m, _, _ = weight_matrix(be, type_, block, rows, cols, 2, outliers=block > 0)
+    x = np.random.default_rng(3).standard_normal((n, cols)).astype(np.float32)
+
+    def linear(xs, n_dec):
+        y = out_buffer(be, len(xs) * rows)
+        run(be, be.linear, m, put(be, xs), len(xs), y, n_dec, n_tokens=len(xs))
+        return get(be, y, len(xs) * rows).reshape(len(xs), rows)
+
+    got = linear(x, n_decode)
+    for t in range(n):
+        np.testing.assert_array_equal(got[t], linear(x[t:t + 1], int(t < n_decode))[0])
 
 
 def test_silu_mul_add_argmax(be):

@@ -366,6 +366,26 @@ def test_rows_shared_by_threads_give_the_same_bits(path, type_, block):
     np.testing.assert_array_equal(y[100:700], want_v[100:700])
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("type_,block", TYPES)
+def test_decode_of_many_tokens_gives_each_its_bits_alone(path, type_, block):
+    """matvec of n tokens at once (the generated tokens of a batch, matvec_n): every token's row has
+    the bits of matvec of that token alone, for any token count (whole groups of the path's tokens
+    per pass and the rest), short and long rows, outliers included, rows shared by threads."""
+    rng = np.random.default_rng(31)
+    long_cols = 4 * 333 if block == 0 else (137 if block == 32 else 69) * block  # rows past kShortRowBytes
+    for rows, cols in [(37, _cols(type_, block)), (70, long_cols)]:
+        w = _matrix(rows, cols, seed=32)
+        data = ref.quantize(type_, block, w)
+        out = _outliers(rows, cols, seed=33)
+        xs = rng.standard_normal((11, cols)).astype(np.float32)
+        alone = np.stack([_core.matvec(type_, block, data, rows, cols, x, path, out) for x in xs])
+        for n in (1, 2, 3, 5, 11):
+            y = _core.matvec(type_, block, data, rows, cols, xs[:n], path, out, n_threads=2, chunk_rows=16)
+            assert y.shape == (n, rows)
+            np.testing.assert_array_equal(y, alone[:n], err_msg=f"{n} tokens, {rows} x {cols}")
+
+
 def test_row_sharing_rejects_bad_arguments():
     rows, cols, data, x = _q4()
     for kwargs, match in [(dict(n_threads=0), "n_threads"), (dict(chunk_rows=24), "multiple of 16"),

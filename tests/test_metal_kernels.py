@@ -272,8 +272,10 @@ def test_rms_norm(lib):
 
 
 def pass_buffer(n_past: int, n_tokens: int) -> np.ndarray:
-    """The per-pass values the kernels read (UpgPass)."""
-    return np.array([n_past, n_tokens], np.int32)
+    """The per-pass values the kernels read (upg_common.h): UpgPass, an UpgToken per token, the
+    one UpgSeq."""
+    toks = [[n_past + t, 0, 0, 0] for t in range(n_tokens)]
+    return np.array([n_past, n_tokens, 1, 0, *sum(toks, []), 0, n_tokens, n_past, 0, 0, 0, 0, 0], np.int32)
 
 
 def rope_reference(x, pos0, rot, theta, factors, attn_factor):

@@ -12,6 +12,7 @@ import pytest
 
 from chat_model import make_chat_model
 from conftest import serve_app
+from upg_backend.batch import Batch
 from upg_backend.llama import Llama
 from upg_backend.server import create_app
 
@@ -30,13 +31,17 @@ def reference(model_path):
     return Llama(model_path, n_ctx=N_CTX, n_threads=1)
 
 
-@pytest.fixture(scope="module")
-def server(model_path):
+@pytest.fixture(scope="module", params=["one", "batch"])
+def server(model_path, request):
+    """The server on the Llama itself, and on a Batch of 4 slots (every test runs on both)."""
     llama = Llama(model_path, n_ctx=N_CTX, n_threads=1)
-    srv, thread, url = serve_app(create_app(llama, model_name="tiny", api_key=API_KEY))
+    batch = Batch(llama, 4) if request.param == "batch" else None
+    srv, thread, url = serve_app(create_app(llama, model_name="tiny", api_key=API_KEY, batch=batch))
     yield llama, url
     srv.should_exit = True
     thread.join(10)
+    if batch:
+        batch.close()
 
 
 @pytest.fixture
@@ -143,15 +148,24 @@ def test_tokenize_detokenize(server, reference):
     assert http(server[1] + "/tokenize", {"content": "x"}, key=None)[0] == 401
 
 
+def slow_evals(monkeypatch) -> list[int]:
+    """Makes every eval (of the Llama and of a Batch's views) take a while, so that a disconnect
+    lands mid-generation; returns the list each eval appends its token count to."""
+    counts: list[int] = []
+    real_eval = Llama._eval
+
+    def slow_eval(self, tokens, generated):
+        time.sleep(0.02)
+        counts.append(len(tokens))
+        real_eval(self, tokens, generated)
+
+    monkeypatch.setattr(Llama, "_eval", slow_eval)
+    return counts
+
+
 def test_non_streamed_client_disconnect_stops_generation(server, client, monkeypatch):
     llama, url = server
-    real_eval = llama.eval
-
-    def slow_eval(tokens):
-        time.sleep(0.02)
-        real_eval(tokens)
-
-    monkeypatch.setattr(llama, "eval", slow_eval)
+    counts = slow_evals(monkeypatch)
     body = {"model": "tiny", "prompt": "Once", "max_tokens": 200, "temperature": 0,
             "logit_bias": {str(t): -100 for t in llama._eos_ids}}
     request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
@@ -159,22 +173,16 @@ def test_non_streamed_client_disconnect_stops_generation(server, client, monkeyp
     with pytest.raises(OSError):  # the client gives up (a timeout) and closes the connection
         urllib.request.urlopen(request, timeout=0.5)
     time.sleep(0.5)
-    n_after_close = llama.n_tokens
+    n_after_close = len(counts)
     time.sleep(0.5)
-    assert llama.n_tokens == n_after_close  # nothing more is generated
+    assert len(counts) == n_after_close  # nothing more is generated
     assert n_after_close < 100  # far from the 200 tokens asked for
     assert client.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0).choices
 
 
 def test_client_disconnect_stops_generation(server, client, monkeypatch):
     llama = server[0]
-    real_eval = llama.eval
-
-    def slow_eval(tokens):  # make each generated token take a while so the disconnect lands mid-generation
-        time.sleep(0.02)
-        real_eval(tokens)
-
-    monkeypatch.setattr(llama, "eval", slow_eval)
+    counts = slow_evals(monkeypatch)
     messages = [{"role": "user", "content": "Tell me a long story."}]
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=200, temperature=0,
                                             logit_bias={str(t): -100 for t in llama._eos_ids}, stream=True)
@@ -183,9 +191,9 @@ def test_client_disconnect_stops_generation(server, client, monkeypatch):
         next(it)
     stream.close()
     time.sleep(0.5)
-    n_after_close = llama.n_tokens
+    n_after_close = len(counts)
     time.sleep(0.5)
-    assert llama.n_tokens == n_after_close  # nothing more is generated
+    assert len(counts) == n_after_close  # nothing more is generated
     assert n_after_close < 150  # far from the 200 tokens asked for
     # and the model is free for the next client
     got = client.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0)

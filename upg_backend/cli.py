@@ -200,6 +200,16 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="another model name requests may use (repeatable); other names get 404")
     p.add_argument("--api-key", default=os.environ.get("UPG_API_KEY"),
                    help="require this bearer token (default: $UPG_API_KEY; none: no key)")
+    p.add_argument("-np", "--parallel", type=int, default=1,
+                   help="requests served at once, their tokens evaluated together in one pass per step (default 1)")
+    p.add_argument("--kv-budget", type=float, default=None, metavar="MIB",
+                   help="KV cache of the --parallel slots in MiB, shared out equally (default: --n-ctx per slot)")
+    p.add_argument("--queue", type=int, default=64,
+                   help="requests that may wait for a free slot; more are answered 429 (default 64)")
+    p.add_argument("--queue-timeout", type=float, default=600.0,
+                   help="seconds a request may wait for a slot before it is answered 503 (default 600)")
+    p.add_argument("--prefill-chunk", type=int, default=32,
+                   help="prompt tokens a step takes while other requests decode (default 32)")
 
 
 @subcommand("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_arguments)
@@ -210,8 +220,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"the server needs its extra dependencies: pip install 'upg-backend[server]' ({e})") from e
 
     llama, _ = _load(args)
+    if args.parallel < 1 or args.queue < 0:
+        raise ValueError("--parallel must be at least 1 and --queue at least 0")
     serve(llama, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
-          aliases=tuple(args.alias))
+          aliases=tuple(args.alias), parallel=args.parallel, kv_budget_mib=args.kv_budget, queue_size=args.queue,
+          queue_timeout=args.queue_timeout, prefill_chunk=args.prefill_chunk)
     return 0
 
 

@@ -185,6 +185,7 @@ class Llama:
         header = upg.header
         config = upg.config
         self._n_ctx = n_ctx or config.max_position_embeddings
+        self._config, self._kv_type = config, kv_type
         self._model = _core.Model(self.model_path, config.engine_config())
         self.backend, device = open_backend(backend)
         self._session = _core.Session(self._model, self._n_ctx, kv_type, n_threads or 0, n_batch, device)
@@ -195,7 +196,10 @@ class Llama:
         self._eos_ids = self._end_of_turn_ids(header)
         self.chat_format = chat_format
         self.chat_template = self._chat_template(header, chat_format, chat_template)
-        self._token_table: TokenTable | None = None  # built on the first constrained generation
+        # built on the first constrained generation; a holder, so that views of a Batch share it
+        self._tables = SimpleNamespace(token_table=None)
+        # a Batch's view: loads a prompt's cached prefix from another slot (upg_backend.batch)
+        self._prefix_source: Callable[[Llama, list[int]], None] | None = None
         # what llama-cpp-python's users read back (LlamaIndex: context_params.n_ctx)
         self.context_params = SimpleNamespace(n_ctx=self._n_ctx, n_batch=n_batch, n_threads=n_threads or os.cpu_count(),
                                               embeddings=bool(embedding), logits_all=logits_all)
@@ -204,6 +208,12 @@ class Llama:
         self.greedy_ahead = self.backend != "cpu"
         self.model_params = SimpleNamespace(n_gpu_layers=0 if self.backend == "cpu" else -1, main_gpu=main_gpu)
         self._input_ids: list[int] = []
+        # The leading positions computed as prompt tokens: only those are reused for a new prompt,
+        # so that a prompt's tokens have the same bits whether its prefix was cached or not
+        # (generated tokens are computed by the decode kernels; docs/ARCHITECTURE.md "Batch-invariant
+        # arithmetic").
+        self._prompt_run = 0
+        self._prompt_logits: tuple[int, np.ndarray] | None = None  # (position, logits) ending the prompt run
         # With logits_all, rows live in _score_buf (grown by doubling, so appending one token's
         # logits at a time stays linear) and _scores is a view of its first n_tokens rows.
         self._score_buf = self._scores = np.zeros((0, self._n_vocab), dtype=np.float32)
@@ -303,14 +313,22 @@ class Llama:
     def _truncate(self, n: int) -> None:
         self._live().truncate(n)
         del self._input_ids[n:]
+        self._prompt_run = min(self._prompt_run, n)
+        if self._prompt_logits is not None and self._prompt_logits[0] > n:
+            self._prompt_logits = None
         self._scores = self._scores[:n] if self.logits_all else self._scores[:0]
 
     def eval(self, tokens: Sequence[int]) -> None:
-        """Appends tokens to the context, n_batch at a time.
+        """Appends tokens to the context, n_batch at a time (a single token as a generated one).
 
         Raises:
             ValueError: the context would overflow, or a token id is outside the vocabulary.
         """
+        self._eval(tokens, None)
+
+    def _eval(self, tokens: Sequence[int], generated: bool | None) -> None:
+        """eval; generated: sampled tokens (decode kernels), False: prompt tokens, None: a single
+        token is generated."""
         session = self._live()
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 1:
@@ -319,11 +337,17 @@ class Llama:
             raise ValueError(f"{len(self._input_ids) + len(tokens)} tokens exceed the context window of {self._n_ctx}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self._n_vocab):
             raise ValueError(f"token ids must be in 0..{self._n_vocab - 1}")
+        if generated is None:
+            generated = len(tokens) == 1
         for start in range(0, len(tokens), self.n_batch):
             batch = tokens[start:start + self.n_batch].astype(np.int32)
-            logits = np.asarray(session.eval(batch, self.logits_all), dtype=np.float32)
+            logits = np.asarray(session.eval(batch, self.logits_all, generated), dtype=np.float32)
+            extends_run = not generated and self._prompt_run == len(self._input_ids)
             self._input_ids.extend(int(t) for t in batch)
             self._append_scores(logits)
+            if extends_run:
+                self._prompt_run = len(self._input_ids)
+                self._prompt_logits = (self._prompt_run, logits[-1].copy())
 
     def _append_scores(self, logits: np.ndarray) -> None:
         if not self.logits_all:
@@ -346,10 +370,24 @@ class Llama:
         """Makes the context hold exactly `tokens`, keeping the KV cache of the common prefix."""
         tokens = list(tokens)
         self._check_prompt(tokens)
-        keep = _common_prefix(self._input_ids, tokens)
-        keep = min(keep, len(tokens) - 1)  # the last prompt token is evaluated again for its logits
+        if self._prefix_source is not None:
+            self._prefix_source(self, tokens)
+        keep = self._reusable(tokens)
         self._truncate(keep)
-        self.eval(tokens[keep:])
+        if keep == len(tokens):  # the same prompt again: its last token's logits were kept
+            self._append_scores(self._prompt_logits[1][None])
+            return
+        self._eval(tokens[keep:], False)
+
+    def _reusable(self, tokens: Sequence[int]) -> int:
+        """Leading positions of the context a prompt can keep: as far as it agrees and was
+        computed as prompt tokens, all but the last prompt token (evaluated again for its logits)
+        unless the prompt is the one that ended the run and its logits were kept."""
+        keep = min(_common_prefix(self._input_ids, tokens), self._prompt_run)
+        if keep == len(tokens) and not self.logits_all and self._prompt_logits is not None \
+                and self._prompt_logits[0] == keep:
+            return keep
+        return min(keep, len(tokens) - 1)
 
     def sample(self, sampling: SamplingParams | None = None, logits: np.ndarray | None = None) -> int:
         """Samples the next token from the last logits (or `logits`), with the recent tokens as penalty history."""
@@ -373,13 +411,13 @@ class Llama:
         if reset:
             self._load_prompt(tokens)
         else:
-            self.eval(tokens)
+            self._eval(tokens, False)
         if params.seed is not None:
             self.set_seed(params.seed)
         while True:
             token = self.sample(params)
             yield token
-            self.eval([token])
+            self._eval([token], True)
 
     # ----- generation -----
 
@@ -426,9 +464,9 @@ class Llama:
     def _matcher(self, grammar: Grammar | None) -> Matcher | None:
         if grammar is None:
             return None
-        if self._token_table is None:
-            self._token_table = TokenTable(self.tokenizer.to_json(), self._n_vocab, self._eos_ids)
-        return Matcher(grammar, self._token_table)
+        if self._tables.token_table is None:
+            self._tables.token_table = TokenTable(self.tokenizer.to_json(), self._n_vocab, self._eos_ids)
+        return Matcher(grammar, self._tables.token_table)
 
     def _greedy_ahead(self, sampling: SamplingParams, grammar: Grammar | None, logprobs: int | None,
                       stopping_criteria: StoppingCriteria, logits_processor: LogitsProcessors) -> _GreedyAhead | None:
@@ -496,7 +534,7 @@ class Llama:
                     yield _Piece(out[emitted:safe].decode("utf-8", errors="ignore"), sent)
                     emitted = safe
                 if n < limit and ahead is None:
-                    self.eval([token])
+                    self._eval([token], True)
         finally:  # also when the consumer stops reading
             if ahead is not None:
                 ahead.settle()
@@ -861,6 +899,8 @@ class Llama:
         """
         self._live().load_kv(len(state.input_ids), state.kv)
         self._input_ids = [int(t) for t in state.input_ids]
+        self._prompt_run = len(self._input_ids)  # as the saved context was computed
+        self._prompt_logits = None
         self._score_buf = self._scores = np.array(state.scores, dtype=np.float32)
 
     def close(self) -> None:
@@ -913,7 +953,7 @@ class _GreedyAhead:
         keep = len(llm._input_ids) - (len(self.ahead) - self.used)  # drops the tokens past the last returned
         last = llm._input_ids[keep - 1]
         llm._truncate(keep - 1)
-        llm.eval([last])
+        llm._eval([last], True)
 
 
 def _text_content(content: Any) -> Any:

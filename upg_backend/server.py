@@ -1,9 +1,13 @@
 """An OpenAI-compatible HTTP server over one `Llama` (FastAPI + uvicorn + sse-starlette).
 
-One model, one session: requests take turns through an asyncio lock, and each generation step
-runs in a worker thread so the event loop keeps serving (health checks, queued clients,
-disconnect detection). A client that disconnects, streaming or not, stops its generation at the next
-token. Request bodies past `max_body_bytes` are refused with 413 before they are read.
+Requests run on contexts: the `Llama` itself (one request at a time), or the n slots of a `Batch`
+(`--parallel N`: n requests at once, their tokens evaluated together in one pass per step,
+upg_backend/batch.py). A request waits in a bounded queue for a free context: past `queue_size`
+waiting it is answered 429 at once, and after `queue_timeout` seconds of waiting 503. Generation
+runs in worker threads so the event loop keeps serving (health checks, queued clients, disconnect
+detection). A client that disconnects, streaming or not, stops its generation at the next token and
+its context is free at once. Request bodies past `max_body_bytes` are refused with 413 before they
+are read.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from . import responses
+from .batch import Batch
 from .llama import Llama
 from .responses import ResponsesRequest
 from .sampling import SamplingParams
@@ -34,6 +39,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repe
                     "frequency_penalty", "logit_bias", "seed")
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is answered 413 unread
 MAX_CHOICES = 16          # the most `n` (times prompts) one request may ask for
+QUEUE_SIZE = 64           # requests that may wait for a context; more are answered 429
+QUEUE_TIMEOUT = 600.0     # seconds a request may wait for a context before it is answered 503
 
 
 class _Request(BaseModel):
@@ -145,12 +152,65 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class _Contexts:
+    """The contexts requests run on (the Llama, or a Batch's views) and the queue for them."""
+
+    def __init__(self, llama: Llama, batch: Batch | None, queue_size: int, queue_timeout: float):
+        self.batch, self.queue_size, self.queue_timeout = batch, queue_size, queue_timeout
+        self.free: asyncio.Queue[Llama] = asyncio.Queue()
+        for view in batch.views if batch else [llama]:
+            self.free.put_nowait(view)
+        self.waiting = 0
+        self.embed_lock = asyncio.Lock()  # the Llama itself embeds, beside a Batch's views
+
+    async def acquire(self) -> _Lease:
+        if self.free.empty() and self.waiting >= self.queue_size:
+            raise HTTPException(429, f"the server is busy: {self.waiting} requests are waiting; retry later")
+        self.waiting += 1
+        try:
+            view = await asyncio.wait_for(self.free.get(), self.queue_timeout)
+        except TimeoutError:
+            raise HTTPException(503, f"no context became free in {self.queue_timeout:g} s; retry later") from None
+        finally:
+            self.waiting -= 1
+        if self.batch:
+            self.batch.acquire(view)
+        return _Lease(self, view, asyncio.get_running_loop())
+
+
+class _Lease:
+    """A context held by one request; release() (once, from any thread, or when the lease is
+    collected unreleased: a stream that never started) gives it back."""
+
+    def __init__(self, contexts: _Contexts, view: Llama, loop: asyncio.AbstractEventLoop):
+        self.contexts, self.view, self.loop = contexts, view, loop
+        self._lock, self._done = threading.Lock(), False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        if self.contexts.batch:
+            self.contexts.batch.release(self.view)  # the scheduler stops waiting for this slot now
+        self.loop.call_soon_threadsafe(self.contexts.free.put_nowait, self.view)
+
+    def __del__(self) -> None:
+        if not self._done and not self.loop.is_closed():
+            self.release()
+
+
 def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | None = None,
-               aliases: tuple[str, ...] = (), max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               aliases: tuple[str, ...] = (), max_body_bytes: int = MAX_BODY_BYTES, batch: Batch | None = None,
+               queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT) -> FastAPI:
     """The FastAPI application serving `llama`.
 
     Args:
-        llama: the model; the app owns its use from now on (requests are serialized).
+        llama: the model; the app owns its use from now on (requests run one at a time on it,
+            unless `batch` is given).
+        batch: a Batch over llama: requests run on its views, n_parallel at once.
+        queue_size: requests that may wait for a context; one more is answered 429.
+        queue_timeout: seconds a request may wait for a context before it is answered 503.
         model_name: the id clients see in /v1/models and responses (default: the file name).
         api_key: when set, /v1/*, /tokenize and /detokenize need `Authorization: Bearer <api_key>`.
         aliases: more model names requests may use; any other name is answered 404.
@@ -159,7 +219,7 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
     name = model_name or llama.model_path.rsplit("/", 1)[-1].removesuffix(".upg")
     names = {name, *aliases}
     created = int(time.time())
-    lock = asyncio.Lock()
+    contexts = _Contexts(llama, batch, queue_size, queue_timeout)
     app = FastAPI(title="upg-backend", description="OpenAI-compatible API for a local UPG model")
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
 
@@ -177,9 +237,12 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         code = {401: "invalid_api_key", 404: "model_not_found" if "model" in str(e.detail) else None,
-                413: "request_too_large"}.get(e.status_code)
-        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
-                      code)
+                413: "request_too_large", 429: "queue_full", 503: "queue_timeout"}.get(e.status_code)
+        response = _error(e.status_code, str(e.detail),
+                          "invalid_request_error" if e.status_code < 500 else "server_error", code)
+        if e.status_code in (429, 503):
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -190,9 +253,12 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
     async def value_error(request: Request, e: ValueError) -> JSONResponse:
         return _error(400, str(e))
 
-    async def respond(start: Callable[[Any], Any], request: Request, stream: bool, named_events: bool = False) -> Any:
-        """Runs a request: `start(stopping_criteria)` validates and returns the result (or the chunk
-        iterator). `named_events`: the chunks are Responses API events, sent under their type's name."""
+    async def respond(start: Callable[[Llama, Any], Any], request: Request, stream: bool,
+                      named_events: bool = False) -> Any:
+        """Runs a request on a context: `start(llama, stopping_criteria)` validates and returns the
+        result (or the chunk iterator). `named_events`: the chunks are Responses API events, sent
+        under their type's name."""
+        lease = await contexts.acquire()
         if not stream:
             gone = threading.Event()  # the client disconnected: generation stops at the next token
 
@@ -201,38 +267,42 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
                     await asyncio.sleep(0.05)
                 gone.set()
 
-            async with lock:
-                watcher = asyncio.create_task(watch())
-                try:
-                    result = await anyio.to_thread.run_sync(start, [lambda ids, logits: gone.is_set()])
-                finally:
-                    watcher.cancel()
+            watcher = asyncio.create_task(watch())
+            try:
+                result = await anyio.to_thread.run_sync(start, lease.view, [lambda ids, logits: gone.is_set()])
+            finally:
+                watcher.cancel()
+                lease.release()
             result["model"] = name
             return result
-        chunks: Iterator[dict[str, Any]] = start(None)  # validation only: generation starts on the first next()
+        try:  # validation only: generation starts on the first next()
+            chunks: Iterator[dict[str, Any]] = start(lease.view, None)
+        except BaseException:
+            lease.release()
+            raise
 
         async def events() -> Any:
             done = object()
             try:
-                async with lock:
-                    while not await request.is_disconnected():
-                        try:
-                            chunk = await anyio.to_thread.run_sync(next, chunks, done)
-                        except ValueError as e:  # found only once generating: the stream ends with it
-                            yield {"data": json.dumps({"error": {"message": str(e), "type": "invalid_request_error",
-                                                                 "param": None, "code": None}})}
-                            return
-                        if chunk is done:
-                            if not named_events:  # the Responses API's stream just ends
-                                yield {"data": "[DONE]"}
-                            return
-                        if named_events:
-                            yield {"event": chunk["type"], "data": json.dumps(chunk, ensure_ascii=False)}
-                            continue
-                        chunk["model"] = name
-                        yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                while not await request.is_disconnected():
+                    try:
+                        chunk = await anyio.to_thread.run_sync(next, chunks, done)
+                    except ValueError as e:  # found only once generating: the stream ends with it
+                        yield {"data": json.dumps({"error": {"message": str(e), "type": "invalid_request_error",
+                                                             "param": None, "code": None}})}
+                        return
+                    if chunk is done:
+                        if not named_events:  # the Responses API's stream just ends
+                            yield {"data": "[DONE]"}
+                        return
+                    if named_events:
+                        yield {"event": chunk["type"], "data": json.dumps(chunk, ensure_ascii=False)}
+                        continue
+                    chunk["model"] = name
+                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
             finally:
                 chunks.close()  # only after the worker thread has returned (to_thread waits on cancel)
+                lease.release()
         return EventSourceResponse(events(), ping=15)
 
     @app.get("/health")
@@ -260,8 +330,8 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
         if not prompts:
             raise ValueError("prompt is an empty list")
 
-        def one(i: int, criteria: Any, stream: bool, usage: bool) -> Any:
-            return llama.create_completion(
+        def one(llm: Llama, i: int, criteria: Any, stream: bool, usage: bool) -> Any:
+            return llm.create_completion(
                 prompts[i // body.n], suffix=body.suffix, max_tokens=body.max_tokens, stop=body.stop, stream=stream,
                 echo=body.echo, logprobs=body.logprobs, response_format=body.response_format,
                 stopping_criteria=criteria, sampling=_nth(sampling, i), stream_options={"include_usage": usage})
@@ -275,8 +345,8 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
 
-        def one(i: int, criteria: Any, stream: bool, usage: bool) -> Any:
-            return llama.create_chat_completion(
+        def one(llm: Llama, i: int, criteria: Any, stream: bool, usage: bool) -> Any:
+            return llm.create_chat_completion(
                 messages, functions=body.functions, function_call=body.function_call, tools=body.tools,
                 tool_choice=body.tool_choice, max_tokens=max_tokens, stop=body.stop, stream=stream,
                 logprobs=body.logprobs, top_logprobs=body.top_logprobs, response_format=body.response_format,
@@ -289,8 +359,8 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
         messages = body.messages()
         sampling = SamplingParams.from_kwargs(temperature=body.temperature, top_p=body.top_p)
 
-        def start(criteria: Any) -> Any:
-            result = llama.create_chat_completion(messages, max_tokens=body.max_output_tokens, stream=body.stream,
+        def start(llm: Llama, criteria: Any) -> Any:
+            result = llm.create_chat_completion(messages, max_tokens=body.max_output_tokens, stream=body.stream,
                                                   stopping_criteria=criteria, sampling=sampling,
                                                   stream_options={"include_usage": True})
             return responses.events(result, name) if body.stream else responses.from_chat(result, name)
@@ -308,8 +378,17 @@ def create_app(llama: Llama, *, model_name: str | None = None, api_key: str | No
             else list(body.input)
         if not inputs:
             raise ValueError("input is an empty list")
-        async with lock:
-            result = await anyio.to_thread.run_sync(lambda: [llama.embed(x, return_count=True) for x in inputs])
+        def run() -> list:
+            return [llama.embed(x, return_count=True) for x in inputs]
+        if batch is not None:  # the Llama's own session embeds; the views generate
+            async with contexts.embed_lock:
+                result = await anyio.to_thread.run_sync(run)
+        else:
+            lease = await contexts.acquire()
+            try:
+                result = await anyio.to_thread.run_sync(run)
+            finally:
+                lease.release()
         data = [{"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
                 for i, (vector, _) in enumerate(result)]
         count = sum(n for _, n in result)
@@ -339,10 +418,10 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-def _choices(one: Callable[[int, Any, bool, bool], Any], count: int, n: int, stream: bool,
-             stream_options: dict | None) -> Callable[[Any], Any]:
+def _choices(one: Callable[[Llama, int, Any, bool, bool], Any], count: int, n: int, stream: bool,
+             stream_options: dict | None) -> Callable[[Llama, Any], Any]:
     """`start` for `respond` over `count` choices (n per prompt) made one after another by
-    `one(i, criteria, stream, include_usage)`: one response with every choice (index i) and the
+    `one(llama, i, criteria, stream, include_usage)`: one response with every choice (index i) and the
     usage added up (each prompt counted once), or their chunks in turn, ending with one usage chunk
     for them all when stream_options asks for it."""
     include_usage = bool((stream_options or {}).get("include_usage"))
@@ -352,15 +431,15 @@ def _choices(one: Callable[[int, Any, bool, bool], Any], count: int, n: int, str
         total["completion_tokens"] += usage["completion_tokens"]
         total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
 
-    def start(criteria: Any) -> Any:
+    def start(llm: Llama, criteria: Any) -> Any:
         total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         if stream:
-            first = one(0, criteria, True, include_usage)  # validates the request before the response starts
+            first = one(llm, 0, criteria, True, include_usage)  # validates the request before the response starts
 
             def chunks() -> Iterator[dict[str, Any]]:
                 last = None
                 for i in range(count):
-                    for chunk in first if i == 0 else one(i, criteria, True, include_usage):
+                    for chunk in first if i == 0 else one(llm, i, criteria, True, include_usage):
                         if not chunk["choices"]:  # one choice's usage: added to the total
                             add(total, i, chunk["usage"])
                             last = chunk
@@ -373,7 +452,7 @@ def _choices(one: Callable[[int, Any, bool, bool], Any], count: int, n: int, str
             return chunks()
         results = []
         for i in range(count):
-            result = one(i, criteria, False, False)
+            result = one(llm, i, criteria, False, False)
             result["choices"][0]["index"] = i
             add(total, i, result["usage"])
             results.append(result)
@@ -384,9 +463,37 @@ def _choices(one: Callable[[int, Any, bool, bool], Any], count: int, n: int, str
 
 
 def serve(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          api_key: str | None = None, aliases: tuple[str, ...] = (), log_level: str = "info") -> None:
-    """Serves `llama` until interrupted (127.0.0.1 by default: pass host="0.0.0.0" to expose it)."""
+          api_key: str | None = None, aliases: tuple[str, ...] = (), log_level: str = "info", parallel: int = 1,
+          kv_budget_mib: float | None = None, queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT,
+          prefill_chunk: int = 32) -> None:
+    """Serves `llama` until interrupted (127.0.0.1 by default: pass host="0.0.0.0" to expose it).
+
+    parallel > 1: a Batch of that many slots (requests at once), each of llama's n_ctx positions,
+    or of kv_budget_mib MiB of KV cache shared out between them."""
     import uvicorn
 
-    uvicorn.run(create_app(llama, model_name=model_name, api_key=api_key, aliases=aliases), host=host, port=port,
-                log_level=log_level)
+    batch = None
+    if parallel > 1:
+        n_ctx = batch_n_ctx(llama, parallel, kv_budget_mib)
+        batch = Batch(llama, parallel, n_ctx=n_ctx, prefill_chunk=prefill_chunk)
+    app = create_app(llama, model_name=model_name, api_key=api_key, aliases=aliases, batch=batch,
+                     queue_size=queue_size, queue_timeout=queue_timeout)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        if batch:
+            batch.close()
+
+
+def batch_n_ctx(llama: Llama, parallel: int, kv_budget_mib: float | None) -> int:
+    """Positions per slot: llama's n_ctx, or what kv_budget_mib MiB of KV cache give each of the
+    parallel slots (ValueError when that is less than 64)."""
+    from .batch import kv_bytes_per_position
+
+    if kv_budget_mib is None:
+        return llama.n_ctx()
+    per_slot = int(kv_budget_mib * (1 << 20)) // (parallel * kv_bytes_per_position(llama))
+    if per_slot < 64:
+        raise ValueError(f"a KV budget of {kv_budget_mib:g} MiB gives each of {parallel} slots {per_slot} positions; "
+                         "at least 64 are needed")
+    return min(per_slot, llama.n_ctx())

@@ -45,6 +45,20 @@ Buf CpuBackend::alloc(size_t bytes) {
 }
 
 void CpuBackend::upload(Buf dst, const void* src, size_t bytes) { std::memcpy(ptr(dst), src, bytes); }
+
+void CpuBackend::begin(Buf pass) {
+  const UpgPass* p = ptr<const UpgPass>(pass);
+  const UpgSeq* q = reinterpret_cast<const UpgSeq*>(reinterpret_cast<const UpgToken*>(p + 1) + std::max(0, p->n_tokens));
+  // The sequences must tile the pass's tokens: every op below trusts them.
+  bool ok = p->n_tokens >= 1 && p->n_seqs >= 1 && p->n_seqs <= p->n_tokens && p->n_decode >= 0 && p->n_decode <= p->n_tokens;
+  for (int32_t s = 0, next = 0; ok && s < p->n_seqs; next += q[s].n_tokens, ++s)
+    ok = q[s].first == next && q[s].n_tokens >= 1 && q[s].n_past >= 0 && q[s].kv_base >= 0 &&
+         (s + 1 < p->n_seqs || next + q[s].n_tokens == p->n_tokens);
+  if (!ok) throw std::invalid_argument("cpu backend: the pass's sequences do not tile its tokens");
+  pass_ = p;
+  seqs_ = q;
+  ++pass_count_;
+}
 void CpuBackend::download(void* dst, Buf src, size_t bytes) { std::memcpy(dst, ptr(src), bytes); }
 
 WeightView CpuBackend::view(const Matrix& m) const {
@@ -93,32 +107,51 @@ ActQ8 CpuBackend::quantize_act(const float* x, int64_t n, int64_t cols, int bloc
   return ActQ8{block, xq_.data(), xq_d_.data(), xq_sum_.data()};
 }
 
-void CpuBackend::linear(const Matrix& m, Buf xb, int n, Buf yb) {
+void CpuBackend::linear(const Matrix& m, Buf xb, int n, int n_dec, Buf yb) {
   const WeightView w = view(m);
   const float* x = ptr<const float>(xb);
   float* y = ptr<float>(yb);
+  if (n_dec < 0 || n_dec > n) throw std::invalid_argument("linear: n_decode outside the call's rows");
   const ActQ8 xq = is_quantized(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
-  pool_.parallel_for(w.rows, matmul_chunk_rows(w, n, pool_.size()), [&](int64_t r0, int64_t r1) {
-    if (n == 1) k_.matvec(w, x, xq, y, r0, r1);
-    else k_.matmul(w, x, xq, n, y, w.rows, r0, r1);
-  });
+  auto row_q = [&](int64_t t) {  // token t's row of the quantized input
+    if (!xq.q) return ActQ8{};
+    const int64_t nb = w.cols / w.block;
+    return ActQ8{xq.block, xq.q + t * w.cols, xq.d + t * nb, xq.sum + t * nb};
+  };
+  // Generated rows: the mat-vec of every token over each group of rows (read from memory once),
+  // in the summation order of a token alone.
+  if (n_dec > 0)
+    pool_.parallel_for(w.rows, matmul_chunk_rows(w, 1, pool_.size()), [&](int64_t r0, int64_t r1) {
+      if (n_dec == 1) k_.matvec(w, x, xq, y, r0, r1);
+      else k_.matvec_n(w, x, xq, n_dec, y, w.rows, r0, r1);
+    });
+  // Prompt rows: the mat-mat kernel, whose sums per row and token do not depend on the token count.
+  const int64_t np = n - n_dec;
+  if (np > 0)
+    pool_.parallel_for(w.rows, matmul_chunk_rows(w, std::max<int64_t>(np, 2), pool_.size()), [&](int64_t r0, int64_t r1) {
+      k_.matmul(w, x + n_dec * w.cols, row_q(n_dec), np, y + n_dec * w.rows, w.rows, r0, r1);
+    });
 }
 
 void CpuBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& a) {
   const int half = a.rot_dims / 2;
-  const int64_t pos0 = pass_->n_past, n = a.n_tokens;
+  const int64_t n = a.n_tokens;
   const float* freq = ptr<const float>(inv_freq);
   // cos and sin of this pass's positions, computed once for all layers (in double, as before).
-  if (pos0 != rope_pos0_ || n != rope_n_ || freq != rope_freq_) {
+  if (rope_pass_ != pass_count_ || freq != rope_freq_) {
     cos_.resize(size_t(n * half));
     sin_.resize(size_t(n * half));
-    for (int64_t t = 0; t < n; ++t)
-      for (int i = 0; i < half; ++i) {
-        const float angle = float(pos0 + t) * freq[i];
-        cos_[size_t(t * half + i)] = float(std::cos(double(angle))) * a.attn_factor;
-        sin_[size_t(t * half + i)] = float(std::sin(double(angle))) * a.attn_factor;
-      }
-    rope_pos0_ = pos0, rope_n_ = n, rope_freq_ = freq;
+    for (int32_t s = 0; s < pass_->n_seqs; ++s) {
+      const UpgSeq& q = seqs_[s];
+      const float* f = freq + q.rope_set * half;
+      for (int64_t t = q.first; t < q.first + q.n_tokens; ++t)
+        for (int i = 0; i < half; ++i) {
+          const float angle = float(q.n_past + t - q.first) * f[i];
+          cos_[size_t(t * half + i)] = float(std::cos(double(angle))) * a.attn_factor;
+          sin_[size_t(t * half + i)] = float(std::sin(double(angle))) * a.attn_factor;
+        }
+    }
+    rope_pass_ = pass_count_, rope_freq_ = freq;
   }
   for (int64_t t = 0; t < n; ++t) {
     float* row = ptr<float>(qkv) + t * a.token_stride;
@@ -128,55 +161,76 @@ void CpuBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& a) {
 
 void CpuBackend::kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& a) {
   const int hd = a.head_dim;
-  const int64_t n_past = pass_->n_past;
-  for (int64_t t = 0; t < a.n_tokens; ++t) {
-    const float* row = ptr<const float>(qkv) + t * a.q_stride;
-    for (int g = 0; g < a.n_kv_heads; ++g) {
-      const float* kr = row + (a.n_heads + g) * hd;
-      const float* vr = row + (a.n_heads + a.n_kv_heads + g) * hd;
-      const size_t at = (size_t(g) * a.kv_stride + size_t(n_past + t)) * hd;
-      if (f16) {
-        k_.to_f16(kr, ptr<uint16_t>(k_cache) + at, hd);
-        k_.to_f16(vr, ptr<uint16_t>(v_cache) + at, hd);
-      } else {
-        std::copy(kr, kr + hd, ptr<float>(k_cache) + at);
-        std::copy(vr, vr + hd, ptr<float>(v_cache) + at);
+  for (int32_t s = 0; s < pass_->n_seqs; ++s) {
+    const UpgSeq& q = seqs_[s];
+    if (int64_t(q.kv_base) + q.n_past + q.n_tokens > a.kv_stride) throw std::invalid_argument("kv_store: past the cache");
+    for (int64_t i = 0; i < q.n_tokens; ++i) {
+      const float* row = ptr<const float>(qkv) + (q.first + i) * a.q_stride;
+      for (int g = 0; g < a.n_kv_heads; ++g) {
+        const float* kr = row + (a.n_heads + g) * hd;
+        const float* vr = row + (a.n_heads + a.n_kv_heads + g) * hd;
+        const size_t at = (size_t(g) * a.kv_stride + size_t(q.kv_base + q.n_past + i)) * hd;
+        if (f16) {
+          k_.to_f16(kr, ptr<uint16_t>(k_cache) + at, hd);
+          k_.to_f16(vr, ptr<uint16_t>(v_cache) + at, hd);
+        } else {
+          std::copy(kr, kr + hd, ptr<float>(k_cache) + at);
+          std::copy(vr, vr + hd, ptr<float>(v_cache) + at);
+        }
       }
     }
   }
 }
 
-// Causal grouped-query attention of this pass's tokens over the cache: every (token, head) pair
-// runs on some thread with its own score buffer.
+// Causal grouped-query attention of each sequence's tokens over its slot of the cache: the
+// generated tokens of every sequence together (decode), then each prompt's tokens (blocked).
 void CpuBackend::attention(Buf qkv_b, Buf k_cache, Buf v_cache, Buf out_b, bool f16, const UpgAttnArgs& a) {
-  const int64_t n_past = pass_->n_past, n = a.n_tokens;
   const float* qkv = ptr<const float>(qkv_b);
   float* out = ptr<float>(out_b);
-  if (n >= kBlockedAttentionMin) return attention_blocked(qkv, ptr(k_cache), ptr(v_cache), out, n_past, f16, a);
+  const size_t elem = f16 ? 2 : 4;
+  if (pass_->n_decode > 0) attention_decode(qkv, k_cache, v_cache, out, f16, a);
+  for (int32_t s = 0; s < pass_->n_seqs; ++s) {
+    const UpgSeq& q = seqs_[s];
+    if (q.first < pass_->n_decode) continue;
+    UpgAttnArgs one = a;
+    one.n_tokens = q.n_tokens;
+    const size_t base = size_t(q.kv_base) * a.head_dim * elem;
+    attention_blocked(qkv + int64_t(q.first) * a.q_stride, ptr(k_cache) + base, ptr(v_cache) + base,
+                      out + int64_t(q.first) * a.n_heads * a.head_dim, q.n_past, f16, one);
+  }
+}
 
+// Every (generated token, head) pair runs on some thread with its own score buffer.
+void CpuBackend::attention_decode(const float* qkv, Buf k_cache, Buf v_cache, float* out, bool f16, const UpgAttnArgs& a) {
   const int hd = a.head_dim, n_heads = a.n_heads, group = a.n_heads / a.n_kv_heads;
-  const int64_t keys = n_past + n;
+  const int64_t n = pass_->n_decode;
+  // the sequence of each generated token, and the longest key run
+  std::vector<int32_t> seq_of(static_cast<size_t>(n));
+  int64_t keys = 0;
+  for (int32_t s = 0; s < pass_->n_seqs && seqs_[s].first < n; ++s) {
+    const UpgSeq& q = seqs_[s];
+    for (int32_t i = 0; i < q.n_tokens; ++i) seq_of[size_t(q.first + i)] = s;
+    keys = std::max<int64_t>(keys, int64_t(q.n_past) + q.n_tokens);
+  }
   if (scores_.size() < size_t(pool_.size() * keys)) scores_.resize(size_t(pool_.size() * keys));
   const size_t elem = f16 ? 2 : 4;
-  auto k_rows = [&](size_t head, int64_t len) {  // keys [0, len) of one kv head, a dense matrix
-    WeightView kv;
-    kv.type = f16 ? DType::F16 : DType::F32;
-    kv.rows = len;
-    kv.cols = hd;
-    kv.codes = ptr(k_cache) + head * a.kv_stride * hd * elem;
-    return kv;
-  };
   pool_.run([&](int th, int nth) {
     int64_t w0, w1;
     split_range(n * n_heads, th, nth, 1, w0, w1);
     float* s = &scores_[size_t(th * keys)];
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t t = w / n_heads;
+      const UpgSeq& q = seqs_[seq_of[size_t(t)]];
       const int h = int(w % n_heads), g = h / group;
-      const float* q = qkv + t * a.q_stride + h * hd;
-      const int64_t len = n_past + t + 1;
-      const size_t base = size_t(g) * a.kv_stride * hd;
-      k_.matvec(k_rows(size_t(g), len), q, ActQ8{}, s, 0, len);  // scores: one call over the K rows
+      const float* qv = qkv + t * a.q_stride + h * hd;
+      const int64_t len = q.n_past + (t - q.first) + 1;
+      const size_t base = (size_t(g) * a.kv_stride + size_t(q.kv_base)) * hd;
+      WeightView kv;  // keys [0, len) of one kv head in this slot, a dense matrix
+      kv.type = f16 ? DType::F16 : DType::F32;
+      kv.rows = len;
+      kv.cols = hd;
+      kv.codes = ptr(k_cache) + base * elem;
+      k_.matvec(kv, qv, ActQ8{}, s, 0, len);  // scores: one call over the K rows
       float mx = -INFINITY;
       for (int64_t j = 0; j < len; ++j) mx = std::max(mx, s[j] *= a.scale);
       const float inv = 1.0f / k_.exp_shift_sum(s, len, mx);

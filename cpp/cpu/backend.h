@@ -17,15 +17,16 @@ class CpuBackend : public Backend {
   explicit CpuBackend(int n_threads);  // 0: all cores
 
   const char* name() const override { return "cpu"; }
+  int max_seqs() const override { return 1 << 20; }
   Buf weights(const void* data, size_t bytes) override;
   Buf alloc(size_t bytes) override;
   void upload(Buf dst, const void* src, size_t bytes) override;
   void download(void* dst, Buf src, size_t bytes) override;
-  void begin(Buf pass) override { pass_ = ptr<const UpgPass>(pass); }
+  void begin(Buf pass) override;
 
   void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) override;
   void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) override;
-  void linear(const Matrix& w, Buf x, int n_tokens, Buf y) override;
+  void linear(const Matrix& w, Buf x, int n_tokens, int n_decode, Buf y) override;
   void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) override;
   void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) override;
   void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) override;
@@ -39,12 +40,16 @@ class CpuBackend : public Backend {
   T* ptr(Buf b) const { return reinterpret_cast<T*>(base_[size_t(b.id)] + b.offset); }
   WeightView view(const Matrix& w) const;
   ActQ8 quantize_act(const float* x, int64_t n, int64_t cols, int block);
-  // Passes of at least this many tokens run attention as matrix products.
-  static constexpr int64_t kBlockedAttentionMin = 16;
+  // Generated tokens run attention as one mat-vec over the keys and one axpy over the values per
+  // head (decode); prompt tokens as matrix products over their sequence's keys (blocked), however
+  // few they are, so that a token's result never depends on how its prompt was cut into passes.
+  void attention_decode(const float* qkv, Buf k_cache, Buf v_cache, float* out, bool f16, const UpgAttnArgs& a);
   void attention_blocked(const float* qkv, const uint8_t* k, const uint8_t* v, float* out, int64_t n_past,
                          bool f16, const UpgAttnArgs& a);
 
   const UpgPass* pass_ = nullptr;  // of the pass begun
+  const UpgSeq* seqs_ = nullptr;   // its sequences
+  uint64_t pass_count_ = 0;        // passes begun (keys the RoPE tables)
   const Kernels& k_;
   ThreadPool pool_;
   std::vector<uint8_t*> base_;                      // by buffer id
@@ -52,7 +57,7 @@ class CpuBackend : public Backend {
 
   // Scratch, grown on demand.
   std::vector<float> cos_, sin_;     // [n_tokens][rot_dims / 2] of the last rope pass
-  int64_t rope_pos0_ = -1, rope_n_ = 0;
+  uint64_t rope_pass_ = 0;           // the pass they are of
   const float* rope_freq_ = nullptr;
   std::vector<float> scores_;        // [n_threads][positions] decode attention scores
   struct AttentionScratch {          // per thread, for attention_blocked

@@ -129,7 +129,7 @@ void CudaBackend::rms_norm(Buf x, Buf weight_buf, Buf out, int n_tokens, int n, 
          n_tokens, pass);
 }
 
-void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, Buf y) {
+void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, int /*n_decode*/, Buf y) {
   const Weight w = weight(m, n_tokens);
   const float* xp = ptr<const float>(x);
   float* yp = ptr<float>(y);

@@ -40,7 +40,7 @@ class CudaBackend : public Backend {
 
   void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) override;
   void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) override;
-  void linear(const Matrix& w, Buf x, int n_tokens, Buf y) override;
+  void linear(const Matrix& w, Buf x, int n_tokens, int n_decode, Buf y) override;
   void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) override;
   void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) override;
   void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) override;

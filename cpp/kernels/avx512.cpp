@@ -16,6 +16,7 @@ struct V512 {
   // 50 GB/s against 43 with 4 rows; the integer path has little to share between rows).
   static constexpr int kMatvecRowsI8 = 1;
   static constexpr int kMatvecRowsI8Short = 4;  // short rows (kShortRowBytes) at a time
+  static constexpr int kMatvecTokens = 4;  // generated tokens per pass over a group of rows (matvec_n)
   static constexpr int kMR = 3, kNT = 8;  // dense matmul register tile: 3 row vectors x 8 tokens (of 2x12, 2x14, 3x8, 4x6)
   using reg = __m512;
   using ireg = __m512i;

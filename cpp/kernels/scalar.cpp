@@ -146,7 +146,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 }  // namespace
 
-extern const Kernels kScalarKernels = {"scalar", matvec,   matmul,   quantize_act,  dequant_row,
+// The reference has one way to sum a row: matmul computes each token as matvec does.
+extern const Kernels kScalarKernels = {"scalar", matvec,   matmul,   matmul,   quantize_act,  dequant_row,
                                        axpy_rows_f32, axpy_rows_f16, to_f16,
                                        exp_shift_sum, silu_mul};
 

@@ -229,33 +229,38 @@ inline void row_sums(const typename V::reg* v, float* out) {
   }
 }
 
-// out[i] = dot(row r + i, x) for R rows: per vector of codes one integer dot product, shared
-// activation loads across the R rows, one float scale step per vector. Each row keeps U
-// accumulators that consecutive vectors take in turn, so that no vector waits for the previous
-// one's FMA (with one, a row was bound by FMA latency: 4 cycles per vector, q3 in cache at 20 GB/s).
-// U depends on the path and the row length only, not on R: a row sums in the same order whichever
-// rows share its call, so results do not depend on how rows are split between threads. zs: -zero point x sum of
-// activation codes of every block (row-independent, computed once per call of matvec).
-template <class V, DType T, int B, int R, int U>
-inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, int64_t r, float* out) {
+// out[j][i] = dot(row r + i, token j's x) for R rows and NT tokens: per vector of codes one integer
+// dot product per token, the codes decoded once for the NT tokens, activation loads shared across
+// the R rows, one float scale step per vector and token. Each (row, token) keeps U accumulators
+// that consecutive vectors take in turn, so that no vector waits for the previous one's FMA (with
+// one, a row was bound by FMA latency: 4 cycles per vector, q3 in cache at 20 GB/s). U depends on
+// the path and the row length only, not on R or NT, and every token's accumulators see the same
+// operations in the same order as the token alone: a row sums in the same order whichever rows
+// and tokens share its call, so results do not depend on how rows are split between threads or
+// how many generated tokens a pass holds. zs[j]: -zero point x sum of activation codes of every
+// block of token j (row-independent, computed once per call of matvec).
+template <class V, DType T, int B, int R, int U, int NT = 1>
+inline void rows_dot_i8(const WeightView& w, const ActQ8* a, const int32_t* const* zs, int64_t r, float* const* out) {
   using S = I8Shape<V, T, B>;
   constexpr int P = S::P, C = S::C, E = S::E;
   const int64_t nb = w.cols / B, nbv = nb / P * P;  // blocks in whole vectors
   const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
-  typename V::reg acc[R][U];
-  float tail[R];
-  for (int i = 0; i < R; ++i) {
-    for (int u = 0; u < U; ++u) acc[i][u] = V::zero();
-    tail[i] = 0.0f;
-  }
-  alignas(64) float sd[R][kScaleGroup];  // weight scale x activation scale, per block
+  typename V::reg acc[NT][R][U];
+  float tail[NT][R];
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < R; ++i) {
+      for (int u = 0; u < U; ++u) acc[j][i][u] = V::zero();
+      tail[j][i] = 0.0f;
+    }
+  alignas(64) float sd[NT][R][kScaleGroup];  // weight scale x activation scale, per block
   for (int64_t b0 = 0; b0 < nb; b0 += kScaleGroup) {
     const int n = int(min64(kScaleGroup, nb - b0));
     // the scales are a stream of their own, an eighth to a sixteenth of the codes' bytes
     prefetch(w.scales + r * nb + b0, pf / (S::kCodeBytes / 2));
     // Whole vectors (a scalar loop here cost short rows more than their dot products did: SmolLM2's
     // 576-wide q4 rows ran at 13 GB/s in cache).
-    for (int i = 0; i < R; ++i) V::scaled_halves(w.scales + (r + i) * nb + b0, a.d + b0, n, sd[i]);
+    for (int j = 0; j < NT; ++j)
+      for (int i = 0; i < R; ++i) V::scaled_halves(w.scales + (r + i) * nb + b0, a[j].d + b0, n, sd[j][i]);
     int64_t bq = b0;  // blocks [b0, bq) went through the quad loop
     if constexpr (T == DType::Q4 && B == 32 && V::kQ4Quad) {
       // Four blocks at a time (V::q4_quad_codes): 1 load and 3 bit operations for 128 codes where
@@ -266,17 +271,22 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
         for (int u = 0; u < U; ++u) {
           const int64_t b = bu + u * 4;
           if (U > 1 && b >= qend) break;
-          const auto init = V::template acc_init<4>(zs + b);
-          typename V::ireg alo, ahi;
-          V::q4_quad_act(a.q + b * B, alo, ahi);
+          typename V::ireg init[NT], alo[NT], ahi[NT];
+          for (int j = 0; j < NT; ++j) {
+            init[j] = V::template acc_init<4>(zs[j] + b);
+            V::q4_quad_act(a[j].q + b * B, alo[j], ahi[j]);
+          }
 #pragma GCC unroll 4
           for (int i = 0; i < R; ++i) {
             const int64_t g = (r + i) * nb + b;
             prefetch(w.codes + g * S::kCodeBytes, pf);
             typename V::ireg lo, hi;
             V::q4_quad_codes(w.codes + g * S::kCodeBytes, lo, hi);
-            const auto s = V::template dpbusd<T>(V::template dpbusd<T>(init, lo, alo), hi, ahi);
-            acc[i][u] = V::fma(V::cvt(s), V::template block_scales<4>(sd[i] + (b - b0)), acc[i][u]);
+#pragma GCC unroll 8
+            for (int j = 0; j < NT; ++j) {
+              const auto s = V::template dpbusd<T>(V::template dpbusd<T>(init[j], lo, alo[j]), hi, ahi[j]);
+              acc[j][i][u] = V::fma(V::cvt(s), V::template block_scales<4>(sd[j][i] + (b - b0)), acc[j][i][u]);
+            }
           }
         }
       bq = qend;
@@ -287,30 +297,51 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
       for (int u = 0; u < U; ++u) {  // vector u of this turn into accumulator u
         const int64_t b = bu + u * P;
         if (U > 1 && b >= bend) break;
-        typename V::ireg init = V::izero();
-        if constexpr (S::kZero != 0) init = V::template acc_init<P>(zs + b);
-        typename V::ireg av[C];
-        for (int c = 0; c < C; ++c) av[c] = V::load_i(a.q + b * B + c * E);
+        typename V::ireg init[NT], av[NT][C];
+        for (int j = 0; j < NT; ++j) {
+          init[j] = V::izero();
+          if constexpr (S::kZero != 0) init[j] = V::template acc_init<P>(zs[j] + b);
+          for (int c = 0; c < C; ++c) av[j][c] = V::load_i(a[j].q + b * B + c * E);
+        }
 #pragma GCC unroll 4
         for (int i = 0; i < R; ++i) {
           const int64_t g = (r + i) * nb + b;
           prefetch(w.codes + g * S::kCodeBytes, pf);
           if constexpr (T == DType::Q3) prefetch(w.high + g * (B / 8), pf / 2);
-          auto s = init;
-          for (int c = 0; c < C; ++c) s = V::template dpbusd<T>(s, dot_codes<V, T, B>(w, g, c), av[c]);
-          acc[i][u] = V::fma(V::cvt(s), V::template block_scales<P>(sd[i] + (b - b0)), acc[i][u]);
+          typename V::ireg codes[C];
+          for (int c = 0; c < C; ++c) codes[c] = dot_codes<V, T, B>(w, g, c);
+#pragma GCC unroll 8
+          for (int j = 0; j < NT; ++j) {
+            auto s = init[j];
+            for (int c = 0; c < C; ++c) s = V::template dpbusd<T>(s, codes[c], av[j][c]);
+            acc[j][i][u] = V::fma(V::cvt(s), V::template block_scales<P>(sd[j][i] + (b - b0)), acc[j][i][u]);
+          }
         }
       }
     for (int64_t b = bend; b < b0 + n; ++b)  // a last block that fills half a vector
-      for (int i = 0; i < R; ++i) tail[i] += sd[i][b - b0] * float(block_dot_i8<T, B>(w, (r + i) * nb + b, a.q + b * B));
+      for (int j = 0; j < NT; ++j)
+        for (int i = 0; i < R; ++i)
+          tail[j][i] += sd[j][i][b - b0] * float(block_dot_i8<T, B>(w, (r + i) * nb + b, a[j].q + b * B));
   }
-  typename V::reg sum[R];
-  for (int i = 0; i < R; ++i) {
-    sum[i] = acc[i][0];
-    for (int u = 1; u < U; ++u) sum[i] = V::add(sum[i], acc[i][u]);
+  for (int j = 0; j < NT; ++j) {
+    typename V::reg sum[R];
+    for (int i = 0; i < R; ++i) {
+      sum[i] = acc[j][i][0];
+      for (int u = 1; u < U; ++u) sum[i] = V::add(sum[i], acc[j][i][u]);
+    }
+    row_sums<V, R>(sum, out[j]);
+    for (int i = 0; i < R; ++i) out[j][i] += tail[j][i];
   }
-  row_sums<V, R>(sum, out);
-  for (int i = 0; i < R; ++i) out[i] += tail[i];
+}
+
+// rows_dot_i8 for nt <= NT tokens (the tokens left over after groups of NT).
+template <class V, DType T, int B, int R, int U, int NT>
+inline void rows_dot_i8_n(int nt, const WeightView& w, const ActQ8* a, const int32_t* const* zs, int64_t r,
+                          float* const* out) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return rows_dot_i8_n<V, T, B, R, U, NT - 1>(nt, w, a, zs, r, out);
+  }
+  rows_dot_i8<V, T, B, R, U, NT>(w, a, zs, r, out);
 }
 
 // Matmul tile for a group of W rows: the codes of columns [k0, k0 + kbn * B) in dot form, laid
@@ -501,38 +532,72 @@ inline void rows_dot_dense(const WeightView& w, const float* x, int64_t r, float
   }
 }
 
+// Decode of n tokens: every token's row sums as matvec gives them for it alone (rows_dot_i8: the
+// same operations per token); each group of rows is read from memory once for all n tokens,
+// V::kMatvecTokens tokens per pass over it (more from cache).
 template <class V>
-void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1) {
+void matvec_n(const WeightView& w, const float* x, const ActQ8& xq, int64_t n_tok, float* y, int64_t ldy,
+              int64_t r0, int64_t r1) {
   visit_type(w, [&](auto t, auto b) {
     constexpr DType T = decltype(t)::value;
     constexpr int B = decltype(b)::value;
-    int64_t r = r0;
     if constexpr (kActQ8<T>) {
       const int64_t nb = w.cols / B;
       static thread_local std::vector<int32_t> zs;
-      zs.resize(size_t(nb));
-      for (int64_t b = 0; b < nb; ++b) zs[b] = -I8Shape<V, T, B>::kZero * xq.sum[b];
+      zs.resize(size_t(n_tok * nb));
+      for (int64_t i = 0; i < n_tok * nb; ++i) zs[size_t(i)] = -I8Shape<V, T, B>::kZero * xq.sum[i];
+      constexpr int NT = V::kMatvecTokens;
       // Short rows (SmolLM2's) go kMatvecRowsI8Short at a time: consecutive rows are one stretch of
       // memory then, and the rows share the activation loads and the per-call work.
       // Accumulators per row: enough independent FMA chains in the rows of one call (4 / rows), a
       // function of the shape only, so the tail rows of a chunk sum as the grouped ones do.
       constexpr int R = V::kMatvecRowsI8, RS = V::kMatvecRowsI8Short;
       constexpr int U = R >= 4 ? 1 : 4 / R, US = RS >= 4 ? 1 : 4 / RS;
-      if (nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes) {
-        for (; r + RS <= r1; r += RS) rows_dot_i8<V, T, B, RS, US>(w, xq, zs.data(), r, y + r);
-        for (; r < r1; ++r) rows_dot_i8<V, T, B, 1, US>(w, xq, zs.data(), r, y + r);
-      } else {
-        for (; r + R <= r1; r += R) rows_dot_i8<V, T, B, R, U>(w, xq, zs.data(), r, y + r);
-        for (; r < r1; ++r) rows_dot_i8<V, T, B, 1, U>(w, xq, zs.data(), r, y + r);
+      const bool short_rows = nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes;
+      const int rg = short_rows ? RS : R;
+      for (int64_t r = r0; r < r1;) {
+        const bool whole = r + rg <= r1;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += NT) {
+          const int nt = int(min64(NT, n_tok - t0));
+          ActQ8 a[NT];
+          const int32_t* z[NT];
+          float* o[NT];
+          for (int j = 0; j < nt; ++j) {
+            const int64_t tk = t0 + j;
+            a[j] = ActQ8{xq.block, xq.q + tk * w.cols, xq.d + tk * nb, xq.sum + tk * nb};
+            z[j] = zs.data() + tk * nb;
+            o[j] = y + tk * ldy + r;
+          }
+          if (short_rows) {
+            if (whole) rows_dot_i8_n<V, T, B, RS, US, NT>(nt, w, a, z, r, o);
+            else rows_dot_i8_n<V, T, B, 1, US, NT>(nt, w, a, z, r, o);
+          } else {
+            if (whole) rows_dot_i8_n<V, T, B, R, U, NT>(nt, w, a, z, r, o);
+            else rows_dot_i8_n<V, T, B, 1, U, NT>(nt, w, a, z, r, o);
+          }
+        }
+        r += whole ? rg : 1;
       }
     } else {
       constexpr int R = V::kMatvecRows;
-      for (; r + R <= r1; r += R) rows_dot_dense<V, T, R>(w, x, r, y + r);
-      for (; r < r1; ++r) rows_dot_dense<V, T, 1>(w, x, r, y + r);
+      for (int64_t r = r0; r < r1;) {
+        const bool whole = r + R <= r1;
+        for (int64_t tk = 0; tk < n_tok; ++tk) {
+          if (whole) rows_dot_dense<V, T, R>(w, x + tk * w.cols, r, y + tk * ldy + r);
+          else rows_dot_dense<V, T, 1>(w, x + tk * w.cols, r, y + tk * ldy + r);
+        }
+        r += whole ? R : 1;
+      }
     }
   });
   if (w.o_rowptr)
-    for (int64_t r = r0; r < r1; ++r) y[r] += outlier_dot(w, r, x);
+    for (int64_t tk = 0; tk < n_tok; ++tk)
+      for (int64_t r = r0; r < r1; ++r) y[tk * ldy + r] += outlier_dot(w, r, x + tk * w.cols);
+}
+
+template <class V>
+void matvec(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1) {
+  matvec_n<V>(w, x, xq, 1, y, 0, r0, r1);
 }
 
 // ---- decode to f32 (matmul tiles, embedding rows) ----
@@ -762,7 +827,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 template <class V>
 constexpr Kernels make_kernels(const char* name) {
-  return {name,          matvec<V>,        matmul<V>,         quantize_act<V>, dequant_row<V>,
+  return {name,          matvec<V>,        matvec_n<V>,       matmul<V>,         quantize_act<V>, dequant_row<V>,
           axpy_rows<V, float>, axpy_rows<V, uint16_t>, to_f16<V>, exp_shift_sum<V>, silu_mul<V>};
 }
 

@@ -62,18 +62,23 @@ Launch matrix_launch(const std::string& name, const Matrix& w, Buf x, Buf y, int
 void MetalBackend::upload(Buf dst, const void* src, size_t bytes) { std::memcpy(gpu_->contents(dst), src, bytes); }
 void MetalBackend::download(void* dst, Buf src, size_t bytes) { std::memcpy(dst, gpu_->contents(src), bytes); }
 
-void MetalBackend::linear(const Matrix& w, Buf x, int n_tokens, Buf y) {
-  if (n_tokens == 1) {
-    Launch l = matrix_launch("kernel_matvec_", w, x, y, 1, int(w.rows));
+// Generated rows by the mat-vec kernel, one launch per token; prompt rows by the mat-mat kernel,
+// however few: each row's sums never depend on how many tokens the call holds (batch invariance;
+// a mat-vec kernel of several tokens would read the weights once for all of them).
+void MetalBackend::linear(const Matrix& w, Buf x, int n_tokens, int n_decode, Buf y) {
+  const uint64_t x_row = 4 * uint64_t(w.cols), y_row = 4 * uint64_t(w.rows);
+  for (int t = 0; t < n_decode; ++t) {
+    Launch l = matrix_launch("kernel_matvec_", w, x.at(t * x_row), y.at(t * y_row), 1, int(w.rows));
     l.groups = {ceil_div(w.rows, UPG_MV_SG * UPG_MV_ROWS), 1, 1};
     l.threads = UPG_MV_SG * UPG_SIMD_WIDTH;
     gpu_->dispatch(l);
-    return;
   }
-  Launch l = matrix_launch("kernel_matmul_", w, x, y, n_tokens, int(w.rows));
+  const int n = n_tokens - n_decode;
+  if (n <= 0) return;
+  Launch l = matrix_launch("kernel_matmul_", w, x.at(n_decode * x_row), y.at(n_decode * y_row), n, int(w.rows));
   l.tgmem = {round16(4 * UPG_MM_TK * UPG_MM_TM), round16(4 * UPG_MM_TN * UPG_MM_TK),
              round16(4 * UPG_MM_TN * UPG_MM_TM)};
-  l.groups = {ceil_div(w.rows, UPG_MM_TM), ceil_div(n_tokens, UPG_MM_TN), 1};
+  l.groups = {ceil_div(w.rows, UPG_MM_TM), ceil_div(n, UPG_MM_TN), 1};
   l.threads = UPG_MM_SG * UPG_SIMD_WIDTH;
   gpu_->dispatch(l);
 }

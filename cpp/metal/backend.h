@@ -48,6 +48,7 @@ class MetalBackend : public Backend {
   explicit MetalBackend(std::shared_ptr<Gpu> gpu) : gpu_(std::move(gpu)) {}
 
   const char* name() const override { return "metal"; }
+  int max_seqs() const override { return 1 << 20; }  // the kernels read each token's UpgToken
   Buf weights(const void* data, size_t bytes) override { return gpu_->wrap(data, bytes); }
   Buf alloc(size_t bytes) override { return gpu_->alloc(bytes); }
   void upload(Buf dst, const void* src, size_t bytes) override;
@@ -61,7 +62,7 @@ class MetalBackend : public Backend {
   void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) override;
   void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) override;
   // f32 activations for every type: mat-vec kernels for one token, mat-mat ones for more.
-  void linear(const Matrix& w, Buf x, int n_tokens, Buf y) override;
+  void linear(const Matrix& w, Buf x, int n_tokens, int n_decode, Buf y) override;
   void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) override;
   void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) override;
   void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) override;

@@ -36,6 +36,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;  // "cpu", "metal"
+  // Sequences one pass may hold (UpgPass::n_seqs): the CPU takes any number, Metal and CUDA 1.
+  virtual int max_seqs() const { return 1; }
 
   // ---- memory ----
   // The model's weights, [data, data + bytes) of the mapped file (16 KiB aligned and sized):
@@ -47,39 +49,47 @@ class Backend {
   virtual void download(void* dst, Buf src, size_t bytes) = 0;
 
   // A pass: the ops between begin() and end() run in order, and those that depend on the
-  // position read it from `pass` (an UpgPass the host uploaded before begin, or the previous
-  // pass's next_token left), so the same calls serve every position. end() may return before the
-  // pass has run (a GPU queues it); upload() and download() are ordered after every pass ended
-  // before them and return when their bytes have moved. They are called outside a pass.
+  // position read it from `pass` (an UpgPass and its UpgToken and UpgSeq entries, uploaded before
+  // begin, or what the previous pass's next_token left), so the same calls serve every position.
+  // end() may return before the pass has run (a GPU queues it); upload() and download() are
+  // ordered after every pass ended before them and return when their bytes have moved. They are
+  // called outside a pass.
   virtual void begin(Buf pass) = 0;
   virtual void end() {}
 
   // ---- ops, in the order the graph calls them; every float buffer is row-major by token ----
-  // An op's n_tokens is the pass's token count (UpgPass), except linear's, which may also be 1
-  // (the last token's logits).
+  // An op's n_tokens is the pass's token count (UpgPass), except linear's, which may also be a run
+  // of the pass's rows (the rows whose logits are asked for). The position-dependent ops (rope,
+  // kv_store, attention) take each token's sequence, slot and position from the pass's UpgSeq
+  // entries.
   // out[t] = row ids[t] of w (embedding lookup, outliers included); ids: int32 [n_tokens].
   virtual void get_rows(const Matrix& w, Buf ids, int n_tokens, Buf out) = 0;
   // out[t] = x[t] / rms(x[t]) * weight, rows of n floats.
   virtual void rms_norm(Buf x, Buf weight, Buf out, int n_tokens, int n, float eps) = 0;
   // y[t][r] = sum_k W[r][k] x[t][k], y rows of w.rows floats. The backend chooses the kernels
-  // (mat-vec for one token, mat-mat for more) and the activation rounding.
-  virtual void linear(const Matrix& w, Buf x, int n_tokens, Buf y) = 0;
-  // RoPE in place over the query and key heads at positions n_past.. (upg_common.h
-  // UpgRopeArgs); inv_freq: f32 [rot_dims / 2].
+  // and the activation rounding. Rows [0, n_decode) are generated tokens: a backend that keeps
+  // results batch-invariant computes each kind of row by the same kernels whatever the call's
+  // token count (the CPU: mat-vec for generated rows, mat-mat for prompt rows); one that does not
+  // may ignore it (Metal and CUDA choose by n_tokens).
+  virtual void linear(const Matrix& w, Buf x, int n_tokens, int n_decode, Buf y) = 0;
+  // RoPE in place over the query and key heads at each token's position (upg_common.h
+  // UpgRopeArgs); inv_freq: f32 [rot_dims / 2], then the long set for UpgSeq::rope_set 1.
   virtual void rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& args) = 0;
-  // Appends the pass's K and V heads (rows of qkv) to one layer's cache at positions n_past..
+  // Stores the pass's K and V heads (rows of qkv) in one layer's cache at each token's position.
   virtual void kv_store(Buf qkv, Buf k_cache, Buf v_cache, bool f16, const UpgAttnArgs& args) = 0;
-  // Causal grouped-query attention of the pass's queries over one layer's cache: out [n_tokens]
-  // [n_heads * head_dim]. The backend chooses its decode and prefill paths.
+  // Causal grouped-query attention of each token's query over its sequence's slot of one layer's
+  // cache: out [n_tokens][n_heads * head_dim]. The backend chooses its decode and prefill paths
+  // (the CPU: by the kind of token, UpgPass::n_decode, never by how many tokens the pass holds).
   virtual void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) = 0;
   // out[t][i] = silu(gate_up[t][i]) * gate_up[t][n + i]: rows of 2n floats in, n out.
   virtual void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) = 0;
   virtual void add(Buf x, Buf y, int n) = 0;  // x += y over n floats
   // out: int32 index of the largest of n floats (the first one on ties).
   virtual void argmax(Buf x, int n, Buf out) = 0;
-  // Greedy decoding's step, after argmax wrote the pass's token into tokens[0]: out[n_past] =
-  // tokens[0] (out: int32 by the position it follows), then the pass moves on to that token (n_past += n_tokens,
-  // n_tokens = 1), so the next pass runs on the device's own state with nothing uploaded.
+  // Greedy decoding's step in a pass of one generated token of one sequence, after argmax wrote the
+  // pass's token into tokens[0]: out[n_past] = tokens[0] (out: int32 by the position it follows),
+  // then the pass moves on to that token (UpgPass::n_past, its UpgToken's pos and its UpgSeq's
+  // n_past + 1), so the next pass runs on the device's own state with nothing uploaded.
   virtual void next_token(Buf pass, Buf tokens, Buf out) = 0;
 };
 

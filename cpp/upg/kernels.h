@@ -43,6 +43,11 @@ struct Kernels {
   // blocks of w.block, required when is_quantized(w.type), else unused.
   void (*matvec)(const WeightView& w, const float* x, const ActQ8& xq, float* y, int64_t r0, int64_t r1);
 
+  // Decode of n generated tokens: y[t * ldy + r] = sum_k W[r][k] * x[t * cols + k], each token's
+  // row with the bits matvec gives it alone (xq: n rows); each group of rows is read once for all.
+  void (*matvec_n)(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, float* y, int64_t ldy,
+                   int64_t r0, int64_t r1);
+
   // Prefill: y[t * ldy + r] = sum_k W[r][k] * x[t * cols + k] for t in [0, n), r in [r0, r1).
   // Blocked: each weight tile is decoded once per block of tokens, never once per token.
   void (*matmul)(const WeightView& w, const float* x, const ActQ8& xq, int64_t n, float* y,

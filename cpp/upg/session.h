@@ -12,6 +12,9 @@
 
 namespace upg {
 
+// Throws std::invalid_argument unless 1 <= n and every id is inside the model's vocabulary.
+void check_tokens(const Model& model, const int32_t* tokens, int64_t n);
+
 class Session {
  public:
   // n_batch: the most tokens one forward pass takes (longer evals are cut into such batches).
@@ -19,9 +22,12 @@ class Session {
           int n_batch = 512);
 
   // Appends n tokens at positions n_past.. and writes logits: all n rows into out[n][vocab] when
-  // all_logits, else only the last token's row into out[vocab]. Throws std::invalid_argument when
-  // the tokens do not fit the context or a token id is outside the vocabulary.
-  void eval(const int32_t* tokens, int64_t n, bool all_logits, float* out);
+  // all_logits, else only the last token's row into out[vocab]. generated: the tokens were sampled
+  // (decode arithmetic) rather than given (prompt arithmetic); each kind gives the same bits for a
+  // token whatever the eval's length (docs/ARCHITECTURE.md "Batch-invariant arithmetic"). Throws
+  // std::invalid_argument when the tokens do not fit the context or a token id is outside the
+  // vocabulary.
+  void eval(const int32_t* tokens, int64_t n, bool all_logits, float* out, bool generated);
   // As eval, but writes every token's hidden state after the final norm into out[n][hidden]
   // instead of logits (embeddings).
   void eval_hidden(const int32_t* tokens, int64_t n, float* out);
@@ -50,7 +56,8 @@ class Session {
   // Runs the tokens in batches of n_batch; download(batch's first token, its count, its output)
   // takes each batch's results. last: the output of the final batch; others: of the rest.
   template <typename Fn>
-  void run(const int32_t* tokens, int64_t n, Graph::Output last, Graph::Output others, Fn download);
+  void run(const int32_t* tokens, int64_t n, bool generated, Graph::Output last, Graph::Output others, bool all_rows,
+           Fn download);
   // Calls fn(K run, V run, bytes) for each (layer, kv head) run of positions [0, n) of the cache.
   template <typename Fn>
   void for_each_kv_run(int64_t n, Fn fn) const;

@@ -54,10 +54,38 @@ struct UpgNormArgs {
 };
 
 // The values that change from one pass to the next, read by the kernels from a small buffer (not
-// baked into launch arguments) so that one decode step can be recorded once and replayed.
+// baked into launch arguments) so that one decode step can be recorded once and replayed. The
+// buffer holds this header, then one UpgToken per token of the pass, then n_seqs UpgSeq entries:
+// a pass evaluates tokens of one or more sequences, each in its own region (slot) of the KV cache.
+// Sequence 0's n_past is repeated in the header for kernels that take one sequence (CUDA today).
 struct UpgPass {
-  int32_t n_past;         // position of the pass's first token (tokens already in the KV cache)
+  int32_t n_past;         // position of sequence 0's first token (tokens already in its KV region)
   int32_t n_tokens;       // tokens in this pass
+  int32_t n_seqs;         // UpgSeq entries after the tokens' entries
+  int32_t n_decode;       // tokens [0, n_decode) are generated tokens, the rest prompt tokens: a backend
+                          // may compute the two kinds by different kernels, but each kind always by
+                          // the same ones whatever else the pass holds (batch-invariant results)
+};
+
+// Token t of a pass: stored at position kv_base + pos of each kv head's run of the cache, attending
+// positions kv_base + [0, pos]; RoPE at position pos.
+struct UpgToken {
+  int32_t pos;            // position in its sequence
+  int32_t kv_base;        // its sequence's slot: slot * positions per slot
+  int32_t rope_set;       // 1: rotate with the inverse frequencies rot_dims / 2 floats past those the
+                          // op was given (LongRoPE's long set; always 0 in a pass of one sequence)
+  int32_t seq;            // its sequence (UpgSeq index)
+};
+
+// One sequence of a pass: tokens [first, first + n_tokens) of the pass, at positions n_past.. of
+// its slot (the same values as its tokens' UpgToken entries, by sequence).
+struct UpgSeq {
+  int32_t first;
+  int32_t n_tokens;
+  int32_t n_past;
+  int32_t kv_base;
+  int32_t rope_set;
+  int32_t pad[3];
 };
 
 // Rotate-half (NeoX) RoPE over the first rot_dims of each head: pairs (i, i + rot_dims/2).
@@ -73,7 +101,8 @@ struct UpgRopeArgs {
 };
 
 // KV cache of one layer: [n_kv_heads][kv_stride positions][head_dim], f16 or f32. Token t of a pass
-// is stored at position n_past + t and attends positions [0, n_past + t] (UpgPass).
+// is stored at position kv_base + pos of each kv head's run and attends positions kv_base + [0, pos]
+// (its UpgToken).
 struct UpgAttnArgs {
   int32_t n_heads;
   int32_t n_kv_heads;     // divides n_heads (GQA)
