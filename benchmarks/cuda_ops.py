@@ -256,6 +256,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="q4 and q8_0 mat-vecs only")
     ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true", help="the prefill mat-muls and attention only")
     args = ap.parse_args()
     torch.manual_seed(0)
     lib = Lib()
@@ -264,11 +265,11 @@ def main():
     print(f"device-to-device copy (read + write): cudaMemcpy {res['copy_gbps']:.0f} GB/s, "
           f"SM kernel {res['copy_kernel_gbps']:.0f} GB/s", flush=True)
     types = ["q4", "q8_0"] if args.quick else ["q4", "q3", "q8_0", "f16", "bf16", "f32"]
-    res["matvec"] = bench_matvec(lib, types, SHAPES)
-    res["attention"] = bench_attention(lib) + bench_attention(lib, n_kv=64)
+    res["matvec"] = [] if args.prefill_only else bench_matvec(lib, types, SHAPES)
+    res["attention"] = [] if args.prefill_only else bench_attention(lib) + bench_attention(lib, n_kv=64)
     res["prefill"] = bench_prefill(lib, ["q4", "q8_0", "q3"] if args.quick else ["q4", "q8_0", "q3", "f16"])
     res["decode_step"] = []
-    if not args.skip_step:
+    if not (args.skip_step or args.prefill_only):
         for dtype in ("q4", "q8_0"):
             m = DecodeStep(lib, dtype)
             for fused, pdl in ((False, True), (True, False), (True, True)):
