@@ -43,7 +43,10 @@ kernel void kernel_argmax(device const float* x [[buffer(0)]], device int* out [
 // its place in out, and the pass moves on to it, so the next decode pass needs no upload.
 kernel void kernel_next_token(device UpgPass* pass [[buffer(0)]], device const int* tokens [[buffer(1)]],
                               device int* out [[buffer(2)]]) {
+  device UpgToken* tok = (device UpgToken*)(pass + 1);
+  device UpgSeq* seq = (device UpgSeq*)(tok + pass->n_tokens);
   out[pass->n_past] = tokens[0];
-  pass->n_past += pass->n_tokens;
-  pass->n_tokens = 1;
+  pass->n_past += 1;
+  tok->pos += 1;
+  seq->n_past += 1;
 }

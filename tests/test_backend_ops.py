@@ -300,13 +300,14 @@ def test_silu_mul_add_argmax(be):
 
 
 def test_next_token(be):
-    """Greedy decoding's step: the token argmax left is stored at its position n_past, and the pass
-    moves on to it (one token at the next position)."""
-    p = pass_buffer(be, 7, 5)
+    """Greedy decoding's step: the token argmax left is stored at the position it follows, and the
+    pass (one generated token of one sequence) moves on to the next position."""
+    record = pass_record([(7, 1, 0)], 1)
+    p = put(be, record)
     out = out_buffer(be, 12, np.int32)
     be.begin(p)
     be.next_token(p, put(be, np.array([1234, 99], np.int32)), out)
     be.end()
     got = get(be, out, 12, np.int32)
     assert got[7] == 1234 and (np.delete(got, 7) == -7).all()
-    assert be.download(p, 8).view(np.int32).tolist() == [12, 1]
+    assert be.download(p, record.nbytes).view(np.int32).tolist() == pass_record([(8, 1, 0)], 1).tolist()

@@ -327,9 +327,10 @@ void CpuBackend::argmax(Buf xb, int n, Buf out) {
 
 void CpuBackend::next_token(Buf pass, Buf tokens, Buf out) {
   UpgPass* p = ptr<UpgPass>(pass);
+  UpgToken* t = reinterpret_cast<UpgToken*>(p + 1);
+  UpgSeq* s = reinterpret_cast<UpgSeq*>(t + p->n_tokens);
   ptr<int32_t>(out)[p->n_past] = *ptr<const int32_t>(tokens);
-  p->n_past += p->n_tokens;
-  p->n_tokens = 1;
+  ++p->n_past, ++t->pos, ++s->n_past;
 }
 
 }  // namespace upg

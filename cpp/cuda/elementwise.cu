@@ -70,9 +70,11 @@ __global__ void __launch_bounds__(kArgmaxThreads) k_argmax(const float* __restri
 
 __global__ void k_next_token(int32_t* pass, const int32_t* token, int32_t* out) {
   pdl_enter();
-  out[pass[kPassNPast]] = token[0];
-  pass[kPassNPast] += pass[kPassNTokens];
-  pass[kPassNTokens] = 1;
+  UpgPass* p = reinterpret_cast<UpgPass*>(pass);
+  UpgToken* t = reinterpret_cast<UpgToken*>(p + 1);
+  UpgSeq* s = reinterpret_cast<UpgSeq*>(t + p->n_tokens);
+  out[p->n_past] = token[0];
+  ++p->n_past, ++t->pos, ++s->n_past;
 }
 
 }  // namespace

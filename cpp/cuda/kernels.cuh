@@ -105,8 +105,9 @@ void silu_mul(const float* gate_up, float* out, const UpgEltArgs& a, const int32
 void add(float* x, const float* y, const UpgEltArgs& a, const int32_t* pass, cudaStream_t s);
 // out[0] = index of the largest of x[0..n) (the lowest on ties).
 void argmax(const float* x, int n, int32_t* out, cudaStream_t s);
-// Greedy decoding's step: out[n_past] = token[0], then n_past += n_tokens,
-// n_tokens = 1, so a captured decode step replays with nothing uploaded.
+// Greedy decoding's step (a pass of one token of one sequence, laid out as upg_common.h's UpgPass,
+// UpgToken, UpgSeq): out[n_past] = token[0], then the pass moves to the next position, so a
+// captured decode step replays with nothing uploaded.
 void next_token(int32_t* pass, const int32_t* token, int32_t* out, cudaStream_t s);
 
 }  // namespace upg::cuda

@@ -50,9 +50,6 @@ class Session {
   const Backend& backend() const { return *backend_; }
 
  private:
-  // Throws unless `positions` >= 1 more positions fit the context and the n tokens' ids are in the
-  // vocabulary.
-  void check_tokens(const int32_t* tokens, int64_t n, int64_t positions) const;
   // Runs the tokens in batches of n_batch; download(batch's first token, its count, its output)
   // takes each batch's results. last: the output of the final batch; others: of the rest.
   template <typename Fn>
