@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
+from .allocate import allocate, is_block_matrix, recipe_for
+from .calibrate import Importance
 from .config import ModelConfig
 from .format import write_upg
 from .recipes import Recipe, get_recipe
@@ -167,7 +169,8 @@ def write_with_progress(out_path, header: dict, sources: list, progress: bool) -
 
 
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
-               outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True) -> None:
+               outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True,
+               importance: Importance | None = None, bpw: float | None = None) -> None:
     """Converts a Hugging Face checkpoint directory to a .upg file.
 
     Args:
@@ -179,11 +182,19 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         outliers: fraction of each row of a quantized matrix kept exactly in f16.
         recipe: a named or custom mixed recipe (upg_backend.recipes); replaces type, block and outliers.
         progress: show a progress bar with an ETA on stderr.
+        importance: calibration statistics (upg_backend.calibrate) that weight the quantizer's
+            scale search of every quantized matrix they cover; None: plain scales.
+        bpw: choose the types of the transformer blocks' matrices so that they average at most this
+            many bits per weight (upg_backend.allocate, by the importance-weighted noise of each
+            candidate); the embedding and output matrix are stored as q8_0. Replaces type and recipe.
 
     Raises:
         ConversionError: a file or tensor is missing or invalid, or the model is not supported.
         ValueError: the arguments are invalid.
+        ImportanceError: the importance belongs to another model.
     """
+    if bpw is not None and recipe is not None:
+        raise ValueError("bpw chooses the types itself: pass either bpw or recipe")
     rec = get_recipe(recipe, type, block, outliers)
 
     src = Path(src_dir)
@@ -219,7 +230,18 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         return load
 
-    sources = [rec.source(name, shape, loader(parts), cfg.tie_word_embeddings) for name, shape, parts in plan]
+    if importance is not None:
+        importance.check({name: shape[1] for name, shape, _ in plan if len(shape) == 2})
+    imp = (lambda name, cols: importance.for_matrix(name, cols)) if importance is not None else (lambda n, c: None)
+    allocation = None
+    if bpw is not None:
+        matrices = [(name, shape, loader(parts)) for name, shape, parts in plan if is_block_matrix(name, shape)]
+        with tqdm(total=sum(s[0] * s[1] for _, s, _ in matrices), unit="w", unit_scale=True, desc="allocation",
+                  disable=not progress) as bar:
+            allocation = allocate(matrices, imp, bpw, progress=bar.update)
+        rec = recipe_for(allocation)
+    sources = [rec.source(name, shape, loader(parts), cfg.tie_word_embeddings,
+                          imp(name, shape[1]) if len(shape) == 2 else None) for name, shape, parts in plan]
 
     header = {
         "architecture": cfg.architecture,
@@ -231,5 +253,9 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         "quantization": rec.header(sources),
         "provenance": provenance(src.resolve().name, "hf"),
     }
+    if importance is not None:
+        header["calibration"] = {"text": importance.text, "n_tokens": importance.n_tokens}
+    if allocation is not None:
+        header["allocation"] = allocation.header()
     write_with_progress(out_path, header, sources, progress)
 

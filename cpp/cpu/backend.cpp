@@ -97,6 +97,13 @@ void CpuBackend::linear(const Matrix& m, Buf xb, int n, Buf yb) {
   const WeightView w = view(m);
   const float* x = ptr<const float>(xb);
   float* y = ptr<float>(yb);
+  if (collect_) {
+    ColumnSquares& c = squares_[m.data.offset];
+    c.sum.resize(size_t(w.cols));
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t k = 0; k < w.cols; ++k) c.sum[size_t(k)] += double(x[t * w.cols + k]) * x[t * w.cols + k];
+    c.rows += n;
+  }
   const ActQ8 xq = is_quantized(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
   pool_.parallel_for(w.rows, matmul_chunk_rows(w, n, pool_.size()), [&](int64_t r0, int64_t r1) {
     if (n == 1) k_.matvec(w, x, xq, y, r0, r1);
