@@ -53,6 +53,7 @@ OURS = {
     "q4 + calibration": (Recipe("q4", "q4", 32, EIGHT_BIT_ENDS), True),
     "q3": (Recipe("q3", "q3", 32, EIGHT_BIT_ENDS), False),
     "q3 + calibration": (Recipe("q3", "q3", 32, EIGHT_BIT_ENDS), True),
+    "q4/64 + calibration": (Recipe("q4/64", "q4", 64, EIGHT_BIT_ENDS), True),
     "--bpw 4.25": (4.25, True),
     "--bpw 3.25": (3.25, True),
 }
@@ -121,7 +122,7 @@ def our_files(args: argparse.Namespace, ref: Path) -> dict[str, tuple[Path, floa
     print(f"calibration: {imp.n_tokens} tokens in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     out = {}
     for name, (how, calibrated) in OURS.items():
-        path = args.work_dir / ("ours-" + name.replace(" ", "").replace("+", "-").replace("--", "") + ".upg")
+        path = args.work_dir / ("ours-" + "".join(c if c.isalnum() or c == "." else "-" for c in name) + ".upg")
         t0 = time.perf_counter()
         kw = {"importance": calibrate.Importance.load(imp_path) if calibrated else None}
         if isinstance(how, Recipe):

@@ -168,6 +168,30 @@ def write_with_progress(out_path, header: dict, sources: list, progress: bool) -
         write_upg(out_path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
 
 
+def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], tied: bool,
+                       importance: Importance | None, bpw: float | None,
+                       progress: bool) -> tuple[list, dict[str, Any]]:
+    """The writer's sources of (name, shape, load) tensors: stored as `rec` says, or as bit allocation
+    chooses within `bpw`; quantized with importance where given. Also the header's `calibration` and
+    `allocation` objects (FORMAT.md), those that apply."""
+    extra: dict[str, Any] = {}
+    imp: Callable[[str, int], np.ndarray | None] = lambda name, cols: None  # noqa: E731
+    if importance is not None:
+        importance.check({name: shape[1] for name, shape, _ in plan if len(shape) == 2})
+        imp = importance.for_matrix
+        extra["calibration"] = {"text": importance.text, "n_tokens": importance.n_tokens}
+    if bpw is not None:
+        matrices = [(name, shape, load) for name, shape, load in plan if is_block_matrix(name, shape)]
+        with tqdm(total=sum(s[0] * s[1] for _, s, _ in matrices), unit="w", unit_scale=True, desc="allocation",
+                  disable=not progress) as bar:
+            allocation = allocate(matrices, imp, bpw, progress=bar.update)
+        rec = recipe_for(allocation)
+        extra["allocation"] = allocation.header()
+    sources = [rec.source(name, shape, load, tied, imp(name, shape[1]) if len(shape) == 2 else None)
+               for name, shape, load in plan]
+    return sources, extra
+
+
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
                outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True,
                importance: Importance | None = None, bpw: float | None = None) -> None:
@@ -230,18 +254,8 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         return load
 
-    if importance is not None:
-        importance.check({name: shape[1] for name, shape, _ in plan if len(shape) == 2})
-    imp = (lambda name, cols: importance.for_matrix(name, cols)) if importance is not None else (lambda n, c: None)
-    allocation = None
-    if bpw is not None:
-        matrices = [(name, shape, loader(parts)) for name, shape, parts in plan if is_block_matrix(name, shape)]
-        with tqdm(total=sum(s[0] * s[1] for _, s, _ in matrices), unit="w", unit_scale=True, desc="allocation",
-                  disable=not progress) as bar:
-            allocation = allocate(matrices, imp, bpw, progress=bar.update)
-        rec = recipe_for(allocation)
-    sources = [rec.source(name, shape, loader(parts), cfg.tie_word_embeddings,
-                          imp(name, shape[1]) if len(shape) == 2 else None) for name, shape, parts in plan]
+    sources, calibration = calibrated_sources(rec, [(name, shape, loader(parts)) for name, shape, parts in plan],
+                                              cfg.tie_word_embeddings, importance, bpw, progress)
 
     header = {
         "architecture": cfg.architecture,
@@ -252,10 +266,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         "generation": generation,
         "quantization": rec.header(sources),
         "provenance": provenance(src.resolve().name, "hf"),
+        **calibration,
     }
-    if importance is not None:
-        header["calibration"] = {"text": importance.text, "n_tokens": importance.n_tokens}
-    if allocation is not None:
-        header["allocation"] = allocation.header()
     write_with_progress(out_path, header, sources, progress)
 
