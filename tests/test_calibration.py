@@ -127,6 +127,13 @@ def test_statistics_match_numpy_forward(model, n_ctx):
     assert capped.n_tokens == 30
 
 
+def test_capped_windows_spread_over_the_text():
+    windows = calibrate._windows(np.arange(100), 24, 60)  # 60 tokens: windows of 24, 24, 12
+    assert [len(w) for w in windows] == [24, 24, 12]
+    assert [int(w[0]) for w in windows] == [0, 38, 76]  # first to last stretch of the text
+    assert [len(w) for w in calibrate._windows(np.arange(100), 24, None)] == [24, 24, 24, 24, 4]
+
+
 def test_importance_file_round_trip_and_errors(model, tmp_path):
     imp = calibrate.collect(model["f32"], model["text"], progress=False)
     path = tmp_path / "m.importance.safetensors"

@@ -49,7 +49,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight the quantizer by importance measured on TEXT (a UTF-8 file; without TEXT the "
                         "calibration text that ships with the package)")
     p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
-                   help="calibrate on at most the first N tokens of the text")
+                   help="calibrate on N tokens of the text, in windows spread over it (default 8192; 0: all)")
     p.add_argument("--importance", default=None, metavar="FILE",
                    help="use the importance saved by an earlier --save-importance instead of calibrating")
     p.add_argument("--save-importance", default=None, metavar="FILE", help="save the measured importance to FILE")
@@ -70,7 +70,8 @@ def _importance(args: argparse.Namespace):
         return calibrate.Importance.load(args.importance)
     if args.calibration and not os.path.isfile(args.calibration):
         raise FileNotFoundError(f"no such calibration text: {args.calibration}")
-    imp = calibrate.collect_hf(args.src, args.calibration or None, max_tokens=args.calibration_tokens,
+    tokens = calibrate.DEFAULT_TOKENS if args.calibration_tokens is None else args.calibration_tokens or None
+    imp = calibrate.collect_hf(args.src, args.calibration or None, max_tokens=tokens,
                                progress=not args.quiet, work_dir=os.path.dirname(os.path.abspath(args.output)))
     if args.save_importance:
         imp.save(args.save_importance)
@@ -88,7 +89,7 @@ def _convert(args: argparse.Namespace) -> int:
     if calibrated and args.src.endswith(".gguf"):
         raise ValueError("--calibration, --importance and --bpw convert Hugging Face checkpoints; a GGUF is "
                          "converted as its own types say")
-    if not calibrated and (args.save_importance or args.calibration_tokens):
+    if not calibrated and (args.save_importance or args.calibration_tokens is not None):
         raise ValueError("--save-importance and --calibration-tokens need --calibration or --bpw")
     if args.bpw is not None and args.recipe is not None:
         raise ValueError("--bpw chooses the types itself: pass either --bpw or --recipe")
