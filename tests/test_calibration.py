@@ -262,3 +262,21 @@ def test_cli_convert_calibrated(model, tmp_path, capsys):
 def test_shipped_calibration_text():
     text = calibrate.DEFAULT_TEXT.read_text(encoding="utf-8")
     assert len(text) > 100_000  # enough for an imatrix of a few hundred windows
+
+
+def test_allocation_on_sampled_rows_equals_full_loads(hf_checkpoint):
+    """Allocation reads only the rows it measures where the source allows (bf16 safetensors)."""
+    from upg_backend.allocate import sample_rows
+    from upg_backend.convert import _Checkpoint
+
+    src = hf_checkpoint(dtype="bfloat16", intermediate_size=384)  # gate_up: 768 rows, more than the sample
+    ckpt = _Checkpoint(src)
+    name = "model.layers.0.mlp.gate_up_proj.weight"
+    rows = sample_rows(768)
+    assert rows is not None and len(rows) == 512
+    full = ckpt.load(name)
+    np.testing.assert_array_equal(ckpt.load(name, rows), full[rows])
+    imp = lambda name, cols: None  # noqa: E731
+    a = allocate([(name, full.shape, lambda: full)], imp, 4.0)
+    b = allocate([(name, full.shape, lambda: full[rows])], imp, 4.0)
+    assert a == b

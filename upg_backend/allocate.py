@@ -58,10 +58,9 @@ def relative_noise(w: np.ndarray, importance: np.ndarray | None, cand: Candidate
     return float((imp * err).sum() / max((imp * signal).sum(), 1e-30))
 
 
-def _sample(w: np.ndarray, n: int) -> np.ndarray:
-    if w.shape[0] <= n:
-        return w
-    return w[np.linspace(0, w.shape[0] - 1, n).astype(np.int64)]
+def sample_rows(rows: int, n: int = SAMPLE_ROWS) -> np.ndarray | None:
+    """The rows of a matrix the noise is measured on: n evenly spaced ones (None: all)."""
+    return None if rows <= n else np.linspace(0, rows - 1, n).astype(np.int64)
 
 
 def _hull(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
@@ -111,16 +110,17 @@ class Allocation:
 
 def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndarray]]],
              importance: Callable[[str, int], np.ndarray | None], bpw: float,
-             candidates: Sequence[Candidate] = CANDIDATES, sample_rows: int = SAMPLE_ROWS,
+             candidates: Sequence[Candidate] = CANDIDATES, n_sample: int = SAMPLE_ROWS,
              progress: Callable[[int], None] | None = None) -> Allocation:
     """Chooses a candidate for every block matrix so that they average at most `bpw` bits per weight.
 
     Args:
-        matrices: (name, shape, load) of the block matrices (load returns float32 values).
+        matrices: (name, shape, load) of the block matrices; load returns the float32 values, all of
+            them or only the rows sample_rows(rows, n_sample) names.
         importance: (name, cols) -> the matrix's per-column importance, or None (uniform).
         bpw: the budget, bits per weight over these matrices.
         candidates: the choices (a candidate whose block does not divide a matrix's width is skipped).
-        sample_rows: rows of each matrix the noise is measured on.
+        n_sample: rows of each matrix the noise is measured on.
         progress: called with each matrix's element count once it is measured.
 
     Raises:
@@ -131,7 +131,9 @@ def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndar
     hulls, n_weights = {}, 0
     for name, shape, load in matrices:
         rows, cols = shape
-        w = _sample(np.asarray(load(), np.float32), sample_rows)
+        w = np.asarray(load(), np.float32)
+        if w.shape[0] == rows and (idx := sample_rows(rows, n_sample)) is not None:
+            w = w[idx]
         imp = importance(name, cols)
         points = [(8.0 * tensor_nbytes(c.type, shape, c.block), relative_noise(w, imp, c), i)
                   for i, c in enumerate(candidates) if cols % c.block == 0]
