@@ -249,7 +249,8 @@ def test_cli_convert_calibrated(model, tmp_path, capsys):
     assert UPGFile(default).header["calibration"]["n_tokens"] == 64
     capsys.readouterr()
     for argv, message in (
-        (["--bpw", "4", "--importance", str(imp), "--calibration"], "exclude each other"),
+        (["--bpw", "4", "--importance", str(imp), "--calibration"], "--importance excludes"),
+        (["--bpw", "4", "--importance", str(imp), "--calibration-tokens", "9"], "--importance excludes"),
         (["--calibration", str(tmp_path / "absent.txt")], "no such calibration text"),
         (["--save-importance", str(tmp_path / "x")], "need --calibration or --bpw"),
         (["--bpw", "4", "--recipe", "q4"], "either --bpw or --recipe"),
@@ -280,3 +281,29 @@ def test_allocation_on_sampled_rows_equals_full_loads(hf_checkpoint):
     a = allocate([(name, full.shape, lambda: full)], imp, 4.0)
     b = allocate([(name, full.shape, lambda: full[rows])], imp, 4.0)
     assert a == b
+
+
+def test_cli_calibrates_a_gguf(tmp_path):
+    """A GGUF source is calibrated through a temporary q8_0 conversion of itself, as a checkpoint is."""
+    from conftest import make_hf_checkpoint
+    from test_gguf import tiny_checkpoint, write_gguf
+
+    src = tiny_checkpoint(lambda **kw: make_hf_checkpoint(tmp_path / "hf", **kw), "phi3")
+    gguf = tmp_path / "m.gguf"
+    write_gguf(gguf, src, "phi3")
+    out, imp = tmp_path / "m.upg", tmp_path / "imp.safetensors"
+    assert cli.main(["convert", str(gguf), "-o", str(out), "--type", "q4", "--calibration",
+                     "--calibration-tokens", "256", "--save-importance", str(imp), "--quiet"]) == 0
+    loaded = calibrate.Importance.load(imp)
+    assert loaded.n_tokens == 256 and UPGFile(out).header["calibration"]["n_tokens"] == 256
+    name = "model.layers.1.self_attn.o_proj.weight"
+    w = np.asarray(convert_and_read_f32(gguf, tmp_path, name))
+    np.testing.assert_array_equal(UPGFile(out).raw(name), ref.quantize("q4", 32, w, loaded.columns[name]))
+    assert not list(tmp_path.glob("upg-calibration-*"))  # the temporary model is gone
+
+
+def convert_and_read_f32(gguf, tmp_path, name):
+    from upg_backend.gguf_source import convert_gguf
+
+    convert_gguf(gguf, tmp_path / "f32.upg", type="f32", progress=False)
+    return UPGFile(tmp_path / "f32.upg").tensor(name)

@@ -187,15 +187,21 @@ def _windows(tokens: np.ndarray, n_ctx: int, max_tokens: int | None) -> list[np.
     return [tokens[s:s + size] for s, size in zip(starts, sizes)]
 
 
-def collect_hf(src_dir: str | os.PathLike, text: str | os.PathLike | None = None, n_ctx: int = 512,
-               max_tokens: int | None = DEFAULT_TOKENS, n_threads: int | None = None, progress: bool = True,
-               work_dir: str | os.PathLike | None = None) -> Importance:
-    """`collect` for a Hugging Face checkpoint: it is converted to a temporary q8_0 .upg (in work_dir,
-    default the system's temporary directory; removed afterwards) and measured on that. 8-bit
-    weights move the activations by a fraction of a percent and halve the memory and time of bf16."""
-    from .convert import convert_hf
-
+def collect_source(src: str | os.PathLike, text: str | os.PathLike | None = None, n_ctx: int = 512,
+                   max_tokens: int | None = DEFAULT_TOKENS, n_threads: int | None = None, progress: bool = True,
+                   work_dir: str | os.PathLike | None = None) -> Importance:
+    """`collect` for a conversion's source (a Hugging Face checkpoint directory or a .gguf file): it is
+    converted to a temporary q8_0 .upg (in work_dir, default the system's temporary directory;
+    removed before this returns) and measured on that. 8-bit weights move the activations by a
+    fraction of a percent and halve the memory and time of bf16."""
     with tempfile.TemporaryDirectory(prefix="upg-calibration-", dir=work_dir) as tmp:
         model = Path(tmp) / "calibration-q8_0.upg"
-        convert_hf(src_dir, model, type="q8_0", progress=progress)
+        if str(src).endswith(".gguf"):
+            from .gguf_source import convert_gguf
+
+            convert_gguf(src, model, type="q8_0", progress=progress)
+        else:
+            from .convert import convert_hf
+
+            convert_hf(src, model, type="q8_0", progress=progress)
         return collect(model, text, n_ctx, max_tokens, n_threads, progress)

@@ -65,13 +65,13 @@ def _importance(args: argparse.Namespace):
     from . import calibrate
 
     if args.importance is not None:
-        if args.calibration is not None:
-            raise ValueError("--importance and --calibration exclude each other: the file was measured already")
+        if args.calibration is not None or args.calibration_tokens is not None:
+            raise ValueError("--importance excludes --calibration and --calibration-tokens: the file was measured already")
         return calibrate.Importance.load(args.importance)
     if args.calibration and not os.path.isfile(args.calibration):
         raise FileNotFoundError(f"no such calibration text: {args.calibration}")
     tokens = calibrate.DEFAULT_TOKENS if args.calibration_tokens is None else args.calibration_tokens or None
-    imp = calibrate.collect_hf(args.src, args.calibration or None, max_tokens=tokens,
+    imp = calibrate.collect_source(args.src, args.calibration or None, max_tokens=tokens,
                                progress=not args.quiet, work_dir=os.path.dirname(os.path.abspath(args.output)))
     if args.save_importance:
         imp.save(args.save_importance)
@@ -86,9 +86,6 @@ def _convert(args: argparse.Namespace) -> int:
         from .convert import convert_hf as convert
 
     calibrated = any(v is not None for v in (args.calibration, args.importance, args.bpw))
-    if calibrated and args.src.endswith(".gguf"):
-        raise ValueError("--calibration, --importance and --bpw convert Hugging Face checkpoints; a GGUF is "
-                         "converted as its own types say")
     if not calibrated and (args.save_importance or args.calibration_tokens is not None):
         raise ValueError("--save-importance and --calibration-tokens need --calibration or --bpw")
     if args.bpw is not None and args.recipe is not None:
