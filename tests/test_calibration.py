@@ -197,6 +197,7 @@ def test_bpw_stays_within_budget(model, tmp_path, bpw):
             q = upg.header["quantization"]
             assert q["overrides"].get(name, q["default"]) == t.dtype
     assert upg.tensors["lm_head.weight"].dtype == "q8_0" == upg.tensors["model.embed_tokens.weight"].dtype
+    assert upg.header["quantization"]["default"] == "q8_0" and upg.header["quantization"]["block"] == 32
     assert got > bpw - 0.5  # the budget is spent, not left over
 
 

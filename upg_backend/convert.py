@@ -180,8 +180,9 @@ def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Calla
                        sampled: Callable[[int], Callable[[], np.ndarray]] | None = None) -> tuple[list, dict[str, Any]]:
     """The writer's sources of (name, shape, load) tensors: stored as `rec` says, or as bit allocation
     chooses within `bpw`; quantized with importance where given. Also the header's `calibration` and
-    `allocation` objects (FORMAT.md), those that apply. sampled(i): a loader of only the rows of
-    tensor i that allocation measures (allocate.sample_rows), where the source can read them alone."""
+    `allocation` objects (FORMAT.md), those that apply, after the `quantization` object of the recipe
+    used. sampled(i): a loader of only the rows of tensor i that allocation measures
+    (allocate.sample_rows), where the source can read them alone."""
     extra: dict[str, Any] = {}
     imp: Callable[[str, int], np.ndarray | None] = lambda name, cols: None  # noqa: E731
     if importance is not None:
@@ -198,7 +199,7 @@ def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Calla
         extra["allocation"] = allocation.header()
     sources = [rec.source(name, shape, load, tied, imp(name, shape[1]) if len(shape) == 2 else None)
                for name, shape, load in plan]
-    return sources, extra
+    return sources, {"quantization": rec.header(sources), **extra}
 
 
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
@@ -265,7 +266,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
             return w if rows is None else w[rows]
         return load
 
-    sources, calibration = calibrated_sources(rec, [(name, shape, loader(parts)) for name, shape, parts in plan],
+    sources, quantization = calibrated_sources(rec, [(name, shape, loader(parts)) for name, shape, parts in plan],
                                               cfg.tie_word_embeddings, importance, bpw, progress,
                                               sampled=lambda i: loader(plan[i][2], sample_rows(plan[i][1][0])))
 
@@ -276,9 +277,8 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         "tokenizer_config": {k: v for k, v in tokenizer_config.items() if k != "chat_template"},
         "chat_templates": _chat_templates(src, tokenizer_config),
         "generation": generation,
-        "quantization": rec.header(sources),
         "provenance": provenance(src.resolve().name, "hf"),
-        **calibration,
+        **quantization,
     }
     write_with_progress(out_path, header, sources, progress)
 

@@ -334,7 +334,7 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
     if unused:
         raise ConversionError(f"{g.path}: tensor {unused[0]} is not supported by the {cfg.architecture} graph")
 
-    sources, calibration = calibrated_sources(rec, [(name, shape, load) for name, shape, load, _ in plan], tied,
+    sources, quantization = calibrated_sources(rec, [(name, shape, load) for name, shape, load, _ in plan], tied,
                                               importance, bpw, progress)
     template = g.get("tokenizer.chat_template")
     header = {
@@ -344,8 +344,7 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
         "tokenizer_config": _tokenizer_config(g),
         "chat_templates": {"default": template} if template else {},
         "generation": _generation(g),
-        "quantization": rec.header(sources),
         "provenance": provenance(g.path.name, "gguf"),
-        **calibration,
+        **quantization,
     }
     write_with_progress(out_path, header, sources, progress)
