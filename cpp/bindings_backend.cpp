@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -72,5 +73,17 @@ void bind_backend(py::module_& m) {
       .def("argmax", &Backend::argmax, "x"_a, "n"_a, "out"_a)
       .def("next_token", &Backend::next_token, "pass_"_a, "tokens"_a, "out"_a);
   py::class_<CpuBackend, Backend, std::shared_ptr<CpuBackend>>(m, "CpuBackend")
-      .def(py::init<int>(), "n_threads"_a = 0, "The CPU kernels on n_threads threads (0: all cores).");
+      .def(py::init<int>(), "n_threads"_a = 0, "The CPU kernels on n_threads threads (0: all cores).")
+      .def("collect_column_squares", &CpuBackend::collect_column_squares, "on"_a,
+           "While on, linear() sums the square of every input column, per weight matrix (calibration).")
+      .def("column_squares", [](const CpuBackend& b) {
+             py::dict out;  // data-section offset of the matrix -> (sums float64 [cols], rows)
+             for (const auto& [offset, c] : b.column_squares()) {
+               py::array_t<double> sum{py::ssize_t(c.sum.size())};
+               std::copy(c.sum.begin(), c.sum.end(), sum.mutable_data());
+               out[py::int_(offset)] = py::make_tuple(sum, c.rows);
+             }
+             return out;
+           }, "{data-section offset of a matrix: (sum of squares per input column, float64 [cols], input rows)}.")
+      .def("clear_column_squares", &CpuBackend::clear_column_squares);
 }

@@ -93,10 +93,21 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
   return w;
 }
 
-py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads) {
+py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads,
+                              std::optional<FArray> importance) {
   const DType type = parse_type(type_name);
   if (src.ndim() != 2) throw py::value_error("w must be a 2-D float32 array");
   const int64_t rows = src.shape(0), cols = src.shape(1);
+  const float* imp = nullptr;
+  if (importance && upg::is_quantized(type)) {
+    if (importance->ndim() != 1 || importance->shape(0) != cols)
+      throw py::value_error("importance must be a 1-D array of " + std::to_string(cols) + " values (one per column of w)");
+    imp = importance->data();
+    for (int64_t c = 0; c < cols; ++c)
+      if (!(std::isfinite(imp[c]) && imp[c] >= 0.0f))
+        throw py::value_error("importance must be finite and >= 0 (column " + std::to_string(c) + " is " +
+                              std::to_string(imp[c]) + ")");
+  }
   const uint64_t nbytes = matrix_nbytes(type, block, rows, cols);
   if (n_threads < 0) throw py::value_error("n_threads must be >= 0");
   if (n_threads == 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
@@ -115,7 +126,7 @@ py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FAr
       std::vector<std::thread> pool;
       for (int t = 0; t < n_threads; ++t)
         pool.emplace_back(upg::quantize_rows, type, block, x, rows, cols, o, rows * t / n_threads,
-                          rows * (t + 1) / n_threads);
+                          rows * (t + 1) / n_threads, imp);
       for (auto& th : pool) th.join();
     }
   }
@@ -300,12 +311,27 @@ std::vector<std::string> simd_paths() {
   return out;
 }
 
+// The float32 [rows, cols] values a UPG matrix encodes (the engine's own decoder, as get_rows uses).
+py::array_t<float> dequantize(const std::string& type_name, int block, const CArray<uint8_t>& data, int64_t rows,
+                              int64_t cols) {
+  const upg::WeightView w = make_view(parse_type(type_name), block, data, rows, cols, std::nullopt);
+  py::array_t<float> out({rows, cols});
+  float* o = out.mutable_data();
+  const upg::Kernels& k = upg::kernels();
+  py::gil_scoped_release release;
+  for (int64_t r = 0; r < rows; ++r) k.dequant_row(w, r, o + r * cols);
+  return out;
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
   using namespace pybind11::literals;
-  m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0,
-        "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md).");
+  m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0, "importance"_a = py::none(),
+        "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md). importance: "
+        "float32 [cols] per-column weights (>= 0) of the scale search of quantized types; None: the plain scale.");
+  m.def("dequantize", &dequantize, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a,
+        "The float32 [rows, cols] matrix that a UPG matrix's bytes encode.");
   m.def("matvec", &matvec, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
         "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(), "n_threads"_a = 1,
         "chunk_rows"_a = 0,

@@ -82,20 +82,21 @@ def hf_model(upg: UPGFile):
     return model
 
 
-def expected(models, tokens: list[int]) -> dict[str, float]:
-    """KLD, perplexities and top-1 agreement computed with torch from transformers' logits."""
+def expected(models, tokens: list[int], first: int = 0) -> dict[str, float]:
+    """KLD, perplexities and top-1 agreement computed with torch from transformers' logits, over the
+    positions from `first` on of each window."""
     p_model, q_model = hf_model(UPGFile(models["f32"])), hf_model(UPGFile(models["q4"]))
     klds, nll_q, nll_p, agree = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(tokens), N_CTX):
             w = torch.tensor([tokens[i:i + N_CTX]])
-            if w.shape[1] < 2:
+            if w.shape[1] < first + 2:
                 continue
-            log_p = torch.log_softmax(p_model(w).logits[0, :-1].double(), -1)
-            log_q = torch.log_softmax(q_model(w).logits[0, :-1].double(), -1)
+            log_p = torch.log_softmax(p_model(w).logits[0, first:-1].double(), -1)
+            log_q = torch.log_softmax(q_model(w).logits[0, first:-1].double(), -1)
             klds.append(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1))
-            nll_q.append(torch.nn.functional.nll_loss(log_q, w[0, 1:], reduction="none"))
-            nll_p.append(torch.nn.functional.nll_loss(log_p, w[0, 1:], reduction="none"))
+            nll_q.append(torch.nn.functional.nll_loss(log_q, w[0, first + 1:], reduction="none"))
+            nll_p.append(torch.nn.functional.nll_loss(log_p, w[0, first + 1:], reduction="none"))
             agree.append(log_q.argmax(-1) == log_p.argmax(-1))
     kld = torch.cat(klds).numpy()
     return {"n_tokens": kld.size, "mean_kld": kld.mean(), "p99_kld": np.percentile(kld, 99),
@@ -115,6 +116,21 @@ def test_q4_against_f32_matches_transformers(models):
     for key in ("mean_kld", "p99_kld", "perplexity", "reference_perplexity"):
         assert getattr(got, key) == pytest.approx(want[key], rel=2e-3), key
     assert got.top1_agreement == pytest.approx(want["top1_agreement"], abs=2 / got.n_tokens)
+
+
+def test_second_half_scoring_matches_transformers(models):
+    """first = n_ctx / 2, as llama-perplexity scores (benchmarks/testbed_quality.py)."""
+    header = UPGFile(models["q4"]).header
+    tokens = Tokenizer(header["tokenizer"], header["tokenizer_config"]).encode(TEXT)
+    first = N_CTX // 2
+    got = quality.compare(models["q4"], models["f32"], np.array(tokens), n_ctx=N_CTX, n_threads=1, first=first)
+    want = expected(models, tokens, first)
+    assert got.n_tokens == want["n_tokens"] == sum(max(0, min(N_CTX, len(tokens) - i) - first - 1)
+                                                   for i in range(0, len(tokens), N_CTX))
+    for key in ("mean_kld", "p99_kld", "perplexity", "reference_perplexity"):
+        assert getattr(got, key) == pytest.approx(want[key], rel=2e-3), key
+    with pytest.raises(ValueError, match="first"):
+        quality.compare(models["q4"], models["f32"], np.array(tokens), n_ctx=N_CTX, first=N_CTX - 1)
 
 
 def test_model_against_itself_and_hf_reference(models):

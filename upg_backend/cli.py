@@ -45,7 +45,37 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of each row of a quantized matrix kept exactly in f16 (default 0)")
     p.add_argument("--recipe", default=None, choices=tuple(RECIPES),
                    help="a named quantization recipe, mixed types per tensor (replaces --type/--block/--outliers)")
+    p.add_argument("--calibration", nargs="?", const="", default=None, metavar="TEXT",
+                   help="weight the quantizer by importance measured on TEXT (a UTF-8 file; without TEXT the "
+                        "calibration text that ships with the package)")
+    p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
+                   help="calibrate on N tokens of the text, in windows spread over it (default 8192; 0: all)")
+    p.add_argument("--importance", default=None, metavar="FILE",
+                   help="use the importance saved by an earlier --save-importance instead of calibrating")
+    p.add_argument("--save-importance", default=None, metavar="FILE", help="save the measured importance to FILE")
+    p.add_argument("--bpw", type=float, default=None, metavar="X",
+                   help="choose per-tensor types so that the transformer blocks' matrices average at most X bits "
+                        "per weight, by measured sensitivity (calibrates with the shipped text unless "
+                        "--calibration or --importance says otherwise); replaces --type and --recipe")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _importance(args: argparse.Namespace):
+    """The importance a calibrated conversion uses: loaded from --importance, or measured."""
+    from . import calibrate
+
+    if args.importance is not None:
+        if args.calibration is not None or args.calibration_tokens is not None:
+            raise ValueError("--importance excludes --calibration and --calibration-tokens: the file was measured already")
+        return calibrate.Importance.load(args.importance)
+    if args.calibration and not os.path.isfile(args.calibration):
+        raise FileNotFoundError(f"no such calibration text: {args.calibration}")
+    tokens = calibrate.DEFAULT_TOKENS if args.calibration_tokens is None else args.calibration_tokens or None
+    imp = calibrate.collect_source(args.src, args.calibration or None, max_tokens=tokens,
+                               progress=not args.quiet, work_dir=os.path.dirname(os.path.abspath(args.output)))
+    if args.save_importance:
+        imp.save(args.save_importance)
+    return imp
 
 
 @subcommand("convert", "convert a Hugging Face checkpoint or a GGUF file to a .upg file", _convert_arguments)
@@ -55,8 +85,14 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         from .convert import convert_hf as convert
 
+    calibrated = any(v is not None for v in (args.calibration, args.importance, args.bpw))
+    if not calibrated and (args.save_importance or args.calibration_tokens is not None):
+        raise ValueError("--save-importance and --calibration-tokens need --calibration or --bpw")
+    if args.bpw is not None and args.recipe is not None:
+        raise ValueError("--bpw chooses the types itself: pass either --bpw or --recipe")
+    kw = {"importance": _importance(args), "bpw": args.bpw} if calibrated else {}
     convert(args.src, args.output, type=args.type, block=args.block, outliers=args.outliers, recipe=args.recipe,
-            progress=not args.quiet)
+            progress=not args.quiet, **kw)
     print(f"wrote {args.output}")
     return 0
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
+from .allocate import allocate, is_block_matrix, recipe_for, sample_rows
+from .calibrate import Importance
 from .config import ModelConfig
 from .format import write_upg
 from .recipes import Recipe, get_recipe
@@ -61,27 +63,34 @@ class _Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.files[self.where[name]].get_slice(name).get_shape())
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as float32; raises ConversionError on NaN or Inf."""
+    def load(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The tensor (or only the given rows of it: bit allocation's sample) as float32; raises
+        ConversionError on NaN or Inf."""
         shard = self.where[name]
         f = self.files[shard]
         if f.get_slice(name).get_dtype() == "BF16":
-            w = _read_bf16(self.src / shard, name)
+            w = _read_bf16(self.src / shard, name, rows)
         else:
             w = f.get_tensor(name).astype(np.float32)
+            w = w if rows is None else w[rows]
         if not np.isfinite(w).all():
             raise ConversionError(f"{shard}: tensor {name} contains NaN or Inf")
         return w
 
 
-def _read_bf16(path: Path, name: str) -> np.ndarray:
-    """A bf16 tensor widened to float32 (safetensors' numpy loader has no bfloat16)."""
+def _read_bf16(path: Path, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """A bf16 tensor (or the given rows of it, read alone) widened to float32 (safetensors' numpy
+    loader has no bfloat16)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         meta = json.loads(f.read(n))[name]
     begin, end = meta["data_offsets"]
-    bits = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + n + begin)
-    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+    shape = meta["shape"]
+    if rows is None:
+        bits = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + n + begin).reshape(shape)
+    else:
+        bits = np.array(np.memmap(path, dtype="<u2", mode="r", offset=8 + n + begin, shape=tuple(shape))[rows])
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _read_json(path: Path) -> Any:
@@ -166,8 +175,36 @@ def write_with_progress(out_path, header: dict, sources: list, progress: bool) -
         write_upg(out_path, header, sources, on_written=lambda s: bar.update(int(np.prod(s.shape))))
 
 
+def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], tied: bool,
+                       importance: Importance | None, bpw: float | None, progress: bool,
+                       sampled: Callable[[int], Callable[[], np.ndarray]] | None = None) -> tuple[list, dict[str, Any]]:
+    """The writer's sources of (name, shape, load) tensors: stored as `rec` says, or as bit allocation
+    chooses within `bpw`; quantized with importance where given. Also the header's `calibration` and
+    `allocation` objects (FORMAT.md), those that apply, after the `quantization` object of the recipe
+    used. sampled(i): a loader of only the rows of tensor i that allocation measures
+    (allocate.sample_rows), where the source can read them alone."""
+    extra: dict[str, Any] = {}
+    imp: Callable[[str, int], np.ndarray | None] = lambda name, cols: None  # noqa: E731
+    if importance is not None:
+        importance.check({name: shape[1] for name, shape, _ in plan if len(shape) == 2})
+        imp = importance.for_matrix
+        extra["calibration"] = {"text": importance.text, "n_tokens": importance.n_tokens}
+    if bpw is not None:
+        matrices = [(name, shape, sampled(i) if sampled else load) for i, (name, shape, load) in enumerate(plan)
+                    if is_block_matrix(name, shape)]
+        with tqdm(total=sum(s[0] * s[1] for _, s, _ in matrices), unit="w", unit_scale=True, desc="allocation",
+                  disable=not progress) as bar:
+            allocation = allocate(matrices, imp, bpw, progress=bar.update)
+        rec = recipe_for(allocation)
+        extra["allocation"] = allocation.header()
+    sources = [rec.source(name, shape, load, tied, imp(name, shape[1]) if len(shape) == 2 else None)
+               for name, shape, load in plan]
+    return sources, {"quantization": rec.header(sources), **extra}
+
+
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
-               outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True) -> None:
+               outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True,
+               importance: Importance | None = None, bpw: float | None = None) -> None:
     """Converts a Hugging Face checkpoint directory to a .upg file.
 
     Args:
@@ -179,11 +216,19 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         outliers: fraction of each row of a quantized matrix kept exactly in f16.
         recipe: a named or custom mixed recipe (upg_backend.recipes); replaces type, block and outliers.
         progress: show a progress bar with an ETA on stderr.
+        importance: calibration statistics (upg_backend.calibrate) that weight the quantizer's
+            scale search of every quantized matrix they cover; None: plain scales.
+        bpw: choose the types of the transformer blocks' matrices so that they average at most this
+            many bits per weight (upg_backend.allocate, by the importance-weighted noise of each
+            candidate); the embedding and output matrix are stored as q8_0. Replaces type and recipe.
 
     Raises:
         ConversionError: a file or tensor is missing or invalid, or the model is not supported.
         ValueError: the arguments are invalid.
+        ImportanceError: the importance belongs to another model.
     """
+    if bpw is not None and recipe is not None:
+        raise ValueError("bpw chooses the types itself: pass either bpw or recipe")
     rec = get_recipe(recipe, type, block, outliers)
 
     src = Path(src_dir)
@@ -213,13 +258,17 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
             raise ConversionError(f"{ckpt.where[name]}: tensor {name} is not supported by the "
                                   f"{cfg.architecture} graph")
 
-    def loader(parts):
+    def loader(parts, rows=None):
         def load():  # Llama's separate projections are stacked by rows into the fused matrix
-            arrays = [ckpt.load(name) for name, _ in parts]
-            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            if len(parts) == 1:
+                return ckpt.load(parts[0][0], rows)
+            w = np.concatenate([ckpt.load(name) for name, _ in parts])
+            return w if rows is None else w[rows]
         return load
 
-    sources = [rec.source(name, shape, loader(parts), cfg.tie_word_embeddings) for name, shape, parts in plan]
+    sources, quantization = calibrated_sources(rec, [(name, shape, loader(parts)) for name, shape, parts in plan],
+                                              cfg.tie_word_embeddings, importance, bpw, progress,
+                                              sampled=lambda i: loader(plan[i][2], sample_rows(plan[i][1][0])))
 
     header = {
         "architecture": cfg.architecture,
@@ -228,8 +277,8 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: st
         "tokenizer_config": {k: v for k, v in tokenizer_config.items() if k != "chat_template"},
         "chat_templates": _chat_templates(src, tokenizer_config),
         "generation": generation,
-        "quantization": rec.header(sources),
         "provenance": provenance(src.resolve().name, "hf"),
+        **quantization,
     }
     write_with_progress(out_path, header, sources, progress)
 

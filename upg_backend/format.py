@@ -72,6 +72,8 @@ class TensorSource:
         block: elements per scale block for quantized types (32 or 64), else 0.
         outliers: for quantized types, the fraction of each row kept exactly in f16 (FORMAT.md
             "Sparse exact outliers").
+        importance: for quantized types, float32 [cols] per-column weights of the quantizer's scale
+            search (upg_backend.calibrate); None: the plain scale.
     """
 
     name: str
@@ -80,6 +82,7 @@ class TensorSource:
     load: Callable[[], np.ndarray]
     block: int = 0
     outliers: float = 0.0
+    importance: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
@@ -95,8 +98,11 @@ class TensorSource:
                 raise ValueError(f"{self.name}: {self.shape[1]} columns are not a multiple of block {self.block}")
             if not 0.0 <= self.outliers < 1.0:
                 raise ValueError(f"{self.name}: outlier fraction must be in [0, 1), got {self.outliers}")
-        elif self.block or self.outliers:
-            raise ValueError(f"{self.name}: block and outliers apply to quantized types only")
+            if self.importance is not None and np.shape(self.importance) != (self.shape[1],):
+                raise ValueError(f"{self.name}: importance must have one value per column ({self.shape[1]}), "
+                                 f"got shape {list(np.shape(self.importance))}")
+        elif self.block or self.outliers or self.importance is not None:
+            raise ValueError(f"{self.name}: block, outliers and importance apply to quantized types only")
         if self.dtype == "i32" and len(self.shape) != 1:
             raise ValueError(f"{self.name}: i32 tensors are 1-D, got shape {list(self.shape)}")
 
@@ -180,7 +186,7 @@ def _encode(src: TensorSource) -> list[np.ndarray]:
     companions = []
     if src.outliers_per_row:
         w, companions = _split_outliers(w, src.outliers_per_row)
-    return [np.asarray(_core.quantize(src.dtype, src.block, w))] + companions
+    return [np.asarray(_core.quantize(src.dtype, src.block, w, importance=src.importance))] + companions
 
 
 def write_upg(path: str | os.PathLike, header: dict[str, Any], sources: Sequence[TensorSource],

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ModelConfig
-from .convert import ConversionError, check_parts, provenance, write_with_progress
+from .calibrate import Importance
+from .convert import ConversionError, calibrated_sources, check_parts, provenance, write_with_progress
 from .recipes import Recipe, get_recipe
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}
@@ -289,7 +290,8 @@ _CONSUMED = ("rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,
-                 outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True) -> None:
+                 outliers: float = 0.0, recipe: str | Recipe | None = None, progress: bool = True,
+                 importance: Importance | None = None, bpw: float | None = None) -> None:
     """Converts a GGUF file (architecture llama or phi3, byte-level BPE tokenizer) to a .upg file.
 
     Args:
@@ -300,12 +302,16 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
         outliers: fraction of each row of a quantized matrix kept exactly in f16.
         recipe: a recipe (or the name of one in recipes.RECIPES) that replaces type, block and outliers.
         progress: show a progress bar with an ETA on stderr.
+        importance, bpw: calibration and bit allocation, as convert.convert_hf takes them.
 
     Raises:
         ConversionError: the file, a metadata key or a tensor is missing or unsupported (the message
             names the file and tensor).
         ValueError: the arguments are invalid.
+        ImportanceError: the importance belongs to another model.
     """
+    if bpw is not None and recipe is not None:
+        raise ValueError("bpw chooses the types itself: pass either bpw or recipe")
     rec = get_recipe(recipe, type, block, outliers)
     g = _GGUF(Path(src))
     tied = "output.weight" not in g.tensors
@@ -328,7 +334,8 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
     if unused:
         raise ConversionError(f"{g.path}: tensor {unused[0]} is not supported by the {cfg.architecture} graph")
 
-    sources = [rec.source(name, shape, load, tied) for name, shape, load, _ in plan]
+    sources, quantization = calibrated_sources(rec, [(name, shape, load) for name, shape, load, _ in plan], tied,
+                                              importance, bpw, progress)
     template = g.get("tokenizer.chat_template")
     header = {
         "architecture": cfg.architecture,
@@ -337,7 +344,7 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
         "tokenizer_config": _tokenizer_config(g),
         "chat_templates": {"default": template} if template else {},
         "generation": _generation(g),
-        "quantization": rec.header(sources),
         "provenance": provenance(g.path.name, "gguf"),
+        **quantization,
     }
     write_with_progress(out_path, header, sources, progress)

@@ -33,6 +33,8 @@ class Recipe:
         block: elements per scale block of the quantized types, 32 or 64.
         overrides: (glob over tensor names, type) pairs; the first matching pattern wins.
         outliers: fraction of each row of every quantized matrix kept exactly in f16.
+        blocks: (glob over tensor names, block) pairs for quantized matrices whose block is not
+            `block` (bit allocation chooses blocks per tensor); the first matching pattern wins.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Recipe:
     block: int = 32
     overrides: tuple[tuple[str, str], ...] = ()
     outliers: float = 0.0
+    blocks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for pattern, type_ in ((None, self.default), *self.overrides):
@@ -47,8 +50,10 @@ class Recipe:
                 where = f" (override {pattern!r})" if pattern else ""
                 raise ValueError(f"recipe {self.name!r}: unknown weight type {type_!r}{where}; "
                                  f"choose one of {', '.join(WEIGHT_TYPES)}")
-        if self.block not in BLOCKS:
-            raise ValueError(f"recipe {self.name!r}: block must be 32 or 64, got {self.block}")
+        for pattern, block in ((None, self.block), *self.blocks):
+            if block not in BLOCKS:
+                where = f" (for {pattern!r})" if pattern else ""
+                raise ValueError(f"recipe {self.name!r}: block must be 32 or 64, got {block}{where}")
         if not 0.0 <= self.outliers < 1.0:
             raise ValueError(f"recipe {self.name!r}: outliers must be a fraction in [0, 1), got {self.outliers}")
         if self.outliers and not self.quantized:
@@ -74,13 +79,21 @@ class Recipe:
                 return type_
         return self.default
 
+    def block_for(self, name: str) -> int:
+        """The block of one quantized tensor."""
+        for pattern, block in self.blocks:
+            if fnmatch.fnmatchcase(name, pattern):
+                return block
+        return self.block
+
     def source(self, name: str, shape: Sequence[int], load: Callable[[], np.ndarray],
-               tied: bool = False) -> TensorSource:
-        """The writer's TensorSource for one tensor stored as this recipe says."""
+               tied: bool = False, importance: np.ndarray | None = None) -> TensorSource:
+        """The writer's TensorSource for one tensor stored as this recipe says; importance (per
+        column, upg_backend.calibrate) is used if the tensor is stored quantized."""
         type_ = self.type_for(name, shape, tied)
         q = type_ in QUANTIZED
-        return TensorSource(name, type_, tuple(int(d) for d in shape), load, self.block if q else 0,
-                            self.outliers if q else 0.0)
+        return TensorSource(name, type_, tuple(int(d) for d in shape), load, self.block_for(name) if q else 0,
+                            self.outliers if q else 0.0, importance if q else None)
 
     def header(self, sources: Sequence[TensorSource]) -> dict:
         """The header's `quantization` object (FORMAT.md): matrices not of the default type are

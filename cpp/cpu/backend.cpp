@@ -112,6 +112,13 @@ void CpuBackend::linear(const Matrix& m, Buf xb, int n, int n_dec, Buf yb) {
   const float* x = ptr<const float>(xb);
   float* y = ptr<float>(yb);
   if (n_dec < 0 || n_dec > n) throw std::invalid_argument("linear: n_decode outside the call's rows");
+  if (collect_) {
+    ColumnSquares& c = squares_[m.data.offset];
+    c.sum.resize(size_t(w.cols));
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t k = 0; k < w.cols; ++k) c.sum[size_t(k)] += double(x[t * w.cols + k]) * x[t * w.cols + k];
+    c.rows += n;
+  }
   const ActQ8 xq = is_quantized(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
   auto row_q = [&](int64_t t) {  // token t's row of the quantized input
     if (!xq.q) return ActQ8{};

@@ -3,6 +3,7 @@
 // activations (docs/ARCHITECTURE.md "How the CPU kernels multiply").
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -35,6 +36,18 @@ class CpuBackend : public Backend {
   void argmax(Buf x, int n, Buf out) override;
   void next_token(Buf pass, Buf tokens, Buf out) override;
 
+  // Calibration (upg_backend/calibrate.py): while on, linear() adds the square of every input
+  // element to its column's sum, per weight matrix (keyed by the byte offset of its data in the
+  // weights buffer, the file's data-section offset), and counts the rows. O(sum of input widths)
+  // memory: 1.3 M doubles for Phi-4.
+  struct ColumnSquares {
+    std::vector<double> sum;  // [cols]
+    int64_t rows = 0;
+  };
+  void collect_column_squares(bool on) { collect_ = on; }
+  const std::map<uint64_t, ColumnSquares>& column_squares() const { return squares_; }
+  void clear_column_squares() { squares_.clear(); }
+
  private:
   template <typename T = uint8_t>
   T* ptr(Buf b) const { return reinterpret_cast<T*>(base_[size_t(b.id)] + b.offset); }
@@ -50,6 +63,8 @@ class CpuBackend : public Backend {
   const UpgPass* pass_ = nullptr;  // of the pass begun
   const UpgSeq* seqs_ = nullptr;   // its sequences
   uint64_t pass_count_ = 0;        // passes begun (keys the RoPE tables)
+  bool collect_ = false;
+  std::map<uint64_t, ColumnSquares> squares_;
   const Kernels& k_;
   ThreadPool pool_;
   std::vector<uint8_t*> base_;                      // by buffer id

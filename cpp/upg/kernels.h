@@ -102,8 +102,11 @@ const Kernels* kernels_by_name(const char* name);
 // Quantizers (the writer's side). Rows [r0, r1) of src ([rows, cols] f32, row-major) go into the
 // sections of a quantized matrix laid out as docs/FORMAT.md says; `out` is its first byte and
 // holds quant_sections(type, rows, cols, block).total() bytes. Dense types (block 0) are written
-// row-major. Callers split rows across threads.
+// row-major. Callers split rows across threads. importance: per-column weights [cols] (>= 0, e.g.
+// the mean squared activation each column multiplies) for a scale search that minimizes the
+// importance-weighted squared error; nullptr: the plain scale (docs/QUANTIZATION.md). Dense
+// types ignore it.
 void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_t cols,
-                   uint8_t* out, int64_t r0, int64_t r1);
+                   uint8_t* out, int64_t r0, int64_t r1, const float* importance = nullptr);
 
 }  // namespace upg

@@ -42,8 +42,54 @@ def _scales(x, type_):
     return d16, d16.astype(np.float32)
 
 
-def quantize(type_, block, w):
-    """The file bytes (uint8) of a float32 [rows, cols] matrix stored as type_."""
+# type -> (divisor of the plain scale, whether m is the signed largest element)
+_PLAIN = {"q8_0": (127.0, False), "q4": (-8.0, True), "q3": (-4.0, True)}
+
+
+def _nearest(x, d, type_):
+    """Codes minus the zero point nearest to x under scales d (broadcast), as float64; 0 where d == 0."""
+    zero, lo, hi = _CODES[type_]
+    safe = np.where(d == 0, np.float32(1), d).astype(np.float32)
+    q = np.clip(np.rint(x / safe) + np.float32(zero), lo, hi) - np.float32(zero)
+    return np.where(d == 0, 0.0, q.astype(np.float64))
+
+
+def _weighted_error(x, wt, d, type_):
+    e = x.astype(np.float64) - d.astype(np.float64) * _nearest(x, d, type_)
+    return (wt * e * e).sum(axis=-1)
+
+
+def weighted_scales(type_, x, importance):
+    """Scales (f16) of blocks x [rows, nb, B] under per-column importance [nb, B]: the search that
+    docs/QUANTIZATION.md describes (the plain scale and 19 least-squares candidates, least weighted
+    error wins, the first on ties)."""
+    div, signed = _PLAIN[type_]
+    if signed:
+        m = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    else:
+        m = np.abs(x).max(axis=-1)
+    x64 = x.astype(np.float64)
+    sigma2 = (x64 * x64).sum(axis=-1, keepdims=True) / x.shape[-1]
+    wt = importance.astype(np.float32).astype(np.float64) * np.sqrt(sigma2 + x64 * x64)
+    best = (m / np.float32(div)).astype(np.float16).astype(np.float32)
+    best_err = _weighted_error(x, wt, best[..., None], type_)
+    for i in range(-9, 10):
+        d = (m.astype(np.float64) / (div + (-0.1 if div < 0 else 0.1) * i)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            l = _nearest(x, d[..., None], type_)
+            sumlx = (wt * l * x64).sum(axis=-1)
+            suml2 = (wt * l * l).sum(axis=-1)
+            cand = (sumlx / np.where(suml2 > 0, suml2, 1.0)).astype(np.float32).astype(np.float16).astype(np.float32)
+        err = _weighted_error(x, wt, cand[..., None], type_)
+        better = (suml2 > 0) & (err < best_err) & (m != 0)
+        best = np.where(better, cand, best)
+        best_err = np.where(better, err, best_err)
+    return best.astype(np.float16)
+
+
+def quantize(type_, block, w, importance=None):
+    """The file bytes (uint8) of a float32 [rows, cols] matrix stored as type_; importance: per-column
+    weights [cols] of the scale search (None: the plain scale)."""
     w = np.ascontiguousarray(w, np.float32)
     if type_ == "f32":
         return w.view(np.uint8).reshape(-1).copy()
@@ -55,6 +101,9 @@ def quantize(type_, block, w):
     B = block
     x = w.reshape(rows, cols // B, B)
     d16, d = _scales(x, type_)
+    if importance is not None:
+        d16 = weighted_scales(type_, x, np.asarray(importance, np.float32).reshape(cols // B, B))
+        d = d16.astype(np.float32)
     zero, lo, hi = _CODES[type_]
     safe = np.where(d == 0, np.float32(1), d)[..., None]
     q = np.clip(np.rint(x / safe) + zero, lo, hi).astype(np.int64)

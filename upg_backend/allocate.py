@@ -1,0 +1,175 @@
+"""Bit allocation: per-tensor types for the transformer blocks' matrices within a bits-per-weight budget.
+
+Each block matrix is quantized (on a sample of its rows) at every candidate of CANDIDATES with its
+calibration importance, and its sensitivity to a candidate is the relative output noise that
+candidate leaves: sum_c imp_c * sum_r (w - w_q)^2 over sum_c imp_c * sum_r w^2, the expected
+||(W - W_q) x||^2 / ||W x||^2 for inputs whose column c has mean square imp_c. Starting from the
+cheapest candidate everywhere, the upgrade that removes the most noise per added bit is taken (along
+each matrix's lower convex hull of bits against noise) while the blocks' matrices stay within the
+budget (docs/QUANTIZATION.md "Bit allocation"). The embedding and the output matrix are outside the
+budget, as the table of issue #15 counts bits: they keep the type the base recipe gives them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .format import tensor_nbytes
+
+BLOCK_MATRICES = "model.layers.*"  # the matrices whose bits the budget counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A storage choice for a block matrix: a quantized type and its block."""
+
+    type: str
+    block: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.type}/{self.block}"
+
+
+# What --bpw chooses among. A new quantized type joins bit allocation by a line here.
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("q3", 64), Candidate("q3", 32), Candidate("q4", 64), Candidate("q4", 32), Candidate("q8_0", 32),
+)
+
+SAMPLE_ROWS = 512  # rows of each matrix the noise is measured on (rows quantize independently)
+
+
+def is_block_matrix(name: str, shape: Sequence[int]) -> bool:
+    return len(shape) == 2 and fnmatch.fnmatchcase(name, BLOCK_MATRICES)
+
+
+def relative_noise(w: np.ndarray, importance: np.ndarray | None, cand: Candidate) -> float:
+    """Importance-weighted squared error of w stored as cand, over its weighted squared values."""
+    from . import _core
+
+    w = np.ascontiguousarray(w, np.float32)
+    imp = np.ones(w.shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
+    data = np.asarray(_core.quantize(cand.type, cand.block, w, importance=importance))
+    err = ((_core.dequantize(cand.type, cand.block, data, *w.shape) - w) ** 2).sum(axis=0, dtype=np.float64)
+    signal = (w.astype(np.float64) ** 2).sum(axis=0)
+    return float((imp * err).sum() / max((imp * signal).sum(), 1e-30))
+
+
+def sample_rows(rows: int, n: int = SAMPLE_ROWS) -> np.ndarray | None:
+    """The rows of a matrix the noise is measured on: n evenly spaced ones (None: all)."""
+    return None if rows <= n else np.linspace(0, rows - 1, n).astype(np.int64)
+
+
+def _hull(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The lower convex hull of (bits, noise, candidate) points, by increasing bits: the choices worth
+    making (a candidate that costs more and removes less noise per bit than a neighbour is skipped)."""
+    pts = sorted(points)
+    pruned = []
+    for p in pts:  # keep strictly decreasing noise as bits grow
+        if not pruned or p[1] < pruned[-1][1]:
+            if pruned and p[0] == pruned[-1][0]:
+                pruned.pop()
+            pruned.append(p)
+    hull: list[tuple[float, float, int]] = []
+    for p in pruned:
+        while len(hull) >= 2:
+            (b0, n0, _), (b1, n1, _) = hull[-2], hull[-1]
+            if (n1 - n0) * (p[0] - b0) >= (p[1] - n0) * (b1 - b0):  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """What allocate chose.
+
+    Attributes:
+        choices: block matrix name -> candidate.
+        bpw: bits per weight the blocks' matrices average (their stored bytes, padding included).
+        budget: the budget asked for.
+        noise: matrix name -> relative noise of the chosen candidate.
+    """
+
+    choices: Mapping[str, Candidate]
+    bpw: float
+    budget: float
+    noise: Mapping[str, float]
+
+    def header(self) -> dict:
+        """The header's `allocation` object (FORMAT.md)."""
+        return {"bpw": self.budget, "block_bits_per_weight": round(self.bpw, 4),
+                "method": "importance-weighted relative output noise, greedy over convex hulls",
+                "choices": {name: c.name for name, c in self.choices.items()}}
+
+
+def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndarray]]],
+             importance: Callable[[str, int], np.ndarray | None], bpw: float,
+             candidates: Sequence[Candidate] = CANDIDATES, n_sample: int = SAMPLE_ROWS,
+             progress: Callable[[int], None] | None = None) -> Allocation:
+    """Chooses a candidate for every block matrix so that they average at most `bpw` bits per weight.
+
+    Args:
+        matrices: (name, shape, load) of the block matrices; load returns the float32 values, all of
+            them or only the rows sample_rows(rows, n_sample) names.
+        importance: (name, cols) -> the matrix's per-column importance, or None (uniform).
+        bpw: the budget, bits per weight over these matrices.
+        candidates: the choices (a candidate whose block does not divide a matrix's width is skipped).
+        n_sample: rows of each matrix the noise is measured on.
+        progress: called with each matrix's element count once it is measured.
+
+    Raises:
+        ValueError: the budget is below what the cheapest candidates cost.
+    """
+    if not matrices:
+        raise ValueError("no block matrices to allocate bits to")
+    hulls, n_weights = {}, 0
+    for name, shape, load in matrices:
+        rows, cols = shape
+        w = np.asarray(load(), np.float32)
+        if w.shape[0] == rows and (idx := sample_rows(rows, n_sample)) is not None:
+            w = w[idx]
+        imp = importance(name, cols)
+        points = [(8.0 * tensor_nbytes(c.type, shape, c.block), relative_noise(w, imp, c), i)
+                  for i, c in enumerate(candidates) if cols % c.block == 0]
+        if not points:
+            raise ValueError(f"{name}: no candidate fits its {cols} columns")
+        hulls[name] = _hull(points)
+        n_weights += rows * cols
+        if progress:
+            progress(rows * cols)
+    budget_bits = bpw * n_weights
+    at = {name: 0 for name in hulls}  # position on each hull
+    used = sum(h[0][0] for h in hulls.values())
+    if used > budget_bits:
+        raise ValueError(f"--bpw {bpw}: the cheapest candidates already take {used / n_weights:.3f} bits per weight")
+    while True:  # the steepest step that still fits, until none does
+        best = None
+        for name, h in hulls.items():
+            i = at[name]
+            if i + 1 < len(h):
+                d_bits, d_noise = h[i + 1][0] - h[i][0], h[i][1] - h[i + 1][1]
+                if used + d_bits <= budget_bits and (best is None or d_noise / d_bits > best[0]):
+                    best = (d_noise / d_bits, name, d_bits)
+        if best is None:
+            break
+        at[best[1]] += 1
+        used += best[2]
+    choices = {name: candidates[hulls[name][at[name]][2]] for name in hulls}
+    noise = {name: hulls[name][at[name]][1] for name in hulls}
+    return Allocation(choices, used / n_weights, bpw, noise)
+
+
+def recipe_for(allocation: Allocation, rest: str = "q8_0", block: int = 32):
+    """The recipe that stores the allocation's choices, and every other matrix (the embedding, the
+    output matrix) as `rest`."""
+    from .recipes import Recipe
+
+    return Recipe(f"bpw-{allocation.budget:g}", rest, block,
+                  tuple((name, c.type) for name, c in allocation.choices.items()),
+                  blocks=tuple((name, c.block) for name, c in allocation.choices.items() if c.block != block))
