@@ -156,5 +156,10 @@ class Weight:
 
 
 def pass_tensor(n_past, n_tokens):
-    """The per-pass buffer (kernels.cuh: PassSlot): [n_past, n_tokens, 0, 0] int32 on the device."""
-    return torch.tensor([n_past, n_tokens, 0, 0], dtype=torch.int32, device="cuda")
+    """The per-pass buffer of one sequence, int32 on the device, as Graph::pass_bytes lays it out
+    (upg_common.h): UpgPass [n_past, n_tokens, 1 sequence, n_decode], an UpgToken [pos, kv_base,
+    rope_set, seq] per token, the UpgSeq [first, n_tokens, n_past, kv_base, rope_set, 0, 0, 0]. The
+    kernels read the header (kernels.cuh: PassSlot); next_token moves all three positions."""
+    head = [n_past, n_tokens, 1, n_tokens if n_tokens == 1 else 0]
+    tokens = [v for t in range(n_tokens) for v in (n_past + t, 0, 0, 0)]
+    return torch.tensor(head + tokens + [0, n_tokens, n_past, 0, 0, 0, 0, 0], dtype=torch.int32, device="cuda")
