@@ -34,7 +34,7 @@ const char* const kPaths[] = {"scalar", "avx2", "avx512"};  // worst to best
 DType parse_type(const std::string& name) {
   for (int t = 0; t < upg::kNumDTypes; ++t)
     if (name == upg::dtype_name(DType(t)) && DType(t) != DType::I32) return DType(t);
-  throw py::value_error("unknown tensor type '" + name + "' (f32, f16, bf16, q8_0, q4, q3)");
+  throw py::value_error("unknown tensor type '" + name + "' (f32, f16, bf16, q8_0, q4, q3, iq4_nl, iq4_xs, iq3)");
 }
 
 // Checks rows, cols and block against the type; returns the matrix's byte size.
@@ -45,8 +45,9 @@ uint64_t matrix_nbytes(DType type, int block, int64_t rows, int64_t cols) {
     if (block != 0) throw py::value_error(std::string(upg::dtype_name(type)) + " takes block 0");
     return uint64_t(rows) * uint64_t(cols) * uint64_t(upg::dense_elem_size(type));
   }
-  if (block != 32 && block != 64) throw py::value_error("block must be 32 or 64");
-  if (cols % block != 0) throw py::value_error("cols must be a multiple of block");
+  if (const char* e = upg::quant_shape_error(type, uint64_t(cols), block))
+    throw py::value_error(std::string(upg::dtype_name(type)) + " with " + std::to_string(cols) + " cols, block " +
+                          std::to_string(block) + ": " + e);
   return upg::quant_sections(type, rows, cols, block).total();
 }
 
@@ -68,11 +69,7 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
   w.rows = rows;
   w.cols = cols;
   w.codes = data.data();
-  if (upg::is_quantized(type)) {
-    const upg::QuantSections s = upg::quant_sections(type, rows, cols, block);
-    if (type == DType::Q3) w.high = w.codes + s.high_offset();
-    w.scales = reinterpret_cast<const uint16_t*>(w.codes + s.scales_offset());
-  }
+  upg::set_sections(w);
   if (!outliers) return w;
   const auto& [rowptr, col, val] = *outliers;
   if (rowptr.ndim() != 1 || rowptr.size() != rows + 1) throw py::value_error("outlier rowptr must be int32[rows + 1]");
@@ -93,12 +90,21 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
   return w;
 }
 
-py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads) {
+py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads,
+                              const std::optional<FArray>& importance) {
   const DType type = parse_type(type_name);
   if (src.ndim() != 2) throw py::value_error("w must be a 2-D float32 array");
   const int64_t rows = src.shape(0), cols = src.shape(1);
   const uint64_t nbytes = matrix_nbytes(type, block, rows, cols);
   if (n_threads < 0) throw py::value_error("n_threads must be >= 0");
+  const float* imp = nullptr;
+  if (importance) {
+    if (importance->ndim() != 1 || importance->shape(0) != cols)
+      throw py::value_error("importance must be a 1-D float32 array of cols (" + std::to_string(cols) + ") values");
+    imp = importance->data();
+    for (int64_t c = 0; c < cols; ++c)
+      if (!(std::isfinite(imp[c]) && imp[c] >= 0.0f)) throw py::value_error("importance must be finite and >= 0");
+  }
   if (n_threads == 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
   n_threads = int(std::min<int64_t>(n_threads, rows));
   py::array_t<uint8_t> out(static_cast<py::ssize_t>(nbytes));
@@ -115,7 +121,7 @@ py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FAr
       std::vector<std::thread> pool;
       for (int t = 0; t < n_threads; ++t)
         pool.emplace_back(upg::quantize_rows, type, block, x, rows, cols, o, rows * t / n_threads,
-                          rows * (t + 1) / n_threads);
+                          rows * (t + 1) / n_threads, imp);
       for (auto& th : pool) th.join();
     }
   }
@@ -297,8 +303,9 @@ std::vector<std::string> simd_paths() {
 
 void bind_kernels(py::module_& m) {
   using namespace pybind11::literals;
-  m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0,
-        "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md).");
+  m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0, "importance"_a = py::none(),
+        "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md). "
+        "importance: float32 [cols], the weight of each input column's squared errors (None: unweighted).");
   m.def("matvec", &matvec, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),
         "outliers"_a = py::none(), py::kw_only(), "r0"_a = 0, "r1"_a = py::none(), "n_threads"_a = 1,
         "chunk_rows"_a = 0,

@@ -94,7 +94,7 @@ struct V512 {
   // Row vectors x tokens of the wide tile: each broadcast feeds two rows of 16 (measured 2x4..2x7, 3x4)
   static constexpr int kMRi8 = 2, kNTi8Wide = 5;
   template <DType T>
-  static constexpr int kZero = T == DType::Q8_0 ? 128 : zero_point(T);  // q8_0: signed codes + 128
+  static constexpr int kZero = T == DType::Q8_0 || kGrid<T> ? 128 : zero_point(T);  // signed codes + 128
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static reg abs(reg v) { return _mm512_abs_ps(v); }
@@ -158,6 +158,36 @@ struct V512 {
     // bits 0-1 from lo, 2-7 from hi (0xE4: C ? A : B, C = 0x03 per byte), then the 3 code bits
     const __m512i joined = _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4);
     return _mm512_and_si512(joined, _mm512_set1_epi8(7));
+  }
+  // Bytes t[code] of codes 0..15 (a grid in dot form, simd_kernels.h's kDotGrid).
+  static ireg lut16(ireg codes, const uint8_t* t) {
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t))), codes);
+  }
+  // out[k] = the scale of sub-block b0 + k of a super-block row (its sub section, nb sub-blocks, its
+  // f16 super-scales) times d[k], for k in [0, n), n a multiple of 8; whole vectors stored (as
+  // scaled_halves). Masked loads: nothing past the row's bytes is read.
+  static void super_scales(const uint8_t* sub, int64_t nb, const uint16_t* sup, int64_t b0, int n, const float* d,
+                           float* out) {
+    const __m128i lo_idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m128i hi_idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i lo_shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    const __m512i hi_shift = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+    const __m512i sup_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int i = 0; i < n; i += W) {
+      const int64_t j0 = b0 + i;
+      const int m = n - i < W ? n - i : W;
+      const __m128i lo = _mm_maskz_loadu_epi8(__mmask16((1u << (m / 2)) - 1), sub + j0 / 2);
+      const __m128i hi = _mm_maskz_loadu_epi8(__mmask16((1u << (m / 4)) - 1), sub + nb / 2 + j0 / 4);
+      const __m128i sp = _mm_maskz_loadu_epi16(__mmask8((1u << (m / 8)) - 1), sup + j0 / 8);
+      const __m512i l = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(lo, lo_idx)), lo_shift),
+                                         _mm512_set1_epi32(15));
+      const __m512i h = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(hi, hi_idx)), hi_shift),
+                                         _mm512_set1_epi32(3));
+      const __m512i ls = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32(h, 4)), _mm512_set1_epi32(UPG_SUB_SCALE_BIAS));
+      const __m512 dsup = _mm512_permutexvar_ps(sup_idx, _mm512_castps256_ps512(_mm256_cvtph_ps(sp)));
+      const __m512 dv = _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), d + i);
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ls), dsup), dv));
+    }
   }
   // The integer accumulator of a vector of P blocks: zs[p] (-zero x sum of codes) in the first
   // lane of block p, 0 elsewhere; one masked load or one permute, no scalar-to-vector moves.

@@ -5,6 +5,9 @@
 // - codes are computed against the scale as stored (f16-rounded), q = round(x / f16(d)), so each
 //   decoded value is the grid point nearest to x; a scale that rounds to 0 gives zero codes;
 // - q4 / q3: m is the first element of largest magnitude in the block.
+// - iq4_nl, iq4_xs, iq3 (grids): the importance-weighted search of grid_scale and quantize_super
+//   below; codes are the nearest grid value to x / scale as stored (ties to the lower value). The
+//   reference checks these properties rather than the bytes.
 // Dense types (block 0) are written too, so the writer has one entry point for every type.
 #include <cmath>
 #include <cstring>
@@ -63,6 +66,178 @@ void quantize_block(DType type, int B, const float* x, uint8_t* codes, uint8_t* 
   }
 }
 
+// ---- grid types (iq4_nl, iq4_xs, iq3) ----
+
+// Index of the grid value nearest v (g ascending, n values; ties to the lower one).
+int nearest(const int8_t* g, int n, float v) {
+  int lo = 0, hi = n - 1;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    (v < float(g[mid]) ? hi : lo) = mid;
+  }
+  return v - float(g[lo]) <= float(g[hi]) - v ? lo : hi;
+}
+
+struct Grid {
+  const int8_t* g;
+  int n;
+  float step;  // trial spacing of the scale search, in grid units
+};
+Grid grid_of(DType t) { return t == DType::IQ3 ? Grid{kIq3Grid, 8, 2.0f} : Grid{kIq4Grid, 16, 1.0f}; }
+constexpr int kTries = 7;  // trial scales on each side of each end of the grid
+
+// Weights of the squared errors of n elements: importance (the mean squared activation of each
+// input column) times sqrt(sigma2 + x^2), as llama.cpp's imatrix quantizers weigh them; x^2 without
+// importance. All equal when every weight is 0, so a block still gets a scale.
+void error_weights(const float* x, const float* importance, int n, float* wt) {
+  float sumx2 = 0.0f;
+  for (int j = 0; j < n; ++j) sumx2 += x[j] * x[j];
+  const float sigma2 = sumx2 / float(n);
+  float total = 0.0f;
+  for (int j = 0; j < n; ++j) total += wt[j] = importance ? importance[j] * std::sqrt(sigma2 + x[j] * x[j]) : x[j] * x[j];
+  if (!(total > 0.0f))
+    for (int j = 0; j < n; ++j) wt[j] = 1.0f;
+}
+
+// Weighted squared error of x against scale d times the grid values nearest x / d.
+float grid_error(const Grid& G, const float* x, const float* wt, int n, float d) {
+  float e = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    const float v = d == 0.0f ? 0.0f : d * float(G.g[nearest(G.g, G.n, x[j] / d)]);
+    e += wt[j] * (x[j] - v) * (x[j] - v);
+  }
+  return e;
+}
+
+// The signed scale of one block of n elements: trial inverse scales put the element of largest
+// magnitude near either end of the grid (so the block may take the grid or its mirror image); each
+// trial's codes give the least-squares scale sum(w x q) / sum(w q^2), and the trial with the least
+// weighted error, sum(w x^2) - sum(w x q)^2 / sum(w q^2), wins.
+float grid_scale(const Grid& G, const float* x, const float* wt, int n) {
+  float m = signed_max(x, n);
+  if (m == 0.0f) return 0.0f;
+  float best_num = 0.0f, best_den = 1.0f, best_d = 0.0f;
+  for (const float end : {float(G.g[0]), float(G.g[G.n - 1])})
+    for (int t = -kTries; t <= kTries; ++t) {
+      const float id = (end + G.step * float(t)) / m;
+      float sqx = 0.0f, sq2 = 0.0f;
+      for (int j = 0; j < n; ++j) {
+        const float q = float(G.g[nearest(G.g, G.n, id * x[j])]);
+        sqx += wt[j] * x[j] * q;
+        sq2 += wt[j] * q * q;
+      }
+      if (sq2 > 0.0f && sqx * sqx * best_den > best_num * sq2) {
+        best_num = sqx * sqx;
+        best_den = sq2;
+        best_d = sqx / sq2;
+      }
+    }
+  return best_d;
+}
+
+// Codes of n elements against the stored scale d, packed as the type's codes (q4 or q3 packing
+// of one block of 32).
+void pack_grid_codes(DType type, const Grid& G, const float* x, float d, uint8_t* codes, uint8_t* high) {
+  constexpr int B = 32;
+  int q[B];
+  const int zero = nearest(G.g, G.n, 0.0f);
+  for (int j = 0; j < B; ++j) q[j] = d == 0.0f ? zero : nearest(G.g, G.n, x[j] / d);
+  if (type != DType::IQ3) {
+    for (int i = 0; i < B / 2; ++i) codes[i] = uint8_t(q[i] | (q[i + B / 2] << 4));
+    return;
+  }
+  for (int i = 0; i < B / 4; ++i) {
+    int v = 0;
+    for (int k = 0; k < 4; ++k) v |= (q[i + k * B / 4] & 3) << (2 * k);
+    codes[i] = uint8_t(v);
+  }
+  for (int i = 0; i < B / 8; ++i) {
+    int v = 0;
+    for (int k = 0; k < 8; ++k) v |= ((q[i + k * B / 8] >> 2) & 1) << k;
+    high[i] = uint8_t(v);
+  }
+}
+
+// One row of iq4_xs or iq3. Per super-block: each sub-block's best scale (grid_scale); the f16
+// super-scale d maps the largest of them to ls - 32 = -32; each sub-block takes the 6-bit ls among
+// the three nearest to its scale / d with the least weighted error; then d is refitted by least
+// squares to the chosen ls and codes and kept if that lowers the error.
+void quantize_super_row(DType type, const float* x, const float* importance, int64_t cols, uint8_t* codes,
+                        uint8_t* high, uint8_t* sub, uint8_t* scale_out) {
+  constexpr int B = 32, S = UPG_SUPER_BLOCK, NS = S / B, BIAS = UPG_SUB_SCALE_BIAS;
+  const Grid G = grid_of(type);
+  const int64_t nb = cols / B;
+  const int code_bytes = type == DType::IQ3 ? B / 4 : B / 2;
+  std::memset(sub, 0, size_t(nb / 2 + nb / 4));
+  for (int64_t s0 = 0; s0 < cols; s0 += S) {
+    const float* xs = x + s0;
+    float wt[S], sc[NS];
+    error_weights(xs, importance ? importance + s0 : nullptr, S, wt);
+    float smax = 0.0f;
+    for (int i = 0; i < NS; ++i) {
+      sc[i] = grid_scale(G, xs + i * B, wt + i * B, B);
+      if (std::fabs(sc[i]) > std::fabs(smax)) smax = sc[i];
+    }
+    // (d, ls) candidates: the scale from smax, then its least-squares refit
+    int ls[NS] = {};
+    float d = store_scale(-smax / float(BIAS), scale_out);
+    float err = 0.0f;
+    const auto choose_ls = [&](float dd, int* l) {
+      float e = 0.0f;
+      for (int i = 0; i < NS; ++i) {
+        if (dd == 0.0f) { l[i] = 0; e += grid_error(G, xs + i * B, wt + i * B, B, 0.0f); continue; }
+        const int l0 = int(std::nearbyint(clampf(sc[i] / dd, -float(BIAS), float(BIAS - 1))));
+        float best = INFINITY;
+        for (int c = l0 - 1; c <= l0 + 1; ++c) {
+          if (c < -BIAS || c > BIAS - 1) continue;
+          const float ec = grid_error(G, xs + i * B, wt + i * B, B, dd * float(c));
+          if (ec < best) { best = ec; l[i] = c; }
+        }
+        e += best;
+      }
+      return e;
+    };
+    err = choose_ls(d, ls);
+    if (d != 0.0f) {
+      float sxq = 0.0f, sq2 = 0.0f;
+      for (int i = 0; i < NS; ++i) {
+        const float dl = d * float(ls[i]);
+        for (int j = 0; j < B; ++j) {
+          const float q = dl == 0.0f ? 0.0f : float(ls[i]) * float(G.g[nearest(G.g, G.n, xs[i * B + j] / dl)]);
+          sxq += wt[i * B + j] * xs[i * B + j] * q;
+          sq2 += wt[i * B + j] * q * q;
+        }
+      }
+      const float d2 = sq2 > 0.0f ? f16_to_f32(f32_to_f16(sxq / sq2)) : 0.0f;
+      int ls2[NS] = {};
+      if (d2 != 0.0f && std::isfinite(d2)) {
+        const float err2 = choose_ls(d2, ls2);
+        if (err2 < err) {
+          d = store_scale(d2, scale_out);
+          std::memcpy(ls, ls2, sizeof ls);
+        }
+      }
+    }
+    scale_out += 2;
+    for (int i = 0; i < NS; ++i) {
+      const int64_t b = s0 / B + i;
+      pack_grid_codes(type, G, xs + i * B, d * float(ls[i]), codes + b * code_bytes, high + b * (B / 8));
+      const int code = ls[i] + BIAS;
+      sub[b / 2] |= uint8_t((code & 15) << (4 * (b & 1)));
+      sub[nb / 2 + b / 4] |= uint8_t((code >> 4) << (2 * (b & 3)));
+    }
+  }
+}
+
+// One block of iq4_nl: its own f16 scale from grid_scale.
+void quantize_iq4_nl_block(const float* x, const float* importance, uint8_t* codes, uint8_t* scale_out) {
+  constexpr int B = 32;
+  const Grid G = grid_of(DType::IQ4_NL);
+  float wt[B];
+  error_weights(x, importance, B, wt);
+  pack_grid_codes(DType::IQ4_NL, G, x, store_scale(grid_scale(G, x, wt, B), scale_out), codes, nullptr);
+}
+
 // Dense types (block 0): row-major elements, rounded to nearest even (as numpy's and torch's casts).
 void convert_rows(DType type, const float* src, int64_t cols, uint8_t* out, int64_t r0, int64_t r1) {
   const int64_t i0 = r0 * cols, i1 = r1 * cols;
@@ -86,9 +261,25 @@ void convert_rows(DType type, const float* src, int64_t cols, uint8_t* out, int6
 }  // namespace
 
 void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_t cols, uint8_t* out,
-                   int64_t r0, int64_t r1) {
+                   int64_t r0, int64_t r1, const float* importance) {
   if (!is_quantized(type)) return convert_rows(type, src, cols, out, r0, r1);
   const QuantSections s = quant_sections(type, rows, cols, block);
+  if (has_super_block(type)) {
+    const int64_t nb = cols / 32, code_bytes = type == DType::IQ3 ? cols / 4 : cols / 2;
+    for (int64_t r = r0; r < r1; ++r)
+      quantize_super_row(type, src + r * cols, importance, cols, out + r * code_bytes,
+                         out + s.high_offset() + r * (cols / 8), out + s.sub_offset() + r * (nb / 2 + nb / 4),
+                         out + s.scales_offset() + r * (cols / UPG_SUPER_BLOCK) * 2);
+    return;
+  }
+  if (type == DType::IQ4_NL) {
+    const int64_t nb = cols / 32;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < nb; ++b)
+        quantize_iq4_nl_block(src + r * cols + b * 32, importance ? importance + b * 32 : nullptr,
+                              out + (r * nb + b) * 16, out + s.scales_offset() + (r * nb + b) * 2);
+    return;
+  }
   const int B = block;
   const int64_t nb = cols / B;
   const int64_t code_bytes = type == DType::Q8_0 ? B : (type == DType::Q4 ? B / 2 : B / 4);
