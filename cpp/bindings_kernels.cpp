@@ -71,6 +71,7 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
   w.codes = data.data();
   upg::set_sections(w);
   if (!outliers) return w;
+  if (upg::has_grid(type)) throw py::value_error(std::string(upg::dtype_name(type)) + " carries no outliers (its grid has no 0)");
   const auto& [rowptr, col, val] = *outliers;
   if (rowptr.ndim() != 1 || rowptr.size() != rows + 1) throw py::value_error("outlier rowptr must be int32[rows + 1]");
   if (col.ndim() != 1 || val.ndim() != 1 || col.size() != val.size())

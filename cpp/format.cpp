@@ -377,6 +377,7 @@ WeightView UPGFile::weight(const std::string& name, uint64_t rows, uint64_t cols
   const std::string where = "tensor '" + name + "' outliers: ";
   if (!rp || !col || !val) throw FormatError(where + "rowptr, col and val must all be present");
   if (!is_quantized(t->dtype)) throw FormatError(where + "only quantized matrices carry outliers");
+  if (has_grid(t->dtype)) throw FormatError(where + dtype_name(t->dtype) + " carries no outliers (its grid has no 0)");
   if (rp->dtype != DType::I32 || rp->dims[0] != rows + 1) throw FormatError(where + "rowptr must be i32 [rows + 1]");
   if (col->dtype != DType::I32 || val->dtype != DType::F16 || val->dims.size() != 1 || col->dims[0] != val->dims[0])
     throw FormatError(where + "col must be i32 [nnz] and val f16 [nnz]");

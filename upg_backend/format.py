@@ -30,6 +30,7 @@ DATA_ALIGN = _core.DATA_ALIGN
 DTYPE_CODES: dict[str, int] = dict(_core.DTYPES)
 QUANTIZED: tuple[str, ...] = tuple(_core.QUANTIZED_TYPES)
 DTYPE_VERSIONS: dict[str, int] = dict(_core.DTYPE_VERSIONS)
+EXACT_ZERO = ("q8_0", "q4", "q3")  # quantized types that decode 0 exactly: the ones that carry outliers
 BLOCKS = (32, 64)
 # numpy dtype a dense tensor is stored as (bf16 is read and written as uint16 bits)
 _DENSE = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "i32": np.dtype("<i4")}
@@ -101,6 +102,9 @@ class TensorSource:
                 raise ValueError(f"{self.name}: {e}") from None
             if not 0.0 <= self.outliers < 1.0:
                 raise ValueError(f"{self.name}: outlier fraction must be in [0, 1), got {self.outliers}")
+            if self.outliers and self.dtype not in EXACT_ZERO:
+                raise ValueError(f"{self.name}: {self.dtype} carries no outliers (it does not decode 0 exactly); "
+                                 f"use one of {', '.join(EXACT_ZERO)}")
         elif self.block or self.outliers:
             raise ValueError(f"{self.name}: block and outliers apply to quantized types only")
         if self.dtype == "i32" and len(self.shape) != 1:

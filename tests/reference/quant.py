@@ -55,8 +55,8 @@ def _scales(x, type_):
 
 
 def nearest(grid, v):
-    """Index of the grid value nearest each v (ties to the lower value)."""
-    return np.searchsorted((grid[1:] + grid[:-1]) / 2, v, side="left")
+    """Index of the grid value nearest each v (ties to the upper value)."""
+    return np.searchsorted((grid[1:] + grid[:-1]) / 2, v, side="right")
 
 
 def _pack_nibbles(q):
@@ -182,7 +182,8 @@ def dequantize(type_, block, data, rows, cols):
     return (d * q.astype(np.float32)).reshape(rows, cols)
 
 
-def _dequantize_grid(type_, data, rows, cols):
+def grid_parts(type_, data, rows, cols):
+    """A grid-type matrix's codes [rows, nb, 32] (grid indices) and block scales [rows, nb] (f32)."""
     nb, j = cols // 32, np.arange(32)
     if type_ == "iq3":
         n_codes, n_high = rows * cols // 4, rows * cols // 8
@@ -204,6 +205,11 @@ def _dequantize_grid(type_, data, rows, cols):
         scale = d[:, b // 8] * (ls - 32).astype(np.float32)
     else:
         scale = data[start : start + rows * nb * 2].view(np.float16).astype(np.float32).reshape(rows, nb)
+    return q, scale
+
+
+def _dequantize_grid(type_, data, rows, cols):
+    q, scale = grid_parts(type_, data, rows, cols)
     return (scale[..., None] * GRIDS[type_][q]).reshape(rows, cols)
 
 
