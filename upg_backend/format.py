@@ -171,9 +171,23 @@ def _split_outliers(w: np.ndarray, k: int) -> tuple[np.ndarray, list[np.ndarray]
     return w, [rowptr.astype("<i4"), cols.reshape(-1).astype("<i4"), vals.reshape(-1)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A quantized matrix already in its type's bytes (FORMAT.md's sections, padded), which a
+    TensorSource's `load` may return instead of values: written as is (GGUF import of a type UPG
+    holds exactly, without a second rounding)."""
+
+    data: np.ndarray
+
+
 def _encode(src: TensorSource) -> list[np.ndarray]:
     """The bytes of a source's tensor (and its outlier companions), in directory order."""
-    w = np.asarray(src.load())
+    w = src.load()
+    if isinstance(w, Encoded):
+        if src.dtype not in QUANTIZED or src.outliers_per_row:
+            raise ValueError(f"{src.name}: encoded bytes are for quantized matrices without outliers")
+        return [np.ascontiguousarray(w.data, dtype=np.uint8).reshape(-1)]
+    w = np.asarray(w)
     if tuple(w.shape) != tuple(src.shape):
         raise ValueError(f"{src.name}: got shape {list(w.shape)}, expected {list(src.shape)}")
     if src.dtype == "i32":
