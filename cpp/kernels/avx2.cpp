@@ -167,6 +167,16 @@ struct V256 {
     return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(3)),
                            _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi8(1)), 2));
   }
+  // The 32 iq3 codes (3 bits) of block p of a group of 4 (docs/FORMAT.md), from the group's 32 ql
+  // bytes (shifted by 2p) and 16 qh bytes (broadcast to both halves, shifted by 2p and 2p + 1).
+  static ireg iq3_codes(const uint8_t* ql, const uint8_t* qh, int p) {
+    const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(load_i(ql), _mm_cvtsi32_si128(2 * p)), _mm256_set1_epi8(3));
+    alignas(32) static constexpr int32_t kHiShift[4][8] = {
+        {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
+    const __m256i h = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh))),
+                                        load_i(kHiShift[p]));
+    return _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 2));
+  }
   // Bytes t[code] of codes 0..15 (a grid in dot form, simd_kernels.h's kDotGrid).
   static ireg lut16(ireg codes, const uint8_t* t) {
     return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t))), codes);

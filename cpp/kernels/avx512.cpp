@@ -9,6 +9,19 @@
 namespace upg {
 namespace {
 
+// The shifts and rotations of the two pairs, loaded (a table costs less than building them).
+struct Iq3Shifts {
+  alignas(64) int16_t lo[2][32];
+  alignas(64) int32_t rot[2][16];
+  constexpr Iq3Shifts() : lo(), rot() {
+    for (int pair = 0; pair < 2; ++pair) {
+      for (int l = 0; l < 32; ++l) lo[pair][l] = int16_t(4 * pair + (l < 16 ? 0 : 2));
+      for (int l = 0; l < 16; ++l) rot[pair][l] = (4 * pair + l / 4 - 2) & 31;
+    }
+  }
+};
+static constexpr Iq3Shifts kIq3Shifts{};
+
 struct V512 {
   static constexpr int W = 16;
   static constexpr int kMatvecRows = 4;  // rows sharing each x load in matvec (best of 1..8)
@@ -158,6 +171,20 @@ struct V512 {
     // bits 0-1 from lo, 2-7 from hi (0xE4: C ? A : B, C = 0x03 per byte), then the 3 code bits
     const __m512i joined = _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4);
     return _mm512_and_si512(joined, _mm512_set1_epi8(7));
+  }
+  // 64 iq3 codes (3 bits) of blocks p, p + 1 (p even) of a group of 4 (docs/FORMAT.md) in element
+  // order, from the group's 32 ql and 16 qh bytes: the ql bytes broadcast to both halves and
+  // shifted by 2p, 2p + 2; the qh bytes to the four 128-bit lanes, bit 2p + g of lane g rotated to
+  // bit 2; one bitwise select joins them.
+  static ireg iq3_codes(const uint8_t* ql, const uint8_t* qh, int p) {
+    const int pair = p >> 1;
+    const __m512i lo = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql))),
+                                         _mm512_load_si512(kIq3Shifts.lo[pair]));
+    const __m512i hi = _mm512_and_si512(
+        _mm512_rorv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh))),
+                          _mm512_load_si512(kIq3Shifts.rot[pair])),
+        _mm512_set1_epi8(4));
+    return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4);  // C ? A : B
   }
   // Bytes t[code] of codes 0..15 (a grid in dot form, simd_kernels.h's kDotGrid).
   static ireg lut16(ireg codes, const uint8_t* t) {

@@ -150,26 +150,28 @@ float grid_scale(const Grid& G, const float* x, const float* wt, int n) {
   return best_d;
 }
 
-// Codes of n elements against the stored scale d, packed as the type's codes (q4 or q3 packing
-// of one block of 32).
-void pack_grid_codes(DType type, const Grid& G, const float* x, float d, uint8_t* codes, uint8_t* high) {
-  constexpr int B = 32;
-  int q[B];
+// Codes (grid indices) of one block of 32 against the stored scale d.
+void grid_codes(const Grid& G, const float* x, float d, int* q) {
   const int zero = nearest(G, 0.0f);
-  for (int j = 0; j < B; ++j) q[j] = d == 0.0f ? zero : nearest(G, x[j] / d);
-  if (type != DType::IQ3) {
-    for (int i = 0; i < B / 2; ++i) codes[i] = uint8_t(q[i] | (q[i + B / 2] << 4));
-    return;
-  }
-  for (int i = 0; i < B / 4; ++i) {
+  for (int j = 0; j < 32; ++j) q[j] = d == 0.0f ? zero : nearest(G, x[j] / d);
+}
+
+// q4's packing of one block of 32 codes.
+void pack_nibbles(const int* q, uint8_t* codes) {
+  for (int i = 0; i < 16; ++i) codes[i] = uint8_t(q[i] | (q[i + 16] << 4));
+}
+
+// iq3's packing of a group of 4 blocks (128 codes; FORMAT.md): 32 ql bytes, 16 qh bytes.
+void pack_iq3_group(const int* q, uint8_t* ql, uint8_t* qh) {
+  for (int i = 0; i < 32; ++i) {
     int v = 0;
-    for (int k = 0; k < 4; ++k) v |= (q[i + k * B / 4] & 3) << (2 * k);
-    codes[i] = uint8_t(v);
+    for (int p = 0; p < 4; ++p) v |= (q[32 * p + i] & 3) << (2 * p);
+    ql[i] = uint8_t(v);
   }
-  for (int i = 0; i < B / 8; ++i) {
+  for (int i = 0; i < 16; ++i) {
     int v = 0;
-    for (int k = 0; k < 8; ++k) v |= ((q[i + k * B / 8] >> 2) & 1) << k;
-    high[i] = uint8_t(v);
+    for (int k = 0; k < 8; ++k) v |= ((q[16 * k + i] >> 2) & 1) << k;
+    qh[i] = uint8_t(v);
   }
 }
 
@@ -182,7 +184,6 @@ void quantize_super_row(DType type, const float* x, const float* importance, int
   constexpr int B = 32, S = UPG_SUPER_BLOCK, NS = S / B, BIAS = UPG_SUB_SCALE_BIAS;
   const Grid& G = grid_of(type);
   const int64_t nb = cols / B;
-  const int code_bytes = type == DType::IQ3 ? B / 4 : B / 2;
   std::memset(sub, 0, size_t(nb / 2 + nb / 4));
   for (int64_t s0 = 0; s0 < cols; s0 += S) {
     const float* xs = x + s0;
@@ -234,9 +235,13 @@ void quantize_super_row(DType type, const float* x, const float* importance, int
       }
     }
     scale_out += 2;
+    int q[S];
+    for (int i = 0; i < NS; ++i) grid_codes(G, xs + i * B, d * float(ls[i]), q + i * B);
+    if (type == DType::IQ3)
+      for (int k = 0; k < S / 128; ++k) pack_iq3_group(q + 128 * k, codes + s0 / 4 + 32 * k, high + s0 / 8 + 16 * k);
     for (int i = 0; i < NS; ++i) {
       const int64_t b = s0 / B + i;
-      pack_grid_codes(type, G, xs + i * B, d * float(ls[i]), codes + b * code_bytes, high + b * (B / 8));
+      if (type != DType::IQ3) pack_nibbles(q + i * B, codes + b * (B / 2));
       const int code = ls[i] + BIAS;
       sub[b / 2] |= uint8_t((code & 15) << (4 * (b & 1)));
       sub[nb / 2 + b / 4] |= uint8_t((code >> 4) << (2 * (b & 3)));
@@ -249,8 +254,10 @@ void quantize_iq4_nl_block(const float* x, const float* importance, uint8_t* cod
   constexpr int B = 32;
   const Grid& G = grid_of(DType::IQ4_NL);
   float wt[B];
+  int q[B];
   error_weights(x, importance, B, wt);
-  pack_grid_codes(DType::IQ4_NL, G, x, store_scale(grid_scale(G, x, wt, B), scale_out), codes, nullptr);
+  grid_codes(G, x, store_scale(grid_scale(G, x, wt, B), scale_out), q);
+  pack_nibbles(q, codes);
 }
 
 // Dense types (block 0): row-major elements, rounded to nearest even (as numpy's and torch's casts).

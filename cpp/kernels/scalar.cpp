@@ -14,7 +14,7 @@ int code(const WeightView& w, int64_t g, int j) {
   const int B = w.block;
   if (w.type == DType::Q8_0) return int8_t(w.codes[g * B + j]);
   if (w.type == DType::Q3) return q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - UPG_Q3_ZERO;
-  if (w.type == DType::IQ3) return kIq3Grid[q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j)];
+  if (w.type == DType::IQ3) return kIq3Grid[iq3_code(w.codes, w.high, g, j)];
   const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
   const int q = j < B / 2 ? byte & 15 : byte >> 4;
   return w.type == DType::Q4 ? q - UPG_Q4_ZERO : kIq4Grid[q];

@@ -39,7 +39,7 @@ constexpr bool kSuper = T == DType::IQ4_XS || T == DType::IQ3;  // quant.h's has
 template <DType T>
 constexpr bool kNibbles = T == DType::Q4 || T == DType::IQ4_NL || T == DType::IQ4_XS;  // q4's code packing
 template <DType T>
-constexpr bool kThreeBit = T == DType::Q3 || T == DType::IQ3;  // q3's code packing (ql, qh)
+constexpr bool kThreeBit = T == DType::Q3 || T == DType::IQ3;  // ql and qh sections
 template <DType T, int B>
 constexpr int kCodeBytesOf = T == DType::Q8_0 ? B : kNibbles<T> ? B / 2 : B / 4;  // per block: qs or ql
 
@@ -212,8 +212,8 @@ inline typename V::ireg dot_codes(const WeightView& w, int64_t g, int c) {
   if constexpr (T == DType::Q8_0) return V::q8_codes(w.codes + g * B + c * I8Shape<V, T, B>::E);
   else if constexpr (T == DType::Q4) return V::template q4_codes<B>(w.codes + g * (B / 2), c);
   else if constexpr (T == DType::Q3) return V::template q3_codes<B>(w.codes + g * (B / 4), w.high + g * (B / 8), c);
-  else if constexpr (T == DType::IQ3)
-    return V::lut16(V::template q3_codes<B>(w.codes + g * (B / 4), w.high + g * (B / 8), c), kDotGrid<T, Z>.v);
+  else if constexpr (T == DType::IQ3)  // its group of 4 blocks: 32 ql bytes, 16 qh bytes
+    return V::lut16(V::iq3_codes(w.codes + (g >> 2) * 32, w.high + (g >> 2) * 16, int(g & 3)), kDotGrid<T, Z>.v);
   else return V::lut16(V::template q4_codes<B>(w.codes + g * (B / 2), c), kDotGrid<T, Z>.v);
 }
 
@@ -226,10 +226,12 @@ inline int signed_code(const WeightView& w, int64_t g, int j) {
     const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
     const int q = j < B / 2 ? byte & 15 : byte >> 4;
     return kGrid<T> ? grid_value<T>(q) : q - UPG_Q4_ZERO;
+  } else if constexpr (T == DType::IQ3) {
+    return grid_value<T>(iq3_code(w.codes, w.high, g, j));
   } else {  // quant.h's q3_code, not called here (see top)
     const int lo = (w.codes[g * (B / 4) + j % (B / 4)] >> (2 * (j / (B / 4)))) & 3;
     const int hi = (w.high[g * (B / 8) + j % (B / 8)] >> (j / (B / 8))) & 1;
-    return kGrid<T> ? grid_value<T>(lo | hi << 2) : (lo | hi << 2) - UPG_Q3_ZERO;
+    return (lo | hi << 2) - UPG_Q3_ZERO;
   }
 }
 

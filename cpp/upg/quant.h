@@ -105,6 +105,17 @@ static inline int sub_scale_code(const uint8_t* sub, int64_t nb, int64_t j) {
   return ((sub[j / 2] >> (4 * (j & 1))) & 15) | (((sub[nb / 2 + j / 4] >> (2 * (j & 3))) & 3) << 4);
 }
 
+// Code (grid index) of element j of iq3 block g (global: row * nb + block). Codes are packed per
+// group of 4 blocks (128 elements, FORMAT.md): ql byte i of the group holds the low 2 bits of
+// element i of its block p at bits 2p; qh byte i the high bit of group element 16k + i at bit k.
+// Static: see sub_scale_code.
+static inline int iq3_code(const uint8_t* ql, const uint8_t* qh, int64_t g, int j) {
+  const int p = int(g & 3);
+  const int lo = (ql[(g >> 2) * 32 + j] >> (2 * p)) & 3;
+  const int hi = (qh[(g >> 2) * 16 + (j & 15)] >> (2 * p + (j >> 4))) & 1;
+  return lo | (hi << 2);
+}
+
 // Code of element j of a q3 block (B = block size) from its ql and qh bytes.
 inline int q3_code(const uint8_t* ql, const uint8_t* qh, int B, int j) {
   const int lo = (ql[j % (B / 4)] >> (2 * (j / (B / 4)))) & 3;

@@ -64,13 +64,12 @@ def _pack_nibbles(q):
     return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
 
 
-def _pack_3bit(q, B):
-    """q3's packing of codes [rows, nb, B]: (ql, qh)."""
-    rows = q.shape[0]
-    q4k = q.reshape(rows, -1, 4, B // 4)
-    ql = ((q4k & 3) << (2 * np.arange(4))[:, None]).sum(axis=-2)
-    q8k = q.reshape(rows, -1, 8, B // 8)
-    qh = (((q8k >> 2) & 1) << np.arange(8)[:, None]).sum(axis=-2)
+def _pack_iq3(codes):
+    """iq3's packing per group of 128 codes: ql byte i = sum over blocks p of (low 2 bits of element
+    32p + i) << 2p; qh byte i = sum over k of (bit 2 of element 16k + i) << k."""
+    g = codes.reshape(codes.shape[0], -1, 128)
+    ql = ((g.reshape(*g.shape[:2], 4, 32) & 3) << (2 * np.arange(4))[:, None]).sum(axis=-2)
+    qh = (((g.reshape(*g.shape[:2], 8, 16) >> 2) & 1) << np.arange(8)[:, None]).sum(axis=-2)
     return ql.astype(np.uint8), qh.astype(np.uint8)
 
 
@@ -81,7 +80,7 @@ def pack_grid(type_, codes, scales, sub=None):
     codes = np.asarray(codes, np.int64)
     rows, cols = codes.shape
     q = codes.reshape(rows, cols // 32, 32)
-    sections = [_pack_nibbles(q)] if type_ != "iq3" else list(_pack_3bit(q, 32))
+    sections = [_pack_nibbles(q)] if type_ != "iq3" else list(_pack_iq3(codes))
     if type_ in SUPER_TYPES:
         ls = np.asarray(sub, np.int64).reshape(rows, -1)
         lo = (ls[:, 0::2] & 15) | ((ls[:, 1::2] & 15) << 4)
@@ -187,9 +186,12 @@ def grid_parts(type_, data, rows, cols):
     nb, j = cols // 32, np.arange(32)
     if type_ == "iq3":
         n_codes, n_high = rows * cols // 4, rows * cols // 8
-        ql = data[:n_codes].astype(np.int64).reshape(rows, nb, 8)
-        qh = data[pad64(n_codes) : pad64(n_codes) + n_high].astype(np.int64).reshape(rows, nb, 4)
-        q = ((ql[..., j % 8] >> (2 * (j // 8))) & 3) | (((qh[..., j % 4] >> (j // 4)) & 1) << 2)
+        ql = data[:n_codes].astype(np.int64).reshape(rows, -1, 1, 32)
+        qh = data[pad64(n_codes) : pad64(n_codes) + n_high].astype(np.int64).reshape(rows, -1, 1, 16)
+        e = np.arange(128).reshape(4, 32)  # element of the group, [block p][j]
+        low = (ql[..., e % 32] >> (2 * (e // 32))) & 3
+        high = (qh[..., e % 16] >> (e // 16)) & 1
+        q = (low | (high << 2)).reshape(rows, nb, 32)
     else:
         n_codes, n_high = rows * cols // 2, 0
         by = data[:n_codes].astype(np.int64).reshape(rows, nb, 16)
