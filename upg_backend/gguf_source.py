@@ -35,7 +35,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_TOKENIZERS: dict[str, tuple[str, str | None]] = {
     # name: (kind, regex); "gpt2" is GPT-2's own split, built into the ByteLevel pre-tokenizer
-    "default": ("gpt2", None), "gpt2": ("gpt2", None),
+    "default": ("gpt2", None), "gpt2": ("gpt2", None), "gpt-2": ("gpt2", None),  # llama.cpp names it gpt-2
     "smollm": ("digits+gpt2", None),  # as SmolLM's tokenizer.json: each digit alone, then GPT-2's split
     **{n: ("split", _LLAMA3_SPLIT) for n in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")},
     **{n: ("split", _QWEN2_SPLIT) for n in ("qwen2", "deepseek-r1-qwen")},

@@ -56,7 +56,8 @@ struct UpgMatArgs {
   int32_t cols;
   int32_t block;          // elements per scale block (quantized types), else 0
   uint32_t high_offset;   // q3: byte offset of the qh section, = pad64(codes)
-  uint32_t scales_offset; // quantized: byte offset of the f16 scales, = pad64(codes) + pad64(high)
+  uint32_t scales_offset; // quantized: byte offset of the f16 scales, = pad64(codes) + pad64(high) + pad64(sub)
+  uint32_t sub_offset;    // iq4_xs, iq3: byte offset of the sub-block scales, = pad64(codes) + pad64(high)
   int32_t has_outliers;   // 1 when the rowptr/col/val buffers are bound
   int32_t n_tokens;       // mat-mat and get_rows: tokens (rows of x / entries of ids)
   int32_t ldy;            // mat-mat: stride of y between tokens (>= rows)
