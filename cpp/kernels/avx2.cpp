@@ -214,6 +214,7 @@ struct V256 {
   template <int P>
   static reg block_scales(const float* s) { return _mm256_set1_ps(s[0]); }
   static constexpr bool kQ4Quad = false;  // rows_dot_q4_quad: 16-lane paths only
+  static constexpr bool kIq3Quad = false;
   static __m256i first_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, first_n(n), v); }
   static reg load_n(const float* p, int n) { return _mm256_maskload_ps(p, first_n(n)); }

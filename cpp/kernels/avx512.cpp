@@ -13,11 +13,15 @@ namespace {
 struct Iq3Shifts {
   alignas(64) int16_t lo[2][32];
   alignas(64) int32_t rot[2][16];
-  constexpr Iq3Shifts() : lo(), rot() {
+  alignas(64) int16_t quad_lo[32];     // iq3_quad_codes: 128-bit lane p shifts by 2p
+  alignas(64) int32_t quad_rot[2][16]; // and rotates bit 2p (elements 0-15), 2p + 1 (16-31) to bit 2
+  constexpr Iq3Shifts() : lo(), rot(), quad_lo(), quad_rot() {
     for (int pair = 0; pair < 2; ++pair) {
       for (int l = 0; l < 32; ++l) lo[pair][l] = int16_t(4 * pair + (l < 16 ? 0 : 2));
       for (int l = 0; l < 16; ++l) rot[pair][l] = (4 * pair + l / 4 - 2) & 31;
+      for (int l = 0; l < 16; ++l) quad_rot[pair][l] = (2 * (l / 4) + pair - 2) & 31;
     }
+    for (int l = 0; l < 32; ++l) quad_lo[l] = int16_t(2 * (l / 8));
   }
 };
 static constexpr Iq3Shifts kIq3Shifts{};
@@ -185,6 +189,18 @@ struct V512 {
                           _mm512_load_si512(kIq3Shifts.rot[pair])),
         _mm512_set1_epi8(4));
     return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4);  // C ? A : B
+  }
+  // The 128 iq3 codes of a group of 4 blocks in the q4 quad order (q4_quad_codes): 128-bit lane p
+  // of lo holds elements 0-15 of block p, of hi elements 16-31; one broadcast of each 16 ql bytes
+  // and of the 16 qh bytes, and the same shifts for every group (loop constants).
+  static constexpr bool kIq3Quad = true;
+  static void iq3_quad_codes(const uint8_t* ql, const uint8_t* qh, ireg& lo, ireg& hi) {
+    const auto b16 = [](const uint8_t* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+    const __m512i sh = _mm512_load_si512(kIq3Shifts.quad_lo), h = b16(qh), m3 = _mm512_set1_epi8(3), m4 = _mm512_set1_epi8(4);
+    lo = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(b16(ql), sh),
+                                   _mm512_and_si512(_mm512_rorv_epi32(h, _mm512_load_si512(kIq3Shifts.quad_rot[0])), m4), m3, 0xE4);
+    hi = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(b16(ql + 16), sh),
+                                   _mm512_and_si512(_mm512_rorv_epi32(h, _mm512_load_si512(kIq3Shifts.quad_rot[1])), m4), m3, 0xE4);
   }
   // Bytes t[code] of codes 0..15 (a grid in dot form, simd_kernels.h's kDotGrid).
   static ireg lut16(ireg codes, const uint8_t* t) {

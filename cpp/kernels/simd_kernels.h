@@ -307,9 +307,10 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
       else V::scaled_halves(w.scales + (r + i) * nb + b0, a.d + b0, n, sd[i]);
     }
     int64_t bq = b0;  // blocks [b0, bq) went through the quad loop
-    if constexpr (kNibbles<T> && B == 32 && V::kQ4Quad) {
+    if constexpr (B == 32 && ((kNibbles<T> && V::kQ4Quad) || (T == DType::IQ3 && V::kIq3Quad))) {
       // Four blocks at a time (V::q4_quad_codes): 1 load and 3 bit operations for 128 codes where
       // the pair loop below takes 2 loads and 6 (SmolLM2-shaped q4 in cache 21 -> 30 GB/s on one core).
+      // iq3: one group of its codes (V::iq3_quad_codes), in the same order.
       const int64_t qend = b0 + n / 4 * 4;
       for (int64_t bu = b0; bu < qend; bu += U * 4)
 #pragma GCC unroll 4
@@ -324,7 +325,12 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
             const int64_t g = (r + i) * nb + b;
             prefetch(w.codes + g * S::kCodeBytes, pf);
             typename V::ireg lo, hi;
-            V::q4_quad_codes(w.codes + g * S::kCodeBytes, lo, hi);
+            if constexpr (T == DType::IQ3) {
+              prefetch(w.high + g * (B / 8), pf / 2);
+              V::iq3_quad_codes(w.codes + g * S::kCodeBytes, w.high + g * (B / 8), lo, hi);
+            } else {
+              V::q4_quad_codes(w.codes + g * S::kCodeBytes, lo, hi);
+            }
             if constexpr (kGrid<T>) {
               lo = V::lut16(lo, kDotGrid<T, S::kZero>.v);
               hi = V::lut16(hi, kDotGrid<T, S::kZero>.v);
