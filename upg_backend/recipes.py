@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .format import BLOCKS, DTYPE_CODES, EXACT_ZERO, QUANTIZED, TENSOR_ALIGN, TensorSource, tensor_nbytes
 
 WEIGHT_TYPES = tuple(t for t in DTYPE_CODES if t != "i32")  # what a weight matrix may be stored as
-GRID_TYPES = ("iq4_nl", "iq4_xs", "iq3")  # block 32 only (FORMAT.md "Grid types")
+GRID_TYPES = tuple(t for t in QUANTIZED if t not in EXACT_ZERO)  # block 32 only (FORMAT.md "Grid types")
 SUPER_BLOCK_TYPES = ("iq4_xs", "iq3")     # need rows of a multiple of 256 columns
 # what a super-block type becomes in a matrix whose rows are not (SmolLM2's 576-wide rows), as
 # llama.cpp's IQ4_XS and IQ3 types fall back to IQ4_NL

@@ -32,10 +32,11 @@ constexpr int64_t kShortRowBytes = 1024;
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // quant.h's is_quantized, not called here (see top).
 inline bool is_quantized_type(DType t) { return t != DType::F32 && t != DType::F16 && t != DType::BF16 && t != DType::I32; }
+// quant.h's constexpr predicates, evaluated at compile time only (no call is emitted; see top)
 template <DType T>
-constexpr bool kGrid = T == DType::IQ4_NL || T == DType::IQ4_XS || T == DType::IQ3;  // quant.h's has_grid
+constexpr bool kGrid = has_grid(T);
 template <DType T>
-constexpr bool kSuper = T == DType::IQ4_XS || T == DType::IQ3;  // quant.h's has_super_block
+constexpr bool kSuper = has_super_block(T);
 template <DType T>
 constexpr bool kNibbles = T == DType::Q4 || T == DType::IQ4_NL || T == DType::IQ4_XS;  // q4's code packing
 template <DType T>
@@ -298,8 +299,14 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8& a, const int32_t* zs, 
   alignas(64) float sd[R][kScaleGroup];  // weight scale x activation scale, per block
   for (int64_t b0 = 0; b0 < nb; b0 += kScaleGroup) {
     const int n = int(min64(kScaleGroup, nb - b0));
-    // the scales are a stream of their own, an eighth to a sixteenth of the codes' bytes
-    prefetch(w.scales + r * nb + b0, pf / (S::kCodeBytes / 2));
+    // the scales are a stream of their own, an eighth to a sixteenth of the codes' bytes; the
+    // super-block types' sub-scales (3/4 byte a block) and super-scales (1/4) are two more
+    if constexpr (kSuper<T>) {
+      prefetch(w.sub + r * (nb / 2 + nb / 4) + b0 / 2, pf * 3 / (4 * S::kCodeBytes));
+      prefetch(w.scales + r * (nb / 8) + b0 / 8, pf / (4 * S::kCodeBytes));
+    } else {
+      prefetch(w.scales + r * nb + b0, pf / (S::kCodeBytes / 2));
+    }
     // Whole vectors (a scalar loop here cost short rows more than their dot products did: SmolLM2's
     // 576-wide q4 rows ran at 13 GB/s in cache).
     for (int i = 0; i < R; ++i) {
