@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_TYPES = {"f32": 0, "f16": 1, "q4": 2, "q8_0": 8, "bf16": 30}  # ours -> ggml's type of the same bits
+GGML_TYPES = {"f32": 0, "f16": 1, "q4": 2, "q8_0": 8, "bf16": 30, "iq4_nl": 20, "iq4_xs": 23}  # ours -> ggml's type of the same bits
 P = C.c_void_p
 
 

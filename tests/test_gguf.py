@@ -289,7 +289,7 @@ def _no_output(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"m\.gguf: tensor blk\.1\.ffn_down\.weight is missing"),
-    ("type", r"m\.gguf: tensor blk\.0\.attn_v\.weight has GGUF type Q5_0"),
+    ("type", r"m\.gguf: tensor blk\.0\.attn_v\.weight has GGUF type MXFP4"),
     ("extra", r"m\.gguf: tensor rope_freqs\.weight is not supported"),
     ("architecture", r"m\.gguf: architecture 'gemma' is not supported"),
 ])
@@ -297,7 +297,7 @@ def test_errors_name_file_and_tensor(hf_checkpoint, tmp_path, case, pattern):
     src = tiny_checkpoint(hf_checkpoint, "llama")
     path = tmp_path / "m.gguf"
     write_gguf(path, src, drop="blk.1.ffn_down.weight" if case == "missing" else None,
-               types={"blk.0.attn_v.weight": Q.Q5_0} if case == "type" else None,
+               types={"blk.0.attn_v.weight": Q.MXFP4} if case == "type" else None,
                extra={"rope_freqs.weight": np.ones(8, np.float32)} if case == "extra" else None)
     if case == "architecture":  # same file, another general.architecture
         data = path.read_bytes()

@@ -338,6 +338,8 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
             names the file and tensor).
         ValueError: the arguments are invalid.
     """
+    source = type == "source" and recipe is None  # the recipe follows the file's types (below)
+    rec = None if source else get_recipe(recipe, type, block, outliers)
     g = _GGUF(Path(src))
     tied = "output.weight" not in g.tensors
     hf_config = _hf_config(g, tied)
@@ -347,12 +349,10 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
         raise ConversionError(f"{g.path}: {e}") from e
 
     plan = _tensor_plan(g, cfg)
-    if type == "source" and recipe is None:
+    if source:
         kinds = {name: {g.kind(p) for p, _ in parts} for name, shape, _, parts in plan if len(shape) == 2}
         rec = Recipe("source", "f16", overrides=tuple(
             (name, EXACT_TYPES[next(iter(k))]) for name, k in kinds.items() if len(k) == 1 and next(iter(k)) in EXACT_TYPES))
-    else:
-        rec = get_recipe(recipe, type, block, outliers)
 
     def supported_type(name: str) -> None:
         if g.tensors[name].tensor_type.name not in TENSOR_TYPES:

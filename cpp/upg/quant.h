@@ -51,8 +51,8 @@ inline const char* quant_shape_error(DType t, uint64_t cols, int block) {
   } else if (block != 32 && block != 64) {
     return "block must be 32 or 64";
   }
-  if (cols % uint64_t(block)) return "columns are not a multiple of the block";
-  if (has_super_block(t) && cols % UPG_SUPER_BLOCK) return "columns are not a multiple of 256 (the super-block)";
+  if (cols % uint64_t(block)) return "cols must be a multiple of block";
+  if (has_super_block(t) && cols % UPG_SUPER_BLOCK) return "cols must be a multiple of 256 (the super-block)";
   return nullptr;
 }
 // What a quantized type's stored code is offset by: element = d * (code - zero_point).
