@@ -152,7 +152,8 @@ def main():
             cells = []
             for t in threads:
                 g["ggml_backend_cpu_set_n_threads"](backend, t)
-                one = rows * cols * {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32, "q4": 18 / 32}[type_]
+                one = rows * cols * {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32, "q4": 18 / 32, "iq4_nl": 18 / 32,
+                                     "iq4_xs": 136 / 256}[type_]
                 copies = max(2, int(-(-args.stream_mb * 1e6 // one)))
                 s, nbytes, buf = time_matrix(g, backend, type_, rows, cols, copies, args.reps, rng, bufts)
                 token_s[t] += s * per_token
