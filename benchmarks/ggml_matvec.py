@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_TYPES = {"f32": 0, "f16": 1, "q4": 2, "q8_0": 8, "bf16": 30}  # ours -> ggml's type of the same bits
+GGML_TYPES = {"f32": 0, "f16": 1, "q4": 2, "q8_0": 8, "bf16": 30, "iq4_nl": 20, "iq4_xs": 23}  # ours -> ggml's type of the same bits
 P = C.c_void_p
 
 
@@ -152,7 +152,8 @@ def main():
             cells = []
             for t in threads:
                 g["ggml_backend_cpu_set_n_threads"](backend, t)
-                one = rows * cols * {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32, "q4": 18 / 32}[type_]
+                one = rows * cols * {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32, "q4": 18 / 32, "iq4_nl": 18 / 32,
+                                     "iq4_xs": 136 / 256}[type_]
                 copies = max(2, int(-(-args.stream_mb * 1e6 // one)))
                 s, nbytes, buf = time_matrix(g, backend, type_, rows, cols, copies, args.reps, rng, bufts)
                 token_s[t] += s * per_token

@@ -22,7 +22,7 @@ import numpy as np
 
 from upg_backend import _core
 
-TYPES = {"f32": 0, "f16": 0, "bf16": 0, "q8_0": 32, "q4": 32, "q3": 32}
+TYPES = {"f32": 0, "f16": 0, "bf16": 0, "q8_0": 32, "q4": 32, "q3": 32, "iq4_nl": 32, "iq4_xs": 32, "iq3": 32}
 
 
 def median_time(fn, reps):

@@ -301,6 +301,9 @@ PYBIND11_MODULE(_core, m) {
   for (int t = 0; t < kNumDTypes; ++t)
     if (is_quantized(DType(t))) quantized.append(dtype_name(DType(t)));
   m.attr("QUANTIZED_TYPES") = py::tuple(quantized);
+  py::dict versions;
+  for (int t = 0; t < kNumDTypes; ++t) versions[dtype_name(DType(t))] = dtype_version(DType(t));
+  m.attr("DTYPE_VERSIONS") = versions;
   m.attr("MAGIC") = py::bytes(reinterpret_cast<const char*>(kMagic), sizeof(kMagic));
   m.attr("FORMAT_VERSION") = kVersion;
   m.attr("PREAMBLE_SIZE") = kPreambleSize;
@@ -308,7 +311,12 @@ PYBIND11_MODULE(_core, m) {
   m.attr("DATA_ALIGN") = kDataAlign;
   m.def("quant_nbytes", [](const std::string& type, uint64_t rows, uint64_t cols, uint64_t block) {
         for (int t = 0; t < kNumDTypes; ++t)
-          if (type == dtype_name(DType(t)) && is_quantized(DType(t))) return quant_sections(DType(t), rows, cols, block).total();
+          if (type == dtype_name(DType(t)) && is_quantized(DType(t))) {
+            if (const char* e = quant_shape_error(DType(t), cols, int(block)))
+              throw std::invalid_argument(type + " [" + std::to_string(rows) + ", " + std::to_string(cols) + "] block " +
+                                    std::to_string(block) + ": " + e);
+            return quant_sections(DType(t), rows, cols, block).total();
+          }
         throw std::invalid_argument("not a quantized type: '" + type + "'");
       }, py::arg("type"), py::arg("rows"), py::arg("cols"), py::arg("block"),
       "Bytes of a quantized [rows, cols] matrix, its padded sections together (FORMAT.md).");

@@ -34,7 +34,7 @@ const char* const kPaths[] = {"scalar", "avx2", "avx512"};  // worst to best
 DType parse_type(const std::string& name) {
   for (int t = 0; t < upg::kNumDTypes; ++t)
     if (name == upg::dtype_name(DType(t)) && DType(t) != DType::I32) return DType(t);
-  throw py::value_error("unknown tensor type '" + name + "' (f32, f16, bf16, q8_0, q4, q3)");
+  throw py::value_error("unknown tensor type '" + name + "' (f32, f16, bf16, q8_0, q4, q3, iq4_nl, iq4_xs, iq3)");
 }
 
 // Checks rows, cols and block against the type; returns the matrix's byte size.
@@ -45,8 +45,9 @@ uint64_t matrix_nbytes(DType type, int block, int64_t rows, int64_t cols) {
     if (block != 0) throw py::value_error(std::string(upg::dtype_name(type)) + " takes block 0");
     return uint64_t(rows) * uint64_t(cols) * uint64_t(upg::dense_elem_size(type));
   }
-  if (block != 32 && block != 64) throw py::value_error("block must be 32 or 64");
-  if (cols % block != 0) throw py::value_error("cols must be a multiple of block");
+  if (const char* e = upg::quant_shape_error(type, uint64_t(cols), block))
+    throw py::value_error(std::string(upg::dtype_name(type)) + " with " + std::to_string(cols) + " cols, block " +
+                          std::to_string(block) + ": " + e);
   return upg::quant_sections(type, rows, cols, block).total();
 }
 
@@ -68,12 +69,9 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
   w.rows = rows;
   w.cols = cols;
   w.codes = data.data();
-  if (upg::is_quantized(type)) {
-    const upg::QuantSections s = upg::quant_sections(type, rows, cols, block);
-    if (type == DType::Q3) w.high = w.codes + s.high_offset();
-    w.scales = reinterpret_cast<const uint16_t*>(w.codes + s.scales_offset());
-  }
+  upg::set_sections(w);
   if (!outliers) return w;
+  if (upg::has_grid(type)) throw py::value_error(std::string(upg::dtype_name(type)) + " carries no outliers (its grid has no 0)");
   const auto& [rowptr, col, val] = *outliers;
   if (rowptr.ndim() != 1 || rowptr.size() != rows + 1) throw py::value_error("outlier rowptr must be int32[rows + 1]");
   if (col.ndim() != 1 || val.ndim() != 1 || col.size() != val.size())
@@ -94,7 +92,7 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
 }
 
 py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads,
-                              std::optional<FArray> importance) {
+                              const std::optional<FArray>& importance) {
   const DType type = parse_type(type_name);
   if (src.ndim() != 2) throw py::value_error("w must be a 2-D float32 array");
   const int64_t rows = src.shape(0), cols = src.shape(1);

@@ -229,7 +229,9 @@ void UPGFile::parse() {
   if (std::memcmp(map_.data(), kMagic, 8) != 0) throw FormatError(path_ + ": bad magic, not a UPG file");
   pre.bytes(8, "magic");
   const uint32_t version = pre.get<uint32_t>("version");
-  if (version != kVersion) throw FormatError("unsupported UPG version " + std::to_string(version) + " (this reader knows 1)");
+  if (version < 1 || version > kVersion)
+    throw FormatError("unsupported UPG version " + std::to_string(version) + " (this reader knows 1.." +
+                      std::to_string(kVersion) + ")");
   if (pre.get<uint32_t>("flags") != 0) throw FormatError("preamble flags must be 0");
   const uint64_t header_off = pre.get<uint64_t>("header_offset");
   const uint64_t header_size = pre.get<uint64_t>("header_size");
@@ -263,8 +265,13 @@ void UPGFile::parse() {
     if (!valid_utf8(t.name)) throw FormatError("tensor #" + std::to_string(i) + ": name is not UTF-8");
     const std::string where = "tensor '" + t.name + "': ";
     const uint8_t dtype = dir.get<uint8_t>("dtype");
-    if (dtype >= kNumDTypes) throw FormatError(where + "unknown dtype " + std::to_string(dtype));
+    if (dtype >= kNumDTypes)
+      throw FormatError(where + "unknown dtype " + std::to_string(dtype) + " (this reader knows 0.." +
+                        std::to_string(kNumDTypes - 1) + "; a newer upg_backend may read it)");
     t.dtype = DType(dtype);
+    if (dtype_version(t.dtype) > version)
+      throw FormatError(where + "dtype " + dtype_name(t.dtype) + " needs format version " +
+                        std::to_string(dtype_version(t.dtype)) + ", the file says " + std::to_string(version));
     const uint8_t ndim = dir.get<uint8_t>("ndim");
     if (ndim < 1 || ndim > 4) throw FormatError(where + "ndim " + std::to_string(ndim) + " not in 1..4");
     t.block = dir.get<uint16_t>("block");
@@ -278,8 +285,9 @@ void UPGFile::parse() {
     uint64_t expect;
     if (is_quantized(t.dtype)) {
       if (ndim != 2) throw FormatError(where + "quantized tensors must be 2-D");
-      if (t.block != 32 && t.block != 64) throw FormatError(where + "block must be 32 or 64, got " + std::to_string(t.block));
-      if (t.dims[1] % t.block) throw FormatError(where + "columns " + std::to_string(t.dims[1]) + " are not a multiple of the block");
+      if (const char* e = quant_shape_error(t.dtype, t.dims[1], t.block))
+        throw FormatError(where + dtype_name(t.dtype) + " [" + std::to_string(t.dims[0]) + ", " +
+                          std::to_string(t.dims[1]) + "] block " + std::to_string(t.block) + ": " + e);
       expect = quant_sections(t.dtype, t.dims[0], t.dims[1], t.block).total();
     } else {
       if (t.block != 0) throw FormatError(where + "block must be 0 for " + dtype_name(t.dtype));
@@ -360,11 +368,7 @@ WeightView UPGFile::weight(const std::string& name, uint64_t rows, uint64_t cols
   w.rows = int64_t(rows);
   w.cols = int64_t(cols);
   w.codes = data(*t);
-  if (is_quantized(t->dtype)) {
-    const QuantSections s = quant_sections(t->dtype, rows, cols, t->block);
-    if (s.high) w.high = w.codes + s.high_offset();
-    w.scales = reinterpret_cast<const uint16_t*>(w.codes + s.scales_offset());
-  }
+  set_sections(w);
 
   const TensorInfo* rp = find(name + ".outlier_rowptr");
   const TensorInfo* col = find(name + ".outlier_col");
@@ -373,6 +377,7 @@ WeightView UPGFile::weight(const std::string& name, uint64_t rows, uint64_t cols
   const std::string where = "tensor '" + name + "' outliers: ";
   if (!rp || !col || !val) throw FormatError(where + "rowptr, col and val must all be present");
   if (!is_quantized(t->dtype)) throw FormatError(where + "only quantized matrices carry outliers");
+  if (has_grid(t->dtype)) throw FormatError(where + dtype_name(t->dtype) + " carries no outliers (its grid has no 0)");
   if (rp->dtype != DType::I32 || rp->dims[0] != rows + 1) throw FormatError(where + "rowptr must be i32 [rows + 1]");
   if (col->dtype != DType::I32 || val->dtype != DType::F16 || val->dims.size() != 1 || col->dims[0] != val->dims[0])
     throw FormatError(where + "col must be i32 [nnz] and val f16 [nnz]");

@@ -17,10 +17,41 @@ inline int upg_q3_code(device const uchar* ql, device const uchar* qh, int j) {
   return lo | (hi << 2);
 }
 
-// Scale of block b of row r.
+constant char upg_iq4_grid[16] = UPG_IQ4_GRID;
+constant char upg_iq3_grid[8] = UPG_IQ3_GRID;
+
+inline bool upg_has_super(int dt) { return dt == UPG_DTYPE_IQ4_XS || dt == UPG_DTYPE_IQ3; }
+
+// Code (grid index) of element j of iq3 block g (upg::iq3_code): codes go by groups of 4 blocks.
+inline int upg_iq3_code(device const uchar* ql, device const uchar* qh, int g, int j) {
+  const int p = g & 3;
+  const int lo = (ql[(g >> 2) * 32 + j] >> (2 * p)) & 3;
+  const int hi = (qh[(g >> 2) * 16 + (j & 15)] >> (2 * p + (j >> 4))) & 1;
+  return lo | (hi << 2);
+}
+
+// Scale of block b of row r: its f16 scale, or (iq4_xs, iq3) the super-scale times (ls - 32).
+template <int DT>
 inline float upg_scale(device const uchar* w, constant UpgMatArgs& a, int r, int b) {
   device const half* d = (device const half*)(w + a.scales_offset);
-  return float(d[r * (a.cols / a.block) + b]);
+  const int nb = a.cols / a.block;
+  if (!upg_has_super(DT)) return float(d[r * nb + b]);
+  device const uchar* sc = w + a.sub_offset + r * (nb / 2 + nb / 4);
+  const int ls = ((sc[b / 2] >> (4 * (b & 1))) & 15) | (((sc[nb / 2 + b / 4] >> (2 * (b & 3))) & 3) << 4);
+  return float(d[r * (a.cols / UPG_SUPER_BLOCK) + b / 8]) * float(ls - UPG_SUB_SCALE_BIAS);
+}
+
+// Signed value of element j of block b of row r, unscaled (the block's first element is e).
+template <int DT, int B>
+inline int upg_code(device const uchar* w, constant UpgMatArgs& a, int r, int b, int e, int j) {
+  if (DT == UPG_DTYPE_Q8_0) return ((device const char*)w)[e + j];
+  if (DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_IQ4_NL || DT == UPG_DTYPE_IQ4_XS) {
+    const uchar q = w[e / 2 + j % (B / 2)];
+    const int c = j < B / 2 ? (q & 15) : (q >> 4);
+    return DT == UPG_DTYPE_Q4 ? c - UPG_Q4_ZERO : upg_iq4_grid[c];
+  }
+  if (DT == UPG_DTYPE_IQ3) return upg_iq3_grid[upg_iq3_code(w, w + a.high_offset, e / B, j)];
+  return upg_q3_code<B>(w + e / 4, w + a.high_offset + e / 8, j) - UPG_Q3_ZERO;
 }
 
 // W[r][k] without outliers.
@@ -32,15 +63,7 @@ inline float upg_elem(device const uchar* w, constant UpgMatArgs& a, int r, int 
   if (DT == UPG_DTYPE_F16) return upg_f16((device const half*)w, i);
   if (DT == UPG_DTYPE_BF16) return upg_bf16((device const ushort*)w, i);
   const int b = k / BB, j = k % BB;
-  const float d = upg_scale(w, a, r, b);
-  if (DT == UPG_DTYPE_Q8_0) return d * float(((device const char*)w)[i]);
-  if (DT == UPG_DTYPE_Q4) {
-    const uchar q = w[(r * a.cols + b * BB) / 2 + j % (BB / 2)];
-    return d * float((j < BB / 2 ? (q & 15) : (q >> 4)) - UPG_Q4_ZERO);
-  }
-  device const uchar* ql = w + (r * a.cols + b * BB) / 4;
-  device const uchar* qh = w + a.high_offset + (r * a.cols + b * BB) / 8;
-  return d * float(upg_q3_code<BB>(ql, qh, j) - UPG_Q3_ZERO);
+  return upg_scale<DT>(w, a, r, b) * float(upg_code<DT, BB>(w, a, r, b, r * a.cols + b * BB, j));
 }
 
 // sum_j W_block[j] * x[j] over block b of row r, without the scale; x points at the block's first
@@ -50,19 +73,15 @@ inline float upg_block_dot(device const uchar* w, constant UpgMatArgs& a, int r,
                            device const float* x) {
   const int e = r * a.cols + b * B;  // first element of the block
   float s = 0.0f;
-  if (DT == UPG_DTYPE_Q8_0) {
-    device const char* q = (device const char*)w + e;
-    for (int j = 0; j < B; ++j) s += float(q[j]) * x[j];
-  } else if (DT == UPG_DTYPE_Q4) {
+  if (DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_IQ4_NL || DT == UPG_DTYPE_IQ4_XS) {
     device const uchar* q = w + e / 2;
     for (int j = 0; j < B / 2; ++j) {
-      s += float((q[j] & 15) - UPG_Q4_ZERO) * x[j];
-      s += float((q[j] >> 4) - UPG_Q4_ZERO) * x[j + B / 2];
+      const int lo = q[j] & 15, hi = q[j] >> 4;
+      s += float(DT == UPG_DTYPE_Q4 ? lo - UPG_Q4_ZERO : upg_iq4_grid[lo]) * x[j];
+      s += float(DT == UPG_DTYPE_Q4 ? hi - UPG_Q4_ZERO : upg_iq4_grid[hi]) * x[j + B / 2];
     }
   } else {
-    device const uchar* ql = w + e / 4;
-    device const uchar* qh = w + a.high_offset + e / 8;
-    for (int j = 0; j < B; ++j) s += float(upg_q3_code<B>(ql, qh, j) - UPG_Q3_ZERO) * x[j];
+    for (int j = 0; j < B; ++j) s += float(upg_code<DT, B>(w, a, r, b, e, j)) * x[j];
   }
   return s;
 }
@@ -78,7 +97,7 @@ inline float upg_row_partial(device const uchar* w, constant UpgMatArgs& a, int 
   } else {
     const int nb = a.cols / BB;
     for (int b = int(lane); b < nb; b += UPG_SIMD_WIDTH)
-      s += upg_scale(w, a, r, b) * upg_block_dot<DT, BB>(w, a, r, b, x + b * BB);
+      s += upg_scale<DT>(w, a, r, b) * upg_block_dot<DT, BB>(w, a, r, b, x + b * BB);
   }
   return s;
 }

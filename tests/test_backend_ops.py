@@ -16,7 +16,13 @@ from upg_backend import _core
 
 POISON = np.float32(np.nan)
 GUARD = 16  # floats after every output, which no op may touch
-TYPES = [(t, 0) for t in ref.DENSE] + [(t, b) for t in ref.QUANTIZED for b in (32, 64)]
+TYPES = ([(t, 0) for t in ref.DENSE] + [(t, b) for t in ref.UNIFORM for b in (32, 64)]
+         + [(t, 32) for t in ref.GRID_TYPES])
+
+
+def width(type_: str) -> int:
+    """Columns of the test matrices: 320 (not a multiple of 256), whole super-blocks where needed."""
+    return 512 if type_ in ref.SUPER_TYPES else 320
 
 
 @pytest.fixture(params=["cpu", "metal-harness"])
@@ -101,8 +107,8 @@ def weight_matrix(be, type_, block, rows, cols, seed, outliers):
 
 @pytest.mark.parametrize("type_,block", TYPES)
 def test_get_rows(be, type_, block):
-    rows, cols = 13, 320
-    m, dense, o = weight_matrix(be, type_, block, rows, cols, 1, outliers=block > 0)
+    rows, cols = 13, width(type_)
+    m, dense, o = weight_matrix(be, type_, block, rows, cols, 1, outliers=type_ in ref.UNIFORM)
     ids = np.array([4, 0, 12, 4, 7], np.int32)
     out = out_buffer(be, ids.size * cols)
     run(be, be.get_rows, m, put(be, ids), ids.size, out)
@@ -113,8 +119,8 @@ def test_get_rows(be, type_, block):
 @pytest.mark.parametrize("type_,block", TYPES)
 @pytest.mark.parametrize("n_tokens", [1, 5, 19])  # mat-vec; mat-mat with partial token tiles
 def test_linear(be, type_, block, n_tokens):
-    rows, cols = 45, 320  # rows: no multiple of any backend's row tile
-    m, dense, o = weight_matrix(be, type_, block, rows, cols, 2, outliers=block > 0)
+    rows, cols = 45, width(type_)  # rows: no multiple of any backend's row tile
+    m, dense, o = weight_matrix(be, type_, block, rows, cols, 2, outliers=type_ in ref.UNIFORM)
     x = np.random.default_rng(3).standard_normal((n_tokens, cols)).astype(np.float32)
     y = out_buffer(be, n_tokens * rows)
     run(be, be.linear, m, put(be, x), n_tokens, y)

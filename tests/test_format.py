@@ -96,13 +96,22 @@ def _record(i, **changes):
     return mutate
 
 
+def _record_v2(i, **changes):
+    """_record in a version 2 file (the grid types)."""
+    def mutate(header, records, data):
+        records[i].update(changes)
+        return build_raw(header, records, data, version=2)
+    return mutate
+
+
 def _preamble(**changes):
     return lambda header, records, data: build_raw(header, records, data, **changes)
 
 
 BAD_FILES = [
     ("magic", _preamble(magic=b"UPG\x00\n\n\x1a\n"), "magic"),
-    ("version", _preamble(version=2), "version"),
+    ("version", _preamble(version=3), "version 3 .*knows 1..2"),
+    ("version 0", _preamble(version=0), "version 0"),
     ("flags", _preamble(flags=1), "flags"),
     ("header offset", _preamble(header_offset=65), "header"),
     ("header size past the file", _preamble(header_size=1 << 40), "header"),
@@ -114,7 +123,11 @@ BAD_FILES = [
     ("offset out of range", _record(1, offset=1 << 20), "offset|range|data"),
     ("offset unaligned", _record(1, offset=32), "align|offset"),
     ("overlap", _record(1, offset=0), "overlap"),
-    ("bad dtype", _record(0, dtype=7), "dtype|type"),
+    ("unknown dtype", _record(0, dtype=10), "unknown dtype 10"),
+    ("dtype newer than the version", _record(0, dtype=8, dims=[1, 256], block=32, nbytes=256),
+     "iq4_xs needs format version 2, the file says 1"),
+    ("super-block cols", _record_v2(0, dtype=8, dims=[1, 288], block=32, nbytes=448), "multiple of 256"),
+    ("grid type block 64", _record_v2(0, dtype=7, dims=[1, 64], block=64, nbytes=128), "block must be 32"),
     ("zero dim", _record(0, dims=[0, 4], nbytes=0), "dim"),
     ("too many dims", _record(0, dims=[1, 1, 1, 3, 4]), "ndim|dim"),
     ("nbytes wrong", _record(0, nbytes=44), "nbytes|size"),

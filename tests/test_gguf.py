@@ -49,15 +49,19 @@ def reference_dequant(t) -> np.ndarray:
     return hf_dequantize(raw, int(t.tensor_type)).numpy().reshape(shape)
 
 
+# where a block's f16 scales lie (ggml-common.h): the types not listed start with d
+_SCALES_AT = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(-2, None), Q.Q3_K: slice(-2, None),
+              Q.Q2_K: slice(-4, None)}
+RANDOM_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_XS)
+
+
 def random_k_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
-    """Random bytes of a K-quant tensor (gguf cannot quantize to these), with finite f16 scales."""
+    """Random bytes of a K- or i-quant tensor (gguf cannot quantize to these), with finite f16 scales."""
     elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(rows * cols // elems, nbytes), dtype=np.uint8)
-    scales = (rng.uniform(-0.05, 0.05, size=(blocks.shape[0], 2))).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q6_K:
-        blocks[:, -2:] = scales[:, :2]       # d is the block's last field
-    else:
-        blocks[:, :4] = scales               # d, dmin come first
+    at = _SCALES_AT.get(qtype, slice(0, 2))
+    n = len(range(nbytes)[at]) // 2
+    blocks[:, at] = rng.uniform(-0.05, 0.05, size=(blocks.shape[0], n)).astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
@@ -139,7 +143,7 @@ def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", types: dict[str, o
     for name, value in tensors.items():
         qtype = (types or {}).get(name, Q.F32)
         value = np.ascontiguousarray(value, dtype=np.float32)
-        if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        if qtype in RANDOM_BLOCK_TYPES:
             w.add_tensor(name, random_k_blocks(qtype, *value.shape, rng), raw_dtype=qtype)
         elif qtype in (Q.F32, Q.F16):
             w.add_tensor(name, value.astype(np.float16 if qtype == Q.F16 else np.float32))
@@ -227,13 +231,65 @@ def test_gguf_types_dequantize_like_transformers(hf_checkpoint, tmp_path, qtype)
     np.testing.assert_allclose(upg.tensor("model.layers.1.mlp.down_proj.weight"), ref["blk.1.ffn_down.weight"], **tol)
 
 
+EXACT = {Q.Q8_0: "q8_0", Q.Q4_0: "q4", Q.IQ4_NL: "iq4_nl", Q.IQ4_XS: "iq4_xs"}
+
+
+@pytest.mark.parametrize("qtype", list(EXACT), ids=lambda q: q.name)
+@pytest.mark.parametrize("how", ["source", "same type"])
+def test_types_upg_holds_import_without_rounding(hf_checkpoint, tmp_path, qtype, how):
+    """GGUF Q8_0, Q4_0, IQ4_NL and IQ4_XS matrices, permuted and fused as the graph wants, decode
+    (numpy reference of FORMAT.md) to exactly gguf-py's dequantization of the GGUF blocks."""
+    from reference import quant as ref
+
+    src = tiny_checkpoint(hf_checkpoint, "llama", hidden_size=256, intermediate_size=256)
+    matrices = ["output.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight",
+                "blk.1.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight"]
+    write_gguf(tmp_path / "m.gguf", src, types={n: qtype for n in matrices})
+    want = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    ours = EXACT[qtype]
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "m.upg", type="source" if how == "source" else ours, progress=False)
+    upg = UPGFile(tmp_path / "m.upg")
+
+    def decoded(name):
+        t = upg.tensors[name]
+        assert t.dtype == ours, name
+        return ref.dequantize(ours, 32, upg.tensor(name), *t.dims)
+
+    np.testing.assert_array_equal(decoded("lm_head.weight"), want["output.weight"])
+    qkv = decoded("model.layers.0.self_attn.qkv_proj.weight")
+    q, k = want["blk.0.attn_q.weight"], want["blk.0.attn_k.weight"]
+    np.testing.assert_array_equal(qkv, np.concatenate([llama_cpp_unpermute(q, 4), llama_cpp_unpermute(k, 2),
+                                                       want["blk.0.attn_v.weight"]]))
+    np.testing.assert_array_equal(decoded("model.layers.1.mlp.gate_up_proj.weight"),
+                                  np.concatenate([want["blk.1.ffn_gate.weight"], want["blk.1.ffn_up.weight"]]))
+    np.testing.assert_array_equal(decoded("model.layers.1.mlp.down_proj.weight"), want["blk.1.ffn_down.weight"])
+    if how == "source":  # f32 matrices of the GGUF: kept unrounded, as f16 (no UPG type is f32-exact... f16 is the fallback)
+        assert upg.tensors["model.layers.1.self_attn.o_proj.weight"].dtype == "f16"
+
+
+@pytest.mark.parametrize("qtype", [Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_XS, Q.Q2_K, Q.Q3_K], ids=lambda q: q.name)
+def test_other_i_and_k_quants_import(hf_checkpoint, tmp_path, qtype):
+    """Types no UPG type holds: dequantized (gguf-py) and stored as asked, here iq4_xs."""
+    from reference import quant as ref
+
+    src = tiny_checkpoint(hf_checkpoint, "llama", hidden_size=256, intermediate_size=256)
+    write_gguf(tmp_path / "m.gguf", src, types={"blk.1.ffn_down.weight": qtype})
+    want = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}["blk.1.ffn_down.weight"]
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "m.upg", type="iq4_xs", progress=False)
+    upg = UPGFile(tmp_path / "m.upg")
+    got = ref.dequantize("iq4_xs", 32, upg.tensor("model.layers.1.mlp.down_proj.weight"), 256, 256)
+    assert np.abs(got - want).max() <= 0.15 * np.abs(want).max()  # one 4-bit rounding of random codes
+
+
 def _no_output(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.upg*")), "a failed conversion left a file behind"
 
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"m\.gguf: tensor blk\.1\.ffn_down\.weight is missing"),
-    ("type", r"m\.gguf: tensor blk\.0\.attn_v\.weight has GGUF type Q5_0"),
+    ("type", r"m\.gguf: tensor blk\.0\.attn_v\.weight has GGUF type MXFP4"),
     ("extra", r"m\.gguf: tensor rope_freqs\.weight is not supported"),
     ("architecture", r"m\.gguf: architecture 'gemma' is not supported"),
 ])
@@ -241,7 +297,7 @@ def test_errors_name_file_and_tensor(hf_checkpoint, tmp_path, case, pattern):
     src = tiny_checkpoint(hf_checkpoint, "llama")
     path = tmp_path / "m.gguf"
     write_gguf(path, src, drop="blk.1.ffn_down.weight" if case == "missing" else None,
-               types={"blk.0.attn_v.weight": Q.Q5_0} if case == "type" else None,
+               types={"blk.0.attn_v.weight": Q.MXFP4} if case == "type" else None,
                extra={"rope_freqs.weight": np.ones(8, np.float32)} if case == "extra" else None)
     if case == "architecture":  # same file, another general.architecture
         data = path.read_bytes()

@@ -13,12 +13,16 @@ from reference import quant as ref
 from upg_backend import _core
 
 PATHS = _core.simd_paths()
-TYPES = [(t, 0) for t in ref.DENSE] + [(t, b) for t in ref.QUANTIZED for b in (32, 64)]
+TYPES = ([(t, 0) for t in ref.DENSE] + [(t, b) for t in ref.UNIFORM for b in (32, 64)]
+         + [(t, 32) for t in ref.GRID_TYPES])
 TOL = 1e-5  # max|diff| / max|ref| per output vector
 
 
 def _cols(type_, block):
-    """Dense: no multiple of any SIMD width (tails run); quantized: whole groups and a tail block."""
+    """Dense: no multiple of any SIMD width (tails run); quantized: whole groups and a tail block
+    (super-block types: three super-blocks, as their rows are whole super-blocks)."""
+    if type_ in ref.SUPER_TYPES:
+        return 3 * ref.SUPER
     return 333 if block == 0 else 9 * block
 
 
@@ -67,7 +71,7 @@ def _path_env(path):
     return env
 
 
-@pytest.mark.parametrize("type_,block", TYPES)
+@pytest.mark.parametrize("type_,block", [t for t in TYPES if t[0] not in ref.GRID_TYPES])
 def test_quantize_matches_reference(type_, block):
     rows, cols = 37, 4 * 64
     w = _matrix(rows, cols, seed=1)
@@ -86,7 +90,7 @@ def test_bf16_reference_rounds_like_torch():
     assert np.isnan(ref.dequantize("bf16", 0, ref.quantize("bf16", 0, w), 8, 96)[5, 0])
 
 
-@pytest.mark.parametrize("type_,block", [t for t in TYPES if t[1]])
+@pytest.mark.parametrize("type_,block", [t for t in TYPES if t[0] in ref.UNIFORM])
 def test_reference_quantizer_error_is_bounded(type_, block):
     """The reference itself: decoded weights within half a step of the input (a whole step on the
     clamped side of q4 / q3, whose grid ends at +(2^(bits-1) - 1) steps)."""
@@ -107,6 +111,10 @@ def test_matvec(path, type_, block, with_outliers):
     out = _outliers(rows, cols, seed=5) if with_outliers else None
     want_w = ref.dequantize(type_, block, data, rows, cols).astype(np.float64)
     x = np.random.default_rng(6).standard_normal(cols).astype(np.float32)
+    if out is not None and type_ in ref.GRID_TYPES:  # FORMAT.md: their grids have no 0
+        with pytest.raises(ValueError, match="carries no outliers"):
+            _core.matvec(type_, block, data, rows, cols, x, path, out)
+        return
     want = _product(type_, block, want_w, x, out)
     y = _core.matvec(type_, block, data, rows, cols, x, path, out)
     assert y.shape == (rows,) and y.dtype == np.float32
@@ -183,7 +191,7 @@ def test_matvec_long_rows(path):
     rows, cols = 9, 17920
     w = np.random.default_rng(14).standard_normal((rows, cols)).astype(np.float32)
     x = np.random.default_rng(15).standard_normal(cols).astype(np.float32)
-    for type_, block in [("q4", 32), ("q3", 32), ("q8_0", 64), ("f32", 0)]:
+    for type_, block in [("q4", 32), ("q3", 32), ("q8_0", 64), ("f32", 0), ("iq4_xs", 32), ("iq3", 32)]:
         data = _core.quantize(type_, block, w)
         want = _product(type_, block, ref.dequantize(type_, block, data, rows, cols), x)
         assert _rel_err(_core.matvec(type_, block, data, rows, cols, x, path), want) <= TOL
@@ -350,7 +358,7 @@ def test_rows_shared_by_threads_give_the_same_bits(path, type_, block):
     rows, cols = 1000, _cols(type_, block)  # 1000: chunks of 16 and 48 leave a short last one
     w = _matrix(rows, cols, seed=21)
     data = ref.quantize(type_, block, w)
-    out = _outliers(rows, cols, seed=22)
+    out = None if type_ in ref.GRID_TYPES else _outliers(rows, cols, seed=22)
     rng = np.random.default_rng(23)
     x, xs = rng.standard_normal(cols).astype(np.float32), rng.standard_normal((7, cols)).astype(np.float32)
     want_v = _core.matvec(type_, block, data, rows, cols, x, path, out)
@@ -374,10 +382,12 @@ def test_decode_of_many_tokens_gives_each_its_bits_alone(path, type_, block):
     per pass and the rest), short and long rows, outliers included, rows shared by threads."""
     rng = np.random.default_rng(31)
     long_cols = 4 * 333 if block == 0 else (137 if block == 32 else 69) * block  # rows past kShortRowBytes
+    if type_ in ref.SUPER_TYPES:
+        long_cols = 17 * ref.SUPER
     for rows, cols in [(37, _cols(type_, block)), (70, long_cols)]:
         w = _matrix(rows, cols, seed=32)
         data = ref.quantize(type_, block, w)
-        out = _outliers(rows, cols, seed=33)
+        out = None if type_ in ref.GRID_TYPES else _outliers(rows, cols, seed=33)  # grids have no 0
         xs = rng.standard_normal((11, cols)).astype(np.float32)
         alone = np.stack([_core.matvec(type_, block, data, rows, cols, x, path, out) for x in xs])
         for n in (1, 2, 3, 5, 11):

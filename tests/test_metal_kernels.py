@@ -26,7 +26,12 @@ SENTINEL = np.float32(12345.0)  # fills the guard tail of every output buffer
 GUARD = 64
 
 MATRIX_TYPES = [("f32", 0), ("f16", 0), ("bf16", 0), ("q8_0", 32), ("q8_0", 64), ("q4", 32),
-                ("q4", 64), ("q3", 32), ("q3", 64)]
+                ("q4", 64), ("q3", 32), ("q3", 64), ("iq4_nl", 32), ("iq4_xs", 32), ("iq3", 32)]
+
+
+def fit(type_: str, cols: int) -> int:
+    """cols, rounded up to whole super-blocks for the types that have them."""
+    return -(-cols // ref.SUPER) * ref.SUPER if type_ in ref.SUPER_TYPES else cols
 
 
 def guarded(n: int) -> np.ndarray:
@@ -57,18 +62,21 @@ def random_outliers(rng, rows: int, cols: int):
 def make_matrix(rng, type_: str, block: int, rows: int, cols: int, outliers: bool):
     """(bytes, args, outlier buffers, the effective float64 matrix) of a random weight."""
     w = rng.standard_normal((rows, cols)).astype(np.float32)
-    o = random_outliers(rng, rows, cols) if outliers else None
+    # the grid types carry no outliers (FORMAT.md)
+    o = random_outliers(rng, rows, cols) if outliers and type_ not in ref.GRID_TYPES else None
     if o is not None:  # the writer zeroes outlier positions before quantizing
         for r in range(rows):
             w[r, o[1][o[0][r]:o[0][r + 1]]] = 0.0
     data = _core.quantize(type_, block, w)
     dense = ref.dequantize(type_, block, data, rows, cols)
     eff = ref.add_outliers(dense, *o) if o is not None else dense.astype(np.float64)
-    codes = {"q8_0": rows * cols, "q4": rows * cols // 2, "q3": rows * cols // 4}.get(type_, 0)
-    high = rows * cols // 8 if type_ == "q3" else 0
+    codes = {"q8_0": rows * cols, "q4": rows * cols // 2, "q3": rows * cols // 4, "iq4_nl": rows * cols // 2,
+             "iq4_xs": rows * cols // 2, "iq3": rows * cols // 4}.get(type_, 0)
+    high = rows * cols // 8 if type_ in ("q3", "iq3") else 0
+    sub = rows * (cols // 64 + cols // 128) if type_ in ref.SUPER_TYPES else 0
     args = ARGS["UpgMatArgs"](rows=rows, cols=cols, block=block, high_offset=ref.pad64(codes),
-                              scales_offset=ref.pad64(codes) + ref.pad64(high),
-                              has_outliers=int(o is not None))
+                              scales_offset=ref.pad64(codes) + ref.pad64(high) + ref.pad64(sub),
+                              sub_offset=ref.pad64(codes) + ref.pad64(high), has_outliers=int(o is not None))
     bufs = {0: np.ascontiguousarray(data), 3: None, 4: None, 5: None, 6: args}
     if o is not None:
         bufs.update({3: o[0], 4: o[1], 5: o[2]})
@@ -197,7 +205,7 @@ def test_matvec(lib, type_, block, outliers):
     rng = np.random.default_rng(1)
     rows_per_group = C["UPG_MV_SG"] * C["UPG_MV_ROWS"]
     # rows not a multiple of the rows per simdgroup or threadgroup; cols not a multiple of 256
-    for rows, cols in ((37, 320 if block else 100), (5, 64 if block else 7)):
+    for rows, cols in ((37, fit(type_, 320) if block else 100), (5, fit(type_, 64) if block else 7)):
         bufs, _, w = make_matrix(rng, type_, block, rows, cols, outliers)
         x = rng.standard_normal(cols).astype(np.float32)
         y = guarded(rows)
@@ -226,7 +234,8 @@ def test_matmul(lib, type_, block):
     rng = np.random.default_rng(3)
     tm, tn, tk = C["UPG_MM_TM"], C["UPG_MM_TN"], C["UPG_MM_TK"]
     # rows, tokens and (dense) cols not multiples of the tile
-    for rows, cols, n, outliers in ((45, 128 if block else 70, 19, True), (8, 64 if block else 33, 1, False)):
+    for rows, cols, n, outliers in ((45, fit(type_, 128) if block else 70, 19, True),
+                                    (8, fit(type_, 64) if block else 33, 1, False)):
         bufs, args, w = make_matrix(rng, type_, block, rows, cols, outliers)
         ldy = rows + 3
         args.n_tokens, args.ldy = n, ldy
@@ -244,7 +253,7 @@ def test_matmul(lib, type_, block):
 @pytest.mark.parametrize("type_, block", MATRIX_TYPES)
 def test_get_rows(lib, type_, block):
     rng = np.random.default_rng(4)
-    rows, cols = 23, 192 if block else 75
+    rows, cols = 23, fit(type_, 192) if block else 75
     bufs, args, w = make_matrix(rng, type_, block, rows, cols, True)
     ids = np.array([3, 0, 22, 3, -1, 23, 11], np.int32)  # repeats, and two ids out of range
     args.n_tokens = len(ids)

@@ -142,7 +142,10 @@ def test_numpy_reference_matches_transformers(model_pair, reference_logits):
 
 # ---- quantized types against the numpy reference, on every SIMD path ----
 
-QUANT_CASES = [(t, b, o) for t in ("q8_0", "q4", "q3") for b in (32, 64) for o in (0.0, 0.02)]
+# The grid types last: the 128-wide rows of iq4_xs and iq3 fall back to iq4_nl (recipes.py), the
+# 256-wide down_proj rows keep them.
+QUANT_CASES = ([(t, b, o) for t in ("q8_0", "q4", "q3") for b in (32, 64) for o in (0.0, 0.02)]
+               + [(t, 32, 0.0) for t in ("iq4_nl", "iq4_xs", "iq3")])
 Q_PREFILL, Q_DECODE = 24, 8
 
 _ENGINE_SCRIPT = """

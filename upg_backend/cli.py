@@ -39,7 +39,9 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("src", help="a Hugging Face checkpoint directory (config.json, tokenizer.json, *.safetensors) or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="the .upg file to write")
-    p.add_argument("--type", default="f16", choices=WEIGHT_TYPES, help="weight type of the matrices (default f16)")
+    p.add_argument("--type", default="f16", choices=WEIGHT_TYPES + ("source",),
+                   help="weight type of the matrices (default f16); GGUF only: 'source' keeps each matrix in the "
+                        "UPG type that holds its GGUF type exactly (Q8_0, Q4_0, IQ4_NL, IQ4_XS), f16 where none does")
     p.add_argument("--block", type=int, default=32, choices=(32, 64), help="quantization block size (default 32)")
     p.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of each row of a quantized matrix kept exactly in f16 (default 0)")
@@ -82,6 +84,8 @@ def _importance(args: argparse.Namespace):
 def _convert(args: argparse.Namespace) -> int:
     if args.src.endswith(".gguf"):
         from .gguf_source import convert_gguf as convert
+    elif args.type == "source":
+        raise ValueError("--type source applies to GGUF files only")
     else:
         from .convert import convert_hf as convert
 

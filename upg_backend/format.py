@@ -21,13 +21,16 @@ from .config import ModelConfig
 
 # The format's constants, as the C++ reader defines them (cpp/upg/format.h, cpp/upg/upg_common.h).
 MAGIC = _core.MAGIC
-VERSION = _core.FORMAT_VERSION
+VERSION = _core.FORMAT_VERSION  # the newest version the reader knows; a file is written with the
+# oldest version that knows all its types (DTYPE_VERSIONS), so older readers still read it
 PREAMBLE_SIZE = _core.PREAMBLE_SIZE
 TENSOR_ALIGN = _core.TENSOR_ALIGN
 DATA_ALIGN = _core.DATA_ALIGN
 
 DTYPE_CODES: dict[str, int] = dict(_core.DTYPES)
 QUANTIZED: tuple[str, ...] = tuple(_core.QUANTIZED_TYPES)
+DTYPE_VERSIONS: dict[str, int] = dict(_core.DTYPE_VERSIONS)
+EXACT_ZERO = ("q8_0", "q4", "q3")  # quantized types that decode 0 exactly: the ones that carry outliers
 BLOCKS = (32, 64)
 # numpy dtype a dense tensor is stored as (bf16 is read and written as uint16 bits)
 _DENSE = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "i32": np.dtype("<i4")}
@@ -96,8 +99,15 @@ class TensorSource:
                 raise ValueError(f"{self.name}: block must be 32 or 64, got {self.block}")
             if self.shape[1] % self.block:
                 raise ValueError(f"{self.name}: {self.shape[1]} columns are not a multiple of block {self.block}")
+            try:
+                _core.quant_nbytes(self.dtype, self.shape[0], self.shape[1], self.block)
+            except ValueError as e:  # the type's own rule (FORMAT.md "Quantized matrices")
+                raise ValueError(f"{self.name}: {e}") from None
             if not 0.0 <= self.outliers < 1.0:
                 raise ValueError(f"{self.name}: outlier fraction must be in [0, 1), got {self.outliers}")
+            if self.outliers and self.dtype not in EXACT_ZERO:
+                raise ValueError(f"{self.name}: {self.dtype} carries no outliers (it does not decode 0 exactly); "
+                                 f"use one of {', '.join(EXACT_ZERO)}")
             if self.importance is not None and np.shape(self.importance) != (self.shape[1],):
                 raise ValueError(f"{self.name}: importance must have one value per column ({self.shape[1]}), "
                                  f"got shape {list(np.shape(self.importance))}")
@@ -167,9 +177,23 @@ def _split_outliers(w: np.ndarray, k: int) -> tuple[np.ndarray, list[np.ndarray]
     return w, [rowptr.astype("<i4"), cols.reshape(-1).astype("<i4"), vals.reshape(-1)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A quantized matrix already in its type's bytes (FORMAT.md's sections, padded), which a
+    TensorSource's `load` may return instead of values: written as is (GGUF import of a type UPG
+    holds exactly, without a second rounding)."""
+
+    data: np.ndarray
+
+
 def _encode(src: TensorSource) -> list[np.ndarray]:
     """The bytes of a source's tensor (and its outlier companions), in directory order."""
-    w = np.asarray(src.load())
+    w = src.load()
+    if isinstance(w, Encoded):
+        if src.dtype not in QUANTIZED or src.outliers_per_row:
+            raise ValueError(f"{src.name}: encoded bytes are for quantized matrices without outliers")
+        return [np.ascontiguousarray(w.data, dtype=np.uint8).reshape(-1)]
+    w = np.asarray(w)
     if tuple(w.shape) != tuple(src.shape):
         raise ValueError(f"{src.name}: got shape {list(w.shape)}, expected {list(src.shape)}")
     if src.dtype == "i32":
@@ -215,7 +239,8 @@ def write_upg(path: str | os.PathLike, header: dict[str, Any], sources: Sequence
     data_offset = _pad(directory_offset + directory_size, DATA_ALIGN)
     data_end = entries[-1].offset + entries[-1].nbytes if entries else 0
     data_size = _pad(data_end, DATA_ALIGN)
-    preamble = _PREAMBLE.pack(MAGIC, VERSION, 0, PREAMBLE_SIZE, len(header_bytes), directory_offset,
+    version = max([1] + [DTYPE_VERSIONS[e.dtype] for e in entries])
+    preamble = _PREAMBLE.pack(MAGIC, version, 0, PREAMBLE_SIZE, len(header_bytes), directory_offset,
                               directory_size, data_offset, data_size)
 
     path = Path(path)

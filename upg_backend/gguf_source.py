@@ -7,6 +7,7 @@ permutes the Q and K rows of Llama models for its adjacent-pairs RoPE, and this 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -16,10 +17,15 @@ import numpy as np
 from .config import ModelConfig
 from .calibrate import Importance
 from .convert import ConversionError, calibrated_sources, check_parts, provenance, write_with_progress
+from .format import TENSOR_ALIGN, Encoded
 from .recipes import Recipe, get_recipe
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS")
+# GGUF types that a UPG type holds exactly (its bytes regrouped, FORMAT.md): these import without a
+# second rounding when the recipe stores the matrix as that type (and `type="source"` chooses it).
+EXACT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -30,7 +36,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_TOKENIZERS: dict[str, tuple[str, str | None]] = {
     # name: (kind, regex); "gpt2" is GPT-2's own split, built into the ByteLevel pre-tokenizer
-    "default": ("gpt2", None), "gpt2": ("gpt2", None),
+    "default": ("gpt2", None), "gpt2": ("gpt2", None), "gpt-2": ("gpt2", None),  # llama.cpp names it gpt-2
     "smollm": ("digits+gpt2", None),  # as SmolLM's tokenizer.json: each digit alone, then GPT-2's split
     **{n: ("split", _LLAMA3_SPLIT) for n in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")},
     **{n: ("split", _QWEN2_SPLIT) for n in ("qwen2", "deepseek-r1-qwen")},
@@ -70,6 +76,21 @@ class _GGUF:
     def shape(self, name: str) -> tuple[int, ...]:
         """Dims outermost first, as PyTorch (GGUF lists them innermost first)."""
         return tuple(int(d) for d in reversed(self.tensors[name].shape))
+
+    def kind(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def sections(self, name: str) -> list[np.ndarray]:
+        """A matrix of an EXACT_TYPES type as its UPG type's sections, each [rows, bytes of a row]:
+        GGUF's blocks split into their fields, each field's bytes of a row concatenated."""
+        rows, cols = self.shape(name)
+        raw = np.asarray(self.tensors[name].data).view(np.uint8).reshape(rows, -1)
+        if self.kind(name) == "IQ4_XS":  # per 256: d (f16), scales_h (u16), scales_l[4], qs[128]
+            b = raw.reshape(rows, cols // 256, 136)
+            field = lambda lo, hi: b[:, :, lo:hi].reshape(rows, -1)  # noqa: E731
+            return [field(8, 136), np.concatenate([field(4, 8), field(2, 4)], axis=1), field(0, 2)]
+        b = raw.reshape(rows, cols // 32, -1)  # Q8_0, Q4_0, IQ4_NL: d (f16), then the codes of 32
+        return [b[:, :, 2:].reshape(rows, -1), b[:, :, :2].reshape(rows, -1)]
 
     def load(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32, in PyTorch dims."""
@@ -256,10 +277,19 @@ def _tensor_plan(g: _GGUF, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...],
         return name, shape, permuted_heads if llama else 0  # llama.cpp permutes Llama's Q and K only
 
     def rows(*parts) -> tuple[Loader, list[tuple[str, tuple[int, ...]]]]:  # stacked by rows, as fused
-        def load() -> np.ndarray:
+        def load(dtype: str | None = None) -> np.ndarray | Encoded:
+            if dtype is not None and all(EXACT_TYPES.get(g.kind(name)) == dtype for name, _, _ in parts):
+                return _exact(parts)
             arrays = [_unpermute(g.load(name), n) if n else g.load(name) for name, _, n in parts]
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         return load, [(name, shape) for name, shape, _ in parts]
+
+    def _exact(parts) -> Encoded:
+        """The matrix's bytes from GGUF blocks of the type UPG stores it as: rows moved, never rounded."""
+        per_part = [[_unpermute(s, n) if n else s for s in g.sections(name)] for name, _, n in parts]
+        sections = [np.concatenate(group) for group in zip(*per_part)]
+        pad = lambda b: np.pad(b, (0, -b.size % TENSOR_ALIGN))  # noqa: E731
+        return Encoded(np.concatenate([pad(s.reshape(-1)) for s in sections]))
 
     plan = [("model.embed_tokens.weight", (cfg.vocab_size, h), rows(part("token_embd.weight", (cfg.vocab_size, h))))]
     for i in range(cfg.num_hidden_layers):
@@ -297,7 +327,9 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
     Args:
         src: the .gguf file.
         out_path: the .upg file to write; it exists only if conversion succeeded.
-        type: weight type of the matrices: f32, f16, bf16, q8_0, q4 or q3 (1-D tensors are f32).
+        type: weight type of the matrices (recipes.WEIGHT_TYPES; 1-D tensors are f32), or "source":
+            each matrix as the UPG type that holds its GGUF type exactly (EXACT_TYPES), else f16.
+            A matrix whose GGUF type the chosen UPG type holds exactly is copied, not rounded again.
         block: elements per scale block of quantized types, 32 or 64.
         outliers: fraction of each row of a quantized matrix kept exactly in f16.
         recipe: a recipe (or the name of one in recipes.RECIPES) that replaces type, block and outliers.
@@ -312,7 +344,8 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
     """
     if bpw is not None and recipe is not None:
         raise ValueError("bpw chooses the types itself: pass either bpw or recipe")
-    rec = get_recipe(recipe, type, block, outliers)
+    source = type == "source" and recipe is None and bpw is None  # the recipe follows the file's types (below)
+    rec = None if source else get_recipe(recipe, type, block, outliers)
     g = _GGUF(Path(src))
     tied = "output.weight" not in g.tensors
     hf_config = _hf_config(g, tied)
@@ -322,6 +355,11 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
         raise ConversionError(f"{g.path}: {e}") from e
 
     plan = _tensor_plan(g, cfg)
+    if source:
+        kinds = {name: {g.kind(p) for p, _ in parts} for name, shape, _, parts in plan if len(shape) == 2}
+        rec = Recipe("source", "f16", overrides=tuple(
+            (name, EXACT_TYPES[next(iter(k))]) for name, k in kinds.items() if len(k) == 1 and next(iter(k)) in EXACT_TYPES))
+
     def supported_type(name: str) -> None:
         if g.tensors[name].tensor_type.name not in TENSOR_TYPES:
             raise ConversionError(f"{g.path}: tensor {name} has GGUF type {g.tensors[name].tensor_type.name}, "
@@ -336,6 +374,11 @@ def convert_gguf(src: str | os.PathLike, out_path: str | os.PathLike, type: str 
 
     sources, quantization = calibrated_sources(rec, [(name, shape, load) for name, shape, load, _ in plan], tied,
                                               importance, bpw, progress)
+    # A matrix stored as the UPG type that holds its GGUF type exactly is copied, not rounded again
+    # (GGUF's Q8_0, Q4_0 and IQ4 blocks are of 32; outliers would change the codes).
+    sources = [dataclasses.replace(s, load=lambda load=s.load, exact=(s.dtype if s.block == 32 and not s.outliers_per_row
+                                                                      else None): load(exact))
+               for s in sources]
     template = g.get("tokenizer.chat_template")
     header = {
         "architecture": cfg.architecture,

@@ -16,9 +16,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import ModelConfig
-from .format import BLOCKS, DTYPE_CODES, QUANTIZED, TENSOR_ALIGN, TensorSource, tensor_nbytes
+from .format import BLOCKS, DTYPE_CODES, EXACT_ZERO, QUANTIZED, TENSOR_ALIGN, TensorSource, tensor_nbytes
 
 WEIGHT_TYPES = tuple(t for t in DTYPE_CODES if t != "i32")  # what a weight matrix may be stored as
+GRID_TYPES = tuple(t for t in QUANTIZED if t not in EXACT_ZERO)  # block 32 only (FORMAT.md "Grid types")
+SUPER_BLOCK_TYPES = ("iq4_xs", "iq3")     # need rows of a multiple of 256 columns
+# what a super-block type becomes in a matrix whose rows are not (SmolLM2's 576-wide rows), as
+# llama.cpp's IQ4_XS and IQ3 types fall back to IQ4_NL
+SUPER_BLOCK_FALLBACK = "iq4_nl"
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
@@ -58,6 +63,10 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: outliers must be a fraction in [0, 1), got {self.outliers}")
         if self.outliers and not self.quantized:
             raise ValueError(f"recipe {self.name!r}: outliers need a quantized type")
+        if self.outliers and self.default not in EXACT_ZERO:
+            raise ValueError(f"recipe {self.name!r}: {self.default} carries no outliers; use one of {', '.join(EXACT_ZERO)}")
+        if self.default in GRID_TYPES and self.block != 32:
+            raise ValueError(f"recipe {self.name!r}: {self.default} takes block 32, got {self.block}")
 
     @property
     def quantized(self) -> bool:
@@ -74,10 +83,11 @@ class Recipe:
         if len(shape) != 2:
             return "f32"
         names = (name, LM_HEAD) if tied and name == EMBED else (name,)
-        for pattern, type_ in self.overrides:
-            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                return type_
-        return self.default
+        type_ = next((t for pattern, t in self.overrides if any(fnmatch.fnmatchcase(n, pattern) for n in names)),
+                     self.default)
+        if type_ in SUPER_BLOCK_TYPES and shape[1] % 256:
+            return SUPER_BLOCK_FALLBACK
+        return type_
 
     def block_for(self, name: str) -> int:
         """The block of one quantized tensor."""
@@ -92,8 +102,9 @@ class Recipe:
         column, upg_backend.calibrate) is used if the tensor is stored quantized."""
         type_ = self.type_for(name, shape, tied)
         q = type_ in QUANTIZED
-        return TensorSource(name, type_, tuple(int(d) for d in shape), load, self.block_for(name) if q else 0,
-                            self.outliers if q else 0.0, importance if q else None)
+        block = 32 if type_ in GRID_TYPES else self.block_for(name) if q else 0
+        return TensorSource(name, type_, tuple(int(d) for d in shape), load, block,
+                            self.outliers if type_ in EXACT_ZERO else 0.0, importance if q else None)
 
     def header(self, sources: Sequence[TensorSource]) -> dict:
         """The header's `quantization` object (FORMAT.md): matrices not of the default type are
@@ -116,6 +127,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("q8_0", "q8_0", 32),
     Recipe("q4", "q4", 32),
     Recipe("q3", "q3", 32),
+    Recipe("iq4_nl", "iq4_nl", 32),
+    Recipe("iq4_xs", "iq4_xs", 32),
+    Recipe("iq3", "iq3", 32),
     _mixed("q4-mixed", "q4", 32, {EMBED: "q8_0", LM_HEAD: "q8_0"}),
     _mixed("q3-mixed", "q3", 64, {LM_HEAD: "q4", "model.layers.0.self_attn.*": "q4"}),
     Recipe("q3-outliers", "q3", 64, outliers=0.0008),

@@ -68,11 +68,7 @@ WeightView CpuBackend::view(const Matrix& m) const {
   w.rows = m.rows;
   w.cols = m.cols;
   w.codes = ptr(m.data);
-  if (is_quantized(m.type)) {
-    const QuantSections s = quant_sections(m.type, uint64_t(m.rows), uint64_t(m.cols), uint64_t(m.block));
-    if (s.high) w.high = w.codes + s.high_offset();
-    w.scales = reinterpret_cast<const uint16_t*>(w.codes + s.scales_offset());
-  }
+  set_sections(w);
   if (m.has_outliers()) {
     w.o_rowptr = ptr<const int32_t>(m.rowptr);
     w.o_col = ptr<const int32_t>(m.col);

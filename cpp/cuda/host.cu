@@ -58,7 +58,9 @@ void check_weight(const Weight& w, const char* what) {
   const UpgMatArgs& a = w.args;
   const bool dense = w.dtype == UPG_DTYPE_F32 || w.dtype == UPG_DTYPE_F16 || w.dtype == UPG_DTYPE_BF16;
   const bool quant = w.dtype == UPG_DTYPE_Q8_0 || w.dtype == UPG_DTYPE_Q4 || w.dtype == UPG_DTYPE_Q3;
-  if (!dense && !quant) throw std::invalid_argument(std::string("cuda ") + what + ": unsupported dtype");
+  if (!dense && !quant)  // the grid types (iq4_nl, iq4_xs, iq3) have CPU and Metal kernels only
+    throw std::invalid_argument(std::string("cuda ") + what + ": dtype " + std::to_string(w.dtype) +
+                                " has no CUDA kernels (the CPU and Metal backends run it)");
   if (quant && a.block != 32 && a.block != 64)
     throw std::invalid_argument(std::string("cuda ") + what + ": block must be 32 or 64");
   if (a.rows < 1 || a.cols < 1 || (quant && a.cols % a.block != 0))

@@ -93,7 +93,7 @@ struct V256 {
   static constexpr int kNTi8 = 4;  // tokens per matmul register tile
   static constexpr int kMRi8 = 1, kNTi8Wide = 4;  // one row vector per tile (16 registers)
   template <DType T>
-  static constexpr int kZero = zero_point(T);
+  static constexpr int kZero = zero_point(T);  // grid types: signed values, as q8_0
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
   static reg abs(reg v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
@@ -132,7 +132,7 @@ struct V256 {
   template <DType T>
   static ireg dpbusd(ireg acc, ireg w, ireg a) {
     __m256i p;
-    if constexpr (T != DType::Q8_0) p = _mm256_maddubs_epi16(w, a);  // q4, q3: codes <= 15
+    if constexpr (T == DType::Q4 || T == DType::Q3) p = _mm256_maddubs_epi16(w, a);  // codes <= 15
     else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
@@ -168,6 +168,45 @@ struct V256 {
     return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(3)),
                            _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi8(1)), 2));
   }
+  // The 32 iq3 codes (3 bits) of block p of a group of 4 (docs/FORMAT.md), from the group's 32 ql
+  // bytes (shifted by 2p) and 16 qh bytes (broadcast to both halves, shifted by 2p and 2p + 1).
+  static ireg iq3_codes(const uint8_t* ql, const uint8_t* qh, int p) {
+    const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(load_i(ql), _mm_cvtsi32_si128(2 * p)), _mm256_set1_epi8(3));
+    alignas(32) static constexpr int32_t kHiShift[4][8] = {
+        {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
+    const __m256i h = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh))),
+                                        load_i(kHiShift[p]));
+    return _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 2));
+  }
+  // Bytes t[code] of codes 0..15 (a grid in dot form, simd_kernels.h's kDotGrid).
+  static ireg lut16(ireg codes, const uint8_t* t) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t))), codes);
+  }
+  // out[k] = the scale of sub-block b0 + k of a super-block row (its sub section, nb sub-blocks, its
+  // f16 super-scales) times d[k], for k in [0, n), n a multiple of 8 (one super-block a vector).
+  static void super_scales(const uint8_t* sub, int64_t nb, const uint16_t* sup, int64_t b0, int n, const float* d,
+                           float* out) {
+    const __m128i lo_idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m128i hi_idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i lo_shift = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    const __m256i hi_shift = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    for (int i = 0; i < n; i += W) {
+      const int64_t j0 = b0 + i;
+      int32_t lo4;
+      uint16_t hi2;
+      __builtin_memcpy(&lo4, sub + j0 / 2, 4);
+      __builtin_memcpy(&hi2, sub + nb / 2 + j0 / 4, 2);
+      const __m256i l = _mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(lo4), lo_idx)), lo_shift),
+          _mm256_set1_epi32(15));
+      const __m256i h = _mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(hi2), hi_idx)), hi_shift),
+          _mm256_set1_epi32(3));
+      const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(l, _mm256_slli_epi32(h, 4)), _mm256_set1_epi32(UPG_SUB_SCALE_BIAS));
+      const __m256 dsup = _mm256_set1_ps(_cvtsh_ss(sup[j0 / 8]));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ls), dsup), _mm256_loadu_ps(d + i)));
+    }
+  }
   template <int P>
   static ireg acc_init(const int32_t* zs) {
     static_assert(P == 1, "a vector holds at most one block");
@@ -176,6 +215,7 @@ struct V256 {
   template <int P>
   static reg block_scales(const float* s) { return _mm256_set1_ps(s[0]); }
   static constexpr bool kQ4Quad = false;  // rows_dot_q4_quad: 16-lane paths only
+  static constexpr bool kIq3Quad = false;
   static __m256i first_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, first_n(n), v); }
   static reg load_n(const float* p, int n) { return _mm256_maskload_ps(p, first_n(n)); }

@@ -9,6 +9,23 @@
 namespace upg {
 namespace {
 
+// The shifts and rotations of the two pairs, loaded (a table costs less than building them).
+struct Iq3Shifts {
+  alignas(64) int16_t lo[2][32];
+  alignas(64) int32_t rot[2][16];
+  alignas(64) int16_t quad_lo[32];     // iq3_quad_codes: 128-bit lane p shifts by 2p
+  alignas(64) int32_t quad_rot[2][16]; // and rotates bit 2p (elements 0-15), 2p + 1 (16-31) to bit 2
+  constexpr Iq3Shifts() : lo(), rot(), quad_lo(), quad_rot() {
+    for (int pair = 0; pair < 2; ++pair) {
+      for (int l = 0; l < 32; ++l) lo[pair][l] = int16_t(4 * pair + (l < 16 ? 0 : 2));
+      for (int l = 0; l < 16; ++l) rot[pair][l] = (4 * pair + l / 4 - 2) & 31;
+      for (int l = 0; l < 16; ++l) quad_rot[pair][l] = (2 * (l / 4) + pair - 2) & 31;
+    }
+    for (int l = 0; l < 32; ++l) quad_lo[l] = int16_t(2 * (l / 8));
+  }
+};
+static constexpr Iq3Shifts kIq3Shifts{};
+
 struct V512 {
   static constexpr int W = 16;
   static constexpr int kMatvecRows = 4;  // rows sharing each x load in matvec (best of 1..8)
@@ -95,7 +112,7 @@ struct V512 {
   // Row vectors x tokens of the wide tile: each broadcast feeds two rows of 16 (measured 2x4..2x7, 3x4)
   static constexpr int kMRi8 = 2, kNTi8Wide = 5;
   template <DType T>
-  static constexpr int kZero = T == DType::Q8_0 ? 128 : zero_point(T);  // q8_0: signed codes + 128
+  static constexpr int kZero = T == DType::Q8_0 || kGrid<T> ? 128 : zero_point(T);  // signed codes + 128
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static reg abs(reg v) { return _mm512_abs_ps(v); }
@@ -159,6 +176,62 @@ struct V512 {
     // bits 0-1 from lo, 2-7 from hi (0xE4: C ? A : B, C = 0x03 per byte), then the 3 code bits
     const __m512i joined = _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4);
     return _mm512_and_si512(joined, _mm512_set1_epi8(7));
+  }
+  // 64 iq3 codes (3 bits) of blocks p, p + 1 (p even) of a group of 4 (docs/FORMAT.md) in element
+  // order, from the group's 32 ql and 16 qh bytes: the ql bytes broadcast to both halves and
+  // shifted by 2p, 2p + 2; the qh bytes to the four 128-bit lanes, bit 2p + g of lane g rotated to
+  // bit 2; one bitwise select joins them.
+  static ireg iq3_codes(const uint8_t* ql, const uint8_t* qh, int p) {
+    const int pair = p >> 1;
+    const __m512i lo = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql))),
+                                         _mm512_load_si512(kIq3Shifts.lo[pair]));
+    const __m512i hi = _mm512_and_si512(
+        _mm512_rorv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh))),
+                          _mm512_load_si512(kIq3Shifts.rot[pair])),
+        _mm512_set1_epi8(4));
+    return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4);  // C ? A : B
+  }
+  // The 128 iq3 codes of a group of 4 blocks in the q4 quad order (q4_quad_codes): 128-bit lane p
+  // of lo holds elements 0-15 of block p, of hi elements 16-31; one broadcast of each 16 ql bytes
+  // and of the 16 qh bytes, and the same shifts for every group (loop constants).
+  static constexpr bool kIq3Quad = true;
+  static void iq3_quad_codes(const uint8_t* ql, const uint8_t* qh, ireg& lo, ireg& hi) {
+    const auto b16 = [](const uint8_t* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+    const __m512i sh = _mm512_load_si512(kIq3Shifts.quad_lo), h = b16(qh), m3 = _mm512_set1_epi8(3), m4 = _mm512_set1_epi8(4);
+    lo = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(b16(ql), sh),
+                                   _mm512_and_si512(_mm512_rorv_epi32(h, _mm512_load_si512(kIq3Shifts.quad_rot[0])), m4), m3, 0xE4);
+    hi = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(b16(ql + 16), sh),
+                                   _mm512_and_si512(_mm512_rorv_epi32(h, _mm512_load_si512(kIq3Shifts.quad_rot[1])), m4), m3, 0xE4);
+  }
+  // Bytes t[code] of codes 0..15 (a grid in dot form, simd_kernels.h's kDotGrid).
+  static ireg lut16(ireg codes, const uint8_t* t) {
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t))), codes);
+  }
+  // out[k] = the scale of sub-block b0 + k of a super-block row (its sub section, nb sub-blocks, its
+  // f16 super-scales) times d[k], for k in [0, n), n a multiple of 8; whole vectors stored (as
+  // scaled_halves). Masked loads: nothing past the row's bytes is read.
+  static void super_scales(const uint8_t* sub, int64_t nb, const uint16_t* sup, int64_t b0, int n, const float* d,
+                           float* out) {
+    const __m128i lo_idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m128i hi_idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i lo_shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    const __m512i hi_shift = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+    const __m512i sup_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int i = 0; i < n; i += W) {
+      const int64_t j0 = b0 + i;
+      const int m = n - i < W ? n - i : W;
+      const __m128i lo = _mm_maskz_loadu_epi8(__mmask16((1u << (m / 2)) - 1), sub + j0 / 2);
+      const __m128i hi = _mm_maskz_loadu_epi8(__mmask16((1u << (m / 4)) - 1), sub + nb / 2 + j0 / 4);
+      const __m128i sp = _mm_maskz_loadu_epi16(__mmask8((1u << (m / 8)) - 1), sup + j0 / 8);
+      const __m512i l = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(lo, lo_idx)), lo_shift),
+                                         _mm512_set1_epi32(15));
+      const __m512i h = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(hi, hi_idx)), hi_shift),
+                                         _mm512_set1_epi32(3));
+      const __m512i ls = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32(h, 4)), _mm512_set1_epi32(UPG_SUB_SCALE_BIAS));
+      const __m512 dsup = _mm512_permutexvar_ps(sup_idx, _mm512_castps256_ps512(_mm256_cvtph_ps(sp)));
+      const __m512 dv = _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), d + i);
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ls), dsup), dv));
+    }
   }
   // The integer accumulator of a vector of P blocks: zs[p] (-zero x sum of codes) in the first
   // lane of block p, 0 elsewhere; one masked load or one permute, no scalar-to-vector moves.

@@ -14,8 +14,18 @@ int code(const WeightView& w, int64_t g, int j) {
   const int B = w.block;
   if (w.type == DType::Q8_0) return int8_t(w.codes[g * B + j]);
   if (w.type == DType::Q3) return q3_code(w.codes + g * (B / 4), w.high + g * (B / 8), B, j) - UPG_Q3_ZERO;
+  if (w.type == DType::IQ3) return kIq3Grid[iq3_code(w.codes, w.high, g, j)];
   const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
-  return (j < B / 2 ? byte & 15 : byte >> 4) - UPG_Q4_ZERO;
+  const int q = j < B / 2 ? byte & 15 : byte >> 4;
+  return w.type == DType::Q4 ? q - UPG_Q4_ZERO : kIq4Grid[q];
+}
+
+// The scale of quantized block g: its f16 scale, or the super-scale times (ls - 32).
+float scale(const WeightView& w, int64_t g) {
+  if (!has_super_block(w.type)) return f16_to_f32(w.scales[g]);
+  const int64_t nb = w.cols / w.block, r = g / nb;
+  const int ls = sub_scale_code(w.sub + r * (nb / 2 + nb / 4), nb, g % nb);
+  return f16_to_f32(w.scales[g / (UPG_SUPER_BLOCK / w.block)]) * float(ls - UPG_SUB_SCALE_BIAS);
 }
 
 // The elements [k0, k0 + n) of row r, by the spec's formulas; for quantized types exactly one
@@ -25,7 +35,7 @@ void decode(const WeightView& w, int64_t r, int64_t k0, int n, float* out) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(w.codes) + i0;
   const int B = w.block;
   const int64_t g = i0 / (B ? B : 1);  // quantized: global block index = r * nb + k0 / B
-  const float d = B ? f16_to_f32(w.scales[g]) : 0.0f;
+  const float d = B ? scale(w, g) : 0.0f;
   switch (w.type) {
     case DType::F32:
       for (int j = 0; j < n; ++j) out[j] = reinterpret_cast<const float*>(w.codes)[i0 + j];
@@ -36,10 +46,9 @@ void decode(const WeightView& w, int64_t r, int64_t k0, int n, float* out) {
     case DType::BF16:
       for (int j = 0; j < n; ++j) out[j] = bf16_to_f32(h[j]);
       return;
-    case DType::Q8_0: case DType::Q4: case DType::Q3:
+    default:  // quantized
       for (int j = 0; j < B; ++j) out[j] = d * float(code(w, g, j));
       return;
-    default: return;
   }
 }
 
@@ -65,7 +74,7 @@ float row_dot_q8(const WeightView& w, int64_t r, const float* x, const ActQ8& a,
   for (int64_t b = 0; b < nb; ++b) {
     int32_t s = 0;
     for (int j = 0; j < B; ++j) s += code(w, r * nb + b, j) * q[b * B + j];
-    acc += f16_to_f32(w.scales[r * nb + b]) * a.d[t * nb + b] * float(s);
+    acc += scale(w, r * nb + b) * a.d[t * nb + b] * float(s);
   }
   return acc + outlier_dot(w, r, x);
 }

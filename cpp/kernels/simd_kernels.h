@@ -31,7 +31,32 @@ constexpr int64_t kShortRowBytes = 1024;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // quant.h's is_quantized, not called here (see top).
-inline bool is_quantized_type(DType t) { return t == DType::Q8_0 || t == DType::Q4 || t == DType::Q3; }
+inline bool is_quantized_type(DType t) { return t != DType::F32 && t != DType::F16 && t != DType::BF16 && t != DType::I32; }
+// quant.h's constexpr predicates, evaluated at compile time only (no call is emitted; see top)
+template <DType T>
+constexpr bool kGrid = has_grid(T);
+template <DType T>
+constexpr bool kSuper = has_super_block(T);
+template <DType T>
+constexpr bool kNibbles = T == DType::Q4 || T == DType::IQ4_NL || T == DType::IQ4_XS;  // q4's code packing
+template <DType T>
+constexpr bool kThreeBit = T == DType::Q3 || T == DType::IQ3;  // ql and qh sections
+template <DType T, int B>
+constexpr int kCodeBytesOf = T == DType::Q8_0 ? B : kNibbles<T> ? B / 2 : B / 4;  // per block: qs or ql
+
+// A grid type's values in dot form (code -> grid value + zero, as a byte) for one pshufb.
+template <DType T, int Z>
+struct DotGrid {
+  alignas(16) uint8_t v[16];
+  constexpr DotGrid() : v() {
+    for (int i = 0; i < (T == DType::IQ3 ? 8 : 16); ++i) v[i] = uint8_t((T == DType::IQ3 ? kIq3Grid[i] : kIq4Grid[i]) + Z);
+  }
+};
+template <DType T, int Z>
+constexpr DotGrid<T, Z> kDotGrid{};
+template <DType T>
+constexpr int grid_value(int q) { return T == DType::IQ3 ? kIq3Grid[q] : kIq4Grid[q]; }
+
 // At least kMinPrefetchBytes: a group of short rows (SmolLM2's q4 rows are 324 bytes) is too short
 // a distance to cover memory latency (576-wide q4 from DRAM: 15 GB/s on one core against 29 in
 // cache with one group's distance).
@@ -44,6 +69,19 @@ inline void prefetch(const void* p, int64_t distance) {
   _mm_prefetch(static_cast<const char*>(p) + distance, _MM_HINT_T0);
 }
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// The scale of block g (= row * nb + block) of w as f32: its f16 scale, or for super-block types
+// the super-scale times (ls - 32).
+template <DType T, int B>
+inline float weight_scale(const WeightView& w, int64_t g) {
+  if constexpr (kSuper<T>) {
+    const int64_t nb = w.cols / B, r = g / nb, j = g % nb;
+    const int ls = sub_scale_code(w.sub + r * (nb / 2 + nb / 4), nb, j);
+    return half_to_float(w.scales[g / (UPG_SUPER_BLOCK / B)]) * float(ls - UPG_SUB_SCALE_BIAS);
+  } else {
+    return half_to_float(w.scales[g]);
+  }
+}
 
 // Which ql / qh byte and bit each lane of a q3 chunk reads (docs/FORMAT.md): element
 // j = c * W + l of a block takes ql byte j % (B/4) at bit 2 * (j / (B/4)) and qh byte j % (B/8)
@@ -143,6 +181,9 @@ inline void visit_type(const WeightView& w, F&& f) {
     case D::Q3:
       if (b64) return f(std::integral_constant<D, D::Q3>{}, std::integral_constant<int, 64>{});
       return f(std::integral_constant<D, D::Q3>{}, std::integral_constant<int, 32>{});
+    case D::IQ4_NL: return f(std::integral_constant<D, D::IQ4_NL>{}, std::integral_constant<int, 32>{});  // block 32 only
+    case D::IQ4_XS: return f(std::integral_constant<D, D::IQ4_XS>{}, std::integral_constant<int, 32>{});
+    case D::IQ3: return f(std::integral_constant<D, D::IQ3>{}, std::integral_constant<int, 32>{});
     default: return;
   }
 }
@@ -158,19 +199,23 @@ struct I8Shape {
   static constexpr int E = 4 * V::W;
   static constexpr int P = E > B ? E / B : 1;
   static constexpr int C = B > E ? B / E : 1;
-  static constexpr int kCodeBytes = T == DType::Q8_0 ? B : T == DType::Q4 ? B / 2 : B / 4;  // per block: qs or ql
+  static constexpr int kCodeBytes = kCodeBytesOf<T, B>;
   static constexpr int kZero = V::template kZero<T>;
 };
 
 template <DType T>
-constexpr bool kActQ8 = T == DType::Q8_0 || T == DType::Q4 || T == DType::Q3;
+constexpr bool kActQ8 = T != DType::F32 && T != DType::F16 && T != DType::BF16 && T != DType::I32;
 
 // Vector c of the codes of blocks g.. (P blocks, or part c of one block), in element order.
 template <class V, DType T, int B>
 inline typename V::ireg dot_codes(const WeightView& w, int64_t g, int c) {
+  constexpr int Z = I8Shape<V, T, B>::kZero;
   if constexpr (T == DType::Q8_0) return V::q8_codes(w.codes + g * B + c * I8Shape<V, T, B>::E);
   else if constexpr (T == DType::Q4) return V::template q4_codes<B>(w.codes + g * (B / 2), c);
-  else return V::template q3_codes<B>(w.codes + g * (B / 4), w.high + g * (B / 8), c);
+  else if constexpr (T == DType::Q3) return V::template q3_codes<B>(w.codes + g * (B / 4), w.high + g * (B / 8), c);
+  else if constexpr (T == DType::IQ3)  // its group of 4 blocks: 32 ql bytes, 16 qh bytes
+    return V::lut16(V::iq3_codes(w.codes + (g >> 2) * 32, w.high + (g >> 2) * 16, int(g & 3)), kDotGrid<T, Z>.v);
+  else return V::lut16(V::template q4_codes<B>(w.codes + g * (B / 2), c), kDotGrid<T, Z>.v);
 }
 
 // Signed code of element j of block g (as the scale multiplies it), for the odd tail block.
@@ -178,9 +223,12 @@ template <DType T, int B>
 inline int signed_code(const WeightView& w, int64_t g, int j) {
   if constexpr (T == DType::Q8_0) {
     return int8_t(w.codes[g * B + j]);
-  } else if constexpr (T == DType::Q4) {
+  } else if constexpr (kNibbles<T>) {
     const uint8_t byte = w.codes[g * (B / 2) + j % (B / 2)];
-    return (j < B / 2 ? byte & 15 : byte >> 4) - UPG_Q4_ZERO;
+    const int q = j < B / 2 ? byte & 15 : byte >> 4;
+    return kGrid<T> ? grid_value<T>(q) : q - UPG_Q4_ZERO;
+  } else if constexpr (T == DType::IQ3) {
+    return grid_value<T>(iq3_code(w.codes, w.high, g, j));
   } else {  // quant.h's q3_code, not called here (see top)
     const int lo = (w.codes[g * (B / 4) + j % (B / 4)] >> (2 * (j / (B / 4)))) & 3;
     const int hi = (w.high[g * (B / 8) + j % (B / 8)] >> (j / (B / 8))) & 1;
@@ -255,16 +303,27 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8* a, const int32_t* cons
   alignas(64) float sd[NT][R][kScaleGroup];  // weight scale x activation scale, per block
   for (int64_t b0 = 0; b0 < nb; b0 += kScaleGroup) {
     const int n = int(min64(kScaleGroup, nb - b0));
-    // the scales are a stream of their own, an eighth to a sixteenth of the codes' bytes
-    prefetch(w.scales + r * nb + b0, pf / (S::kCodeBytes / 2));
+    // the scales are a stream of their own, an eighth to a sixteenth of the codes' bytes; the
+    // super-block types' sub-scales (3/4 byte a block) and super-scales (1/4) are two more
+    if constexpr (kSuper<T>) {
+      prefetch(w.sub + r * (nb / 2 + nb / 4) + b0 / 2, pf * 3 / (4 * S::kCodeBytes));
+      prefetch(w.scales + r * (nb / 8) + b0 / 8, pf / (4 * S::kCodeBytes));
+    } else {
+      prefetch(w.scales + r * nb + b0, pf / (S::kCodeBytes / 2));
+    }
     // Whole vectors (a scalar loop here cost short rows more than their dot products did: SmolLM2's
     // 576-wide q4 rows ran at 13 GB/s in cache).
     for (int j = 0; j < NT; ++j)
-      for (int i = 0; i < R; ++i) V::scaled_halves(w.scales + (r + i) * nb + b0, a[j].d + b0, n, sd[j][i]);
+      for (int i = 0; i < R; ++i) {
+        if constexpr (kSuper<T>)
+          V::super_scales(w.sub + (r + i) * (nb / 2 + nb / 4), nb, w.scales + (r + i) * (nb / 8), b0, n, a[j].d + b0, sd[j][i]);
+        else V::scaled_halves(w.scales + (r + i) * nb + b0, a[j].d + b0, n, sd[j][i]);
+      }
     int64_t bq = b0;  // blocks [b0, bq) went through the quad loop
-    if constexpr (T == DType::Q4 && B == 32 && V::kQ4Quad) {
+    if constexpr (B == 32 && ((kNibbles<T> && V::kQ4Quad) || (T == DType::IQ3 && V::kIq3Quad))) {
       // Four blocks at a time (V::q4_quad_codes): 1 load and 3 bit operations for 128 codes where
       // the pair loop below takes 2 loads and 6 (SmolLM2-shaped q4 in cache 21 -> 30 GB/s on one core).
+      // iq3: one group of its codes (V::iq3_quad_codes), in the same order.
       const int64_t qend = b0 + n / 4 * 4;
       for (int64_t bu = b0; bu < qend; bu += U * 4)
 #pragma GCC unroll 4
@@ -281,7 +340,16 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8* a, const int32_t* cons
             const int64_t g = (r + i) * nb + b;
             prefetch(w.codes + g * S::kCodeBytes, pf);
             typename V::ireg lo, hi;
-            V::q4_quad_codes(w.codes + g * S::kCodeBytes, lo, hi);
+            if constexpr (T == DType::IQ3) {
+              prefetch(w.high + g * (B / 8), pf / 2);
+              V::iq3_quad_codes(w.codes + g * S::kCodeBytes, w.high + g * (B / 8), lo, hi);
+            } else {
+              V::q4_quad_codes(w.codes + g * S::kCodeBytes, lo, hi);
+            }
+            if constexpr (kGrid<T>) {
+              lo = V::lut16(lo, kDotGrid<T, S::kZero>.v);
+              hi = V::lut16(hi, kDotGrid<T, S::kZero>.v);
+            }
 #pragma GCC unroll 8
             for (int j = 0; j < NT; ++j) {
               const auto s = V::template dpbusd<T>(V::template dpbusd<T>(init[j], lo, alo[j]), hi, ahi[j]);
@@ -307,7 +375,7 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8* a, const int32_t* cons
         for (int i = 0; i < R; ++i) {
           const int64_t g = (r + i) * nb + b;
           prefetch(w.codes + g * S::kCodeBytes, pf);
-          if constexpr (T == DType::Q3) prefetch(w.high + g * (B / 8), pf / 2);
+          if constexpr (kThreeBit<T>) prefetch(w.high + g * (B / 8), pf / 2);
           typename V::ireg codes[C];
           for (int c = 0; c < C; ++c) codes[c] = dot_codes<V, T, B>(w, g, c);
 #pragma GCC unroll 8
@@ -366,7 +434,7 @@ inline void pack_tile_i8(const WeightView& w, int64_t r, int mr, int64_t k0, int
     for (; kb < kbn; ++kb)
       for (int j = 0; j < B; ++j) row[kb * B + j] = uint8_t(signed_code<T, B>(w, g0 + kb, j) + S::kZero);
     for (int64_t j = 0; j < groups; ++j) __builtin_memcpy(tile + (j * W + i) * 4, row + 4 * j, 4);
-    for (int64_t b = 0; b < kbn; ++b) tsc[b * W + i] = half_to_float(w.scales[g0 + b]);
+    for (int64_t b = 0; b < kbn; ++b) tsc[b * W + i] = weight_scale<T, B>(w, g0 + b);
   }
 }
 
@@ -377,14 +445,19 @@ inline void pack_tile_i8(const WeightView& w, int64_t r, int mr, int64_t k0, int
 template <DType T, int B>
 inline void prefetch_tile(const WeightView& w, int64_t r, int64_t r1, int64_t k0, int64_t kbn) {
   const int64_t nb = w.cols / B, b0 = k0 / B;
-  constexpr int64_t kCodeBytes = T == DType::Q8_0 ? B : T == DType::Q4 ? B / 2 : B / 4;
+  constexpr int64_t kCodeBytes = kCodeBytesOf<T, B>;
   const auto l2 = [](const void* p, int64_t o) { _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T1); };
   for (; r < r1; ++r) {
     const int64_t g = r * nb + b0;
     for (int64_t o = 0; o < kbn * kCodeBytes; o += 64) l2(w.codes + g * kCodeBytes, o);
-    if constexpr (T == DType::Q3)
+    if constexpr (kThreeBit<T>)
       for (int64_t o = 0; o < kbn * B / 8; o += 64) l2(w.high + g * (B / 8), o);
-    for (int64_t o = 0; o < kbn * 2; o += 64) l2(w.scales + g, o);
+    if constexpr (kSuper<T>) {
+      l2(w.sub + r * (nb / 2 + nb / 4) + b0 / 2, 0);
+      l2(w.scales + g / (UPG_SUPER_BLOCK / B), 0);
+    } else {
+      for (int64_t o = 0; o < kbn * 2; o += 64) l2(w.scales + g, o);
+    }
   }
 }
 
@@ -613,13 +686,20 @@ inline void decode_range(const WeightView& w, int64_t r, int64_t k0, int64_t k1,
     for (; k < k1; ++k) out[k - k0] = dense_at<T>(w.codes, base + k);
   } else {
     const int64_t nb = w.cols / B;
-    for (int64_t b = k0 / B; b < k1 / B; ++b) {
-      typename V::reg q[B / W];
-      decode_codes<V, T, B>(w, r * nb + b, q);
-      const auto d = V::set1(half_to_float(w.scales[r * nb + b]));
-      float* o = out + (b * B - k0);
+    if constexpr (kGrid<T>) {  // embedding rows only: plainly
+      for (int64_t b = k0 / B; b < k1 / B; ++b) {
+        const float d = weight_scale<T, B>(w, r * nb + b);
+        for (int j = 0; j < B; ++j) out[b * B - k0 + j] = d * float(signed_code<T, B>(w, r * nb + b, j));
+      }
+    } else {
+      for (int64_t b = k0 / B; b < k1 / B; ++b) {
+        typename V::reg q[B / W];
+        decode_codes<V, T, B>(w, r * nb + b, q);
+        const auto d = V::set1(half_to_float(w.scales[r * nb + b]));
+        float* o = out + (b * B - k0);
 #pragma GCC unroll 8
-      for (int c = 0; c < B / W; ++c) V::store(o + c * W, V::mul(q[c], d));
+        for (int c = 0; c < B / W; ++c) V::store(o + c * W, V::mul(q[c], d));
+      }
     }
   }
 }

@@ -49,6 +49,7 @@ Launch matrix_launch(const std::string& name, const Matrix& w, Buf x, Buf y, int
     const QuantSections s = quant_sections(w.type, uint64_t(w.rows), uint64_t(w.cols), uint64_t(w.block));
     a.high_offset = uint32_t(s.high_offset());
     a.scales_offset = uint32_t(s.scales_offset());
+    a.sub_offset = uint32_t(s.sub_offset());
   }
   a.has_outliers = w.has_outliers();
   a.n_tokens = n_tokens;

@@ -13,7 +13,7 @@
 namespace upg {
 
 constexpr uint8_t kMagic[8] = {0x55, 0x50, 0x47, 0x00, 0x0D, 0x0A, 0x1A, 0x0A};  // "UPG\0\r\n\x1a\n"
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // the newest version this reader knows (FORMAT.md "Versions")
 constexpr uint64_t kPreambleSize = 64;
 
 class FormatError : public std::runtime_error {

@@ -13,8 +13,9 @@ struct WeightView {
   int block = 0;                    // elements per scale block (quantized types), else 0
   int64_t rows = 0, cols = 0;
   const uint8_t* codes = nullptr;   // dense data, or the qs / ql section
-  const uint8_t* high = nullptr;    // q3: the qh section
-  const uint16_t* scales = nullptr; // quantized: f16 [rows][cols / block]
+  const uint8_t* high = nullptr;    // q3, iq3: the qh section
+  const uint8_t* sub = nullptr;     // iq4_xs, iq3: the sub-block scales
+  const uint16_t* scales = nullptr; // quantized: f16 [rows][cols / block] (super-block types: / 256)
   // Sparse exact outliers (CSR), all null when absent:
   // W[r][o_col[i]] += f16(o_val[i]) for i in [o_rowptr[r], o_rowptr[r + 1]).
   const int32_t* o_rowptr = nullptr;
@@ -73,6 +74,16 @@ struct Kernels {
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
 };
 
+// Points w's section pointers into its data (w.codes, as set to the tensor's first byte), from its
+// type and shape.
+inline void set_sections(WeightView& w) {
+  if (!is_quantized(w.type)) return;
+  const QuantSections s = quant_sections(w.type, uint64_t(w.rows), uint64_t(w.cols), uint64_t(w.block));
+  if (s.high) w.high = w.codes + s.high_offset();
+  if (s.sub) w.sub = w.codes + s.sub_offset();
+  w.scales = reinterpret_cast<const uint16_t*>(w.codes + s.scales_offset());
+}
+
 // Rows per work item when threads share one product of w with n tokens (ThreadPool::parallel_for).
 // A multiple of 16, the row tile of every path, so that a row's sums never depend on the split.
 // Decode takes about kDecodeChunkBytes of weights per item: enough to amortize taking it (one atomic add and
@@ -86,7 +97,7 @@ inline int64_t matmul_chunk_rows(const WeightView& w, int64_t n, int threads) {
   int64_t row_bytes = w.cols * dense_elem_size(w.type);
   if (is_quantized(w.type)) {
     const QuantSections one_row = quant_sections(w.type, 1, uint64_t(w.cols), uint64_t(w.block));
-    row_bytes = int64_t(one_row.codes + one_row.high + one_row.scales);
+    row_bytes = int64_t(one_row.codes + one_row.high + one_row.sub + one_row.scales);
   }
   return round_up(std::max<int64_t>(1, kDecodeChunkBytes / std::max<int64_t>(1, row_bytes)), 16);
 }

@@ -13,11 +13,25 @@
 #define UPG_DTYPE_Q4 4
 #define UPG_DTYPE_Q3 5
 #define UPG_DTYPE_I32 6
+// Format version 2 (docs/FORMAT.md "Versions"): non-uniform grids and super-block scales.
+#define UPG_DTYPE_IQ4_NL 7
+#define UPG_DTYPE_IQ4_XS 8
+#define UPG_DTYPE_IQ3 9
+#define UPG_NUM_DTYPES 10
 
 #define UPG_TENSOR_ALIGN 64     // every tensor and every section inside one (upg::kTensorAlign)
 #define UPG_DATA_ALIGN 16384    // the data section: one Apple GPU page (upg::kDataAlign)
 #define UPG_Q4_ZERO 8           // q4 element value: d * (q - 8)
 #define UPG_Q3_ZERO 4           // q3 element value: d * (q - 4)
+// iq4_nl, iq4_xs, iq3: element value = scale * grid[q]. The 4-bit grid is llama.cpp's
+// kvalues_iq4nl (so GGUF IQ4_NL and IQ4_XS import without rounding); the 3-bit grid was fitted
+// (Lloyd iterations, tools/fit_iq3_grid.py) to the weights of a Phi-3-architecture model divided by
+// their 32-element block's scale. Both are asymmetric: a block's scale may take either sign, so a
+// block picks the grid or its mirror image.
+#define UPG_IQ4_GRID {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113}
+#define UPG_IQ3_GRID {-127, -76, -43, -17, 8, 35, 65, 105}
+#define UPG_SUPER_BLOCK 256     // iq4_xs, iq3: elements per f16 super-scale (8 sub-blocks of 32)
+#define UPG_SUB_SCALE_BIAS 32   // iq4_xs, iq3: sub-block scale = d * (ls - 32), ls a 6-bit code
 
 // Index vocabulary of the kernels (as in ggml-metal): tgpig = threadgroup_position_in_grid,
 // tpitg = thread_position_in_threadgroup, ntg = threads_per_threadgroup,
@@ -42,7 +56,8 @@ struct UpgMatArgs {
   int32_t cols;
   int32_t block;          // elements per scale block (quantized types), else 0
   uint32_t high_offset;   // q3: byte offset of the qh section, = pad64(codes)
-  uint32_t scales_offset; // quantized: byte offset of the f16 scales, = pad64(codes) + pad64(high)
+  uint32_t scales_offset; // quantized: byte offset of the f16 scales, = pad64(codes) + pad64(high) + pad64(sub)
+  uint32_t sub_offset;    // iq4_xs, iq3: byte offset of the sub-block scales, = pad64(codes) + pad64(high)
   int32_t has_outliers;   // 1 when the rowptr/col/val buffers are bound
   int32_t n_tokens;       // mat-mat and get_rows: tokens (rows of x / entries of ids)
   int32_t ldy;            // mat-mat: stride of y between tokens (>= rows)
