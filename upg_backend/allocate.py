@@ -36,8 +36,18 @@ class Candidate:
 
 # What --bpw chooses among. A new quantized type joins bit allocation by a line here.
 CANDIDATES: tuple[Candidate, ...] = (
-    Candidate("q3", 64), Candidate("q3", 32), Candidate("q4", 64), Candidate("q4", 32), Candidate("q8_0", 32),
+    Candidate("q3", 64), Candidate("q3", 32), Candidate("iq3", 32), Candidate("q4", 64), Candidate("q4", 32),
+    Candidate("iq4_xs", 32), Candidate("iq4_nl", 32), Candidate("q8_0", 32),
 )
+
+
+def fits(c: Candidate, shape: Sequence[int]) -> bool:
+    """Whether a matrix of this shape can be stored as c (its block, and a super-block type's 256)."""
+    try:
+        tensor_nbytes(c.type, shape, c.block)
+    except ValueError:
+        return False
+    return shape[1] % c.block == 0
 
 SAMPLE_ROWS = 512  # rows of each matrix the noise is measured on (rows quantize independently)
 
@@ -119,7 +129,7 @@ def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndar
             them or only the rows sample_rows(rows, n_sample) names.
         importance: (name, cols) -> the matrix's per-column importance, or None (uniform).
         bpw: the budget, bits per weight over these matrices.
-        candidates: the choices (a candidate whose block does not divide a matrix's width is skipped).
+        candidates: the choices (one that cannot hold a matrix's width is skipped for it: fits).
         n_sample: rows of each matrix the noise is measured on.
         progress: called with each matrix's element count once it is measured.
 
@@ -136,7 +146,7 @@ def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndar
             w = w[idx]
         imp = importance(name, cols)
         points = [(8.0 * tensor_nbytes(c.type, shape, c.block), relative_noise(w, imp, c), i)
-                  for i, c in enumerate(candidates) if cols % c.block == 0]
+                  for i, c in enumerate(candidates) if fits(c, shape)]
         if not points:
             raise ValueError(f"{name}: no candidate fits its {cols} columns")
         hulls[name] = _hull(points)
