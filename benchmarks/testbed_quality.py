@@ -54,6 +54,8 @@ OURS = {
     "q3": (Recipe("q3", "q3", 32, EIGHT_BIT_ENDS), False),
     "q3 + calibration": (Recipe("q3", "q3", 32, EIGHT_BIT_ENDS), True),
     "q4/64 + calibration": (Recipe("q4/64", "q4", 64, EIGHT_BIT_ENDS), True),
+    "iq4_xs + calibration": (Recipe("iq4_xs", "iq4_xs", 32, EIGHT_BIT_ENDS), True),
+    "iq3 + calibration": (Recipe("iq3", "iq3", 32, EIGHT_BIT_ENDS), True),
     "--bpw 4.25": (4.25, True),
     "--bpw 3.25": (3.25, True),
 }
