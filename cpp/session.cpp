@@ -32,13 +32,17 @@ void Session::truncate(int64_t n) {
   n_past_ = n;
 }
 
+void Session::check_room(int64_t n) const {
+  if (n > n_ctx_ - n_past_)
+    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
+                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
+}
+
 template <typename Fn>
 void Session::run(const int32_t* tokens, int64_t n, bool generated, Graph::Output last, Graph::Output others,
                   bool all_rows, Fn download) {
   check_tokens(*model_, tokens, n);
-  if (n > n_ctx_ - n_past_)
-    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
-                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
+  check_room(n);
   for (int64_t done = 0; done < n;) {
     const int m = int(std::min<int64_t>(n_batch_, n - done));
     Graph::Pass p;
@@ -74,9 +78,7 @@ void Session::eval_hidden(const int32_t* tokens, int64_t n, float* out) {
 void Session::decode_greedy(int32_t token, int64_t n, int32_t* out) {
   check_tokens(*model_, &token, 1);
   if (n < 1) throw std::invalid_argument("decode_greedy needs at least one token");
-  if (n > n_ctx_ - n_past_)
-    throw std::invalid_argument("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) +
-                                " tokens exceed n_ctx " + std::to_string(n_ctx_));
+  check_room(n);
   Graph::Pass p;
   p.seqs = {{0, int(n_past_), 1}};
   p.n_decode = 1;

@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "common.cuh"
+#include "upg/quant.h"
 
 namespace upg::cuda {
 
@@ -354,14 +355,12 @@ MatmulQ8Kernel pick_q8(const Weight& w) {
   }
 }
 
-bool quantized(const Weight& w) { return w.dtype == UPG_DTYPE_Q8_0 || w.dtype == UPG_DTYPE_Q4 || w.dtype == UPG_DTYPE_Q3; }
-
 size_t codes_bytes(const Weight& w) { return (size_t(w.args.n_tokens) * w.args.cols + 15) / 16 * 16; }
 
 }  // namespace
 
 size_t matmul_scratch(const Weight& w) {
-  if (!quantized(w)) return 0;
+  if (!is_quantized(DType(w.dtype))) return 0;
   return codes_bytes(w) + size_t(w.args.n_tokens) * (w.args.cols / w.args.block) * sizeof(float);
 }
 
@@ -369,7 +368,7 @@ void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cuda
   check_weight(w, "matmul");
   if (w.args.n_tokens < 1 || w.args.ldy < w.args.rows) throw std::invalid_argument("cuda matmul: bad n_tokens or ldy");
   const dim3 grid((w.args.rows + kTm - 1) / kTm, (w.args.n_tokens + kTn - 1) / kTn);
-  if (!quantized(w)) {
+  if (!is_quantized(DType(w.dtype))) {
     launch("matmul", pick(w), grid, kThreads, kSmem, s, view(w), x, y, w.args.ldy, pass);
     return;
   }

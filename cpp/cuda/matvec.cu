@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "common.cuh"
+#include "upg/quant.h"
 
 namespace upg::cuda {
 
@@ -407,7 +408,7 @@ void init_matvec() {
 void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse) {
   check_weight(w, "matvec");
   const MatvecKernel kernel = pick(w);
-  const bool q8 = w.dtype == UPG_DTYPE_Q8_0 || w.dtype == UPG_DTYPE_Q4 || w.dtype == UPG_DTYPE_Q3;
+  const bool q8 = is_quantized(DType(w.dtype));  // check_weight let only q8_0 / q4 / q3 through
   const size_t smem = size_t(xs_bytes(w.args.cols)) +
                       (q8 ? size_t(w.args.cols) + size_t(w.args.cols / w.args.block) * 4 : 0);  // + xq, xd
   // x, plus stage_x's static reduction scratch, must fit in one block's shared memory.

@@ -50,6 +50,7 @@ class Session {
   const Backend& backend() const { return *backend_; }
 
  private:
+  void check_room(int64_t n) const;  // throws unless n more positions fit the context
   // Runs the tokens in batches of n_batch; download(batch's first token, its count, its output)
   // takes each batch's results. last: the output of the final batch; others: of the rest.
   template <typename Fn>
