@@ -89,6 +89,29 @@ __device__ __forceinline__ float elem(const MatView& m, int r, int k) {
   return d * float((lo | (hi << 2)) - UPG_Q3_ZERO);
 }
 
+// cp.async of C bytes (4, 8 or 16), zero-filled when !ok (src must still be a valid address).
+template <int C>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool ok) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int n = ok ? C : 0;
+  if constexpr (C == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(n) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(C), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// ldmatrix: four 8 x 8 matrices of 16-bit elements (8 rows of 16 bytes each, row addresses from lanes
+// 8q..8q + 7 for matrix q); thread l gets row l / 4, elements 2 (l % 4), +1 of each.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 }  // namespace upg::cuda::dev
 
 namespace upg::cuda {

@@ -110,6 +110,7 @@ Weight make_weight(int dtype, int rows, int cols, int block, const void* data, i
 }
 
 void init_matvec();
+void init_matmul();
 void init_attention();
 
 void init(int device) {
@@ -119,6 +120,7 @@ void init(int device) {
   sm_count();
   if (g_pdl < 0) programmatic_launch();
   init_matvec();
+  init_matmul();
   init_attention();
 }
 

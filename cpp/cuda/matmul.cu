@@ -97,20 +97,32 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
 }
 
 // ---- 8-bit tensor-core mat-mul for the quantized types ----
-// The weights' integer codes (zero point removed) times x rounded to 8 bits per weight block
-// exactly as the decode mat-vec and the CPU round it (d = f16(amax / 127), q = rint(x * 127 /
-// amax)). k_quantize_x rounds the pass's rows of x once into the scratch (codes and scales); then
-// per block of B along k, B / 32 mma.m16n8k32 (s8 x s8 -> s32) and the block's integer sums scaled
-// by d_w * d_x into the f32 accumulators. The same 128-row x 64-token tile and 8 warps of 32 x 32
-// as the f16 kernel; a k step is 128 of k (128 / B blocks): the weights' codes decoded to int8 and
-// the x codes copied into shared memory, while the next step's raw codes wait in registers.
+// The weights' integer codes times x rounded to 8 bits per weight block exactly as the decode
+// mat-vec and the CPU round it (d = f16(amax / 127), q = rint(x * 127 / amax)). k_quantize_x
+// rounds the pass's rows of x once into the scratch (codes, scales, and each block's code sum);
+// then per block of B along k, B / 32 mma.m16n8k32 (u8 or s8 weights x s8 x -> s32) and the
+// block's integer sums scaled by d_w * d_x into the f32 accumulators, in the order of k. The
+// mma's accumulator input starts at kMagic - zero * sum(x codes of the block): the zero point
+// comes off inside the exact integer sum (the weights enter the mma as their raw unsigned codes:
+// q4 nibbles masked, q3's bit planes combined), and the sum i comes out as the bits of the float
+// 1.5 * 2^23 + i (|i| < 2^21 here), so float(i) is one exact f32 subtraction instead of an I2F
+// (a conversion, a quarter of the FP32 issue rate on sm_80/90): on the H200, 4% less time for q4
+// and q3 than with I2F, 5% more for q8_0 (docs/CUDA.md).
+// The same 128-row x 64-token tile and 8 warps of 32 x 32 as the f16 kernel. A k step is 128 of
+// k: the weights' raw file bytes and the x codes go to shared memory by cp.async (16-byte copies
+// where the layout allows), kStages steps in flight, one barrier per step; the warps decode their
+// A fragments from the raw bytes as they load them, and take x's B fragments with ldmatrix.
 constexpr int kQk = 128;          // k per step
-constexpr int kQld = kQk + 16;    // bytes per shared row: fragment loads of 8 rows x 4 words hit 32 banks
+constexpr int kQxLd = kQk + 16;   // bytes per shared x row: ldmatrix's 8 rows fall on distinct bank groups
+constexpr int kMagic = 0x4B400000;  // the bits of 1.5 * 2^23: kMagic + i is the float 1.5 * 2^23 + i for |i| < 2^22
+constexpr float kMagicF = 12582912.0f;
 
-// xq [cap][cols] int8 and xd [cap][cols / B] f32 of the pass's rows; one warp per block of B.
+// xq [cap][cols] int8, xd [cap][cols / B] f32 and xz [cap][cols / B] = kMagic - zero * (the codes'
+// sum) of the pass's rows; one warp per block of B.
 template <int B>
-__global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x, int cols, int8_t* __restrict__ xq,
-                                                    float* __restrict__ xd, const int32_t* __restrict__ pass) {
+__global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x, int cols, int zero,
+                                                    int8_t* __restrict__ xq, float* __restrict__ xd,
+                                                    int32_t* __restrict__ xz, const int32_t* __restrict__ pass) {
   pdl_enter();
   const int t = blockIdx.y, nb = cols / B, b = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= n_tokens(pass) || b >= nb) return;
@@ -121,188 +133,245 @@ __global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x,
   for (int i = 0; i < B / 32; ++i) a = fmaxf(a, fabsf(v[i] = xb[lane + 32 * i]));
   a = warp_max(a);
   const float inv = a != 0.0f ? 127.0f / a : 0.0f;
+  int sum = 0;
 #pragma unroll
-  for (int i = 0; i < B / 32; ++i) xq[int64_t(t) * cols + int64_t(b) * B + lane + 32 * i] = int8_t(__float2int_rn(v[i] * inv));
-  if (lane == 0) xd[int64_t(t) * nb + b] = __half2float(__float2half_rn(a / 127.0f));
+  for (int i = 0; i < B / 32; ++i) {
+    const int q = __float2int_rn(v[i] * inv);
+    xq[int64_t(t) * cols + int64_t(b) * B + lane + 32 * i] = int8_t(q);
+    sum += q;
+  }
+  sum = __reduce_add_sync(0xffffffffu, sum);
+  if (lane == 0) {
+    xd[int64_t(t) * nb + b] = __half2float(__float2half_rn(a / 127.0f));
+    xz[int64_t(t) * nb + b] = kMagic - zero * sum;
+  }
 }
 
-// One thread's raw codes of one weight block (its row half; q3: the row's whole ql and qh).
-struct Q8Raw {
-  uint4 q[2];
-  uint2 h;
-  float d;
+// Shared-memory layout of one k step of the tile: the weights' raw bytes (codes; q3 also its high
+// bits) per row, padded so that a fragment load's 8 rows x 4 words hit 32 distinct banks, then
+// the x codes. The scales live in two slots of their own (register-staged one step ahead: the
+// weights' f16 scales need not be 4-byte aligned, which cp.async requires).
+template <int DT, int B>
+struct Q8Tile {
+  static constexpr int KB = kQk / B;                                              // weight blocks per step
+  static constexpr int kCodes = DT == UPG_DTYPE_Q8_0 ? kQk : DT == UPG_DTYPE_Q4 ? kQk / 2 : kQk / 4;  // bytes / row
+  static constexpr int kBlockBytes = kCodes / KB;                                 // one block's codes
+  static constexpr int kCopy = kBlockBytes < 16 ? kBlockBytes : 16;               // q3 at B = 32: 8-byte copies
+  static constexpr int kCodesLd = kCodes + 16;                                    // 144, 80, 48 bytes
+  static constexpr int kHighLd = DT == UPG_DTYPE_Q3 ? 24 : 0;                     // q3's qh (16 bytes / row), 6 words
+  static constexpr int kW = kTm * kCodesLd, kH = kTm * kHighLd, kX = kTn * kQxLd;
+  static constexpr int kStage = kW + kH + kX;                                     // a multiple of 16
+  static constexpr int kScales = (kTm + 2 * kTn) * KB * 4;                        // wd f32, xd f32, xz int32
+  // As many steps in flight as fit two blocks on a multiprocessor (q8_0: 3, q4 and q3: 4).
+  static constexpr int kStages0 = (110 * 1024 - 2 * kScales) / kStage;
+  static constexpr int kStages = kStages0 > 4 ? 4 : kStages0;
+  static constexpr size_t kSmem = size_t(kStages) * kStage + 2 * kScales;
+  static_assert(kStages >= 2, "one k step must fit twice");
 };
 
+// Issues the copies of k step `step` into one stage: rows past the matrix, blocks past cols and
+// tokens past the pass are zero-filled.
 template <int DT, int B>
-__device__ __forceinline__ void q8_load_block(const MatView& m, int r, int kb, int half, Q8Raw& st) {
-  if (r >= m.rows || int64_t(kb) * B >= m.cols) {  // past the matrix (rows, or the last step's k): zeros
-    st.q[0] = st.q[1] = make_uint4(0, 0, 0, 0);
-    st.h = make_uint2(0, 0);
-    st.d = 0.0f;
-    return;
+__device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restrict__ xq, int r0, int t0, int n, int step,
+                                         uint8_t* stage) {
+  using L = Q8Tile<DT, B>;
+  const int tid = threadIdx.x, nb = m.cols / B;
+  const int64_t row_bytes = int64_t(m.cols) * L::kCodes / kQk;
+  constexpr int per_row = L::kCodes / L::kCopy;
+#pragma unroll
+  for (int q = 0; q < kTm * per_row / kThreads; ++q) {
+    const int e = tid + kThreads * q, rr = e / per_row, c = e % per_row, r = r0 + rr;
+    const bool ok = r < m.rows && step * L::KB + c * L::kCopy / L::kBlockBytes < nb;
+    const uint8_t* src = m.codes + (ok ? int64_t(r) * row_bytes + int64_t(step) * L::kCodes + c * L::kCopy : 0);
+    cp_async<L::kCopy>(stage + rr * L::kCodesLd + c * L::kCopy, src, ok);
   }
-  const int64_t e = int64_t(r) * m.cols + int64_t(kb) * B;  // first element of the row's block
-  st.d = f16(m.scales[int64_t(r) * (m.cols / B) + kb]);
-  if constexpr (DT == UPG_DTYPE_Q8_0) {
-    const uint4* p = reinterpret_cast<const uint4*>(m.codes + e + half * (B / 2));
-    st.q[0] = __ldg(p);
-    if constexpr (B == 64) st.q[1] = __ldg(p + 1);
-  } else if constexpr (DT == UPG_DTYPE_Q4) {
-    if constexpr (B == 32) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(m.codes + e / 2 + 8 * half));
-      st.q[0] = make_uint4(v.x, v.y, 0, 0);
-    } else {
-      st.q[0] = __ldg(reinterpret_cast<const uint4*>(m.codes + e / 2 + 16 * half));
+  if constexpr (DT == UPG_DTYPE_Q3) {  // qh: one copy of B / 8 bytes per block
+#pragma unroll
+    for (int q = 0; q < kTm * L::KB / kThreads; ++q) {
+      const int e = tid + kThreads * q, rr = e / L::KB, c = e % L::KB, r = r0 + rr;
+      const bool ok = r < m.rows && step * L::KB + c < nb;
+      const uint8_t* src = m.high + (ok ? int64_t(r) * (m.cols / 8) + int64_t(step) * (kQk / 8) + c * (B / 8) : 0);
+      cp_async<B / 8>(stage + L::kW + rr * L::kHighLd + c * (B / 8), src, ok);
     }
-  } else if constexpr (B == 32) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(m.codes + e / 4));
-    st.q[0] = make_uint4(v.x, v.y, 0, 0);
-    st.h = make_uint2(__ldg(reinterpret_cast<const unsigned int*>(m.high + e / 8)), 0);
-  } else {
-    st.q[0] = __ldg(reinterpret_cast<const uint4*>(m.codes + e / 4));
-    st.h = __ldg(reinterpret_cast<const uint2*>(m.high + e / 8));
   }
-}
-
-__device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
-  return (uint32_t(a) & 0xffu) | (uint32_t(b) & 0xffu) << 8 | (uint32_t(c) & 0xffu) << 16 | uint32_t(d) << 24;
-}
-
-// One block's codes as int8 (zero point removed) into its B bytes of the thread's shared row.
-template <int DT, int B>
-__device__ __forceinline__ void q8_store_block(const Q8Raw& st, int half, uint32_t* row) {
-  const uint32_t* q = reinterpret_cast<const uint32_t*>(st.q);
-  if constexpr (DT == UPG_DTYPE_Q8_0) {
+  // x: 16-byte chunks; cols is a multiple of 32, so a chunk is in or out whole
 #pragma unroll
-    for (int i = 0; i < B / 8; ++i) row[half * (B / 8) + i] = q[i];
-  } else if constexpr (DT == UPG_DTYPE_Q4) {
-    // bytes i of the half: element i (low nibble) and i + B / 2 (high), i from half * B / 4
-#pragma unroll
-    for (int i = 0; i < B / 16; ++i) {
-      row[half * (B / 16) + i] = __vsub4(q[i] & 0x0f0f0f0fu, 0x08080808u);
-      row[B / 8 + half * (B / 16) + i] = __vsub4((q[i] >> 4) & 0x0f0f0f0fu, 0x08080808u);
-    }
-  } else {  // q3: this half's elements from the whole ql / qh (docs/FORMAT.md)
-    const uint8_t* ql = reinterpret_cast<const uint8_t*>(st.q);
-    const uint8_t* qh = reinterpret_cast<const uint8_t*>(&st.h);
-#pragma unroll
-    for (int i = 0; i < B / 8; ++i) {
-      int v[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int j = half * (B / 2) + 4 * i + u;
-        v[u] = (((ql[j % (B / 4)] >> (2 * (j / (B / 4)))) & 3) | (((qh[j % (B / 8)] >> (j / (B / 8))) & 1) << 2)) - UPG_Q3_ZERO;
-      }
-      row[half * (B / 8) + i] = pack4(v[0], v[1], v[2], v[3]);
-    }
+  for (int q = 0; q < kTn * (kQk / 16) / kThreads; ++q) {
+    const int e = tid + kThreads * q, tt = e / (kQk / 16), c = e % (kQk / 16), t = t0 + tt;
+    const int64_t k = int64_t(step) * kQk + 16 * c;
+    const bool ok = t < n && k < m.cols;
+    cp_async<16>(stage + L::kW + L::kH + tt * kQxLd + 16 * c, xq + (ok ? int64_t(t) * m.cols + k : 0), ok);
   }
 }
 
-// One step's inputs in registers: KB weight blocks of the thread's row half, 32 bytes of x codes
-// (token tid / 4, bytes 32 * (tid % 4)..) and, for the first 64 * KB threads, one x scale.
+// One step's scales, loaded into registers a step ahead and stored after the step's compute.
 template <int DT, int B>
-struct Q8Step {
-  static constexpr int KB = kQk / B;
-  Q8Raw w[KB];
-  uint4 x[2];
+struct Q8Scales {
+  static constexpr int KB = kQk / B, WQ = kTm * KB / kThreads;  // 2 or 1
+  float wd[WQ];
   float xd;
+  int xz;
 };
 
 template <int DT, int B>
-__device__ __forceinline__ void q8_load(const MatView& m, const int8_t* __restrict__ xq, const float* __restrict__ xds,
-                                        int r0, int t0, int n, int step, Q8Step<DT, B>& st) {
+__device__ __forceinline__ void q8_load_scales(const MatView& m, const float* __restrict__ xds,
+                                               const int32_t* __restrict__ xzs, int r0, int t0, int n, int step,
+                                               Q8Scales<DT, B>& sc) {
   constexpr int KB = kQk / B;
   const int tid = threadIdx.x, nb = m.cols / B;
 #pragma unroll
-  for (int kk = 0; kk < KB; ++kk) q8_load_block<DT, B>(m, r0 + (tid >> 1), step * KB + kk, tid & 1, st.w[kk]);
-  const int t = t0 + (tid >> 2);
-  const int64_t k = int64_t(step) * kQk + 32 * (tid & 3);
-  if (t < n && k < m.cols) {  // cols is a multiple of 32: a thread's 32 bytes are in or out whole
-    const uint4* p = reinterpret_cast<const uint4*>(xq + int64_t(t) * m.cols + k);
-    st.x[0] = __ldg(p);
-    st.x[1] = __ldg(p + 1);
-  } else {
-    st.x[0] = st.x[1] = make_uint4(0, 0, 0, 0);
+  for (int q = 0; q < Q8Scales<DT, B>::WQ; ++q) {
+    const int e = tid + kThreads * q, r = r0 + e / KB, kb = step * KB + e % KB;
+    sc.wd[q] = r < m.rows && kb < nb ? f16(__ldg(m.scales + int64_t(r) * nb + kb)) : 0.0f;
   }
-  const int ts = t0 + tid / KB, kb = step * KB + tid % KB;
-  st.xd = tid < kTn * KB && ts < n && kb < nb ? __ldg(xds + int64_t(ts) * nb + kb) : 0.0f;
+  const int t = t0 + tid / KB, kb = step * KB + tid % KB;
+  const bool ok = tid < kTn * KB && t < n && kb < nb;
+  sc.xd = ok ? __ldg(xds + int64_t(t) * nb + kb) : 0.0f;
+  sc.xz = ok ? __ldg(xzs + int64_t(t) * nb + kb) : kMagic;
 }
 
+// slot: wd [kTm][KB], xd [kTn][KB], xz [kTn][KB]
 template <int DT, int B>
-__device__ __forceinline__ void q8_store(const Q8Step<DT, B>& st, int8_t* ws, int8_t* xs, float* wd, float* xd) {
+__device__ __forceinline__ void q8_store_scales(const Q8Scales<DT, B>& sc, float* slot) {
   constexpr int KB = kQk / B;
-  const int tid = threadIdx.x, rr = tid >> 1, half = tid & 1;
+  const int tid = threadIdx.x;
 #pragma unroll
-  for (int kk = 0; kk < KB; ++kk) {
-    q8_store_block<DT, B>(st.w[kk], half, reinterpret_cast<uint32_t*>(ws + rr * kQld + kk * B));
-    if (half == 0) wd[rr * KB + kk] = st.w[kk].d;
+  for (int q = 0; q < Q8Scales<DT, B>::WQ; ++q) slot[tid + kThreads * q] = sc.wd[q];
+  if (tid < kTn * KB) {
+    slot[kTm * KB + tid] = sc.xd;
+    reinterpret_cast<int32_t*>(slot)[(kTm + kTn) * KB + tid] = sc.xz;
   }
-  uint4* xrow = reinterpret_cast<uint4*>(xs + (tid >> 2) * kQld + 32 * (tid & 3));
-  xrow[0] = st.x[0];
-  xrow[1] = st.x[1];
-  if (tid < kTn * KB) xd[tid] = st.xd;  // [token][KB]
 }
 
-__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+// Word h (0: k 4 tig.., 1: k 16 + 4 tig..) of the A fragment of 32-slice s of block kk, for the
+// shared row `w` (q3: and its high bits `hb`): four int8 or uint8 codes, k consecutive.
+template <int DT, int B>
+__device__ __forceinline__ uint32_t q8_a_word(const uint8_t* w, const uint8_t* hb, int kk, int s, int h, int tig) {
+  const int j0 = 32 * s + 16 * h + 4 * tig;  // first element of the word in the block
+  if constexpr (DT == UPG_DTYPE_Q8_0) {
+    return *reinterpret_cast<const uint32_t*>(w + kk * B + j0);
+  } else if constexpr (DT == UPG_DTYPE_Q4) {  // byte j % (B / 2), nibble j / (B / 2)
+    const uint32_t q = *reinterpret_cast<const uint32_t*>(w + kk * (B / 2) + j0 % (B / 2));
+    return (q >> (4 * (j0 / (B / 2)))) & 0x0f0f0f0fu;
+  } else {  // q3: low bits at ql byte j % (B / 4), shift 2 (j / (B / 4)); high bit at qh byte j % (B / 8), bit j / (B / 8)
+    const uint32_t lo = *reinterpret_cast<const uint32_t*>(w + kk * (B / 4) + j0 % (B / 4));
+    const uint32_t hi = *reinterpret_cast<const uint32_t*>(hb + kk * (B / 8) + j0 % (B / 8));
+    return ((lo >> (2 * (j0 / (B / 4)))) & 0x03030303u) | (((hi >> (j0 / (B / 8))) & 0x01010101u) << 2);
+  }
 }
 
-// Two blocks per multiprocessor (128 registers, a few spilled): 6% less time in sum over the Phi-4
-// prefill mat-muls than one block of 134-174 registers on the H200 (docs/CUDA.md).
+// d = a b + c, with c = (c0, c1, c0, c1): s8 weights (q8_0) or u8 (the raw codes of q4 and q3).
+template <int DT>
+__device__ __forceinline__ void mma_i8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], int c0, int c1) {
+  if constexpr (DT == UPG_DTYPE_Q8_0)
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%10,%11};"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c0), "r"(c1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%10,%11};"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c0), "r"(c1));
+}
+// d += a b
+template <int DT>
+__device__ __forceinline__ void mma_i8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (DT == UPG_DTYPE_Q8_0)
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two blocks per multiprocessor (128 registers; 1 block of more registers measured slower).
 constexpr int kQ8BlocksPerSm = 2;
 
+// Grid: (token tiles, row tiles), the token tiles of one row tile side by side, so that a row
+// tile's weights come from DRAM once and the other token tiles read them from L2.
 template <int DT, int B>
 __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView m, const float* __restrict__ x,
                                                        const int8_t* __restrict__ xq, const float* __restrict__ xds,
-                                                       float* __restrict__ y, int ldy, const int32_t* __restrict__ pass) {
-  constexpr int KB = kQk / B;
+                                                       const int32_t* __restrict__ xzs, float* __restrict__ y, int ldy,
+                                                       const int32_t* __restrict__ pass) {
+  using L = Q8Tile<DT, B>;
+  constexpr int KB = L::KB, S = L::kStages;
+  constexpr int zero = DT == UPG_DTYPE_Q4 ? UPG_Q4_ZERO : DT == UPG_DTYPE_Q3 ? UPG_Q3_ZERO : 0;
   pdl_enter();
   const int n = n_tokens(pass);
-  const int r0 = blockIdx.x * kTm, t0 = blockIdx.y * kTn;
+  const int t0 = blockIdx.x * kTn, r0 = blockIdx.y * kTm;
   if (t0 >= n) return;
   extern __shared__ __align__(16) uint8_t smem[];
-  int8_t* ws = reinterpret_cast<int8_t*>(smem);            // [kTm][kQld]
-  int8_t* xs = ws + kTm * kQld;                            // [kTn][kQld]
-  float* wd = reinterpret_cast<float*>(xs + kTn * kQld);   // [kTm][KB]
-  float* xd = wd + kTm * KB;                               // [kTn][KB]
-  float* cs = reinterpret_cast<float*>(smem);              // [kTn][kCld], after the main loop
+  float* scales = reinterpret_cast<float*>(smem + S * L::kStage);  // two slots of kScales bytes
+  float* cs = reinterpret_cast<float*>(smem);                      // [kTn][kCld], after the main loop
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wr = warp & 3, wt = warp >> 2;
   const int g = lane >> 2, tig = lane & 3;
+  constexpr int slot_floats = L::kScales / 4;
+
+  const int steps = (m.cols + kQk - 1) / kQk;  // the last step's blocks past cols are zeros
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < steps) q8_issue<DT, B>(m, xq, r0, t0, n, s, smem + s * L::kStage);
+    cp_commit();
+  }
+  Q8Scales<DT, B> sc;
+  q8_load_scales<DT, B>(m, xds, xzs, r0, t0, n, 0, sc);
+  q8_store_scales<DT, B>(sc, scales);
 
   float acc[2][4][4] = {};
-  Q8Step<DT, B> st;
-  q8_load<DT, B>(m, xq, xds, r0, t0, n, 0, st);
-  const int steps = (m.cols + kQk - 1) / kQk;  // the last step's blocks past cols are zeros
   for (int step = 0; step < steps; ++step) {
-    q8_store<DT, B>(st, ws, xs, wd, xd);
-    __syncthreads();
-    if (step + 1 < steps) q8_load<DT, B>(m, xq, xds, r0, t0, n, step + 1, st);
-#pragma unroll
+    cp_wait<S - 2>();  // this step's copies (each thread's own) have landed
+    __syncthreads();   // everyone's have; and every warp is done with the stage the next copies overwrite
+    if (step + S - 1 < steps) q8_issue<DT, B>(m, xq, r0, t0, n, step + S - 1, smem + ((step + S - 1) % S) * L::kStage);
+    cp_commit();
+    if (step + 1 < steps) q8_load_scales<DT, B>(m, xds, xzs, r0, t0, n, step + 1, sc);
+
+    const uint8_t* st = smem + (step % S) * L::kStage;
+    const uint8_t* xs = st + L::kW + L::kH;
+    const float* wd = scales + (step & 1) * slot_floats;  // [kTm][KB]
+    const float* xd = wd + kTm * KB;                      // [kTn][KB]
+    const int32_t* xz = reinterpret_cast<const int32_t*>(xd + kTn * KB);
+#pragma unroll 1  // one weight block at a time: unrolled, the blocks' registers spill (measured slower)
     for (int kk = 0; kk < KB; ++kk) {
-      int iacc[2][4][4] = {};
+      int z[4][2];  // the integer sums' start, per token of the thread
 #pragma unroll
-      for (int ks = kk * B; ks < (kk + 1) * B; ks += 32) {
-        uint32_t a[2][4], b[4][2];
+      for (int j = 0; j < 4; ++j) {
+        const int tok = wt * 32 + j * 8 + 2 * tig;
+        z[j][0] = zero != 0 ? xz[tok * KB + kk] : kMagic;
+        z[j][1] = zero != 0 ? xz[(tok + 1) * KB + kk] : kMagic;
+      }
+      int iacc[2][4][4];
+#pragma unroll
+      for (int s = 0; s < B / 32; ++s) {
+        const int ks = kk * B + 32 * s;
+        uint32_t b[4][2];
+#pragma unroll
+        for (int jj = 0; jj < 4; jj += 2) {  // matrix q of the x4: tokens j = jj + q / 2, k half q % 2
+          const int q = lane >> 3;
+          uint32_t r[4];
+          ldmatrix_x4(r, xs + (wt * 32 + (jj + q / 2) * 8 + (lane & 7)) * kQxLd + ks + 16 * (q & 1));
+          b[jj][0] = r[0];
+          b[jj][1] = r[1];
+          b[jj + 1][0] = r[2];
+          b[jj + 1][1] = r[3];
+        }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          const int8_t* p = ws + (wr * 32 + i * 16 + g) * kQld + ks + 4 * tig;
-          a[i][0] = *reinterpret_cast<const uint32_t*>(p);
-          a[i][1] = *reinterpret_cast<const uint32_t*>(p + 8 * kQld);
-          a[i][2] = *reinterpret_cast<const uint32_t*>(p + 16);
-          a[i][3] = *reinterpret_cast<const uint32_t*>(p + 8 * kQld + 16);
+          const int row = wr * 32 + i * 16 + g;
+          const uint8_t* w0 = st + row * L::kCodesLd;
+          const uint8_t* h0 = st + L::kW + row * L::kHighLd;
+          uint32_t a[4];
+          a[0] = q8_a_word<DT, B>(w0, h0, kk, s, 0, tig);
+          a[1] = q8_a_word<DT, B>(w0 + 8 * L::kCodesLd, h0 + 8 * L::kHighLd, kk, s, 0, tig);
+          a[2] = q8_a_word<DT, B>(w0, h0, kk, s, 1, tig);
+          a[3] = q8_a_word<DT, B>(w0 + 8 * L::kCodesLd, h0 + 8 * L::kHighLd, kk, s, 1, tig);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (s == 0) mma_i8<DT>(iacc[i][j], a, b[j], z[j][0], z[j][1]);
+            else mma_i8<DT>(iacc[i][j], a, b[j]);
+          }
         }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int8_t* p = xs + (wt * 32 + j * 8 + g) * kQld + ks + 4 * tig;
-          b[j][0] = *reinterpret_cast<const uint32_t*>(p);
-          b[j][1] = *reinterpret_cast<const uint32_t*>(p + 16);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) mma_s8(iacc[i][j], a[i], b[j]);
       }
       // c[0], c[1]: row g, tokens 2 tig, 2 tig + 1; c[2], c[3]: row g + 8
 #pragma unroll
@@ -312,15 +381,17 @@ __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView 
         for (int j = 0; j < 4; ++j) {
           const int tok = wt * 32 + j * 8 + 2 * tig;
           const float x0 = xd[tok * KB + kk], x1 = xd[(tok + 1) * KB + kk];
-          acc[i][j][0] += d0 * x0 * float(iacc[i][j][0]);
-          acc[i][j][1] += d0 * x1 * float(iacc[i][j][1]);
-          acc[i][j][2] += d1 * x0 * float(iacc[i][j][2]);
-          acc[i][j][3] += d1 * x1 * float(iacc[i][j][3]);
+          acc[i][j][0] += d0 * x0 * (__int_as_float(iacc[i][j][0]) - kMagicF);
+          acc[i][j][1] += d0 * x1 * (__int_as_float(iacc[i][j][1]) - kMagicF);
+          acc[i][j][2] += d1 * x0 * (__int_as_float(iacc[i][j][2]) - kMagicF);
+          acc[i][j][3] += d1 * x1 * (__int_as_float(iacc[i][j][3]) - kMagicF);
         }
       }
     }
-    __syncthreads();
+    if (step + 1 < steps) q8_store_scales<DT, B>(sc, scales + ((step + 1) & 1) * slot_floats);
   }
+  cp_wait<0>();
+  __syncthreads();  // the output tile reuses the stages
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -336,7 +407,8 @@ __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView 
 }
 
 using MatmulKernel = void (*)(MatView, const float*, float*, int, const int32_t*);
-using MatmulQ8Kernel = void (*)(MatView, const float*, const int8_t*, const float*, float*, int, const int32_t*);
+using MatmulQ8Kernel = void (*)(MatView, const float*, const int8_t*, const float*, const int32_t*, float*, int,
+                                const int32_t*);
 
 MatmulKernel pick(const Weight& w) {
   switch (w.dtype) {
@@ -346,12 +418,18 @@ MatmulKernel pick(const Weight& w) {
   }
 }
 
-MatmulQ8Kernel pick_q8(const Weight& w) {
-  const int B = w.args.block;
-  switch (w.dtype) {
-    case UPG_DTYPE_Q8_0: return B == 32 ? k_matmul_q8<UPG_DTYPE_Q8_0, 32> : k_matmul_q8<UPG_DTYPE_Q8_0, 64>;
-    case UPG_DTYPE_Q4: return B == 32 ? k_matmul_q8<UPG_DTYPE_Q4, 32> : k_matmul_q8<UPG_DTYPE_Q4, 64>;
-    default: return B == 32 ? k_matmul_q8<UPG_DTYPE_Q3, 32> : k_matmul_q8<UPG_DTYPE_Q3, 64>;
+struct Q8Kernel {
+  MatmulQ8Kernel kernel;
+  size_t smem;
+};
+template <int DT, int B>
+Q8Kernel q8_kernel() { return {k_matmul_q8<DT, B>, Q8Tile<DT, B>::kSmem}; }
+
+Q8Kernel pick_q8(int dtype, int block) {
+  switch (dtype) {
+    case UPG_DTYPE_Q8_0: return block == 32 ? q8_kernel<UPG_DTYPE_Q8_0, 32>() : q8_kernel<UPG_DTYPE_Q8_0, 64>();
+    case UPG_DTYPE_Q4: return block == 32 ? q8_kernel<UPG_DTYPE_Q4, 32>() : q8_kernel<UPG_DTYPE_Q4, 64>();
+    default: return block == 32 ? q8_kernel<UPG_DTYPE_Q3, 32>() : q8_kernel<UPG_DTYPE_Q3, 64>();
   }
 }
 
@@ -361,14 +439,19 @@ size_t codes_bytes(const Weight& w) { return (size_t(w.args.n_tokens) * w.args.c
 
 size_t matmul_scratch(const Weight& w) {
   if (!is_quantized(DType(w.dtype))) return 0;
-  return codes_bytes(w) + size_t(w.args.n_tokens) * (w.args.cols / w.args.block) * sizeof(float);
+  return codes_bytes(w) + size_t(w.args.n_tokens) * (w.args.cols / w.args.block) * (sizeof(float) + sizeof(int32_t));
+}
+
+void init_matmul() {
+  for (int dt : {UPG_DTYPE_Q8_0, UPG_DTYPE_Q4, UPG_DTYPE_Q3})
+    for (int b : {32, 64}) allow_max_smem(reinterpret_cast<const void*>(pick_q8(dt, b).kernel));
 }
 
 void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s, void* scratch) {
   check_weight(w, "matmul");
   if (w.args.n_tokens < 1 || w.args.ldy < w.args.rows) throw std::invalid_argument("cuda matmul: bad n_tokens or ldy");
-  const dim3 grid((w.args.rows + kTm - 1) / kTm, (w.args.n_tokens + kTn - 1) / kTn);
   if (!is_quantized(DType(w.dtype))) {
+    const dim3 grid((w.args.rows + kTm - 1) / kTm, (w.args.n_tokens + kTn - 1) / kTn);
     launch("matmul", pick(w), grid, kThreads, kSmem, s, view(w), x, y, w.args.ldy, pass);
     return;
   }
@@ -377,13 +460,17 @@ void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cuda
   if (scratch == nullptr || (reinterpret_cast<uintptr_t>(scratch) & 15) != 0)
     throw std::invalid_argument("cuda matmul: quantized weights need 16-byte aligned scratch of matmul_scratch(w) bytes");
   int8_t* xq = static_cast<int8_t*>(scratch);
-  float* xd = reinterpret_cast<float*>(xq + codes_bytes(w));
   const int B = w.args.block, nb = w.args.cols / B;
+  float* xd = reinterpret_cast<float*>(xq + codes_bytes(w));
+  int32_t* xz = reinterpret_cast<int32_t*>(xd + size_t(w.args.n_tokens) * nb);
+  const int zero = zero_point(DType(w.dtype));
   const dim3 qgrid((nb + 7) / 8, w.args.n_tokens);
-  if (B == 32) launch("matmul: round x", k_quantize_x<32>, qgrid, 256, 0, s, x, w.args.cols, xq, xd, pass);
-  else launch("matmul: round x", k_quantize_x<64>, qgrid, 256, 0, s, x, w.args.cols, xq, xd, pass);
-  launch("matmul", pick_q8(w), grid, kThreads, kSmem, s, view(w), x, static_cast<const int8_t*>(xq),
-         static_cast<const float*>(xd), y, w.args.ldy, pass);
+  if (B == 32) launch("matmul: round x", k_quantize_x<32>, qgrid, 256, 0, s, x, w.args.cols, zero, xq, xd, xz, pass);
+  else launch("matmul: round x", k_quantize_x<64>, qgrid, 256, 0, s, x, w.args.cols, zero, xq, xd, xz, pass);
+  const Q8Kernel k = pick_q8(w.dtype, B);
+  const dim3 grid((w.args.n_tokens + kTn - 1) / kTn, (w.args.rows + kTm - 1) / kTm);
+  launch("matmul", k.kernel, grid, kThreads, k.smem, s, view(w), x, static_cast<const int8_t*>(xq),
+         static_cast<const float*>(xd), static_cast<const int32_t*>(xz), y, w.args.ldy, pass);
 }
 
 }  // namespace upg::cuda
