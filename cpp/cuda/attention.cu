@@ -1,8 +1,9 @@
 // Attention over one layer's KV cache [n_kv_heads][kv_stride][head_dim] (f16 or f32), GQA (query
 // head h reads KV head h / (n_heads / n_kv_heads)). kv_store appends the pass's K and V rows;
 // decode is flash-decoding (splits of the positions, one block per (KV head, split) serving the
-// whole query group, then a combine); prefill is a flash attention on CUDA cores (key tiles in
-// shared memory, online softmax per query). head_dim: a multiple of 8, at most 256.
+// whole query group, then a combine); prefill is a flash attention, on the tensor cores for an f16
+// cache of head_dim 64, 96 or 128, else on CUDA cores (key tiles in shared memory, online softmax
+// per query). head_dim: a multiple of 8, at most 256.
 #include <algorithm>
 #include <stdexcept>
 
@@ -346,6 +347,173 @@ __global__ void __launch_bounds__(kPreThreads) k_attn_prefill(const float* __res
   }
 }
 
+// Prefill on the tensor cores (f16 cache, head_dim 64, 96 or 128), flash-attention style: block
+// (query head, 64 queries), warp w the queries 16w..16w + 15 of the block; 64-key tiles of K and V
+// in shared memory by cp.async, two stages, one barrier per tile. S = Q K^T on mma.m16n8k16 (Q
+// rounded to f16 once, K as cached), f32 scores, causal mask and online softmax in f32 (exp2 of
+// the scores times scale * log2 e), P rounded to f16 for O += P V (V as cached), f32 accumulators.
+// K's B fragments come by ldmatrix, V's by ldmatrix.trans; P goes from the score accumulators to
+// the A fragments in registers.
+constexpr int kFaQ = 64, kFaK = 64, kFaThreads = 128;
+
+template <int HD>
+struct FaTile {
+  static constexpr int kLd = HD + 8;           // halves per shared row: ldmatrix's 8 rows on distinct bank groups
+  static constexpr int kTile = kFaK * kLd;      // halves of one K or V tile
+  static constexpr size_t kSmem = size_t(4) * kTile * sizeof(__half);  // K and V, two stages
+};
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kFaThreads) k_attn_prefill_mma(const float* __restrict__ qkv, const __half* __restrict__ kc,
+                                                                 const __half* __restrict__ vc, float* __restrict__ out,
+                                                                 UpgAttnArgs a, const int32_t* __restrict__ pass) {
+  using L = FaTile<HD>;
+  pdl_enter();
+  const int h = blockIdx.x, t0 = blockIdx.y * kFaQ;
+  const int n = n_tokens(pass), past = n_past(pass);
+  if (t0 >= n) return;
+  const int kvh = h / (a.n_heads / a.n_kv_heads);
+  extern __shared__ __align__(16) uint8_t fa_smem[];
+  __half* sm = reinterpret_cast<__half*>(fa_smem);  // [stage][K, V][kFaK][kLd]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3, mq = lane >> 3;
+  const __half* kbase = kc + int64_t(kvh) * a.kv_stride * HD;
+  const __half* vbase = vc + int64_t(kvh) * a.kv_stride * HD;
+  const int last = past + min(t0 + kFaQ, n);  // the block attends keys [0, last)
+  const int tiles = (last + kFaK - 1) / kFaK;
+
+  // K and V rows of a tile, 16-byte chunks; keys at or past `last` are zero-filled
+  auto issue = [&](int tile, int stage) {
+    __half* ks = sm + stage * 2 * L::kTile;
+    constexpr int CH = HD / 8;
+#pragma unroll
+    for (int q = 0; q < kFaK * CH / kFaThreads; ++q) {
+      const int e = threadIdx.x + kFaThreads * q, j = e / CH, c = e % CH, p = tile * kFaK + j;
+      const bool ok = p < last;
+      const int64_t off = ok ? int64_t(p) * HD + c * 8 : 0;
+      cp_async<16>(ks + j * L::kLd + c * 8, kbase + off, ok);
+      cp_async<16>(ks + L::kTile + j * L::kLd + c * 8, vbase + off, ok);
+    }
+  };
+  issue(0, 0);
+  cp_commit();
+
+  // The warp's Q rows g and g + 8 as A fragments (rows past the pass are zeros).
+  const int tq0 = t0 + warp * 16 + g, tq1 = tq0 + 8;
+  uint32_t qf[HD / 16][4];
+  {
+    const float* q0 = qkv + int64_t(tq0) * a.q_stride + h * HD;
+    const float* q1 = qkv + int64_t(tq1) * a.q_stride + h * HD;
+#pragma unroll
+    for (int kc = 0; kc < HD / 16; ++kc) {
+      const int d = kc * 16 + 2 * tig;
+      const float2 z = make_float2(0.0f, 0.0f);
+      const float2 v00 = tq0 < n ? *reinterpret_cast<const float2*>(q0 + d) : z;
+      const float2 v01 = tq0 < n ? *reinterpret_cast<const float2*>(q0 + d + 8) : z;
+      const float2 v10 = tq1 < n ? *reinterpret_cast<const float2*>(q1 + d) : z;
+      const float2 v11 = tq1 < n ? *reinterpret_cast<const float2*>(q1 + d + 8) : z;
+      qf[kc][0] = pack_half2(v00.x, v00.y);
+      qf[kc][1] = pack_half2(v10.x, v10.y);
+      qf[kc][2] = pack_half2(v01.x, v01.y);
+      qf[kc][3] = pack_half2(v11.x, v11.y);
+    }
+  }
+
+  float o[HD / 8][4] = {};
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // rows g, g + 8; l: this thread's part
+  const float sl2 = a.scale * 1.4426950408889634f;
+  const int warp_last = past + t0 + warp * 16 + 15;  // the warp's last key
+  for (int tile = 0; tile < tiles; ++tile) {
+    cp_wait<0>();
+    __syncthreads();  // the tile is in; every warp is done with the stage the next copies overwrite
+    if (tile + 1 < tiles) issue(tile + 1, (tile + 1) & 1);
+    cp_commit();
+    const int j0 = tile * kFaK;
+    if (j0 > warp_last) continue;  // causal: nothing of this tile for the warp's queries
+    const __half* ks = sm + (tile & 1) * 2 * L::kTile;
+    const __half* vs = ks + L::kTile;
+
+    float s[kFaK / 8][4] = {};
+#pragma unroll
+    for (int kc = 0; kc < HD / 16; ++kc)
+#pragma unroll
+      for (int np = 0; np < kFaK / 16; ++np) {  // matrix mq: keys np * 16 + (mq / 2) * 8.., dims kc * 16 + (mq % 2) * 8..
+        uint32_t r[4];
+        ldmatrix_x4(r, ks + (np * 16 + (mq >> 1) * 8 + (lane & 7)) * L::kLd + kc * 16 + (mq & 1) * 8);
+        mma_f16(s[2 * np], qf[kc], r[0], r[1]);
+        mma_f16(s[2 * np + 1], qf[kc], r[2], r[3]);
+      }
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int nt = 0; nt < kFaK / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = j0 + nt * 8 + 2 * tig + e;
+        s[nt][e] = key <= past + tq0 ? s[nt][e] * sl2 : -INFINITY;
+        s[nt][2 + e] = key <= past + tq1 ? s[nt][2 + e] * sl2 : -INFINITY;
+        mx0 = fmaxf(mx0, s[nt][e]);
+        mx1 = fmaxf(mx1, s[nt][2 + e]);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // key 0 is in every row's range, so the maxima are finite from the first tile on
+    const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+    m0 = mx0;
+    m1 = mx1;
+    l0 *= c0;
+    l1 *= c1;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+      o[dn][0] *= c0;
+      o[dn][1] *= c0;
+      o[dn][2] *= c1;
+      o[dn][3] *= c1;
+    }
+    uint32_t pf[kFaK / 16][4];  // P as the A fragments of 16 keys each
+#pragma unroll
+    for (int nt = 0; nt < kFaK / 8; ++nt) {
+      const float p0 = exp2f(s[nt][0] - m0), p1 = exp2f(s[nt][1] - m0);
+      const float p2 = exp2f(s[nt][2] - m1), p3 = exp2f(s[nt][3] - m1);
+      l0 += p0 + p1;
+      l1 += p2 + p3;
+      pf[nt / 2][(nt & 1) * 2] = pack_half2(p0, p1);
+      pf[nt / 2][(nt & 1) * 2 + 1] = pack_half2(p2, p3);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kFaK / 16; ++kk)
+#pragma unroll
+      for (int dp = 0; dp < HD / 16; ++dp) {  // matrix mq: keys kk * 16 + (mq % 2) * 8.., dims (2 dp + mq / 2) * 8..
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, vs + (kk * 16 + (mq & 1) * 8 + (lane & 7)) * L::kLd + (2 * dp + (mq >> 1)) * 8);
+        mma_f16(o[2 * dp], pf[kk], r[0], r[1]);
+        mma_f16(o[2 * dp + 1], pf[kk], r[2], r[3]);
+      }
+  }
+  cp_wait<0>();
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+#pragma unroll
+  for (int dn = 0; dn < HD / 8; ++dn) {
+    const int d = dn * 8 + 2 * tig;
+    if (tq0 < n) *reinterpret_cast<float2*>(out + (int64_t(tq0) * a.n_heads + h) * HD + d) = make_float2(o[dn][0] / l0, o[dn][1] / l0);
+    if (tq1 < n) *reinterpret_cast<float2*>(out + (int64_t(tq1) * a.n_heads + h) * HD + d) = make_float2(o[dn][2] / l1, o[dn][3] / l1);
+  }
+}
+
 void check_attn(const UpgAttnArgs& a, const char* what) {
   if (a.head_dim < 8 || a.head_dim % 8 != 0 || a.head_dim > kMaxHeadDim || a.n_kv_heads < 1 ||
       a.n_heads % a.n_kv_heads != 0 || a.kv_stride < 1 || a.n_tokens < 1)
@@ -392,6 +560,9 @@ void init_attention() {
   allow_max_smem(reinterpret_cast<const void*>(k_attn_combine));
   allow_max_smem(reinterpret_cast<const void*>(k_attn_prefill<float>));
   allow_max_smem(reinterpret_cast<const void*>(k_attn_prefill<__half>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_prefill_mma<64>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_prefill_mma<96>));
+  allow_max_smem(reinterpret_cast<const void*>(k_attn_prefill_mma<128>));
 }
 
 void kv_store(const float* qkv, void* k_cache, void* v_cache, bool f16, const UpgAttnArgs& a, const int32_t* pass,
@@ -427,6 +598,15 @@ void attention_decode(const float* qkv, const void* k_cache, const void* v_cache
 void attention_prefill(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
                        const UpgAttnArgs& a, const int32_t* pass, cudaStream_t s) {
   check_attn(a, "attention_prefill");
+  if (f16 && (a.head_dim == 64 || a.head_dim == 96 || a.head_dim == 128)) {
+    const dim3 grid(a.n_heads, (a.n_tokens + kFaQ - 1) / kFaQ);
+    const __half* k = static_cast<const __half*>(k_cache);
+    const __half* v = static_cast<const __half*>(v_cache);
+    if (a.head_dim == 64) launch("attention_prefill", k_attn_prefill_mma<64>, grid, kFaThreads, FaTile<64>::kSmem, s, qkv, k, v, out, a, pass);
+    else if (a.head_dim == 96) launch("attention_prefill", k_attn_prefill_mma<96>, grid, kFaThreads, FaTile<96>::kSmem, s, qkv, k, v, out, a, pass);
+    else launch("attention_prefill", k_attn_prefill_mma<128>, grid, kFaThreads, FaTile<128>::kSmem, s, qkv, k, v, out, a, pass);
+    return;
+  }
   const dim3 grid(a.n_heads, (a.n_tokens + kPreQ - 1) / kPreQ);
   const size_t smem = prefill_smem(a);
   if (f16)

@@ -283,9 +283,17 @@ def test_attention_decode(lib, kv_dtype, nh, nkv, hd, n_ctx):
         assert rel_err(out.cpu().numpy(), ref.reshape(-1)) < 1e-4, n_past
 
 
+# Prefill attention with an f16 cache of head_dim 64, 96 or 128 runs on the tensor cores: Q and the
+# softmax weights P are rounded to f16 (2^-11 relative each; K and V are f16 already), which moves
+# the output by a few 1e-4 relative on these random inputs (docs/CUDA.md); other head dims and the
+# f32 cache run the f32 kernel.
+PREFILL_MMA_TOL = 2e-3
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("nh,nkv,hd", ATTN_SHAPES[:3] if SMALL else ATTN_SHAPES)
+@pytest.mark.parametrize("nh,nkv,hd", (ATTN_SHAPES[:3] if SMALL else ATTN_SHAPES) + [(8, 2, 32), (4, 1, 256)])
 def test_attention_prefill(lib, kv_dtype, nh, nkv, hd):
+    tol = PREFILL_MMA_TOL if kv_dtype == torch.float16 and hd in (64, 96, 128) else 1e-4
     rng = np.random.default_rng()
     n_ctx, cap = 301, 80
     for n_past, n in ([(0, 17), (37, 5)] if SMALL else [(0, 1), (0, 17), (37, 50), (200, 80)]):
@@ -300,7 +308,7 @@ def test_attention_prefill(lib, kv_dtype, nh, nkv, hd):
         k, v = check_cache_and_ref(kc, vc, qkv, nh, nkv, hd, n_past, n)
         ref = attention_ref(qkv[:, :nh * hd].reshape(n, nh, hd).astype(np.float64), k, v, n_past, scale)
         out = out.cpu().numpy()
-        assert rel_err(out[:n], ref.reshape(n, -1)) < 1e-4, (n_past, n)
+        assert rel_err(out[:n], ref.reshape(n, -1)) < tol, (n_past, n)
         assert np.all(np.isnan(out[n:]))
 
 
