@@ -101,13 +101,12 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
 // mat-vec and the CPU round it (d = f16(amax / 127), q = rint(x * 127 / amax)). k_quantize_x
 // rounds the pass's rows of x once into the scratch (codes, scales, and each block's code sum);
 // then per block of B along k, B / 32 mma.m16n8k32 (u8 or s8 weights x s8 x -> s32) and the
-// block's integer sums scaled by d_w * d_x into the f32 accumulators, in the order of k. The
-// mma's accumulator input starts at kMagic - zero * sum(x codes of the block): the zero point
-// comes off inside the exact integer sum (the weights enter the mma as their raw unsigned codes:
-// q4 nibbles masked, q3's bit planes combined), and the sum i comes out as the bits of the float
-// 1.5 * 2^23 + i (|i| < 2^21 here), so float(i) is one exact f32 subtraction instead of an I2F
-// (a conversion, a quarter of the FP32 issue rate on sm_80/90): on the H200, 4% less time for q4
-// and q3 than with I2F, 5% more for q8_0 (docs/CUDA.md).
+// block's integer sums scaled by d_w * d_x into the f32 accumulators, in the order of k. For q4
+// and q3 the mma's accumulator input starts at kMagic - zero * sum(x codes of the block): the
+// zero point comes off inside the exact integer sum (the weights enter the mma as their raw
+// unsigned codes: q4 nibbles masked, q3's bit planes combined), and the sum i comes out as the
+// bits of the float 1.5 * 2^23 + i (|i| < 2^21 here), so float(i) is one exact f32 subtraction.
+// q8_0's codes are signed: its sums start at 0 and convert with I2F (see to_float).
 // The same 128-row x 64-token tile and 8 warps of 32 x 32 as the f16 kernel. A k step is 128 of
 // k: the weights' raw file bytes and the x codes go to shared memory by cp.async (16-byte copies
 // where the layout allows), kStages steps in flight, one barrier per step; the warps decode their
@@ -230,7 +229,7 @@ __device__ __forceinline__ void q8_load_scales(const MatView& m, const float* __
   sc.xz = ok ? __ldg(xzs + int64_t(t) * nb + kb) : kMagic;
 }
 
-// slot: wd [kTm][KB], xd [kTn][KB], xz [kTn][KB]
+// slot: wd [kTm][KB], xd [KB][kTn], xz [KB][kTn] (a thread's two adjacent tokens in one 8-byte load)
 template <int DT, int B>
 __device__ __forceinline__ void q8_store_scales(const Q8Scales<DT, B>& sc, float* slot) {
   constexpr int KB = kQk / B;
@@ -238,8 +237,9 @@ __device__ __forceinline__ void q8_store_scales(const Q8Scales<DT, B>& sc, float
 #pragma unroll
   for (int q = 0; q < Q8Scales<DT, B>::WQ; ++q) slot[tid + kThreads * q] = sc.wd[q];
   if (tid < kTn * KB) {
-    slot[kTm * KB + tid] = sc.xd;
-    reinterpret_cast<int32_t*>(slot)[(kTm + kTn) * KB + tid] = sc.xz;
+    const int e = (tid % KB) * kTn + tid / KB;
+    slot[kTm * KB + e] = sc.xd;
+    reinterpret_cast<int32_t*>(slot)[(kTm + kTn) * KB + e] = sc.xz;
   }
 }
 
@@ -258,6 +258,15 @@ __device__ __forceinline__ uint32_t q8_a_word(const uint8_t* w, const uint8_t* h
     const uint32_t hi = *reinterpret_cast<const uint32_t*>(hb + kk * (B / 8) + j0 % (B / 8));
     return ((lo >> (2 * (j0 / (B / 4)))) & 0x03030303u) | (((hi >> (j0 / (B / 8))) & 0x01010101u) << 2);
   }
+}
+
+// The integer sum as f32, float(i) either way. On the H200 the kMagic start took 4% less time
+// than a separate zero-point correction plus I2F for q4 and q3, and I2F 4.5% less than the
+// kMagic start for q8_0 (docs/CUDA.md).
+template <int ZERO>
+__device__ __forceinline__ float to_float(int v) {
+  if constexpr (ZERO != 0) return __int_as_float(v) - kMagicF;
+  else return float(v);
 }
 
 // d = a b + c, with c = (c0, c1, c0, c1): s8 weights (q8_0) or u8 (the raw codes of q4 and q3).
@@ -330,17 +339,14 @@ __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView 
     const uint8_t* st = smem + (step % S) * L::kStage;
     const uint8_t* xs = st + L::kW + L::kH;
     const float* wd = scales + (step & 1) * slot_floats;  // [kTm][KB]
-    const float* xd = wd + kTm * KB;                      // [kTn][KB]
+    const float* xd = wd + kTm * KB;                      // [KB][kTn]
     const int32_t* xz = reinterpret_cast<const int32_t*>(xd + kTn * KB);
 #pragma unroll 1  // one weight block at a time: unrolled, the blocks' registers spill (measured slower)
     for (int kk = 0; kk < KB; ++kk) {
-      int z[4][2];  // the integer sums' start, per token of the thread
+      int2 z[4];  // the integer sums' start, per token of the thread
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int tok = wt * 32 + j * 8 + 2 * tig;
-        z[j][0] = zero != 0 ? xz[tok * KB + kk] : kMagic;
-        z[j][1] = zero != 0 ? xz[(tok + 1) * KB + kk] : kMagic;
-      }
+      for (int j = 0; j < 4; ++j)
+        z[j] = zero != 0 ? *reinterpret_cast<const int2*>(xz + kk * kTn + wt * 32 + j * 8 + 2 * tig) : make_int2(0, 0);
       int iacc[2][4][4];
 #pragma unroll
       for (int s = 0; s < B / 32; ++s) {
@@ -368,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView 
           a[3] = q8_a_word<DT, B>(w0 + 8 * L::kCodesLd, h0 + 8 * L::kHighLd, kk, s, 1, tig);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            if (s == 0) mma_i8<DT>(iacc[i][j], a, b[j], z[j][0], z[j][1]);
+            if (s == 0) mma_i8<DT>(iacc[i][j], a, b[j], z[j].x, z[j].y);
             else mma_i8<DT>(iacc[i][j], a, b[j]);
           }
         }
@@ -379,12 +385,12 @@ __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView 
         const float d0 = wd[(wr * 32 + i * 16 + g) * KB + kk], d1 = wd[(wr * 32 + i * 16 + g + 8) * KB + kk];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int tok = wt * 32 + j * 8 + 2 * tig;
-          const float x0 = xd[tok * KB + kk], x1 = xd[(tok + 1) * KB + kk];
-          acc[i][j][0] += d0 * x0 * (__int_as_float(iacc[i][j][0]) - kMagicF);
-          acc[i][j][1] += d0 * x1 * (__int_as_float(iacc[i][j][1]) - kMagicF);
-          acc[i][j][2] += d1 * x0 * (__int_as_float(iacc[i][j][2]) - kMagicF);
-          acc[i][j][3] += d1 * x1 * (__int_as_float(iacc[i][j][3]) - kMagicF);
+          const float2 xs = *reinterpret_cast<const float2*>(xd + kk * kTn + wt * 32 + j * 8 + 2 * tig);
+          const float x0 = xs.x, x1 = xs.y;
+          acc[i][j][0] += d0 * x0 * to_float<zero>(iacc[i][j][0]);
+          acc[i][j][1] += d0 * x1 * to_float<zero>(iacc[i][j][1]);
+          acc[i][j][2] += d1 * x0 * to_float<zero>(iacc[i][j][2]);
+          acc[i][j][3] += d1 * x1 * to_float<zero>(iacc[i][j][3]);
         }
       }
     }
