@@ -21,8 +21,9 @@ inline void spin_pause() {
 #endif
 }
 
-// Pause steps before a wait starts yielding: on the order of 50 microseconds, longer than a part
-// of a decode mat-vec (about 64 KiB of weights) takes.
+// Pause steps before a wait starts yielding: on the order of 50 microseconds, longer than the
+// small ops between two mat-vecs take (the mat-vec parts themselves are 64 KiB to 4 MiB of
+// weights: kernels.h's matmul_chunk_rows).
 constexpr int kPauseSpins = 2000;
 
 // A wait for the workers longer than this (and than the caller's own parts took) means a worker

@@ -86,11 +86,13 @@ inline void set_sections(WeightView& w) {
 
 // Rows per work item when threads share one product of w with n tokens (ThreadPool::parallel_for).
 // A multiple of 16, the row tile of every path, so that a row's sums never depend on the split.
-// Decode takes about kDecodeChunkBytes of weights per item: enough to amortize taking it (one atomic add and
-// a prefetch stream that starts cold), and small enough that a thread the OS deschedules leaves
-// little behind. Prefill takes about a quarter of each thread's share, in multiples of 96 rows
-// (whole dense tiles of 48 and quantized pairs of 16-row tiles on AVX-512).
-constexpr int64_t kDecodeChunkBytes = 64 << 10;
+// Decode takes a quarter of each thread's share of the matrix per item, kept within
+// [kMinDecodeChunkBytes, kMaxDecodeChunkBytes]: each item restarts the hardware prefetch streams
+// cold, and on the Phi-4 shape 64 KiB items decoded about 10% slower than 1-4 MiB ones (q4, two
+// threads, alternating runs: docs/BENCHMARKS.md), while four items per thread still let a thread
+// the OS deschedules leave little behind. Prefill takes about a quarter of each thread's share, in
+// multiples of 96 rows (whole dense tiles of 48 and quantized pairs of 16-row tiles on AVX-512).
+constexpr int64_t kMinDecodeChunkBytes = 64 << 10, kMaxDecodeChunkBytes = 4 << 20;
 inline int64_t matmul_chunk_rows(const WeightView& w, int64_t n, int threads) {
   const auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
   if (n > 1) return round_up((w.rows + 4 * threads - 1) / (4 * int64_t(threads)), 96);
@@ -99,7 +101,9 @@ inline int64_t matmul_chunk_rows(const WeightView& w, int64_t n, int threads) {
     const QuantSections one_row = quant_sections(w.type, 1, uint64_t(w.cols), uint64_t(w.block));
     row_bytes = int64_t(one_row.codes + one_row.high + one_row.sub + one_row.scales);
   }
-  return round_up(std::max<int64_t>(1, kDecodeChunkBytes / std::max<int64_t>(1, row_bytes)), 16);
+  row_bytes = std::max<int64_t>(1, row_bytes);
+  const int64_t bytes = std::clamp(w.rows * row_bytes / (4 * int64_t(threads)), kMinDecodeChunkBytes, kMaxDecodeChunkBytes);
+  return round_up(std::max<int64_t>(1, bytes / row_bytes), 16);
 }
 
 // The kernels used by the engine: named by the UPG_SIMD environment variable (scalar, avx2,
