@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import make_hf_checkpoint
+from upg_backend.llama import Llama
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -52,3 +55,19 @@ def make_chat_model(out_dir: Path, seed: int = 0) -> Path:
     path = out_dir / "model.upg"
     convert_hf(hf, path, type="f32", progress=False)
     return path
+
+
+# The server tests' model and context (tests/test_server.py, tests/test_server_batch.py import
+# these fixtures): one model file per test module, and a second, in-process Llama on it that
+# answers what the server must answer.
+SERVER_N_CTX = 256
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_chat_model(tmp_path_factory.mktemp("chat"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    return Llama(model_path, n_ctx=SERVER_N_CTX, n_threads=1)

@@ -16,23 +16,12 @@ import httpx
 import openai
 import pytest
 
-from chat_model import make_chat_model
+from chat_model import SERVER_N_CTX as N_CTX, model_path, reference  # noqa: F401 (fixtures)
 from conftest import serve_app
 from upg_backend.batch import Batch
 from upg_backend.llama import Llama
 from upg_backend.server import batch_n_ctx, create_app
 
-N_CTX = 256
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_chat_model(tmp_path_factory.mktemp("server-batch"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_path):
-    return Llama(model_path, n_ctx=N_CTX, n_threads=1)
 
 
 def start(model_path, parallel, **kwargs):
