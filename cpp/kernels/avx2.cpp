@@ -128,6 +128,25 @@ struct V256 {
     __builtin_memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
   }
+  // The 8 x 8 dwords r[i][j] (row i, dword j) into out at (j * 8 + i) * 4.
+  static void transpose_dwords(const uint8_t* rows, int64_t stride, uint8_t* out) {
+    __m256i r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + i * stride));
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);      // per lane: r0[0] r1[0] r0[1] r1[1]
+      t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);  //           r0[2] r1[2] r0[3] r1[3]
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);      // dword 0 (4) of rows i..i+3
+      u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);  // dword 1 (5)
+      u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+      u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * 32), _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (j + 4) * 32), _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
+    }
+  }
   // acc + the products of w and a summed in groups (exact: |pair| <= 128 * 127 * 2 < 2^15).
   template <DType T>
   static ireg dpbusd(ireg acc, ireg w, ireg a) {

@@ -135,6 +135,33 @@ struct V512 {
     __builtin_memcpy(&v, p, 4);
     return _mm512_set1_epi32(v);
   }
+  // The 16 x 16 dwords r[i][j] (row i, dword j) into out at (j * 16 + i) * 4: four stages, stage k
+  // swapping bit k of the row and the dword index (two two-source permutes per pair of rows).
+  static void transpose_dwords(const uint8_t* rows, int64_t stride, uint8_t* out) {
+    static constexpr auto kIdx = [] {
+      struct { alignas(64) int32_t lo[4][16]; alignas(64) int32_t hi[4][16]; } t{};
+      for (int k = 0; k < 4; ++k)
+        for (int j = 0; j < 16; ++j) {
+          const int d = 1 << k;
+          t.lo[k][j] = (j & d) ? 16 + (j & ~d) : j;
+          t.hi[k][j] = (j & d) ? 16 + j : (j | d);
+        }
+      return t;
+    }();
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows + i * stride);
+    for (int k = 0; k < 4; ++k) {
+      const int d = 1 << k;
+      const __m512i lo = _mm512_load_si512(kIdx.lo[k]), hi = _mm512_load_si512(kIdx.hi[k]);
+      for (int i = 0; i < 16; ++i) {
+        if (i & d) continue;
+        const __m512i a = r[i], b = r[i | d];
+        r[i] = _mm512_permutex2var_epi32(a, lo, b);
+        r[i | d] = _mm512_permutex2var_epi32(a, hi, b);
+      }
+    }
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + j * 64, r[j]);
+  }
   template <DType T>
   static ireg dpbusd(ireg acc, ireg w, ireg a) { return _mm512_dpbusd_epi32(acc, w, a); }
   static ireg q8_codes(const uint8_t* p) { return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(char(0x80))); }
