@@ -128,8 +128,8 @@ struct V256 {
     __builtin_memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
   }
-  // The 8 x 8 dwords r[i][j] (row i, dword j) into out at (j * 8 + i) * 4.
-  static void transpose_dwords(const uint8_t* rows, int64_t stride, uint8_t* out) {
+  // The 8 x 8 dwords r[i][j] (row i at rows + i * stride, dword j) into out + j * out_stride + i * 4.
+  static void transpose_dwords(const uint8_t* rows, int64_t stride, uint8_t* out, int64_t out_stride) {
     __m256i r[8], t[8], u[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + i * stride));
     for (int i = 0; i < 8; i += 2) {
@@ -143,8 +143,8 @@ struct V256 {
       u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
     }
     for (int j = 0; j < 4; ++j) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * 32), _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (j + 4) * 32), _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * out_stride), _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (j + 4) * out_stride), _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
     }
   }
   // acc + the products of w and a summed in groups (exact: |pair| <= 128 * 127 * 2 < 2^15).

@@ -135,9 +135,10 @@ struct V512 {
     __builtin_memcpy(&v, p, 4);
     return _mm512_set1_epi32(v);
   }
-  // The 16 x 16 dwords r[i][j] (row i, dword j) into out at (j * 16 + i) * 4: four stages, stage k
-  // swapping bit k of the row and the dword index (two two-source permutes per pair of rows).
-  static void transpose_dwords(const uint8_t* rows, int64_t stride, uint8_t* out) {
+  // The 16 x 16 dwords r[i][j] (row i at rows + i * stride, dword j) into out + j * out_stride + i * 4:
+  // four stages, stage k swapping bit k of the row and the dword index (two two-source permutes
+  // per pair of rows).
+  static void transpose_dwords(const uint8_t* rows, int64_t stride, uint8_t* out, int64_t out_stride) {
     static constexpr auto kIdx = [] {
       struct { alignas(64) int32_t lo[4][16]; alignas(64) int32_t hi[4][16]; } t{};
       for (int k = 0; k < 4; ++k)
@@ -160,7 +161,7 @@ struct V512 {
         r[i | d] = _mm512_permutex2var_epi32(a, hi, b);
       }
     }
-    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + j * 64, r[j]);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + j * out_stride, r[j]);
   }
   template <DType T>
   static ireg dpbusd(ireg acc, ireg w, ireg a) { return _mm512_dpbusd_epi32(acc, w, a); }

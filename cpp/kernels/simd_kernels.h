@@ -455,12 +455,12 @@ inline void pack_tile_i8(const WeightView& w, int64_t r, int mr, int64_t k0, int
   // and row made packing most of a short prompt's mat-mul: a 4096 x 5120 q4 matrix took 3.7 ms
   // for 1 token against the mat-vec's 0.35)
   int64_t j = 0;
-  for (; j + W <= groups; j += W) V::transpose_dwords(&rows[0][4 * j], kTileK, tile + j * W * 4);
+  for (; j + W <= groups; j += W) V::transpose_dwords(&rows[0][4 * j], kTileK, tile + j * W * 4, W * 4);
   for (; j < groups; ++j)
     for (int i = 0; i < W; ++i) __builtin_memcpy(tile + (j * W + i) * 4, &rows[i][4 * j], 4);
   int64_t b = 0;
   for (; b + W <= kbn; b += W)
-    V::transpose_dwords(reinterpret_cast<const uint8_t*>(&scales[0][b]), kScales * 4, reinterpret_cast<uint8_t*>(tsc + b * W));
+    V::transpose_dwords(reinterpret_cast<const uint8_t*>(&scales[0][b]), kScales * 4, reinterpret_cast<uint8_t*>(tsc + b * W), W * 4);
   for (; b < kbn; ++b)
     for (int i = 0; i < W; ++i) tsc[b * W + i] = scales[i][b];
 }
@@ -753,14 +753,22 @@ constexpr int64_t kTileKF = 512;
 constexpr int64_t kTokenBlockF = 512;
 
 // Rows [r, r + mr) of w, columns [k0, k0 + kc), into tile[k * kMR * W + i]; rows past mr are 0.
+// Each row decoded in order, then W rows x W columns at a time interleaved as one dword transpose.
 template <class V, DType T>
 inline void pack_tile_f32(const WeightView& w, int64_t r, int mr, int64_t k0, int64_t kc, float* tile) {
-  constexpr int RW = V::kMR * V::W;
-  alignas(64) float row[kTileKF];
+  constexpr int W = V::W, RW = V::kMR * W;
+  alignas(64) static thread_local float rows[RW][kTileKF];
   for (int i = 0; i < RW; ++i) {
-    if (i < mr) decode_range<V, T, 0>(w, r + i, k0, k0 + kc, row);
-    for (int64_t k = 0; k < kc; ++k) tile[k * RW + i] = i < mr ? row[k] : 0.0f;
+    if (i < mr) decode_range<V, T, 0>(w, r + i, k0, k0 + kc, rows[i]);
+    else __builtin_memset(rows[i], 0, size_t(kc) * sizeof(float));
   }
+  int64_t k = 0;
+  for (; k + W <= kc; k += W)
+    for (int m = 0; m < V::kMR; ++m)
+      V::transpose_dwords(reinterpret_cast<const uint8_t*>(&rows[m * W][k]), kTileKF * 4,
+                          reinterpret_cast<uint8_t*>(tile + k * RW + m * W), RW * 4);
+  for (; k < kc; ++k)
+    for (int i = 0; i < RW; ++i) tile[k * RW + i] = rows[i][k];
 }
 
 // y[j * ldy + i] (+)= dot(tile row i, x row j) over the kc columns, for NT tokens and the first
