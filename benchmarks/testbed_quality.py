@@ -13,12 +13,15 @@ output matrix are 8-bit on both sides (llama-quantize --token-embedding-type q8_
 --output-tensor-type q8_0; our recipes store them as q8_0).
 
     python3 benchmarks/testbed_quality.py --testbed DIR --gguf TESTBED-F32.gguf \\
-        [--llama-cpp-bin $LLAMA_CPP_BIN] [--peer-python $PEER_VENV/bin/python] [--max-windows N] [--doc]
+        [--llama-cpp-bin $LLAMA_CPP_BIN] [--peer-python $PEER_VENV/bin/python] [--max-windows N] \\
+        [--only NAME ...] [--doc]
 
 DIR is the testbed checkpoint (or $UPG_TESTBED) with its dev.txt; TESTBED-F32.gguf its f32 GGUF
 (docs/QUANTIZATION.md says how to make it). llama.cpp's imatrix is computed by llama-imatrix from
 the calibration text that ships with the package (the one our calibration uses), not dev.txt.
-Files are cached in --work-dir (llama.cpp's by name; ours are rewritten each run).
+Files are cached in --work-dir (llama.cpp's by name; ours are rewritten each run). Calibration runs
+once, with the Gram matrices GPTQ's rows need (upg_backend.gptq); the other calibrated rows use its
+importance, saved and reloaded as --importance would.
 """
 from __future__ import annotations
 

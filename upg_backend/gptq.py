@@ -20,7 +20,11 @@ import numpy as np
 # Damping: this fraction of H's mean diagonal is added to its diagonal (as GPTQ's reference), which
 # makes a Gram matrix of fewer tokens than columns invertible and keeps the updates bounded.
 DAMP = 0.01
-BATCH = 256  # columns per lazy batch: a multiple of every scale group, so a group lies in one batch
+# Columns per lazy batch. A scale group starts either inside the batch that holds all of it (32, 64)
+# or where a batch starts (256), so its weights have every earlier column's error when its scales
+# are chosen. The updates inside a batch cost rows * cols * BATCH, memory-bound: smaller is faster
+# down to where the batch's product stops being a matrix product.
+BATCH = 128
 SUPER_BLOCK_TYPES = ("iq4_xs", "iq3")
 TYPES = ("q8_0", "q4", "q3", "iq4_nl", "iq4_xs", "iq3")
 
