@@ -155,6 +155,14 @@ def test_gptq_conversion_reads_back_and_decodes(model, tmp_path):  # noqa: F811
     upg, ref = UPGFile(out), UPGFile(model["f32"])
     assert upg.header["calibration"]["gptq"] == {"damp": gptq.DAMP}
     assert "gptq" not in UPGFile(plain).header["calibration"]
+    name = next(iter(imp.gram))
+    wrong = calibrate.Importance(imp.columns, imp.n_tokens, imp.text, {**imp.gram, name: imp.gram[name][:8, :8]})
+    with pytest.raises(calibrate.ImportanceError, match=f"Gram matrix of {name} has shape \\[8, 8\\]"):
+        convert_hf(model["src"], tmp_path / "bad.upg", type="q4", importance=wrong, progress=False)
+    negative = calibrate.Importance(imp.columns, imp.n_tokens, imp.text, {**imp.gram, name: -imp.gram[name]})
+    with pytest.raises(gptq.GPTQError, match=f"{name}: .*negative diagonal"):
+        convert_hf(model["src"], tmp_path / "bad.upg", type="q4", importance=negative, progress=False)
+    assert not (tmp_path / "bad.upg").exists()
     for name, t in upg.tensors.items():
         if name in imp.gram:  # GPTQ's bytes for the block matrices
             w = ref.tensor(name)

@@ -117,6 +117,10 @@ class Importance:
             raise ImportanceError("the importance file has no matrices")
         for name in self.columns:
             self.for_matrix(name, matrices[name])
+        for name, h in (self.gram or {}).items():
+            if name not in matrices or np.shape(h) != (matrices[name],) * 2:
+                raise ImportanceError(f"the Gram matrix of {name} has shape {list(np.shape(h))}; the model has "
+                                      + (f"[{matrices[name]}, {matrices[name]}]" if name in matrices else "no such matrix"))
 
 
 def text_id(path: str | os.PathLike) -> str:

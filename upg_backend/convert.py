@@ -214,7 +214,10 @@ def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Calla
 def _with_gptq(src: TensorSource, h: np.ndarray) -> TensorSource:
     """The source, its matrix quantized by GPTQ with its inputs' Gram matrix h when written."""
     def load():
-        return Encoded(gptq.quantize(src.load(), h, src.dtype, src.block, src.importance))
+        try:
+            return Encoded(gptq.quantize(src.load(), h, src.dtype, src.block, src.importance))
+        except gptq.GPTQError as e:
+            raise gptq.GPTQError(f"{src.name}: {e}") from None
     return dataclasses.replace(src, load=load)
 
 

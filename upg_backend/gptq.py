@@ -9,8 +9,9 @@ it starts, from the error-updated weights, by the type's own importance-weighted
 rounded by the type's own rounding under them (`_core.round_to_type`). The bytes are the type's ordinary
 bytes (`_core.quantize(..., codes_from=)` writes them): readers and kernels do not change.
 
-Memory: H and its factor, 8 + 4 bytes per cols^2 (2.6 GB + 1.3 GB at Phi-4's 17920-wide down_proj),
-and three float32 copies of W. Time: a Cholesky factorization and a triangular inverse of H (cols^3 / 3
+Memory: while H is factored, two float64 copies of its size (the caller's H aside), then the float32
+factor: 16 bytes per cols^2 at peak (5.1 GB at Phi-4's 17920-wide down_proj), and four float32 copies
+of W. Time: a Cholesky factorization and a triangular inverse of H (cols^3 / 3
 each, float64), and 2 * rows * cols^2 flops of updates (docs/QUANTIZATION.md "GPTQ").
 """
 from __future__ import annotations
@@ -68,6 +69,7 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     except np.linalg.LinAlgError:
         raise GPTQError(f"the Gram matrix is not positive definite with damping {damp} (singular, or not sum x x^T "
                         "of real inputs); a larger damp makes a singular one invertible") from None
+    del h  # its factor is all that is needed: one float64 copy fewer while m is inverted
     return np.ascontiguousarray(np.linalg.inv(m)[::-1, ::-1], dtype=np.float32)
 
 
