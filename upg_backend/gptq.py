@@ -9,9 +9,10 @@ it starts, from the error-updated weights, by the type's own importance-weighted
 rounded by the type's own rounding under them (`_core.round_to_type`). The bytes are the type's ordinary
 bytes (`_core.quantize(..., codes_from=)` writes them): readers and kernels do not change.
 
-Memory: while H is factored, two float64 copies of its size (the caller's H aside), then the float32
-factor: 16 bytes per cols^2 at peak (5.1 GB at Phi-4's 17920-wide down_proj), and four float32 copies
-of W. Time: a Cholesky factorization and a triangular inverse of H (cols^3 / 3
+Memory: while H is factored, two float64 matrices of its size and the float32 factor, 20 bytes per
+cols^2 at peak besides the caller's H (6.4 GB at Phi-4's 17920-wide down_proj); then the factor and
+six float32 matrices of W's size (the loaded weights, four working copies, the decoded check: 4.4 GB
+at Phi-4's 35840 x 5120 gate_up_proj). Time: a Cholesky factorization and a triangular inverse of H (cols^3 / 3
 each, float64), and 2 * rows * cols^2 flops of updates (docs/QUANTIZATION.md "GPTQ").
 """
 from __future__ import annotations
