@@ -13,12 +13,15 @@ output matrix are 8-bit on both sides (llama-quantize --token-embedding-type q8_
 --output-tensor-type q8_0; our recipes store them as q8_0).
 
     python3 benchmarks/testbed_quality.py --testbed DIR --gguf TESTBED-F32.gguf \\
-        [--llama-cpp-bin $LLAMA_CPP_BIN] [--peer-python $PEER_VENV/bin/python] [--max-windows N] [--doc]
+        [--llama-cpp-bin $LLAMA_CPP_BIN] [--peer-python $PEER_VENV/bin/python] [--max-windows N] \\
+        [--only NAME ...] [--doc]
 
 DIR is the testbed checkpoint (or $UPG_TESTBED) with its dev.txt; TESTBED-F32.gguf its f32 GGUF
 (docs/QUANTIZATION.md says how to make it). llama.cpp's imatrix is computed by llama-imatrix from
 the calibration text that ships with the package (the one our calibration uses), not dev.txt.
-Files are cached in --work-dir (llama.cpp's by name; ours are rewritten each run).
+Files are cached in --work-dir (llama.cpp's by name; ours are rewritten each run). Calibration runs
+once, with the Gram matrices GPTQ's rows need (upg_backend.gptq); the other calibrated rows use its
+importance, saved and reloaded as --importance would.
 """
 from __future__ import annotations
 
@@ -47,17 +50,26 @@ DOC = ROOT / "docs" / "QUANTIZATION.md"
 PEER_LOGITS = ROOT / "benchmarks" / "peer_logits.py"
 LLAMA_TYPES = ("Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_S", "IQ3_XXS")
 EIGHT_BIT_ENDS = ((EMBED, "q8_0"), (LM_HEAD, "q8_0"))
-# name -> (recipe or --bpw budget, calibrated)
+# name -> (recipe or --bpw budget, calibration: None, "importance" (importance-weighted rounding) or
+# "gptq" (GPTQ error feedback with the Gram matrices of the same calibration run))
+_Q4, _Q3 = Recipe("q4", "q4", 32, EIGHT_BIT_ENDS), Recipe("q3", "q3", 32, EIGHT_BIT_ENDS)
+_IQ4_XS, _IQ3 = Recipe("iq4_xs", "iq4_xs", 32, EIGHT_BIT_ENDS), Recipe("iq3", "iq3", 32, EIGHT_BIT_ENDS)
 OURS = {
-    "q4": (Recipe("q4", "q4", 32, EIGHT_BIT_ENDS), False),
-    "q4 + calibration": (Recipe("q4", "q4", 32, EIGHT_BIT_ENDS), True),
-    "q3": (Recipe("q3", "q3", 32, EIGHT_BIT_ENDS), False),
-    "q3 + calibration": (Recipe("q3", "q3", 32, EIGHT_BIT_ENDS), True),
-    "q4/64 + calibration": (Recipe("q4/64", "q4", 64, EIGHT_BIT_ENDS), True),
-    "iq4_xs + calibration": (Recipe("iq4_xs", "iq4_xs", 32, EIGHT_BIT_ENDS), True),
-    "iq3 + calibration": (Recipe("iq3", "iq3", 32, EIGHT_BIT_ENDS), True),
-    "--bpw 4.25": (4.25, True),
-    "--bpw 3.25": (3.25, True),
+    "q4": (_Q4, None),
+    "q4 + calibration": (_Q4, "importance"),
+    "q4 + GPTQ": (_Q4, "gptq"),
+    "q3": (_Q3, None),
+    "q3 + calibration": (_Q3, "importance"),
+    "q3 + GPTQ": (_Q3, "gptq"),
+    "q4/64 + calibration": (Recipe("q4/64", "q4", 64, EIGHT_BIT_ENDS), "importance"),
+    "iq4_xs + calibration": (_IQ4_XS, "importance"),
+    "iq4_xs + GPTQ": (_IQ4_XS, "gptq"),
+    "iq3 + calibration": (_IQ3, "importance"),
+    "iq3 + GPTQ": (_IQ3, "gptq"),
+    "--bpw 4.25": (4.25, "importance"),
+    "--bpw 4.25 --gptq": (4.25, "gptq"),
+    "--bpw 3.25": (3.25, "importance"),
+    "--bpw 3.25 --gptq": (3.25, "gptq"),
 }
 
 
@@ -116,22 +128,27 @@ def llama_files(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def our_files(args: argparse.Namespace, ref: Path) -> dict[str, tuple[Path, float]]:
-    """Our files and the seconds each conversion took (calibration measured once, reused)."""
+    """Our files and the seconds each conversion took (calibration measured once, reused: the
+    importance through its file, as --importance reuses it; the Gram matrices in memory)."""
     imp_path = args.work_dir / "testbed.importance.safetensors"
     t0 = time.perf_counter()
-    imp = calibrate.collect(ref, n_threads=args.threads, progress=False)
+    imp = calibrate.collect(ref, n_threads=args.threads, progress=False, gram=True)
     imp.save(imp_path)
     print(f"calibration: {imp.n_tokens} tokens in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     out = {}
-    for name, (how, calibrated) in OURS.items():
+    for name, (how, calibration) in OURS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
         path = args.work_dir / ("ours-" + "".join(c if c.isalnum() or c == "." else "-" for c in name) + ".upg")
         t0 = time.perf_counter()
-        kw = {"importance": calibrate.Importance.load(imp_path) if calibrated else None}
+        kw = {"importance": imp if calibration == "gptq" else
+              calibrate.Importance.load(imp_path) if calibration else None}
         if isinstance(how, Recipe):
             convert_hf(args.testbed, path, recipe=how, progress=False, **kw)
         else:
             convert_hf(args.testbed, path, bpw=how, progress=False, **kw)
         out[name] = (path, time.perf_counter() - t0)
+        print(f"{name}: converted in {out[name][1]:.1f}s", file=sys.stderr)
     return out
 
 
@@ -148,6 +165,8 @@ def main() -> int:
     p.add_argument("--n-ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="measure only our rows whose name contains one of these (llama.cpp's rows always)")
     p.add_argument("--doc", action="store_true", help="write the table into docs/QUANTIZATION.md")
     args = p.parse_args()
     if args.testbed is None or not (args.testbed / "dev.txt").is_file():

@@ -85,5 +85,16 @@ void bind_backend(py::module_& m) {
              }
              return out;
            }, "{data-section offset of a matrix: (sum of squares per input column, float64 [cols], input rows)}.")
-      .def("clear_column_squares", &CpuBackend::clear_column_squares);
+      .def("clear_column_squares", &CpuBackend::clear_column_squares)
+      .def("capture_inputs", &CpuBackend::capture_inputs, "offsets"_a,
+           "Keep the float32 inputs of the matrices at these data-section offsets (GPTQ's Gram matrices); [] stops.")
+      .def("take_inputs", [](CpuBackend& b) {
+             py::dict out;  // data-section offset of the matrix -> float32 [n_tokens, cols]
+             for (auto& [offset, in] : b.take_inputs()) {
+               py::array_t<float> x({py::ssize_t(in.x.size() / size_t(in.cols)), py::ssize_t(in.cols)});
+               std::copy(in.x.begin(), in.x.end(), x.mutable_data());
+               out[py::int_(offset)] = x;
+             }
+             return out;
+           }, "{data-section offset of a matrix: its inputs since the last call, float32 [n_tokens, cols]}.");
 }

@@ -92,10 +92,17 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
 }
 
 py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads,
-                              const std::optional<FArray>& importance) {
+                              const std::optional<FArray>& importance, const std::optional<FArray>& codes_from) {
   const DType type = parse_type(type_name);
   if (src.ndim() != 2) throw py::value_error("w must be a 2-D float32 array");
   const int64_t rows = src.shape(0), cols = src.shape(1);
+  const float* xc = nullptr;
+  if (codes_from) {
+    if (!upg::is_quantized(type)) throw py::value_error("codes_from applies to quantized types only");
+    if (codes_from->ndim() != 2 || codes_from->shape(0) != rows || codes_from->shape(1) != cols)
+      throw py::value_error("codes_from must have the shape of w");
+    xc = codes_from->data();
+  }
   const float* imp = nullptr;
   if (importance && upg::is_quantized(type)) {
     if (importance->ndim() != 1 || importance->shape(0) != cols)
@@ -118,13 +125,13 @@ py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FAr
     py::gil_scoped_release release;
     // Codes of non-finite inputs are meaningless (and casting NaN to int is undefined).
     if (upg::is_quantized(type))
-      for (int64_t i = 0; i < rows * cols && finite; ++i) finite = std::isfinite(x[i]);
+      for (int64_t i = 0; i < rows * cols && finite; ++i) finite = std::isfinite(x[i]) && (!xc || std::isfinite(xc[i]));
     if (finite) {
       std::memset(o, 0, nbytes);  // section padding
       std::vector<std::thread> pool;
       for (int t = 0; t < n_threads; ++t)
         pool.emplace_back(upg::quantize_rows, type, block, x, rows, cols, o, rows * t / n_threads,
-                          rows * (t + 1) / n_threads, imp);
+                          rows * (t + 1) / n_threads, imp, xc);
       for (auto& th : pool) th.join();
     }
   }
@@ -321,13 +328,45 @@ py::array_t<float> dequantize(const std::string& type_name, int block, const CAr
   return out;
 }
 
+// The scale of every block of a quantized matrix's bytes, float32 [rows, cols / block].
+py::array_t<float> block_scales(const std::string& type_name, int block, const CArray<uint8_t>& data, int64_t rows,
+                                int64_t cols) {
+  const DType type = parse_type(type_name);
+  if (!upg::is_quantized(type)) throw py::value_error(type_name + " has no block scales");
+  const upg::WeightView w = make_view(type, block, data, rows, cols, std::nullopt);
+  py::array_t<float> out({rows, cols / block});
+  upg::block_scales(type, block, w.codes, rows, cols, out.mutable_data());
+  return out;
+}
+
+py::array_t<float> round_to_type(const std::string& type_name, const FArray& x, const FArray& scale) {
+  const DType type = parse_type(type_name);
+  if (!upg::is_quantized(type)) throw py::value_error(type_name + " is not a quantized type");
+  if (x.ndim() != scale.ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), scale.shape()))
+    throw py::value_error("x and scale must have the same shape");
+  const float* xp = x.data();
+  const float* sp = scale.data();
+  for (py::ssize_t i = 0; i < x.size(); ++i)
+    if (!std::isfinite(xp[i]) || !std::isfinite(sp[i])) throw py::value_error("x and scale must be finite");
+  py::array_t<float> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  upg::round_to_type(type, xp, sp, x.size(), out.mutable_data());
+  return out;
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
   using namespace pybind11::literals;
   m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0, "importance"_a = py::none(),
+        "codes_from"_a = py::none(),
         "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md). importance: "
-        "float32 [cols] per-column weights (>= 0) of the scale search of quantized types; None: the plain scale.");
+        "float32 [cols] per-column weights (>= 0) of the scale search of quantized types; None: the plain scale. "
+        "codes_from: float32 [rows, cols]: the codes are those of codes_from under the scales chosen for w (GPTQ).");
+  m.def("block_scales", &block_scales, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a,
+        "The scale each block of a quantized matrix's bytes applies to its grid: float32 [rows, cols / block] "
+        "(iq4_xs / iq3: the super-scale times the sub-block's ls - 32).");
+  m.def("round_to_type", &round_to_type, "type"_a, "x"_a, "scale"_a,
+        "x rounded as the quantized type rounds it under scale (elementwise, same shapes): the value it decodes to.");
   m.def("dequantize", &dequantize, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a,
         "The float32 [rows, cols] matrix that a UPG matrix's bytes encode.");
   m.def("matvec", &matvec, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a, "x"_a, "path"_a = py::none(),

@@ -6,8 +6,13 @@ backend with column-square collection on (cpp/cpu/backend.h): for every matrix t
 input column is that column's importance, as llama.cpp's imatrix. The quantizer weights each
 element's squared error by it (docs/QUANTIZATION.md "Calibration").
 
+With gram=True it also sums, per transformer-block matrix, the Gram matrix of its inputs,
+H = sum_t x_t x_t^T (float64 [cols, cols]; its diagonal is the column squares above), which GPTQ
+(upg_backend.gptq) needs: the engine hands over each window's inputs and numpy adds x^T x.
+
 Memory: the statistics are one float64 per input column per matrix (10 MB for Phi-4); the model is
-the mapped file, read as the engine reads it.
+the mapped file, read as the engine reads it. The Gram matrices take 8 * cols^2 bytes each (the
+testbed's 32: 200 MB; Phi-4's 160: 128 GB, docs/QUANTIZATION.md "GPTQ"), plus one window's inputs.
 """
 from __future__ import annotations
 
@@ -41,11 +46,14 @@ class Importance:
         columns: Hugging Face tensor name -> float32 [cols], the mean square of each input column.
         n_tokens: calibration tokens measured.
         text: what was measured: the text's file name and the sha256 of its UTF-8 bytes.
+        gram: Hugging Face tensor name -> float64 [cols, cols], sum over the tokens of x x^T (the
+            transformer blocks' matrices, for GPTQ); None: not measured. Not saved by `save`.
     """
 
     columns: Mapping[str, np.ndarray]
     n_tokens: int
     text: str
+    gram: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes a safetensors file (docs/QUANTIZATION.md "Importance files")."""
@@ -109,6 +117,10 @@ class Importance:
             raise ImportanceError("the importance file has no matrices")
         for name in self.columns:
             self.for_matrix(name, matrices[name])
+        for name, h in (self.gram or {}).items():
+            if name not in matrices or np.shape(h) != (matrices[name],) * 2:
+                raise ImportanceError(f"the Gram matrix of {name} has shape {list(np.shape(h))}; the model has "
+                                      + (f"[{matrices[name]}, {matrices[name]}]" if name in matrices else "no such matrix"))
 
 
 def text_id(path: str | os.PathLike) -> str:
@@ -117,7 +129,8 @@ def text_id(path: str | os.PathLike) -> str:
 
 
 def collect(model_path: str | os.PathLike, text: str | os.PathLike | None = None, n_ctx: int = 512,
-            max_tokens: int | None = DEFAULT_TOKENS, n_threads: int | None = None, progress: bool = True) -> Importance:
+            max_tokens: int | None = DEFAULT_TOKENS, n_threads: int | None = None, progress: bool = True,
+            gram: bool = False) -> Importance:
     """Measures the importance of every matrix of a .upg model on a calibration text.
 
     Args:
@@ -128,6 +141,7 @@ def collect(model_path: str | os.PathLike, text: str | os.PathLike | None = None
         max_tokens: measure this many tokens of the text, in windows spread evenly over it (None: all).
         n_threads: engine threads (None: all cores).
         progress: show a progress bar counted in tokens on stderr.
+        gram: also sum the Gram matrix of every transformer-block matrix's inputs (Importance.gram).
 
     Raises:
         FileNotFoundError: the text does not exist.
@@ -157,22 +171,32 @@ def collect(model_path: str | os.PathLike, text: str | os.PathLike | None = None
     windows = _windows(tokens, n_ctx, max_tokens)
     n_tokens = sum(len(w) for w in windows)
     by_offset = {t.offset: name for name, t in upg.tensors.items()}
+    from .allocate import is_block_matrix
+
+    gram_offsets = [t.offset for name, t in upg.tensors.items() if gram and is_block_matrix(name, t.dims)]
     del upg
 
     backend = _core.CpuBackend(n_threads or 0)
     llm = Llama(str(model_path), n_ctx=max(len(w) for w in windows), n_threads=n_threads, logits_all=True,
                 kv_type="f32", backend=backend)
     backend.collect_column_squares(True)
+    backend.capture_inputs(gram_offsets)
+    grams: dict[str, np.ndarray] = {}
     with tqdm(total=n_tokens, unit="tok", desc="calibration", disable=not progress) as bar:
         for window in windows:
             llm.reset()
             llm.eval(window)
+            for offset, x in backend.take_inputs().items():
+                x = x.astype(np.float64)
+                name = by_offset[offset]
+                grams[name] = grams[name] + x.T @ x if name in grams else x.T @ x
             bar.update(len(window))
     backend.collect_column_squares(False)
+    backend.capture_inputs([])
     columns = {}
     for offset, (sums, rows) in backend.column_squares().items():
         columns[by_offset[offset]] = (sums / rows).astype(np.float32)
-    return Importance(columns, int(n_tokens), text_id(text_path))
+    return Importance(columns, int(n_tokens), text_id(text_path), grams if gram else None)
 
 
 def _windows(tokens: np.ndarray, n_ctx: int, max_tokens: int | None) -> list[np.ndarray]:
@@ -189,7 +213,7 @@ def _windows(tokens: np.ndarray, n_ctx: int, max_tokens: int | None) -> list[np.
 
 def collect_source(src: str | os.PathLike, text: str | os.PathLike | None = None, n_ctx: int = 512,
                    max_tokens: int | None = DEFAULT_TOKENS, n_threads: int | None = None, progress: bool = True,
-                   work_dir: str | os.PathLike | None = None) -> Importance:
+                   work_dir: str | os.PathLike | None = None, gram: bool = False) -> Importance:
     """`collect` for a conversion's source (a Hugging Face checkpoint directory or a .gguf file): it is
     converted to a temporary q8_0 .upg (in work_dir, default the system's temporary directory;
     removed before this returns) and measured on that. 8-bit weights move the activations by a
@@ -204,4 +228,4 @@ def collect_source(src: str | os.PathLike, text: str | os.PathLike | None = None
             from .convert import convert_hf
 
             convert_hf(src, model, type="q8_0", progress=progress)
-        return collect(model, text, n_ctx, max_tokens, n_threads, progress)
+        return collect(model, text, n_ctx, max_tokens, n_threads, progress, gram)

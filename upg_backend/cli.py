@@ -59,6 +59,10 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose per-tensor types so that the transformer blocks' matrices average at most X bits "
                         "per weight, by measured sensitivity (calibrates with the shipped text unless "
                         "--calibration or --importance says otherwise); replaces --type and --recipe")
+    p.add_argument("--gptq", action="store_true",
+                   help="quantize the transformer blocks' matrices with GPTQ error feedback, from the Gram matrices "
+                        "of their inputs measured on the calibration text (calibrates unless --calibration says "
+                        "how; not with --importance)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -69,12 +73,15 @@ def _importance(args: argparse.Namespace):
     if args.importance is not None:
         if args.calibration is not None or args.calibration_tokens is not None:
             raise ValueError("--importance excludes --calibration and --calibration-tokens: the file was measured already")
+        if args.gptq:
+            raise ValueError("--gptq needs the Gram matrices of a calibration run, which an importance file does not "
+                             "hold: use --calibration instead of --importance")
         return calibrate.Importance.load(args.importance)
     if args.calibration and not os.path.isfile(args.calibration):
         raise FileNotFoundError(f"no such calibration text: {args.calibration}")
     tokens = calibrate.DEFAULT_TOKENS if args.calibration_tokens is None else args.calibration_tokens or None
-    imp = calibrate.collect_source(args.src, args.calibration or None, max_tokens=tokens,
-                               progress=not args.quiet, work_dir=os.path.dirname(os.path.abspath(args.output)))
+    imp = calibrate.collect_source(args.src, args.calibration or None, max_tokens=tokens, gram=args.gptq,
+                                   progress=not args.quiet, work_dir=os.path.dirname(os.path.abspath(args.output)))
     if args.save_importance:
         imp.save(args.save_importance)
     return imp
@@ -89,7 +96,7 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         from .convert import convert_hf as convert
 
-    calibrated = any(v is not None for v in (args.calibration, args.importance, args.bpw))
+    calibrated = args.gptq or any(v is not None for v in (args.calibration, args.importance, args.bpw))
     if not calibrated and (args.save_importance or args.calibration_tokens is not None):
         raise ValueError("--save-importance and --calibration-tokens need --calibration or --bpw")
     if args.bpw is not None and args.recipe is not None:

@@ -6,6 +6,7 @@ Phi3ForCausalLM tensors are written as they are; LlamaForCausalLM is fused to th
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -20,7 +21,8 @@ from tqdm import tqdm
 from .allocate import allocate, is_block_matrix, recipe_for, sample_rows
 from .calibrate import Importance
 from .config import ModelConfig
-from .format import write_upg
+from . import gptq
+from .format import Encoded, TensorSource, write_upg
 from .recipes import Recipe, get_recipe
 
 # tensors some checkpoints carry that the graph recomputes
@@ -182,13 +184,17 @@ def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Calla
     chooses within `bpw`; quantized with importance where given. Also the header's `calibration` and
     `allocation` objects (FORMAT.md), those that apply, after the `quantization` object of the recipe
     used. sampled(i): a loader of only the rows of tensor i that allocation measures
-    (allocate.sample_rows), where the source can read them alone."""
+    (allocate.sample_rows), where the source can read them alone. With Gram matrices in the importance
+    (calibrate.collect(..., gram=True)), the quantized matrices they cover are quantized by GPTQ
+    (upg_backend.gptq), unless they carry outliers."""
     extra: dict[str, Any] = {}
     imp: Callable[[str, int], np.ndarray | None] = lambda name, cols: None  # noqa: E731
     if importance is not None:
         importance.check({name: shape[1] for name, shape, _ in plan if len(shape) == 2})
         imp = importance.for_matrix
         extra["calibration"] = {"text": importance.text, "n_tokens": importance.n_tokens}
+        if importance.gram is not None:
+            extra["calibration"]["gptq"] = {"damp": gptq.DAMP}
     if bpw is not None:
         matrices = [(name, shape, sampled(i) if sampled else load) for i, (name, shape, load) in enumerate(plan)
                     if is_block_matrix(name, shape)]
@@ -199,7 +205,20 @@ def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Calla
         extra["allocation"] = allocation.header()
     sources = [rec.source(name, shape, load, tied, imp(name, shape[1]) if len(shape) == 2 else None)
                for name, shape, load in plan]
+    if importance is not None and importance.gram is not None:
+        sources = [_with_gptq(s, importance.gram[s.name]) if s.name in importance.gram and s.dtype in gptq.TYPES
+                   and not s.outliers_per_row else s for s in sources]
     return sources, {"quantization": rec.header(sources), **extra}
+
+
+def _with_gptq(src: TensorSource, h: np.ndarray) -> TensorSource:
+    """The source, its matrix quantized by GPTQ with its inputs' Gram matrix h when written."""
+    def load():
+        try:
+            return Encoded(gptq.quantize(src.load(), h, src.dtype, src.block, src.importance))
+        except gptq.GPTQError as e:
+            raise gptq.GPTQError(f"{src.name}: {e}") from None
+    return dataclasses.replace(src, load=load)
 
 
 def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f16", block: int = 32,

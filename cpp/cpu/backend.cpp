@@ -115,6 +115,11 @@ void CpuBackend::linear(const Matrix& m, Buf xb, int n, int n_dec, Buf yb) {
       for (int64_t k = 0; k < w.cols; ++k) c.sum[size_t(k)] += double(x[t * w.cols + k]) * x[t * w.cols + k];
     c.rows += n;
   }
+  if (capture_.count(m.data.offset)) {
+    Inputs& in = inputs_[m.data.offset];
+    in.cols = w.cols;
+    in.x.insert(in.x.end(), x, x + n * w.cols);
+  }
   const ActQ8 xq = is_quantized(w.type) ? quantize_act(x, n, w.cols, w.block) : ActQ8{};
   auto row_q = [&](int64_t t) {  // token t's row of the quantized input
     if (!xq.q) return ActQ8{};

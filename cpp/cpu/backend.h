@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "upg/backend.h"
@@ -47,6 +49,15 @@ class CpuBackend : public Backend {
   void collect_column_squares(bool on) { collect_ = on; }
   const std::map<uint64_t, ColumnSquares>& column_squares() const { return squares_; }
   void clear_column_squares() { squares_.clear(); }
+  // GPTQ's Gram matrices (upg_backend/calibrate.py): while a matrix's offset is in the set given,
+  // linear() also keeps a copy of its float32 inputs [n_tokens][cols], appended call by call until
+  // take_inputs() moves them out (Python sums x x^T per window, so memory is one window's inputs).
+  struct Inputs {
+    int64_t cols = 0;
+    std::vector<float> x;  // [n_tokens][cols]
+  };
+  void capture_inputs(std::vector<uint64_t> offsets) { capture_ = {offsets.begin(), offsets.end()}; }
+  std::map<uint64_t, Inputs> take_inputs() { return std::exchange(inputs_, {}); }
 
  private:
   template <typename T = uint8_t>
@@ -65,6 +76,8 @@ class CpuBackend : public Backend {
   uint64_t pass_count_ = 0;        // passes begun (keys the RoPE tables)
   bool collect_ = false;
   std::map<uint64_t, ColumnSquares> squares_;
+  std::set<uint64_t> capture_;
+  std::map<uint64_t, Inputs> inputs_;
   const Kernels& k_;
   ThreadPool pool_;
   std::vector<uint8_t*> base_;                      // by buffer id

@@ -37,10 +37,14 @@ float signed_max(const float* x, int n) {
   return m;
 }
 
-// Codes of one block: round(x / d) + zero point, clamped to [lo, hi]; all zero points when d == 0.
+// The code of x under scale d: round(x / d) + zero point, clamped to [lo, hi]; the zero point when d == 0.
+inline int uniform_code(float x, float d, float zero, float lo, float hi) {
+  return d == 0.0f ? int(zero) : int(clampf(std::nearbyint(x / d) + zero, lo, hi));
+}
+
+// Codes of one block.
 void block_codes(const float* x, int n, float d, float zero, float lo, float hi, int* q) {
-  for (int j = 0; j < n; ++j)
-    q[j] = d == 0.0f ? int(zero) : int(clampf(std::nearbyint(x[j] / d) + zero, lo, hi));
+  for (int j = 0; j < n; ++j) q[j] = uniform_code(x[j], d, zero, lo, hi);
 }
 
 // A uniform type's codes: element = d * (code - zero), codes in [lo, hi]; the plain scale is m / div, m
@@ -130,10 +134,10 @@ float weighted_scale(const float* x, const float* importance, int n, const Unifo
   return best;
 }
 
-// One block: codes at `codes` (and `high` for q3), its scale at `scale_out`; importance (the
-// block's columns) nullptr for the plain scale.
-void quantize_block(DType type, int B, const float* x, const float* importance, uint8_t* codes, uint8_t* high,
-                    uint8_t* scale_out) {
+// One block: its scale (at `scale_out`) chosen for x, the codes of xc under it at `codes` (and `high`
+// for q3); importance (the block's columns) nullptr for the plain scale.
+void quantize_block(DType type, int B, const float* x, const float* xc, const float* importance, uint8_t* codes,
+                    uint8_t* high, uint8_t* scale_out) {
   int q[64];
   const UniformGrid g = uniform_grid(type);
   float d;
@@ -145,7 +149,7 @@ void quantize_block(DType type, int B, const float* x, const float* importance, 
   } else {
     d = store_scale(signed_max(x, B) / g.div, scale_out);
   }
-  block_codes(x, B, d, g.zero, g.lo, g.hi, q);
+  block_codes(xc, B, d, g.zero, g.lo, g.hi, q);
   if (type == DType::Q8_0) {
     for (int j = 0; j < B; ++j) codes[j] = uint8_t(int8_t(q[j]));
   } else if (type == DType::Q4) {
@@ -248,10 +252,12 @@ float grid_scale(const Grid& G, const float* x, const float* wt, int n) {
   return best_d;
 }
 
-// Codes (grid indices) of one block of 32 against the stored scale d.
+// The code (grid index) of x under the stored scale d.
+inline int grid_code(const Grid& G, float x, float d) { return nearest(G, d == 0.0f ? 0.0f : x / d); }
+
+// Codes of one block of 32 against the stored scale d.
 void grid_codes(const Grid& G, const float* x, float d, int* q) {
-  const int zero = nearest(G, 0.0f);
-  for (int j = 0; j < 32; ++j) q[j] = d == 0.0f ? zero : nearest(G, x[j] / d);
+  for (int j = 0; j < 32; ++j) q[j] = grid_code(G, x[j], d);
 }
 
 // q4's packing of one block of 32 codes.
@@ -277,8 +283,9 @@ void pack_iq3_group(const int* q, uint8_t* ql, uint8_t* qh) {
 // super-scale d maps the largest of them to ls - 32 = -32; each sub-block takes the 6-bit ls among
 // the three nearest to its scale / d with the least weighted error; then d is refitted by least
 // squares to the chosen ls and codes and kept if that lowers the error.
-void quantize_super_row(DType type, const float* x, const float* importance, int64_t cols, uint8_t* codes,
-                        uint8_t* high, uint8_t* sub, uint8_t* scale_out) {
+// The scales are chosen for x, the codes are those of xc.
+void quantize_super_row(DType type, const float* x, const float* xc, const float* importance, int64_t cols,
+                        uint8_t* codes, uint8_t* high, uint8_t* sub, uint8_t* scale_out) {
   constexpr int B = 32, S = UPG_SUPER_BLOCK, NS = S / B, BIAS = UPG_SUB_SCALE_BIAS;
   const Grid& G = grid_of(type);
   const int64_t nb = cols / B;
@@ -334,7 +341,7 @@ void quantize_super_row(DType type, const float* x, const float* importance, int
     }
     scale_out += 2;
     int q[S];
-    for (int i = 0; i < NS; ++i) grid_codes(G, xs + i * B, d * float(ls[i]), q + i * B);
+    for (int i = 0; i < NS; ++i) grid_codes(G, xc + s0 + i * B, d * float(ls[i]), q + i * B);
     if (type == DType::IQ3)
       for (int k = 0; k < S / 128; ++k) pack_iq3_group(q + 128 * k, codes + s0 / 4 + 32 * k, high + s0 / 8 + 16 * k);
     for (int i = 0; i < NS; ++i) {
@@ -347,14 +354,15 @@ void quantize_super_row(DType type, const float* x, const float* importance, int
   }
 }
 
-// One block of iq4_nl: its own f16 scale from grid_scale.
-void quantize_iq4_nl_block(const float* x, const float* importance, uint8_t* codes, uint8_t* scale_out) {
+// One block of iq4_nl: its own f16 scale from grid_scale for x, the codes of xc.
+void quantize_iq4_nl_block(const float* x, const float* xc, const float* importance, uint8_t* codes,
+                           uint8_t* scale_out) {
   constexpr int B = 32;
   const Grid& G = grid_of(DType::IQ4_NL);
   float wt[B];
   int q[B];
   error_weights(x, importance, B, wt);
-  grid_codes(G, x, store_scale(grid_scale(G, x, wt, B), scale_out), q);
+  grid_codes(G, xc, store_scale(grid_scale(G, x, wt, B), scale_out), q);
   pack_nibbles(q, codes);
 }
 
@@ -381,13 +389,14 @@ void convert_rows(DType type, const float* src, int64_t cols, uint8_t* out, int6
 }  // namespace
 
 void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_t cols, uint8_t* out,
-                   int64_t r0, int64_t r1, const float* importance) {
+                   int64_t r0, int64_t r1, const float* importance, const float* codes_src) {
   if (!is_quantized(type)) return convert_rows(type, src, cols, out, r0, r1);
+  const float* xc = codes_src ? codes_src : src;
   const QuantSections s = quant_sections(type, rows, cols, block);
   if (has_super_block(type)) {
     const int64_t nb = cols / 32, code_bytes = type == DType::IQ3 ? cols / 4 : cols / 2;
     for (int64_t r = r0; r < r1; ++r)
-      quantize_super_row(type, src + r * cols, importance, cols, out + r * code_bytes,
+      quantize_super_row(type, src + r * cols, xc + r * cols, importance, cols, out + r * code_bytes,
                          out + s.high_offset() + r * (cols / 8), out + s.sub_offset() + r * (nb / 2 + nb / 4),
                          out + s.scales_offset() + r * (cols / UPG_SUPER_BLOCK) * 2);
     return;
@@ -396,7 +405,7 @@ void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_
     const int64_t nb = cols / 32;
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t b = 0; b < nb; ++b)
-        quantize_iq4_nl_block(src + r * cols + b * 32, importance ? importance + b * 32 : nullptr,
+        quantize_iq4_nl_block(src + r * cols + b * 32, xc + r * cols + b * 32, importance ? importance + b * 32 : nullptr,
                               out + (r * nb + b) * 16, out + s.scales_offset() + (r * nb + b) * 2);
     return;
   }
@@ -407,9 +416,38 @@ void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t g = r * nb + b;
-      quantize_block(type, B, src + r * cols + b * B, importance ? importance + b * B : nullptr, out + g * code_bytes,
+      quantize_block(type, B, src + r * cols + b * B, xc + r * cols + b * B, importance ? importance + b * B : nullptr,
+                     out + g * code_bytes,
                      out + s.high_offset() + g * high_bytes, out + s.scales_offset() + g * 2);
     }
+}
+
+void block_scales(DType type, int block, const uint8_t* data, int64_t rows, int64_t cols, float* out) {
+  const QuantSections s = quant_sections(type, rows, cols, block);
+  const int64_t nb = cols / block;
+  const uint8_t* scales = data + s.scales_offset();
+  const auto f16_at = [&](int64_t i) {
+    uint16_t h;
+    std::memcpy(&h, scales + 2 * i, 2);
+    return f16_to_f32(h);
+  };
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      if (!has_super_block(type)) { out[r * nb + b] = f16_at(r * nb + b); continue; }
+      const int ls = sub_scale_code(data + s.sub_offset() + r * (nb / 2 + nb / 4), nb, b) - UPG_SUB_SCALE_BIAS;
+      out[r * nb + b] = f16_at(r * (cols / UPG_SUPER_BLOCK) + b * block / UPG_SUPER_BLOCK) * float(ls);
+    }
+}
+
+void round_to_type(DType type, const float* x, const float* scale, int64_t n, float* out) {
+  if (has_grid(type)) {
+    const Grid& G = grid_of(type);
+    for (int64_t i = 0; i < n; ++i) out[i] = scale[i] * float(G.g[grid_code(G, x[i], scale[i])]);
+    return;
+  }
+  const UniformGrid g = uniform_grid(type);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = scale[i] * (float(uniform_code(x[i], scale[i], g.zero, g.lo, g.hi)) - g.zero);
 }
 
 }  // namespace upg

@@ -1,0 +1,203 @@
+"""GPTQ (upg_backend.gptq): the Gram matrices the engine collects, error feedback against plain
+importance-weighted rounding, the file it writes, and bad input.
+
+The Gram matrices are checked against a numpy forward pass (tests/reference/forward.py); GPTQ's
+layer output error against the type's own importance-weighted rounding of the same weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference.forward as fwd
+from test_calibration import TEXT, heavy_tailed, model  # noqa: F401 (model: the fixture)
+from upg_backend import _core, calibrate, cli, gptq
+from upg_backend.allocate import is_block_matrix
+from upg_backend.convert import convert_hf
+from upg_backend.format import UPGFile
+from upg_backend.llama import Llama
+from upg_backend.tokenizer import Tokenizer
+
+TYPES = (("q4", 32), ("q4", 64), ("q3", 32), ("q8_0", 32), ("iq4_nl", 32), ("iq4_xs", 32), ("iq3", 32))
+
+
+def reference_grams(upg_path, windows):
+    """sum_t x_t x_t^T of every matrix's inputs, from the numpy forward pass."""
+    upg = UPGFile(upg_path)
+    weights = fwd.load_weights(upg)
+    names = {id(w): n for n, w in weights.items()}
+    grams = {}
+    plain = fwd.linear
+
+    def recording(x, w):
+        x64 = np.asarray(x, np.float64)
+        name = names[id(w)]
+        grams[name] = grams.get(name, 0.0) + x64.T @ x64
+        return plain(x, w)
+
+    fwd.linear = recording
+    try:
+        for w in windows:
+            fwd.forward(weights, upg.config, w)
+    finally:
+        fwd.linear = plain
+    return grams
+
+
+def test_gram_matches_numpy_forward(model):  # noqa: F811
+    n_ctx = 24
+    imp = calibrate.collect(model["f32"], model["text"], n_ctx=n_ctx, n_threads=2, progress=False, gram=True)
+    upg = UPGFile(model["f32"])
+    tokens = Tokenizer(upg.header["tokenizer"], upg.header["tokenizer_config"]).encode(TEXT)
+    want = reference_grams(model["f32"], [tokens[i:i + n_ctx] for i in range(0, len(tokens), n_ctx)])
+    blocks = {n for n, t in upg.tensors.items() if is_block_matrix(n, t.dims)}
+    assert set(imp.gram) == blocks and len(blocks) == 4 * upg.config.num_hidden_layers
+    for name in blocks:
+        h = imp.gram[name]
+        assert h.dtype == np.float64 and h.shape == (upg.tensors[name].dims[1],) * 2
+        np.testing.assert_allclose(h, want[name], rtol=1e-4, atol=1e-5 * np.abs(want[name]).max(), err_msg=name)
+        # one statistic: the diagonal over the tokens is the importance (the engine's column squares)
+        np.testing.assert_allclose(np.diagonal(h) / imp.n_tokens, imp.columns[name], rtol=1e-6, err_msg=name)
+    assert calibrate.collect(model["f32"], model["text"], n_ctx=n_ctx, progress=False).gram is None
+
+
+def correlated_inputs(rng, n, cols):
+    """Inputs whose columns are correlated and differ in scale, as a layer's activations do."""
+    z = rng.standard_normal((n, cols // 8))
+    x = z @ rng.standard_normal((cols // 8, cols)) + 0.3 * rng.standard_normal((n, cols))
+    return (x * rng.exponential(1.0, cols)).astype(np.float32)
+
+
+@pytest.mark.parametrize("type_,block", TYPES)
+def test_gptq_output_error_below_rounding(type_, block):
+    rng = np.random.default_rng(len(type_) + block)
+    rows, cols = 48, 512
+    w = heavy_tailed(rng, rows, cols)
+    x = correlated_inputs(rng, 2048, cols)
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    imp = (np.diagonal(h) / len(x)).astype(np.float32)
+    plain = _core.dequantize(type_, block, _core.quantize(type_, block, w, importance=imp), rows, cols)
+    data = gptq.quantize(w, h, type_, block)
+    assert data.dtype == np.uint8 and data.shape == (_core.quant_nbytes(type_, rows, cols, block),)
+    ours = _core.dequantize(type_, block, data, rows, cols)
+    e_plain, e_gptq = gptq.output_error(w, plain, h), gptq.output_error(w, ours, h)
+    assert e_gptq < 0.5 * e_plain, (e_gptq, e_plain)
+    # the bytes are the type's: the engine's kernels multiply them as any matrix of that type
+    y = _core.matvec(type_, block, data, rows, cols, x[0])
+    np.testing.assert_allclose(y, ours @ x[0], rtol=0.02, atol=0.02 * np.abs(ours @ x[0]).max())
+
+
+@pytest.mark.parametrize("type_,block", TYPES)
+def test_split_rounding_is_the_quantizers(type_, block):
+    """block_scales, round_to_type and codes_from compose to the quantizer's own bytes: GPTQ's
+    rounding is the type's one definition."""
+    rng = np.random.default_rng(7)
+    w = heavy_tailed(rng, 16, 512)
+    imp = rng.exponential(1.0, 512).astype(np.float32)
+    data = np.asarray(_core.quantize(type_, block, w, importance=imp))
+    np.testing.assert_array_equal(_core.quantize(type_, block, w, importance=imp, codes_from=w), data)
+    scales = np.repeat(_core.block_scales(type_, block, data, 16, 512), 32 if type_ in ("iq4_xs", "iq3") else block,
+                       axis=1)
+    np.testing.assert_allclose(_core.round_to_type(type_, w, scales), _core.dequantize(type_, block, data, 16, 512),
+                               rtol=1e-6, atol=1e-30)
+    # codes of other values under w's scales: each decodes to the grid point nearest it
+    v = w + 0.1 * rng.standard_normal(w.shape).astype(np.float32)
+    moved = _core.quantize(type_, block, w, importance=imp, codes_from=v)
+    np.testing.assert_allclose(_core.dequantize(type_, block, moved, 16, 512), _core.round_to_type(type_, v, scales),
+                               rtol=1e-6, atol=1e-30)
+    with pytest.raises(ValueError, match="shape of w"):
+        _core.quantize(type_, block, w, codes_from=w[:, :256])
+    with pytest.raises(ValueError, match="same shape"):
+        _core.round_to_type(type_, w, scales[:, :8])
+
+
+def test_gptq_bad_input():
+    rng = np.random.default_rng(1)
+    w = heavy_tailed(rng, 8, 64)
+    x = correlated_inputs(rng, 256, 64).astype(np.float64)
+    h = x.T @ x
+    with pytest.raises(gptq.GPTQError, match=r"shape \[32, 32\].*needs \[64, 64\]"):
+        gptq.quantize(w, h[:32, :32], "q4")
+    singular = h.copy()  # column 1 a copy of column 0: rank-deficient, as with fewer tokens than columns
+    singular[:, 1], singular[1, :] = singular[:, 0], singular[0, :]
+    singular[1, 1] = singular[0, 0]
+    with pytest.raises(gptq.GPTQError, match="not positive definite with damping 0"):
+        gptq.quantize(w, singular, "q4", damp=0.0)
+    assert gptq.quantize(w, singular, "q4").size  # the default damping makes it invertible
+    indefinite = np.eye(64)  # symmetric, positive diagonal, an eigenvalue of -1: no inputs give it
+    indefinite[0, 1] = indefinite[1, 0] = 2.0
+    with pytest.raises(gptq.GPTQError, match="not positive definite"):
+        gptq.quantize(w, indefinite, "q4")
+    with pytest.raises(gptq.GPTQError, match="negative diagonal"):
+        gptq.quantize(w, -np.eye(64), "q4")
+    with pytest.raises(gptq.GPTQError, match="not symmetric"):
+        gptq.quantize(w, h + np.triu(np.ones_like(h)), "q4")
+    with pytest.raises(gptq.GPTQError, match="NaN"):
+        gptq.quantize(w, np.full_like(h, np.nan), "q4")
+    with pytest.raises(ValueError, match="GPTQ quantizes"):
+        gptq.quantize(w, h, "f16")
+    with pytest.raises(ValueError, match="multiple of 256"):
+        gptq.quantize(w, h, "iq4_xs")
+    bad = w.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gptq.quantize(bad, h, "q4")
+    dead = h.copy()  # a column that never saw an input: no error, its error moves nothing
+    dead[:, 5] = dead[5, :] = 0
+    assert gptq.quantize(w, dead, "q3").size
+
+
+def test_gptq_conversion_reads_back_and_decodes(model, tmp_path):  # noqa: F811
+    imp = calibrate.collect(model["f32"], model["text"], n_ctx=24, progress=False, gram=True)
+    plain, out = tmp_path / "plain.upg", tmp_path / "gptq.upg"
+    convert_hf(model["src"], plain, type="q4", importance=calibrate.Importance(imp.columns, imp.n_tokens, imp.text),
+               progress=False)
+    convert_hf(model["src"], out, type="q4", importance=imp, progress=False)
+    upg, ref = UPGFile(out), UPGFile(model["f32"])
+    assert upg.header["calibration"]["gptq"] == {"damp": gptq.DAMP}
+    assert "gptq" not in UPGFile(plain).header["calibration"]
+    name = next(iter(imp.gram))
+    wrong = calibrate.Importance(imp.columns, imp.n_tokens, imp.text, {**imp.gram, name: imp.gram[name][:8, :8]})
+    with pytest.raises(calibrate.ImportanceError, match=f"Gram matrix of {name} has shape \\[8, 8\\]"):
+        convert_hf(model["src"], tmp_path / "bad.upg", type="q4", importance=wrong, progress=False)
+    negative = calibrate.Importance(imp.columns, imp.n_tokens, imp.text, {**imp.gram, name: -imp.gram[name]})
+    with pytest.raises(gptq.GPTQError, match=f"{name}: .*negative diagonal"):
+        convert_hf(model["src"], tmp_path / "bad.upg", type="q4", importance=negative, progress=False)
+    assert not (tmp_path / "bad.upg").exists()
+    for name, t in upg.tensors.items():
+        if name in imp.gram:  # GPTQ's bytes for the block matrices
+            w = ref.tensor(name)
+            want = gptq.quantize(w, imp.gram[name], "q4", 32, imp.columns[name])
+            np.testing.assert_array_equal(upg.raw(name), want, err_msg=name)
+            assert not np.array_equal(upg.raw(name), UPGFile(plain).raw(name)), name
+    # the engine runs the file: its logits stay near the f32 model's, as the plain file's do
+    tokens = Tokenizer(ref.header["tokenizer"], ref.header["tokenizer_config"]).encode(TEXT)[:48]
+
+    def logits(path):
+        llm = Llama(str(path), n_ctx=64, logits_all=True)
+        llm.eval(tokens)
+        return np.asarray(llm.scores[:len(tokens)], np.float64)
+
+    def kld(p_logits, q_logits):
+        lp = p_logits - np.logaddexp.reduce(p_logits, axis=1, keepdims=True)
+        lq = q_logits - np.logaddexp.reduce(q_logits, axis=1, keepdims=True)
+        return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
+
+    f32 = logits(model["f32"])
+    k_gptq, k_plain = kld(f32, logits(out)), kld(f32, logits(plain))
+    assert np.isfinite(k_gptq) and k_gptq < 2 * k_plain + 1e-3, (k_gptq, k_plain)
+
+
+def test_cli_gptq(model, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "m.upg"
+    assert cli.main(["convert", str(model["src"]), "-o", str(out), "--type", "q3", "--gptq", "--calibration",
+                     str(model["text"]), "--quiet"]) == 0
+    assert UPGFile(out).header["calibration"]["gptq"] == {"damp": gptq.DAMP}
+    imp = tmp_path / "imp.safetensors"
+    assert cli.main(["convert", str(model["src"]), "-o", str(tmp_path / "b.upg"), "--bpw", "4", "--gptq",
+                     "--calibration", str(model["text"]), "--save-importance", str(imp), "--quiet"]) == 0
+    assert UPGFile(tmp_path / "b.upg").header["calibration"]["gptq"]
+    capsys.readouterr()
+    assert cli.main(["convert", str(model["src"]), "-o", str(tmp_path / "bad.upg"), "--gptq", "--importance",
+                     str(imp), "--quiet"]) != 0
+    assert "--gptq needs the Gram matrices" in capsys.readouterr().err
+    assert not (tmp_path / "bad.upg").exists()
