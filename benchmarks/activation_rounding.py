@@ -1,7 +1,7 @@
 """How far apart 8-bit-activation engines land on one model: ours, llama.cpp and a float64 numpy
 statement of our arithmetic, on the same q8_0 weights.
 
-Run: python3 benchmarks/activation_rounding.py OURS.upg PEER.gguf --peer-python /opt/bench-venv/bin/python
+Run: python3 benchmarks/activation_rounding.py OURS.upg PEER.gguf --peer-python $PEER_VENV/bin/python
 
 Prints, for the logits of every position of a fixed text, the median of max|a - b| / max|b| and the
 top-1 agreement between: our engine, llama.cpp, the numpy forward pass with 8-bit activations

@@ -15,7 +15,7 @@ the same tokens. Models (--models, comma-separated):
 An entry may end in :N to run that model N times instead of --runs (phi-4-q4:1).
 
 Example:
-    python3 benchmarks/compare_llamacpp.py --peer-python /opt/bench-venv/bin/python --threads 2 \\
+    python3 benchmarks/compare_llamacpp.py --peer-python $PEER_VENV/bin/python --threads 2 \\
         --runs 3 --models smollm2,phi-4-q4:1
 """
 from __future__ import annotations
@@ -316,6 +316,13 @@ def table(rows: list[tuple[Pair, dict[str, list[dict]]]]) -> str:
     return "\n".join(lines)
 
 
+def _command(args: argparse.Namespace) -> str:
+    """This run's command line, the peer's interpreter named as benchmarks/README.md names it (no
+    path of the machine in the docs)."""
+    argv = ("$PEER_VENV/bin/python" if a == args.peer_python else shlex.quote(a) for a in sys.argv[1:])
+    return " ".join(["python3 benchmarks/compare_llamacpp.py", *argv])
+
+
 def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list[dict], started: str,
            uptime: tuple[str, str], builds: tuple[str, str]) -> str:
     ours, peer = _versions(args.peer_python)
@@ -324,7 +331,7 @@ def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list
            f"- Date: {started} (UTC)",
            f"- Machine: {_machine()}, {platform.system()} {platform.release()}",
            f"- Load (`uptime`) before: `{uptime[0]}`; after: `{uptime[1]}`",
-           f"- Command: `{shlex.join(['python3', 'benchmarks/compare_llamacpp.py', *sys.argv[1:]])}`",
+           f"- Command: `{_command(args)}`",
            f"- Ours: {ours}; peer: {peer}, CPU backend built as in benchmarks/README.md",
            *([f"- **Warning: our engine was rebuilt during this run (now {builds[1]}); the numbers mix two builds.**"]
              if builds[0] != builds[1] else []),

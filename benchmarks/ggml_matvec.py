@@ -8,7 +8,7 @@ backend with n threads, weights in the CPU backend's repacking buffer type when 
 (as llama.cpp loads them: Q4_0 is repacked to interleaved rows on AVX2 / AVX-512), else in plain CPU
 memory. Prints the same table as kernels_bench.py --decode.
 
-Run: /opt/bench-venv/bin/python benchmarks/ggml_matvec.py --types f16,q4 [--threads 1,2] \
+Run: $PEER_VENV/bin/python benchmarks/ggml_matvec.py --types f16,q4 [--threads 1,2] \
          --matrices "$(python3 benchmarks/kernels_bench.py --decode smollm2 --list-matrices)"
 """
 import argparse
