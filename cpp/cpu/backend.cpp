@@ -208,7 +208,9 @@ void CpuBackend::attention(Buf qkv_b, Buf k_cache, Buf v_cache, Buf out_b, bool 
   }
 }
 
-// Every (generated token, head) pair runs on some thread with its own score buffer.
+// Every (generated token, KV head) pair runs on some thread with its own score buffers: the scores
+// of the KV head's query heads in one pass over its K rows (matvec_n: each head's sums as a
+// matvec gives them for it alone), then each head's softmax and P V.
 void CpuBackend::attention_decode(const float* qkv, Buf k_cache, Buf v_cache, float* out, bool f16, const UpgAttnArgs& a) {
   const int hd = a.head_dim, n_heads = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int64_t n = pass_->n_decode;
@@ -220,17 +222,17 @@ void CpuBackend::attention_decode(const float* qkv, Buf k_cache, Buf v_cache, fl
     for (int32_t i = 0; i < q.n_tokens; ++i) seq_of[size_t(q.first + i)] = s;
     keys = std::max<int64_t>(keys, int64_t(q.n_past) + q.n_tokens);
   }
-  if (scores_.size() < size_t(pool_.size() * keys)) scores_.resize(size_t(pool_.size() * keys));
+  const int64_t per_thread = int64_t(group) * keys;
+  if (scores_.size() < size_t(pool_.size() * per_thread)) scores_.resize(size_t(pool_.size() * per_thread));
   const size_t elem = f16 ? 2 : 4;
   pool_.run([&](int th, int nth) {
     int64_t w0, w1;
-    split_range(n * n_heads, th, nth, 1, w0, w1);
-    float* s = &scores_[size_t(th * keys)];
+    split_range(n * a.n_kv_heads, th, nth, 1, w0, w1);
+    float* scores = &scores_[size_t(th * per_thread)];
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t t = w / n_heads;
+      const int64_t t = w / a.n_kv_heads;
       const UpgSeq& q = seqs_[seq_of[size_t(t)]];
-      const int h = int(w % n_heads), g = h / group;
-      const float* qv = qkv + t * a.q_stride + h * hd;
+      const int g = int(w % a.n_kv_heads);
       const int64_t len = q.n_past + (t - q.first) + 1;
       const size_t base = (size_t(g) * a.kv_stride + size_t(q.kv_base)) * hd;
       WeightView kv;  // keys [0, len) of one kv head in this slot, a dense matrix
@@ -238,15 +240,19 @@ void CpuBackend::attention_decode(const float* qkv, Buf k_cache, Buf v_cache, fl
       kv.rows = len;
       kv.cols = hd;
       kv.codes = ptr(k_cache) + base * elem;
-      k_.matvec(kv, qv, ActQ8{}, s, 0, len);  // scores: one call over the K rows
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) mx = std::max(mx, s[j] *= a.scale);
-      const float inv = 1.0f / k_.exp_shift_sum(s, len, mx);
-      for (int64_t j = 0; j < len; ++j) s[j] *= inv;
-      float* o = out + t * n_heads * hd + h * hd;
-      std::fill(o, o + hd, 0.0f);
-      if (f16) k_.axpy_rows_f16(s, ptr<const uint16_t>(v_cache) + base, len, o, hd);
-      else k_.axpy_rows_f32(s, ptr<const float>(v_cache) + base, len, o, hd);
+      // scores of the group's heads, head j's at scores + j * len
+      k_.matvec_n(kv, qkv + t * a.q_stride + int64_t(g) * group * hd, ActQ8{}, group, scores, len, 0, len);
+      for (int j = 0; j < group; ++j) {
+        float* s = scores + int64_t(j) * len;
+        float mx = -INFINITY;
+        for (int64_t i = 0; i < len; ++i) mx = std::max(mx, s[i] *= a.scale);
+        const float inv = 1.0f / k_.exp_shift_sum(s, len, mx);
+        for (int64_t i = 0; i < len; ++i) s[i] *= inv;
+        float* o = out + t * n_heads * hd + (int64_t(g) * group + j) * hd;
+        std::fill(o, o + hd, 0.0f);
+        if (f16) k_.axpy_rows_f16(s, ptr<const uint16_t>(v_cache) + base, len, o, hd);
+        else k_.axpy_rows_f32(s, ptr<const float>(v_cache) + base, len, o, hd);
+      }
     }
   });
 }

@@ -7,6 +7,9 @@ namespace {
 struct V256 {
   static constexpr int W = 8;
   static constexpr int kMatvecRows = 4;  // rows sharing each x load in matvec (best of 2..4)
+  // dense matvec_n: a token at a time, 4 rows sharing each x load (16 registers: 1 row x 2 tokens
+  // was 16% slower)
+  static constexpr int kDenseRowsN = 4, kDenseTokensN = 1;
   // Quantized matvec rows at a time: this path is bound by instructions, so rows share the
   // activation loads (4 rows: 37 GB/s on two cores against 29 with 1).
   static constexpr int kMatvecRowsI8 = 4;

@@ -599,37 +599,76 @@ void matmul_i8(const WeightView& w, const ActQ8& a, int64_t n, float* y, int64_t
 
 // ---- matvec ----
 
-template <class V, DType T, int R>
-inline void rows_dot_dense(const WeightView& w, const float* x, int64_t r, float* out) {
+// out[j * ldo + i] = dot(row r + i, token j's x at x + j * ldx) for R rows and NT tokens: each
+// row's loads (and f16 / bf16 conversions) shared by the NT tokens, each (row, token) summed in the
+// same order whatever R and NT are (two accumulators taking alternate vectors, row_sums, then the
+// scalar tail).
+template <class V, DType T, int R, int NT = 1>
+inline void rows_dot_dense(const WeightView& w, const float* x, int64_t ldx, int64_t r, float* out, int64_t ldo) {
   using reg = typename V::reg;
   constexpr int W = V::W;
   const int64_t K = w.cols;
   constexpr int kElem = T == DType::F32 ? 4 : 2;
   const int64_t pf = prefetch_distance(K * kElem, R);
-  reg acc0[R], acc1[R];
-  for (int i = 0; i < R; ++i) acc0[i] = acc1[i] = V::zero();
+  reg acc0[NT][R], acc1[NT][R];
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < R; ++i) acc0[j][i] = acc1[j][i] = V::zero();
   int64_t k = 0;
   for (; k + 2 * W <= K; k += 2 * W) {
-    const reg x0 = V::load(x + k), x1 = V::load(x + k + W);
+    if constexpr (NT == 1) {  // each row's loads straight into its FMAs: no registers held for them
+      const reg x0 = V::load(x + k), x1 = V::load(x + k + W);
 #pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-      prefetch(w.codes + ((r + i) * K + k) * kElem, pf);
-      acc0[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k), x0, acc0[i]);
-      acc1[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k + W), x1, acc1[i]);
+      for (int i = 0; i < R; ++i) {
+        prefetch(w.codes + ((r + i) * K + k) * kElem, pf);
+        acc0[0][i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k), x0, acc0[0][i]);
+        acc1[0][i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k + W), x1, acc1[0][i]);
+      }
+    } else {
+      reg w0[R], w1[R];
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        prefetch(w.codes + ((r + i) * K + k) * kElem, pf);
+        w0[i] = load_dense<V, T>(w.codes, (r + i) * K + k);
+        w1[i] = load_dense<V, T>(w.codes, (r + i) * K + k + W);
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < NT; ++j) {
+        const reg x0 = V::load(x + j * ldx + k), x1 = V::load(x + j * ldx + k + W);
+        for (int i = 0; i < R; ++i) {
+          acc0[j][i] = V::fma(w0[i], x0, acc0[j][i]);
+          acc1[j][i] = V::fma(w1[i], x1, acc1[j][i]);
+        }
+      }
     }
   }
   for (; k + W <= K; k += W) {
-    const reg x0 = V::load(x + k);
-    for (int i = 0; i < R; ++i) acc0[i] = V::fma(load_dense<V, T>(w.codes, (r + i) * K + k), x0, acc0[i]);
+    reg w0[R];
+    for (int i = 0; i < R; ++i) w0[i] = load_dense<V, T>(w.codes, (r + i) * K + k);
+    for (int j = 0; j < NT; ++j) {
+      const reg x0 = V::load(x + j * ldx + k);
+      for (int i = 0; i < R; ++i) acc0[j][i] = V::fma(w0[i], x0, acc0[j][i]);
+    }
   }
-  reg sum[R];
-  for (int i = 0; i < R; ++i) sum[i] = V::add(acc0[i], acc1[i]);
-  row_sums<V, R>(sum, out);
-  for (int i = 0; i < R; ++i) {
-    float s = out[i];
-    for (int64_t kk = k; kk < K; ++kk) s += dense_at<T>(w.codes, (r + i) * K + kk) * x[kk];
-    out[i] = s;
+  for (int j = 0; j < NT; ++j) {
+    reg sum[R];
+    for (int i = 0; i < R; ++i) sum[i] = V::add(acc0[j][i], acc1[j][i]);
+    float* o = out + j * ldo;
+    row_sums<V, R>(sum, o);
+    for (int i = 0; i < R; ++i) {
+      float s = o[i];
+      for (int64_t kk = k; kk < K; ++kk) s += dense_at<T>(w.codes, (r + i) * K + kk) * x[j * ldx + kk];
+      o[i] = s;
+    }
   }
+}
+
+template <class V, DType T, int R, int NT>
+inline void rows_dot_dense_n(int nt, const WeightView& w, const float* x, int64_t ldx, int64_t r, float* out,
+                             int64_t ldo) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return rows_dot_dense_n<V, T, R, NT - 1>(nt, w, x, ldx, r, out, ldo);
+  }
+  rows_dot_dense<V, T, R, NT>(w, x, ldx, r, out, ldo);
 }
 
 // Decode of n tokens: every token's row sums as matvec gives them for it alone (rows_dot_i8: the
@@ -679,14 +718,23 @@ void matvec_n(const WeightView& w, const float* x, const ActQ8& xq, int64_t n_to
         r += whole ? rg : 1;
       }
     } else {
-      constexpr int R = V::kMatvecRows;
+      // One token: kMatvecRows rows share each x load. Several (a pass's generated tokens, or the
+      // query heads of one KV head in attention): kDenseRowsN rows x kDenseTokensN tokens share
+      // each row's loads and conversions.
+      const bool one = n_tok == 1;
+      constexpr int R1 = V::kMatvecRows, RN = V::kDenseRowsN, NT = V::kDenseTokensN;
+      const int rg = one ? R1 : RN;
       for (int64_t r = r0; r < r1;) {
-        const bool whole = r + R <= r1;
-        for (int64_t tk = 0; tk < n_tok; ++tk) {
-          if (whole) rows_dot_dense<V, T, R>(w, x + tk * w.cols, r, y + tk * ldy + r);
-          else rows_dot_dense<V, T, 1>(w, x + tk * w.cols, r, y + tk * ldy + r);
+        const bool whole = r + rg <= r1;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += NT) {
+          const int nt = int(min64(NT, n_tok - t0));
+          const float* xt = x + t0 * w.cols;
+          float* yt = y + t0 * ldy + r;
+          if (!whole) rows_dot_dense_n<V, T, 1, NT>(nt, w, xt, w.cols, r, yt, ldy);
+          else if (one) rows_dot_dense<V, T, R1>(w, xt, w.cols, r, yt, ldy);
+          else rows_dot_dense_n<V, T, RN, NT>(nt, w, xt, w.cols, r, yt, ldy);
         }
-        r += whole ? R : 1;
+        r += whole ? rg : 1;
       }
     }
   });
