@@ -86,18 +86,17 @@ def model(tmp_path_factory):
     return {"src": src, "f32": f32, "text": text, "tmp": tmp}
 
 
-def reference_squares(upg_path, windows):
-    """Mean square of each input column of every matrix, from the numpy forward pass."""
+def matrix_inputs(upg_path, windows):
+    """Every matrix's inputs (the rows of x it multiplies, float64), by matrix name, from the numpy
+    forward pass of each window."""
     upg = UPGFile(upg_path)
     weights = fwd.load_weights(upg)
     names = {id(w): n for n, w in weights.items()}
-    sums, rows = {}, {}
+    inputs = {}
     plain = fwd.linear
 
     def recording(x, w):
-        name = names[id(w)]
-        sums[name] = sums.get(name, 0.0) + (np.asarray(x) ** 2).sum(axis=0)
-        rows[name] = rows.get(name, 0) + x.shape[0]
+        inputs.setdefault(names[id(w)], []).append(np.asarray(x, np.float64))
         return plain(x, w)
 
     fwd.linear = recording
@@ -106,7 +105,12 @@ def reference_squares(upg_path, windows):
             fwd.forward(weights, upg.config, w)
     finally:
         fwd.linear = plain
-    return {n: sums[n] / rows[n] for n in sums}
+    return {n: np.concatenate(xs) for n, xs in inputs.items()}
+
+
+def reference_squares(upg_path, windows):
+    """Mean square of each input column of every matrix, from the numpy forward pass."""
+    return {n: (x ** 2).mean(axis=0) for n, x in matrix_inputs(upg_path, windows).items()}
 
 
 @pytest.mark.parametrize("n_ctx", (512, 24))

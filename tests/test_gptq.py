@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference.forward as fwd
-from test_calibration import TEXT, heavy_tailed, model  # noqa: F401 (model: the fixture)
+from test_calibration import TEXT, heavy_tailed, matrix_inputs, model  # noqa: F401 (model: the fixture)
 from upg_backend import _core, calibrate, cli, gptq
 from upg_backend.allocate import is_block_matrix
 from upg_backend.convert import convert_hf
@@ -22,25 +21,7 @@ TYPES = (("q4", 32), ("q4", 64), ("q3", 32), ("q8_0", 32), ("iq4_nl", 32), ("iq4
 
 def reference_grams(upg_path, windows):
     """sum_t x_t x_t^T of every matrix's inputs, from the numpy forward pass."""
-    upg = UPGFile(upg_path)
-    weights = fwd.load_weights(upg)
-    names = {id(w): n for n, w in weights.items()}
-    grams = {}
-    plain = fwd.linear
-
-    def recording(x, w):
-        x64 = np.asarray(x, np.float64)
-        name = names[id(w)]
-        grams[name] = grams.get(name, 0.0) + x64.T @ x64
-        return plain(x, w)
-
-    fwd.linear = recording
-    try:
-        for w in windows:
-            fwd.forward(weights, upg.config, w)
-    finally:
-        fwd.linear = plain
-    return grams
+    return {n: x.T @ x for n, x in matrix_inputs(upg_path, windows).items()}
 
 
 def test_gram_matches_numpy_forward(model):  # noqa: F811
