@@ -22,10 +22,9 @@ N_CTX = 40
 def models(tmp_path_factory):
     """A tiny Llama checkpoint and its f32 and q4 (block 32) conversions."""
     tmp = tmp_path_factory.mktemp("quality")
-    counter = iter(range(10))
     from conftest import make_hf_checkpoint
 
-    src = tiny_checkpoint(lambda **kw: make_hf_checkpoint(tmp / f"hf{next(counter)}", **kw), "llama",
+    src = tiny_checkpoint(lambda **kw: make_hf_checkpoint(tmp / "hf", **kw), "llama",
                           initializer_range=0.3)
     out = {"src": src}
     for t in ("f32", "q4"):
