@@ -15,6 +15,7 @@ struct V256 {
   static constexpr int kMatvecRowsI8 = 4;
   static constexpr int kMatvecRowsI8Short = 4;  // short rows (kShortRowBytes) at a time
   static constexpr int kMatvecTokens = 2;  // generated tokens per pass over a group of rows (matvec_n)
+  static constexpr bool kTokensI8 = false;  // matvec_n's token kernel: 16-lane paths only (rows already share loads here)
   static constexpr int kMR = 2, kNT = 6;  // dense matmul register tile: 2 row vectors x 6 tokens
   using reg = __m256;
   using ireg = __m256i;

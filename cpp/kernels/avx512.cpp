@@ -37,6 +37,9 @@ struct V512 {
   static constexpr int kMatvecRowsI8 = 1;
   static constexpr int kMatvecRowsI8Short = 4;  // short rows (kShortRowBytes) at a time
   static constexpr int kMatvecTokens = 4;  // generated tokens per pass over a group of rows (matvec_n)
+  // matvec_n's token kernel (rows_dot_tokens): 2 rows x 8 tokens of accumulators in registers
+  static constexpr bool kTokensI8 = true;
+  static constexpr int kTokensRows = 4, kTokensNT = 4;
   static constexpr int kMR = 3, kNT = 8;  // dense matmul register tile: 3 row vectors x 8 tokens (of 2x12, 2x14, 3x8, 4x6)
   using reg = __m512;
   using ireg = __m512i;

@@ -28,6 +28,8 @@ constexpr int kScaleGroup = 64;  // matvec: block scales converted to f32 per ba
 constexpr int64_t kMaxPrefetchBytes = 32768;
 // matvec: quantized rows of at most this many code bytes are short (V::kMatvecRowsI8Short at a time).
 constexpr int64_t kShortRowBytes = 1024;
+// matvec_n: generated tokens whose token-side values the token kernel lays out at a time.
+constexpr int64_t kMaxTokensI8 = 64;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // quant.h's is_quantized, not called here (see top).
@@ -421,6 +423,141 @@ struct Ones {
 };
 inline constexpr Ones kOnes{};
 
+// ---- matvec of several generated tokens ----
+
+// The vector of the integer dot product for the token kernel below: NV blocks in NI registers (the
+// nibble types with blocks of 32: V::q4_quad_codes' four blocks in two; else I8Shape's). It takes
+// the types without a high-bit section (q3 and iq3 keep rows_dot_i8's several accumulators, which
+// their short vectors need to stream at the bandwidth), on paths that have V::kTokensI8.
+template <class V, DType T, int B>
+struct TokenVecI8 {
+  using S = I8Shape<V, T, B>;
+  static constexpr bool kQuad = B == 32 && kNibbles<T> && V::kQ4Quad;
+  static constexpr int NV = kQuad ? 4 : S::P;
+  static constexpr int NI = kQuad ? 2 : S::C;
+  static constexpr bool kOn = V::kTokensI8 && !kThreeBit<T>;
+};
+
+// f32 block scales of row r (sub-scale x super-scale for the super-block types), as rows_dot_i8's
+// helpers compute them before they multiply the activation scales (here by 1: the same bits).
+template <class V, DType T, int B>
+inline void row_block_scales(const WeightView& w, int64_t r, int64_t nb, float* out) {
+  constexpr int kChunk = 32;  // within kOnes
+  for (int64_t b0 = 0; b0 < nb; b0 += kChunk) {
+    const int n = int(min64(kChunk, nb - b0));
+    if constexpr (kSuper<T>)
+      V::super_scales(w.sub + r * (nb / 2 + nb / 4), nb, w.scales + r * (nb / 8), b0, n, kOnes.v, out + b0);
+    else V::scaled_halves(w.scales + r * nb + b0, kOnes.v, n, out + b0);
+  }
+}
+
+// What the token kernel reads per token and vector, laid out once per call (the same for every
+// row): the zero-point term as acc_init places it, the activation scales spread over their blocks'
+// lanes as block_scales spreads them, and for the quad layout the activation codes in the codes'
+// order (q4_quad_act); other layouts read the codes where they are.
+template <class V, DType T, int B>
+struct TokenActsI8 {
+  using TV = TokenVecI8<V, T, B>;
+  static constexpr int W = V::W, NV = TV::NV, NI = TV::NI, E = TV::S::E;
+  const int32_t* init = nullptr;  // [token][vector][W]
+  const float* scale = nullptr;   // [token][vector][W]
+  const int8_t* q = nullptr;      // quad: [token][vector][NI][E]; else null
+  const ActQ8* act = nullptr;     // [token]
+  int64_t nv = 0;
+
+  TokenActsI8(const ActQ8* a, const int32_t* const* zs, int64_t n_tok, int64_t nb) : act(a), nv(nb / NV) {
+    static thread_local std::vector<uint8_t> buf;
+    const int64_t per = nv * (2 * W * 4 + (TV::kQuad ? NI * E : 0));
+    buf.resize(size_t(n_tok * per + 64));
+    uint8_t* p = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64;
+    auto* in = reinterpret_cast<int32_t*>(p);
+    auto* sc = reinterpret_cast<float*>(p + n_tok * nv * W * 4);
+    auto* qq = reinterpret_cast<int8_t*>(p + 2 * n_tok * nv * W * 4);
+    for (int64_t j = 0; j < n_tok; ++j)
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t k = j * nv + v, b = v * NV;
+        V::store_i(in + k * W, V::template acc_init<NV>(zs[j] + b));
+        V::store(sc + k * W, V::template block_scales<NV>(a[j].d + b));
+        if constexpr (TV::kQuad) {
+          typename V::ireg lo, hi;
+          V::q4_quad_act(a[j].q + b * B, lo, hi);
+          V::store_i(qq + (k * NI) * E, lo);
+          V::store_i(qq + (k * NI + 1) * E, hi);
+        }
+      }
+    init = in;
+    scale = sc;
+    q = TV::kQuad ? qq : nullptr;
+  }
+};
+
+// y[t * ldy + r + i] = dot(row r + i, token t) for R rows and tokens [t0, t0 + NT): the codes and
+// weight scales of a vector are decoded once for the NT tokens, each token's loads shared by the
+// R rows, one accumulator per (row, token) in registers. Each (row, token) takes the operations of
+// rows_dot_i8 with U = 1 in the same order (the same integer sums, the same scale products
+// f32(scale) x activation scale, one FMA chain over the vectors, hsum1): bit-identical to the
+// token alone.
+template <class V, DType T, int B, int R, int NT>
+inline void rows_dot_tokens(const WeightView& w, const TokenActsI8<V, T, B>& ta, int64_t t0, int64_t r, float* y,
+                            int64_t ldy) {
+  using TV = TokenVecI8<V, T, B>;
+  using S = typename TV::S;
+  constexpr int W = V::W, NV = TV::NV, NI = TV::NI, E = S::E;
+  const int64_t nb = w.cols / B, nv = ta.nv;
+  const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
+  static thread_local std::vector<float> scales;
+  const int64_t ns = nb + 2 * W;  // scaled_halves stores whole vectors
+  scales.resize(size_t(R * ns));
+  for (int i = 0; i < R; ++i) row_block_scales<V, T, B>(w, r + i, nb, scales.data() + i * ns);
+  typename V::reg acc[NT][R];
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < R; ++i) acc[j][i] = V::zero();
+  for (int64_t v = 0; v < nv; ++v) {
+    const int64_t b = v * NV;
+    typename V::ireg codes[R][NI];
+    typename V::reg ws[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const int64_t g = (r + i) * nb + b;
+      prefetch(w.codes + g * S::kCodeBytes, pf);
+      if constexpr (TV::kQuad) {
+        V::q4_quad_codes(w.codes + g * S::kCodeBytes, codes[i][0], codes[i][1]);
+        if constexpr (kGrid<T>)
+          for (int c = 0; c < NI; ++c) codes[i][c] = V::lut16(codes[i][c], kDotGrid<T, S::kZero>.v);
+      } else {
+        for (int c = 0; c < NI; ++c) codes[i][c] = dot_codes<V, T, B>(w, g, c);
+      }
+      ws[i] = V::template block_scales<NV>(scales.data() + i * ns + b);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) {
+      const int64_t k = (t0 + j) * nv + v;
+      const typename V::ireg init = V::load_i(ta.init + k * W);
+      const typename V::reg as = V::load(ta.scale + k * W);
+      typename V::ireg av[NI];
+      for (int c = 0; c < NI; ++c)
+        av[c] = TV::kQuad ? V::load_i(ta.q + (k * NI + c) * E) : V::load_i(ta.act[t0 + j].q + b * B + c * E);
+      for (int i = 0; i < R; ++i) {
+        auto s = init;
+        for (int c = 0; c < NI; ++c) s = V::template dpbusd<T>(s, codes[i][c], av[c]);
+        acc[j][i] = V::fma(V::cvt(s), V::mul(ws[i], as), acc[j][i]);
+      }
+    }
+  }
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < R; ++i) y[(t0 + j) * ldy + r + i] = V::hsum1(acc[j][i]) + 0.0f;  // + rows_dot_i8's empty tail
+}
+
+template <class V, DType T, int B, int R, int NT>
+inline void rows_dot_tokens_n(int nt, const WeightView& w, const TokenActsI8<V, T, B>& ta, int64_t t0, int64_t r,
+                              float* y, int64_t ldy) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return rows_dot_tokens_n<V, T, B, R, NT - 1>(nt, w, ta, t0, r, y, ldy);
+  }
+  rows_dot_tokens<V, T, B, R, NT>(w, ta, t0, r, y, ldy);
+}
+
+
 // Matmul tile for a group of W rows: the codes of columns [k0, k0 + kbn * B) in dot form, laid
 // out [k / 4][row][4] so that one vector holds 4 consecutive codes of each of the W rows, and the
 // f32 scales [block][row]. Rows past mr get zero scales (and contribute 0).
@@ -690,10 +827,40 @@ void matvec_n(const WeightView& w, const float* x, const ActQ8& xq, int64_t n_to
       // memory then, and the rows share the activation loads and the per-call work.
       // Accumulators per row: enough independent FMA chains in the rows of one call (4 / rows), a
       // function of the shape only, so the tail rows of a chunk sum as the grouped ones do.
+      // The token kernel's types sum each row in one chain (U = 1), alone too: a vector of theirs
+      // streams from memory in more cycles than an FMA's latency.
+      using TV = TokenVecI8<V, T, B>;
       constexpr int R = V::kMatvecRowsI8, RS = V::kMatvecRowsI8Short;
-      constexpr int U = R >= 4 ? 1 : 4 / R, US = RS >= 4 ? 1 : 4 / RS;
+      constexpr int U = TV::kOn || R >= 4 ? 1 : 4 / R, US = RS >= 4 ? 1 : 4 / RS;
       const bool short_rows = nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes;
       const int rg = short_rows ? RS : R;
+      if constexpr (TV::kOn) {
+        if (n_tok > 1 && !short_rows && nb % TV::NV == 0) {
+          const int32_t* zp[kMaxTokensI8];
+          ActQ8 acts[kMaxTokensI8];
+          constexpr int RT = V::kTokensRows, NT = V::kTokensNT;
+          for (int64_t c0 = 0; c0 < n_tok; c0 += kMaxTokensI8) {
+            const int64_t nc = min64(kMaxTokensI8, n_tok - c0);
+            for (int64_t j = 0; j < nc; ++j) {
+              const int64_t tk = c0 + j;
+              acts[j] = ActQ8{xq.block, xq.q + tk * w.cols, xq.d + tk * nb, xq.sum + tk * nb};
+              zp[j] = zs.data() + tk * nb;
+            }
+            const TokenActsI8<V, T, B> ta(acts, zp, nc, nb);
+            float* yc = y + c0 * ldy;
+            for (int64_t r = r0; r < r1;) {
+              const bool whole = r + RT <= r1;
+              for (int64_t t0 = 0; t0 < nc; t0 += NT) {
+                const int nt = int(min64(NT, nc - t0));
+                if (whole) rows_dot_tokens_n<V, T, B, RT, NT>(nt, w, ta, t0, r, yc, ldy);
+                else rows_dot_tokens_n<V, T, B, 1, NT>(nt, w, ta, t0, r, yc, ldy);
+              }
+              r += whole ? RT : 1;
+            }
+          }
+          return;
+        }
+      }
       for (int64_t r = r0; r < r1;) {
         const bool whole = r + rg <= r1;
         for (int64_t t0 = 0; t0 < n_tok; t0 += NT) {
