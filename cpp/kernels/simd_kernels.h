@@ -497,18 +497,15 @@ struct TokenActsI8 {
 // rows_dot_i8 with U = 1 in the same order (the same integer sums, the same scale products
 // f32(scale) x activation scale, one FMA chain over the vectors, hsum1): bit-identical to the
 // token alone.
+// scales: row r + i's f32 block scales at scales + i * ns (row_block_scales).
 template <class V, DType T, int B, int R, int NT>
-inline void rows_dot_tokens(const WeightView& w, const TokenActsI8<V, T, B>& ta, int64_t t0, int64_t r, float* y,
-                            int64_t ldy) {
+inline void rows_dot_tokens(const WeightView& w, const TokenActsI8<V, T, B>& ta, const float* scales, int64_t ns,
+                            int64_t t0, int64_t r, float* y, int64_t ldy) {
   using TV = TokenVecI8<V, T, B>;
   using S = typename TV::S;
   constexpr int W = V::W, NV = TV::NV, NI = TV::NI, E = S::E;
   const int64_t nb = w.cols / B, nv = ta.nv;
   const int64_t pf = prefetch_distance(nb * S::kCodeBytes, R);
-  static thread_local std::vector<float> scales;
-  const int64_t ns = nb + 2 * W;  // scaled_halves stores whole vectors
-  scales.resize(size_t(R * ns));
-  for (int i = 0; i < R; ++i) row_block_scales<V, T, B>(w, r + i, nb, scales.data() + i * ns);
   typename V::reg acc[NT][R];
   for (int j = 0; j < NT; ++j)
     for (int i = 0; i < R; ++i) acc[j][i] = V::zero();
@@ -527,7 +524,7 @@ inline void rows_dot_tokens(const WeightView& w, const TokenActsI8<V, T, B>& ta,
       } else {
         for (int c = 0; c < NI; ++c) codes[i][c] = dot_codes<V, T, B>(w, g, c);
       }
-      ws[i] = V::template block_scales<NV>(scales.data() + i * ns + b);
+      ws[i] = V::template block_scales<NV>(scales + i * ns + b);
     }
 #pragma GCC unroll 8
     for (int j = 0; j < NT; ++j) {
@@ -549,12 +546,12 @@ inline void rows_dot_tokens(const WeightView& w, const TokenActsI8<V, T, B>& ta,
 }
 
 template <class V, DType T, int B, int R, int NT>
-inline void rows_dot_tokens_n(int nt, const WeightView& w, const TokenActsI8<V, T, B>& ta, int64_t t0, int64_t r,
-                              float* y, int64_t ldy) {
+inline void rows_dot_tokens_n(int nt, const WeightView& w, const TokenActsI8<V, T, B>& ta, const float* scales,
+                              int64_t ns, int64_t t0, int64_t r, float* y, int64_t ldy) {
   if constexpr (NT > 1) {
-    if (nt < NT) return rows_dot_tokens_n<V, T, B, R, NT - 1>(nt, w, ta, t0, r, y, ldy);
+    if (nt < NT) return rows_dot_tokens_n<V, T, B, R, NT - 1>(nt, w, ta, scales, ns, t0, r, y, ldy);
   }
-  rows_dot_tokens<V, T, B, R, NT>(w, ta, t0, r, y, ldy);
+  rows_dot_tokens<V, T, B, R, NT>(w, ta, scales, ns, t0, r, y, ldy);
 }
 
 
@@ -848,12 +845,16 @@ void matvec_n(const WeightView& w, const float* x, const ActQ8& xq, int64_t n_to
             }
             const TokenActsI8<V, T, B> ta(acts, zp, nc, nb);
             float* yc = y + c0 * ldy;
+            static thread_local std::vector<float> scales;
+            const int64_t ns = nb + 2 * V::W;  // scaled_halves stores whole vectors
+            scales.resize(size_t(RT * ns));
             for (int64_t r = r0; r < r1;) {
               const bool whole = r + RT <= r1;
+              for (int i = 0; i < (whole ? RT : 1); ++i) row_block_scales<V, T, B>(w, r + i, nb, scales.data() + i * ns);
               for (int64_t t0 = 0; t0 < nc; t0 += NT) {
                 const int nt = int(min64(NT, nc - t0));
-                if (whole) rows_dot_tokens_n<V, T, B, RT, NT>(nt, w, ta, t0, r, yc, ldy);
-                else rows_dot_tokens_n<V, T, B, 1, NT>(nt, w, ta, t0, r, yc, ldy);
+                if (whole) rows_dot_tokens_n<V, T, B, RT, NT>(nt, w, ta, scales.data(), ns, t0, r, yc, ldy);
+                else rows_dot_tokens_n<V, T, B, 1, NT>(nt, w, ta, scales.data(), ns, t0, r, yc, ldy);
               }
               r += whole ? RT : 1;
             }
