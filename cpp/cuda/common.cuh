@@ -120,15 +120,25 @@ __device__ __forceinline__ void grid4_split(uint32_t s, uint32_t& pos, uint32_t&
   pos = prmt(kGrid4W2, kGrid4W3, s ^ 0x8888u);
 }
 
+// The bits of 1.5 * 2^23: kMagic + i is the float 1.5 * 2^23 + i for |i| < 2^22, so an integer
+// sum started at kMagic becomes a float with one subtraction of kMagicF (no conversion).
+constexpr int kMagic = 0x4B400000;
+constexpr float kMagicF = 12582912.0f;
+
+// ls - 32 as a float for a 6-bit code ls: the float 2^23 + ls less 2^23 + 32, both exact (an
+// integer add and a float add instead of a conversion, which the CUDA programming guide rates at
+// a quarter of an integer add).
+__device__ __forceinline__ float sub_scale(int ls) { return __int_as_float(0x4B000000 + ls) - (8388608.0f + UPG_SUB_SCALE_BIAS); }
+
 // Scale of block b of row r of a grid type: its f16 scale (iq4_nl), or the super-block's f16
-// scale times (ls - 32) (iq4_xs, iq3).
+// scale times (ls - 32) (iq4_xs, iq3). Unsigned indices: the layout helper's 64-bit division
+// then reduces to shifts.
 template <int DT>
 __device__ __forceinline__ float grid_scale(const uint16_t* scales, const uint8_t* sub, int cols, int r, int b) {
-  const int nb = cols / 32;
+  const uint32_t nb = uint32_t(cols) / 32, ub = uint32_t(b);
   if constexpr (kSuperBlock<DT>)
-    return f16(scales[int64_t(r) * (nb / 8) + b / 8]) *
-           float(sub_scale_code(sub + int64_t(r) * (nb / 2 + nb / 4), nb, b) - UPG_SUB_SCALE_BIAS);
-  return f16(scales[int64_t(r) * nb + b]);
+    return f16(scales[uint64_t(r) * (nb / 8) + ub / 8]) * sub_scale(sub_scale_code(sub + uint64_t(r) * (nb / 2 + nb / 4), nb, ub));
+  return f16(scales[uint64_t(r) * nb + ub]);
 }
 
 // Weight matrix of any type, byte pointers resolved (UpgMatArgs offsets applied).

@@ -117,8 +117,6 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
 // A fragments from the raw bytes as they load them, and take x's B fragments with ldmatrix.
 constexpr int kQk = 128;          // k per step
 constexpr int kQxLd = kQk + 16;   // bytes per shared x row: ldmatrix's 8 rows fall on distinct bank groups
-constexpr int kMagic = 0x4B400000;  // the bits of 1.5 * 2^23: kMagic + i is the float 1.5 * 2^23 + i for |i| < 2^22
-constexpr float kMagicF = 12582912.0f;
 
 // xq [cap][cols] int8, xd [cap][cols / B] f32 and xz [cap][cols / B] = kMagic - zero * (the codes'
 // sum) of the pass's rows; one warp per block of B.

@@ -182,8 +182,9 @@ __device__ __forceinline__ float chunk_dot_q8(const Raw& raw, const uint32_t* xw
     for (int i = 0; i < 4; ++i) dp = __dp4a(w[i], x[i], dp);
     return raw.d[0] * xd[0] * float(dp);
   }
+  // iq4_nl, iq4_xs: the block sum starts at kMagic (common.cuh; |sum| <= 32 * 127 * 127 < 2^22).
   if constexpr (kGrid4<DT>) {  // nibbles 4h..4h+3 of word i: elements 4i + 2h + {0, 16, 1, 17} = x word 2i + h
-    int dp = 0, dn = 0;
+    int dp = kMagic, dn = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -193,7 +194,7 @@ __device__ __forceinline__ float chunk_dot_q8(const Raw& raw, const uint32_t* xw
         dp = __dp4a(int(pos), x[2 * i + h], dp);
         dn = __dp4a(int(neg), x[2 * i + h], dn);
       }
-    return raw.d[0] * xd[0] * float(dp - dn);
+    return raw.d[0] * xd[0] * (__int_as_float(dp - dn) - kMagicF);
   }
   if constexpr (DT == UPG_DTYPE_IQ3) {
     // Word i of ql holds elements 4i..4i+3 of the group's 4 blocks (block p at bits 2p of each
