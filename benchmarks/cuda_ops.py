@@ -1,6 +1,6 @@
 """Micro-benchmarks of the CUDA kernels (cpp/cuda/) on one GPU, through tests/gpu/cuda_lib.py.
 
-  python benchmarks/cuda_ops.py [--json out.json] [--quick]
+  python benchmarks/cuda_ops.py [--json out.json] [--quick] [--types q4,iq4_xs,...] [--step-types q4,...]
 
 Prints, with the peer measured in the same run (a device-to-device copy, bytes read + written):
 mat-vec GB/s per type for the Phi-4 matrices, decode attention at 4096 positions, and a whole
@@ -29,6 +29,9 @@ PHI4 = dict(hidden=5120, heads=40, kv_heads=10, head_dim=128, inter=17920, vocab
 SHAPES = {"qkv": (7680, 5120), "o": (5120, 5120), "gate_up": (35840, 5120), "down": (5120, 17920),
           "lm_head": (100352, 5120)}
 BLOCK = 32
+GRID_TYPES = ("iq4_nl", "iq4_xs", "iq3")
+SUPER_TYPES = ("iq4_xs", "iq3")  # 6-bit sub-block scales, an f16 scale per 256
+DENSE = ("f32", "f16", "bf16")
 
 
 def pad64(n):
@@ -36,24 +39,27 @@ def pad64(n):
 
 
 def sections(dtype, rows, cols, block=BLOCK):
-    """(codes, high, scales) padded byte sizes of a tensor (docs/FORMAT.md)."""
-    n = rows * cols
-    if dtype in ("f32", "f16", "bf16"):
-        return n * {"f32": 4, "f16": 2, "bf16": 2}[dtype], 0, 0
-    codes = {"q8_0": n, "q4": n // 2, "q3": n // 4}[dtype]
-    high = n // 8 if dtype == "q3" else 0
-    return pad64(codes), pad64(high), pad64(rows * (cols // block) * 2)
+    """(codes, high, sub, scales) padded byte sizes of a tensor (docs/FORMAT.md)."""
+    n, nb = rows * cols, cols // block
+    if dtype in DENSE:
+        return n * {"f32": 4, "f16": 2, "bf16": 2}[dtype], 0, 0, 0
+    codes = {"q8_0": n, "q4": n // 2, "q3": n // 4, "iq4_nl": n // 2, "iq4_xs": n // 2, "iq3": n // 4}[dtype]
+    high = n // 8 if dtype in ("q3", "iq3") else 0
+    if dtype in SUPER_TYPES:
+        return pad64(codes), pad64(high), pad64(rows * (nb // 2 + nb // 4)), pad64(rows * (cols // 256) * 2)
+    return pad64(codes), pad64(high), 0, pad64(rows * nb * 2)
 
 
 def random_weight(dtype, rows, cols):
-    codes, high, scales = sections(dtype, rows, cols)
-    if dtype in ("f32", "f16", "bf16"):
+    """Random codes (and sub-block scales), random f16 scales."""
+    *parts, scales = sections(dtype, rows, cols)
+    if dtype in DENSE:
         t = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
         data = (torch.randn(rows, cols, device="cuda") * 0.02).to(t).view(torch.uint8).reshape(-1)
     else:
-        data = torch.randint(0, 256, (codes + high + scales,), dtype=torch.uint8, device="cuda")
-        data[codes + high:] = (torch.randn(scales // 2, device="cuda") * 0.01).half().view(torch.uint8)
-    return Weight(dtype, rows, cols, BLOCK if dtype not in ("f32", "f16", "bf16") else 0, data)
+        data = torch.randint(0, 256, (sum(parts) + scales,), dtype=torch.uint8, device="cuda")
+        data[sum(parts):] = (torch.randn(scales // 2, device="cuda") * 0.01).half().view(torch.uint8)
+    return Weight(dtype, rows, cols, BLOCK if dtype not in DENSE else 0, data)
 
 
 def time_graph(fn, reps=20, warmup=3):
@@ -139,7 +145,7 @@ def bench_prefill(lib, types, n=512):
     """Tensor-core mat-mul TFLOP/s for n tokens, and prefill attention per layer."""
     out = []
     for dtype in types:
-        kernel = "s8" if dtype in ("q8_0", "q4", "q3") else "f16"
+        kernel = "f16" if dtype in DENSE else "s8"
         for name in ("qkv", "o", "gate_up", "down"):
             rows, cols = SHAPES[name]
             w = random_weight(dtype, rows, cols)
@@ -255,6 +261,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="q4 and q8_0 mat-vecs only")
+    ap.add_argument("--types", help="comma-separated types of the mat-vecs and mat-muls (instead of the default list)")
+    ap.add_argument("--step-types", default="q4,q8_0", help="comma-separated types of the decode steps")
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--prefill-only", action="store_true", help="the prefill mat-muls and attention only")
     args = ap.parse_args()
@@ -264,13 +272,16 @@ def main():
     res["copy_gbps"], res["copy_kernel_gbps"] = copy_bandwidth()
     print(f"device-to-device copy (read + write): cudaMemcpy {res['copy_gbps']:.0f} GB/s, "
           f"SM kernel {res['copy_kernel_gbps']:.0f} GB/s", flush=True)
-    types = ["q4", "q8_0"] if args.quick else ["q4", "q3", "q8_0", "f16", "bf16", "f32"]
+    types = ["q4", "q8_0"] if args.quick else ["q4", "q3", "q8_0", *GRID_TYPES, "f16", "bf16", "f32"]
+    prefill = ["q4", "q8_0", "q3"] if args.quick else ["q4", "q8_0", "q3", *GRID_TYPES, "f16"]
+    if args.types:
+        types = prefill = args.types.split(",")
     res["matvec"] = [] if args.prefill_only else bench_matvec(lib, types, SHAPES)
     res["attention"] = [] if args.prefill_only else bench_attention(lib) + bench_attention(lib, n_kv=64)
-    res["prefill"] = bench_prefill(lib, ["q4", "q8_0", "q3"] if args.quick else ["q4", "q8_0", "q3", "f16"])
+    res["prefill"] = bench_prefill(lib, prefill)
     res["decode_step"] = []
     if not (args.skip_step or args.prefill_only):
-        for dtype in ("q4", "q8_0"):
+        for dtype in args.step_types.split(","):
             m = DecodeStep(lib, dtype)
             for fused, pdl in ((False, True), (True, False), (True, True)):
                 lib.set_programmatic_launch(pdl)

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "kernels.cuh"
+#include "upg/quant.h"
 
 namespace upg::cuda::dev {
 
@@ -57,11 +58,95 @@ __device__ __forceinline__ int swz(int unit) { return unit ^ ((unit >> S) & 7); 
 template <int S>
 __device__ __forceinline__ int swz_float(int i) { return (swz<S>(i >> 2) << 2) | (i & 3); }
 
+// ---- The grid types (iq4_nl, iq4_xs, iq3): a code indexes upg_common.h's grid ----
+// The grids as byte-permute tables (bytes 4i..4i+3 of word i: entries 4i..4i+3). A selector nibble
+// of prmt picks one of 8 bytes with its low 3 bits; with bit 3 set, PTX's prmt yields the sign of
+// that byte replicated instead (the mat-vec's split lookup, grid4_split, relies on it), while
+// CUDA's __byte_perm clears bit 3 first (one more instruction).
+__host__ __device__ constexpr uint32_t grid_word(const int8_t* g, int i, int sign = 1) {
+  return uint32_t(uint8_t(sign * g[4 * i])) | uint32_t(uint8_t(sign * g[4 * i + 1])) << 8 |
+         uint32_t(uint8_t(sign * g[4 * i + 2])) << 16 | uint32_t(uint8_t(sign * g[4 * i + 3])) << 24;
+}
+constexpr uint32_t kGrid4W0 = grid_word(kIq4Grid, 0), kGrid4W1 = grid_word(kIq4Grid, 1);
+constexpr uint32_t kGrid4W2 = grid_word(kIq4Grid, 2), kGrid4W3 = grid_word(kIq4Grid, 3);
+constexpr uint32_t kGrid4NegW0 = grid_word(kIq4Grid, 0, -1), kGrid4NegW1 = grid_word(kIq4Grid, 1, -1);
+constexpr uint32_t kGrid3W0 = grid_word(kIq3Grid, 0), kGrid3W1 = grid_word(kIq3Grid, 1);
+constexpr bool grid4_signs_split() {
+  for (int i = 0; i < 16; ++i)
+    if (i < 8 ? !(kIq4Grid[i] < 0 && kIq4Grid[i] > -128) : !(kIq4Grid[i] > 0)) return false;
+  return true;
+}
+static_assert(grid4_signs_split(), "grid4_split needs codes 0..7 negative (> -128) and 8..15 positive");
+
+template <int DT>
+constexpr bool kGridType = DT == UPG_DTYPE_IQ4_NL || DT == UPG_DTYPE_IQ4_XS || DT == UPG_DTYPE_IQ3;
+template <int DT>
+constexpr bool kSuperBlock = DT == UPG_DTYPE_IQ4_XS || DT == UPG_DTYPE_IQ3;
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+  return d;
+}
+
+// Grid value of one code (iq4: 0..15, iq3: 0..7).
+__device__ __forceinline__ int grid4(int q) {
+  const uint32_t lo = __byte_perm(kGrid4W0, kGrid4W1, q & 7), hi = __byte_perm(kGrid4W2, kGrid4W3, q & 7);
+  return int8_t((q & 8 ? hi : lo) & 0xff);
+}
+__device__ __forceinline__ int grid3(int q) { return int8_t(__byte_perm(kGrid3W0, kGrid3W1, q) & 0xff); }
+
+// The 8 codes of a word of 4-bit codes (nibble n: code n) as int8 grid values, those of the low
+// nibbles in .x, of the high nibbles in .y (llama.cpp's get_int_from_table_16): two lookups into
+// the halves of the grid and a select by each code's bit 3 (the low half's lookup may take the
+// sign path for codes >= 8: the select drops those bytes).
+__device__ __forceinline__ uint2 grid4_words(uint32_t q) {
+  const uint32_t sel = 0x32103210u | ((q & 0x88888888u) >> 1);
+  uint32_t t[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t s = q >> (16 * i);
+    t[i] = prmt(prmt(kGrid4W0, kGrid4W1, s), __byte_perm(kGrid4W2, kGrid4W3, s), sel >> (16 * i));
+  }
+  return make_uint2(prmt(t[0], t[1], 0x6420), prmt(t[0], t[1], 0x7531));
+}
+
+// The codes of selector nibbles 0..3 of s (4-bit codes) split by sign with one lookup each and no
+// select: pos = the grid values of codes 8..15 (0 for the others), neg = minus the grid values of
+// codes 0..7 (0 for the others). Both tables are positive, so a selector whose bit 3 picks the
+// other half yields 0; grid value . x = dp4a(pos, x) - dp4a(neg, x).
+__device__ __forceinline__ void grid4_split(uint32_t s, uint32_t& pos, uint32_t& neg) {
+  neg = prmt(kGrid4NegW0, kGrid4NegW1, s);
+  pos = prmt(kGrid4W2, kGrid4W3, s ^ 0x8888u);
+}
+
+// The bits of 1.5 * 2^23: kMagic + i is the float 1.5 * 2^23 + i for |i| < 2^22, so an integer
+// sum started at kMagic becomes a float with one subtraction of kMagicF (no conversion).
+constexpr int kMagic = 0x4B400000;
+constexpr float kMagicF = 12582912.0f;
+
+// ls - 32 as a float for a 6-bit code ls: the float 2^23 + ls less 2^23 + 32, both exact (an
+// integer add and a float add instead of a conversion, which the CUDA programming guide rates at
+// a quarter of an integer add).
+__device__ __forceinline__ float sub_scale(int ls) { return __int_as_float(0x4B000000 + ls) - (8388608.0f + UPG_SUB_SCALE_BIAS); }
+
+// Scale of block b of row r of a grid type: its f16 scale (iq4_nl), or the super-block's f16
+// scale times (ls - 32) (iq4_xs, iq3). Unsigned indices: the layout helper's 64-bit division
+// then reduces to shifts.
+template <int DT>
+__device__ __forceinline__ float grid_scale(const uint16_t* scales, const uint8_t* sub, int cols, int r, int b) {
+  const uint32_t nb = uint32_t(cols) / 32, ub = uint32_t(b);
+  if constexpr (kSuperBlock<DT>)
+    return f16(scales[uint64_t(r) * (nb / 8) + ub / 8]) * sub_scale(sub_scale_code(sub + uint64_t(r) * (nb / 2 + nb / 4), nb, ub));
+  return f16(scales[uint64_t(r) * nb + ub]);
+}
+
 // Weight matrix of any type, byte pointers resolved (UpgMatArgs offsets applied).
 struct MatView {
   const uint8_t* codes;   // dense elements, or qs / ql
-  const uint8_t* high;    // q3 qh
-  const uint16_t* scales; // f16 bits, [rows][cols / block]
+  const uint8_t* high;    // q3 and iq3: qh
+  const uint8_t* sub;     // iq4_xs and iq3: the 6-bit sub-block scales
+  const uint16_t* scales; // f16 bits, [rows][cols / block] (iq4_xs, iq3: [rows][cols / 256])
   int rows, cols, block;
   const int32_t* rowptr;  // CSR outliers, nullptr when absent
   const int32_t* col;
@@ -75,6 +160,14 @@ __device__ __forceinline__ float elem(const MatView& m, int r, int k) {
   if constexpr (DT == UPG_DTYPE_F32) return reinterpret_cast<const float*>(m.codes)[i];
   if constexpr (DT == UPG_DTYPE_F16) return f16(reinterpret_cast<const uint16_t*>(m.codes)[i]);
   if constexpr (DT == UPG_DTYPE_BF16) return bf16(reinterpret_cast<const uint16_t*>(m.codes)[i]);
+  if constexpr (kGridType<DT>) {  // block 32
+    const int64_t g = i / 32;
+    const int j = k % 32;
+    const float d = grid_scale<DT>(m.scales, m.sub, m.cols, r, k / 32);
+    if constexpr (DT == UPG_DTYPE_IQ3) return d * float(grid3(iq3_code(m.codes, m.high, g, j)));
+    const uint8_t q = m.codes[g * 16 + j % 16];
+    return d * float(grid4(j < 16 ? q & 15 : q >> 4));
+  }
   constexpr int BB = B > 0 ? B : 32;
   const int b = k / BB, j = k % BB;
   const float d = f16(m.scales[int64_t(r) * (m.cols / BB) + b]);

@@ -38,7 +38,10 @@ GetRowsKernel pick(const Weight& w) {
     case UPG_DTYPE_BF16: return k_get_rows<UPG_DTYPE_BF16, 0>;
     case UPG_DTYPE_Q8_0: return B == 32 ? k_get_rows<UPG_DTYPE_Q8_0, 32> : k_get_rows<UPG_DTYPE_Q8_0, 64>;
     case UPG_DTYPE_Q4: return B == 32 ? k_get_rows<UPG_DTYPE_Q4, 32> : k_get_rows<UPG_DTYPE_Q4, 64>;
-    default: return B == 32 ? k_get_rows<UPG_DTYPE_Q3, 32> : k_get_rows<UPG_DTYPE_Q3, 64>;
+    case UPG_DTYPE_Q3: return B == 32 ? k_get_rows<UPG_DTYPE_Q3, 32> : k_get_rows<UPG_DTYPE_Q3, 64>;
+    case UPG_DTYPE_IQ4_NL: return k_get_rows<UPG_DTYPE_IQ4_NL, 32>;  // the grid types: block 32 (check_weight)
+    case UPG_DTYPE_IQ4_XS: return k_get_rows<UPG_DTYPE_IQ4_XS, 32>;
+    default: return k_get_rows<UPG_DTYPE_IQ3, 32>;
   }
 }
 

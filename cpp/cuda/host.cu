@@ -57,14 +57,14 @@ void allow_max_smem(const void* kernel) {
 void check_weight(const Weight& w, const char* what) {
   const UpgMatArgs& a = w.args;
   const bool dense = w.dtype == UPG_DTYPE_F32 || w.dtype == UPG_DTYPE_F16 || w.dtype == UPG_DTYPE_BF16;
-  const bool quant = w.dtype == UPG_DTYPE_Q8_0 || w.dtype == UPG_DTYPE_Q4 || w.dtype == UPG_DTYPE_Q3;
-  if (!dense && !quant)  // the grid types (iq4_nl, iq4_xs, iq3) have CPU and Metal kernels only
+  const bool quant = w.dtype >= 0 && w.dtype < kNumDTypes && w.dtype != UPG_DTYPE_I32 && !dense;
+  if (!dense && !quant)  // i32 tensors are no weights; other codes are no UPG type
     throw std::invalid_argument(std::string("cuda ") + what + ": dtype " + std::to_string(w.dtype) +
-                                " has no CUDA kernels (the CPU and Metal backends run it)");
-  if (quant && a.block != 32 && a.block != 64)
-    throw std::invalid_argument(std::string("cuda ") + what + ": block must be 32 or 64");
-  if (a.rows < 1 || a.cols < 1 || (quant && a.cols % a.block != 0))
-    throw std::invalid_argument(std::string("cuda ") + what + ": bad shape");
+                                " is not a weight type the CUDA kernels run");
+  if (a.rows < 1 || a.cols < 1) throw std::invalid_argument(std::string("cuda ") + what + ": bad shape");
+  if (quant)  // the format's rules for the type (upg/quant.h): block sizes, whole blocks and super-blocks
+    if (const char* e = quant_shape_error(DType(w.dtype), uint64_t(a.cols), a.block))
+      throw std::invalid_argument(std::string("cuda ") + what + ": " + e);
   if (w.data == nullptr) throw std::invalid_argument(std::string("cuda ") + what + ": no weight data");
   if (a.has_outliers && (!w.rowptr || !w.col || !w.val))
     throw std::invalid_argument(std::string("cuda ") + what + ": outliers flagged but not bound");
@@ -75,6 +75,7 @@ dev::MatView view(const Weight& w) {
   dev::MatView m;
   m.codes = base;
   m.high = base + w.args.high_offset;
+  m.sub = base + w.args.sub_offset;
   m.scales = reinterpret_cast<const uint16_t*>(base + w.args.scales_offset);
   m.rows = w.args.rows;
   m.cols = w.args.cols;
@@ -102,6 +103,7 @@ Weight make_weight(int dtype, int rows, int cols, int block, const void* data, i
     const QuantSections q = quant_sections(DType(dtype), uint64_t(rows), uint64_t(cols), uint64_t(block));
     a.high_offset = uint32_t(q.high_offset());
     a.scales_offset = uint32_t(q.scales_offset());
+    a.sub_offset = uint32_t(q.sub_offset());
   }
   a.has_outliers = rowptr != nullptr;
   a.n_tokens = n_tokens;

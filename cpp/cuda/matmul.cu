@@ -1,7 +1,8 @@
 // Prefill mat-mul on the tensor cores: y[t * ldy + r] = sum_k W[r][k] x[t][k] (+ outliers) for the
 // pass's tokens. A block computes a 64-token x 128-row tile of y with 8 warps of 32 x 32. Quantized
 // weights (k_matmul_q8): their int8 codes times x rounded to 8 bits per block, as the mat-vec and
-// the CPU round it, on mma.m16n8k32 s8. Dense weights (k_matmul): W and x rounded to f16 in shared
+// the CPU round it, on mma.m16n8k32 s8 (the grid types' codes decoded to their int8 grid values as
+// the warps load their fragments). Dense weights (k_matmul): W and x rounded to f16 in shared
 // memory per 64-wide k step, four 16x16x16 WMMA fragments per warp, f32 accumulation. Ragged rows,
 // tokens and k are zero-filled on load and skipped on store; the outliers are added in the
 // epilogue from the f32 activations.
@@ -106,15 +107,16 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
 // zero point comes off inside the exact integer sum (the weights enter the mma as their raw
 // unsigned codes: q4 nibbles masked, q3's bit planes combined), and the sum i comes out as the
 // bits of the float 1.5 * 2^23 + i (|i| < 2^21 here), so float(i) is one exact f32 subtraction.
-// q8_0's codes are signed: its sums start at 0 and convert with I2F (see to_float).
+// q8_0's codes are signed: its sums start at 0 and convert with I2F (see to_float); so are the grid
+// types' (iq4_nl, iq4_xs, iq3), whose A words are the grid values their codes index, looked up by
+// byte_perm (common.cuh) from the raw codes in shared memory, with one scale per block of 32 (the
+// super-block types: d * (ls - 32), formed with the step's scales).
 // The same 128-row x 64-token tile and 8 warps of 32 x 32 as the f16 kernel. A k step is 128 of
 // k: the weights' raw file bytes and the x codes go to shared memory by cp.async (16-byte copies
 // where the layout allows), kStages steps in flight, one barrier per step; the warps decode their
 // A fragments from the raw bytes as they load them, and take x's B fragments with ldmatrix.
 constexpr int kQk = 128;          // k per step
 constexpr int kQxLd = kQk + 16;   // bytes per shared x row: ldmatrix's 8 rows fall on distinct bank groups
-constexpr int kMagic = 0x4B400000;  // the bits of 1.5 * 2^23: kMagic + i is the float 1.5 * 2^23 + i for |i| < 2^22
-constexpr float kMagicF = 12582912.0f;
 
 // xq [cap][cols] int8, xd [cap][cols / B] f32 and xz [cap][cols / B] = kMagic - zero * (the codes'
 // sum) of the pass's rows; one warp per block of B.
@@ -150,14 +152,21 @@ __global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x,
 // bits) per row, padded so that a fragment load's 8 rows x 4 words hit 32 distinct banks, then
 // the x codes. The scales live in two slots of their own (register-staged one step ahead: the
 // weights' f16 scales need not be 4-byte aligned, which cp.async requires).
+template <int DT>
+constexpr bool kHigh = DT == UPG_DTYPE_Q3 || DT == UPG_DTYPE_IQ3;  // a qh section
+template <int DT>
+constexpr bool kSigned = DT == UPG_DTYPE_Q8_0 || kGridType<DT>;    // signed int8 A words
+
 template <int DT, int B>
 struct Q8Tile {
   static constexpr int KB = kQk / B;                                              // weight blocks per step
-  static constexpr int kCodes = DT == UPG_DTYPE_Q8_0 ? kQk : DT == UPG_DTYPE_Q4 ? kQk / 2 : kQk / 4;  // bytes / row
+  static constexpr int kCodes = DT == UPG_DTYPE_Q8_0 ? kQk
+                              : (DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_IQ4_NL || DT == UPG_DTYPE_IQ4_XS) ? kQk / 2
+                              : kQk / 4;                                          // bytes / row
   static constexpr int kBlockBytes = kCodes / KB;                                 // one block's codes
   static constexpr int kCopy = kBlockBytes < 16 ? kBlockBytes : 16;               // q3 at B = 32: 8-byte copies
   static constexpr int kCodesLd = kCodes + 16;                                    // 144, 80, 48 bytes
-  static constexpr int kHighLd = DT == UPG_DTYPE_Q3 ? 24 : 0;                     // q3's qh (16 bytes / row), 6 words
+  static constexpr int kHighLd = kHigh<DT> ? 24 : 0;                             // qh (16 bytes / row), 6 words
   static constexpr int kW = kTm * kCodesLd, kH = kTm * kHighLd, kX = kTn * kQxLd;
   static constexpr int kStage = kW + kH + kX;                                     // a multiple of 16
   static constexpr int kScales = (kTm + 2 * kTn) * KB * 4;                        // wd f32, xd f32, xz int32
@@ -184,7 +193,7 @@ __device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restr
     const uint8_t* src = m.codes + (ok ? int64_t(r) * row_bytes + int64_t(step) * L::kCodes + c * L::kCopy : 0);
     cp_async<L::kCopy>(stage + rr * L::kCodesLd + c * L::kCopy, src, ok);
   }
-  if constexpr (DT == UPG_DTYPE_Q3) {  // qh: one copy of B / 8 bytes per block
+  if constexpr (kHigh<DT>) {  // qh: one copy of B / 8 bytes per block (iq3: the group's 16 bytes)
 #pragma unroll
     for (int q = 0; q < kTm * L::KB / kThreads; ++q) {
       const int e = tid + kThreads * q, rr = e / L::KB, c = e % L::KB, r = r0 + rr;
@@ -221,7 +230,8 @@ __device__ __forceinline__ void q8_load_scales(const MatView& m, const float* __
 #pragma unroll
   for (int q = 0; q < Q8Scales<DT, B>::WQ; ++q) {
     const int e = tid + kThreads * q, r = r0 + e / KB, kb = step * KB + e % KB;
-    sc.wd[q] = r < m.rows && kb < nb ? f16(__ldg(m.scales + int64_t(r) * nb + kb)) : 0.0f;
+    if constexpr (kGridType<DT>) sc.wd[q] = r < m.rows && kb < nb ? grid_scale<DT>(m.scales, m.sub, m.cols, r, kb) : 0.0f;
+    else sc.wd[q] = r < m.rows && kb < nb ? f16(__ldg(m.scales + int64_t(r) * nb + kb)) : 0.0f;
   }
   const int t = t0 + tid / KB, kb = step * KB + tid % KB;
   const bool ok = tid < kTn * KB && t < n && kb < nb;
@@ -253,10 +263,35 @@ __device__ __forceinline__ uint32_t q8_a_word(const uint8_t* w, const uint8_t* h
   } else if constexpr (DT == UPG_DTYPE_Q4) {  // byte j % (B / 2), nibble j / (B / 2)
     const uint32_t q = *reinterpret_cast<const uint32_t*>(w + kk * (B / 2) + j0 % (B / 2));
     return (q >> (4 * (j0 / (B / 2)))) & 0x0f0f0f0fu;
-  } else {  // q3: low bits at ql byte j % (B / 4), shift 2 (j / (B / 4)); high bit at qh byte j % (B / 8), bit j / (B / 8)
+  } else if constexpr (DT == UPG_DTYPE_Q3) {  // low bits at ql byte j % (B / 4), shift 2 (j / (B / 4)); high bit at qh byte j % (B / 8), bit j / (B / 8)
     const uint32_t lo = *reinterpret_cast<const uint32_t*>(w + kk * (B / 4) + j0 % (B / 4));
     const uint32_t hi = *reinterpret_cast<const uint32_t*>(hb + kk * (B / 8) + j0 % (B / 8));
     return ((lo >> (2 * (j0 / (B / 4)))) & 0x03030303u) | (((hi >> (j0 / (B / 8))) & 0x01010101u) << 2);
+  } else {  // iq3 (B = 32, the step one group): low bits at ql byte j, shift 2 kk; high bit at qh byte j % 16, bit 2 kk + j / 16
+    const uint32_t lo = *reinterpret_cast<const uint32_t*>(w + j0);
+    const uint32_t hi = *reinterpret_cast<const uint32_t*>(hb + j0 % 16);
+    const uint32_t c = ((lo >> (2 * kk)) & 0x03030303u) | (((hi >> (2 * kk + j0 / 16)) & 0x01010101u) << 2);
+    const uint32_t sel = prmt(c | (c >> 4), 0, 0x0020);  // the 4 codes (< 8) as selector nibbles
+    return prmt(kGrid3W0, kGrid3W1, sel);
+  }
+}
+
+// The A fragment (a[0], a[2]: row g, words h = 0, 1; a[1], a[3]: row g + 8) of 32-slice s of block
+// kk, from the rows' shared bytes w0 and high bits h0, rows ld (hld) bytes apart. iq4: one code
+// word holds both h words of a row (nibble h of bytes 4 tig..), decoded together.
+template <int DT, int B>
+__device__ __forceinline__ void q8_a_frag(uint32_t (&a)[4], const uint8_t* w0, const uint8_t* h0, int ld, int hld,
+                                          int kk, int s, int tig) {
+  if constexpr (DT == UPG_DTYPE_IQ4_NL || DT == UPG_DTYPE_IQ4_XS) {  // B = 32
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint2 v = grid4_words(*reinterpret_cast<const uint32_t*>(w0 + 8 * i * ld + kk * 16 + 4 * tig));
+      a[i] = v.x;
+      a[2 + i] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = q8_a_word<DT, B>(w0 + 8 * (i & 1) * ld, h0 + 8 * (i & 1) * hld, kk, s, i >> 1, tig);
   }
 }
 
@@ -269,10 +304,10 @@ __device__ __forceinline__ float to_float(int v) {
   else return float(v);
 }
 
-// d = a b + c, with c = (c0, c1, c0, c1): s8 weights (q8_0) or u8 (the raw codes of q4 and q3).
+// d = a b + c, with c = (c0, c1, c0, c1): s8 weights (q8_0, the grid types) or u8 (the raw codes of q4 and q3).
 template <int DT>
 __device__ __forceinline__ void mma_i8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], int c0, int c1) {
-  if constexpr (DT == UPG_DTYPE_Q8_0)
+  if constexpr (kSigned<DT>)
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%10,%11};"
                  : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c0), "r"(c1));
@@ -284,7 +319,7 @@ __device__ __forceinline__ void mma_i8(int (&d)[4], const uint32_t (&a)[4], cons
 // d += a b
 template <int DT>
 __device__ __forceinline__ void mma_i8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (DT == UPG_DTYPE_Q8_0)
+  if constexpr (kSigned<DT>)
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -368,10 +403,7 @@ __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView 
           const uint8_t* w0 = st + row * L::kCodesLd;
           const uint8_t* h0 = st + L::kW + row * L::kHighLd;
           uint32_t a[4];
-          a[0] = q8_a_word<DT, B>(w0, h0, kk, s, 0, tig);
-          a[1] = q8_a_word<DT, B>(w0 + 8 * L::kCodesLd, h0 + 8 * L::kHighLd, kk, s, 0, tig);
-          a[2] = q8_a_word<DT, B>(w0, h0, kk, s, 1, tig);
-          a[3] = q8_a_word<DT, B>(w0 + 8 * L::kCodesLd, h0 + 8 * L::kHighLd, kk, s, 1, tig);
+          q8_a_frag<DT, B>(a, w0, h0, L::kCodesLd, L::kHighLd, kk, s, tig);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             if (s == 0) mma_i8<DT>(iacc[i][j], a, b[j], z[j].x, z[j].y);
@@ -435,7 +467,10 @@ Q8Kernel pick_q8(int dtype, int block) {
   switch (dtype) {
     case UPG_DTYPE_Q8_0: return block == 32 ? q8_kernel<UPG_DTYPE_Q8_0, 32>() : q8_kernel<UPG_DTYPE_Q8_0, 64>();
     case UPG_DTYPE_Q4: return block == 32 ? q8_kernel<UPG_DTYPE_Q4, 32>() : q8_kernel<UPG_DTYPE_Q4, 64>();
-    default: return block == 32 ? q8_kernel<UPG_DTYPE_Q3, 32>() : q8_kernel<UPG_DTYPE_Q3, 64>();
+    case UPG_DTYPE_Q3: return block == 32 ? q8_kernel<UPG_DTYPE_Q3, 32>() : q8_kernel<UPG_DTYPE_Q3, 64>();
+    case UPG_DTYPE_IQ4_NL: return q8_kernel<UPG_DTYPE_IQ4_NL, 32>();  // the grid types: block 32 (check_weight)
+    case UPG_DTYPE_IQ4_XS: return q8_kernel<UPG_DTYPE_IQ4_XS, 32>();
+    default: return q8_kernel<UPG_DTYPE_IQ3, 32>();
   }
 }
 
@@ -449,8 +484,8 @@ size_t matmul_scratch(const Weight& w) {
 }
 
 void init_matmul() {
-  for (int dt : {UPG_DTYPE_Q8_0, UPG_DTYPE_Q4, UPG_DTYPE_Q3})
-    for (int b : {32, 64}) allow_max_smem(reinterpret_cast<const void*>(pick_q8(dt, b).kernel));
+  for (int dt : {UPG_DTYPE_Q8_0, UPG_DTYPE_Q4, UPG_DTYPE_Q3, UPG_DTYPE_IQ4_NL, UPG_DTYPE_IQ4_XS, UPG_DTYPE_IQ3})
+    for (int b : {32, 64}) allow_max_smem(reinterpret_cast<const void*>(pick_q8(dt, b).kernel));  // grid types: 32 twice
 }
 
 void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s, void* scratch) {

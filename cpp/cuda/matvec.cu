@@ -4,7 +4,8 @@
 // owns kMvRows rows at a time; lane l takes the 16-byte code chunks l, l + 32, ... of those rows
 // (consecutive lanes, consecutive chunks: one 512-byte coalesced read per row and step). Dense
 // chunks are widened to f32 and multiplied with x; quantized ones multiply x rounded to 8 bits per
-// block, as the CPU engine rounds it, with integer dot products (dp4a) per scale block. Row groups
+// block, as the CPU engine rounds it, with integer dot products (dp4a) per scale block; the grid
+// types' codes become their int8 grid values in registers by byte_perm lookups (common.cuh). Row groups
 // go round-robin over a grid of about (multiprocessors x resident blocks), so every block loads x
 // once.
 #include <algorithm>
@@ -22,23 +23,29 @@ using namespace dev;
 constexpr int kMvWarps = 16;
 constexpr int kMvRows = 4;
 
-// Elements per lane chunk: 16 bytes of the codes (q3: NBL blocks of ql, 8 or 16 bytes).
+template <int DT>
+constexpr bool kGrid4 = DT == UPG_DTYPE_IQ4_NL || DT == UPG_DTYPE_IQ4_XS;
+
+// Elements per lane chunk: 16 bytes of the codes (q3: NBL blocks of ql, 8 or 16 bytes; iq3: one
+// group of 4 blocks, 32 bytes of ql and 16 of qh).
 template <int DT, int B, int NBL>
 __host__ __device__ constexpr int chunk_elems() {
   return DT == UPG_DTYPE_F32 ? 4 : (DT == UPG_DTYPE_F16 || DT == UPG_DTYPE_BF16) ? 8
-       : DT == UPG_DTYPE_Q8_0 ? 16 : DT == UPG_DTYPE_Q4 ? 32 : NBL * B;
+       : DT == UPG_DTYPE_Q8_0 ? 16 : (DT == UPG_DTYPE_Q4 || kGrid4<DT>) ? 32 : DT == UPG_DTYPE_IQ3 ? 128 : NBL * B;
 }
 // Swizzle shift: log2 of the x units one lane reads per chunk (f32: lanes read consecutive units).
 template <int DT, int B, int NBL>
 __host__ __device__ constexpr int swizzle_shift() {
   return DT == UPG_DTYPE_F32 ? 3 : (DT == UPG_DTYPE_F16 || DT == UPG_DTYPE_BF16) ? 1
-       : DT == UPG_DTYPE_Q8_0 ? 2 : DT == UPG_DTYPE_Q4 ? (B == 32 ? 3 : 4) : (NBL * B == 64 ? 4 : 3);
+       : DT == UPG_DTYPE_Q8_0 ? 2 : (DT == UPG_DTYPE_Q4 || kGrid4<DT>) ? (B == 32 ? 3 : 4) : DT == UPG_DTYPE_IQ3 ? 5
+       : (NBL * B == 64 ? 4 : 3);
 }
 
 struct Raw {
-  uint4 q;     // codes (16 bytes; q3 with 32-element chunks: 8 in q.x, q.y)
-  uint2 h;     // q3: qh (8 bytes, or 4 in h.x)
-  float d0, d1;  // scales of the chunk's blocks (d1: second q3 block)
+  uint4 q;     // codes (16 bytes; q3 with 32-element chunks: 8 in q.x, q.y; iq3: ql bytes 0..15)
+  uint4 q2;    // iq3: ql bytes 16..31
+  uint4 h;     // q3: qh (8 bytes in h.x, h.y, or 4 in h.x); iq3: qh (16 bytes)
+  float d[4];  // scales of the chunk's blocks (q3: 1 or 2, iq3: 4, else 1)
 };
 
 template <int DT, int B, int NBL>
@@ -53,21 +60,39 @@ __device__ __forceinline__ Raw load_chunk(const MatView& m, int r, int c) {
     const int64_t srow = int64_t(r) * nb;
     if constexpr (DT == UPG_DTYPE_Q8_0) {
       raw.q = __ldcs(reinterpret_cast<const uint4*>(m.codes + e));
-      raw.d0 = f16(m.scales[srow + (c * 16) / B]);
+      raw.d[0] = f16(m.scales[srow + (c * 16) / B]);
     } else if constexpr (DT == UPG_DTYPE_Q4) {
       raw.q = __ldcs(reinterpret_cast<const uint4*>(m.codes + e / 2));
-      raw.d0 = f16(m.scales[srow + (c * 32) / B]);
+      raw.d[0] = f16(m.scales[srow + (c * 32) / B]);
     } else if constexpr (CE == 64) {
       raw.q = __ldcs(reinterpret_cast<const uint4*>(m.codes + e / 4));
-      raw.h = __ldcs(reinterpret_cast<const uint2*>(m.high + e / 8));
-      raw.d0 = f16(m.scales[srow + c * NBL]);
-      raw.d1 = NBL == 2 ? f16(m.scales[srow + c * NBL + 1]) : 0.0f;
+      const uint2 h = __ldcs(reinterpret_cast<const uint2*>(m.high + e / 8));
+      raw.h = make_uint4(h.x, h.y, 0, 0);
+      raw.d[0] = f16(m.scales[srow + c * NBL]);
+      raw.d[1] = NBL == 2 ? f16(m.scales[srow + c * NBL + 1]) : 0.0f;
     } else {
       const uint2 q = __ldcs(reinterpret_cast<const uint2*>(m.codes + e / 4));
       raw.q = make_uint4(q.x, q.y, 0, 0);
       raw.h.x = __ldcs(reinterpret_cast<const unsigned int*>(m.high + e / 8));
-      raw.d0 = f16(m.scales[srow + c]);
+      raw.d[0] = f16(m.scales[srow + c]);
     }
+  }
+  if constexpr (kGrid4<DT>) {  // block c: 16 bytes
+    raw.q = __ldcs(reinterpret_cast<const uint4*>(m.codes + e / 2));
+    raw.d[0] = grid_scale<DT>(m.scales, m.sub, m.cols, r, c);
+  }
+  if constexpr (DT == UPG_DTYPE_IQ3) {  // group c: blocks 4c..4c+3 of super-block c / 2
+    raw.q = __ldcs(reinterpret_cast<const uint4*>(m.codes + e / 4));
+    raw.q2 = __ldcs(reinterpret_cast<const uint4*>(m.codes + e / 4 + 16));
+    raw.h = __ldcs(reinterpret_cast<const uint4*>(m.high + e / 8));
+    // the 6-bit codes ls of the 4 blocks: low nibbles in bytes 2c, 2c + 1, high bit pairs in byte nb / 2 + c
+    const int nb = m.cols / 32;
+    const uint8_t* sub = m.sub + int64_t(r) * (nb / 2 + nb / 4);
+    const uint32_t lo = *reinterpret_cast<const uint16_t*>(sub + 2 * c), hi = sub[nb / 2 + c];
+    const float d = f16(m.scales[int64_t(r) * (nb / 8) + c / 2]);
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+      raw.d[p] = d * float(int(((lo >> (4 * p)) & 15) | (((hi >> (2 * p)) & 3) << 4)) - UPG_SUB_SCALE_BIAS);
   }
   return raw;
 }
@@ -95,6 +120,8 @@ __device__ __forceinline__ uint32_t q3_codes(uint32_t ql, uint32_t qh, int k, in
 // d = f16(amax / 127), q = rint(x * (127 / amax)). The codes sit in shared memory as 32-bit words
 // (4 elements) in chunk order (word u of chunk c: the unit x_unit(c, u)), so a lane reads its
 // chunk's words with G 16-byte loads; xq_group spreads the lanes of a quarter warp over the banks.
+// iq4_nl and iq4_xs interleave each block's halves (byte 2j + h: element j + 16h, j < 16), the
+// order of the nibbles of their code bytes, which their lookups keep (chunk_dot_q8).
 template <int DT, int B, int NBL>
 __host__ __device__ constexpr int chunk_groups() { return chunk_elems<DT, B, NBL>() / 16; }
 
@@ -126,11 +153,17 @@ __device__ void quantize_x(const float4* xs4, uint32_t* xq, float* xd, int cols)
     float m = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
     for (int o = L / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (u >= units) continue;
     const float inv = m != 0.0f ? 127.0f / m : 0.0f;
-    const uint32_t word = (uint32_t(__float2int_rn(v.x * inv)) & 0xffu) | (uint32_t(__float2int_rn(v.y * inv)) & 0xffu) << 8 |
-                          (uint32_t(__float2int_rn(v.z * inv)) & 0xffu) << 16 | uint32_t(__float2int_rn(v.w * inv)) << 24;
-    const int w = xq_word<DT, B, NBL>(u);
+    uint32_t word = (uint32_t(__float2int_rn(v.x * inv)) & 0xffu) | (uint32_t(__float2int_rn(v.y * inv)) & 0xffu) << 8 |
+                    (uint32_t(__float2int_rn(v.z * inv)) & 0xffu) << 16 | uint32_t(__float2int_rn(v.w * inv)) << 24;
+    int w = xq_word<DT, B, NBL>(u);
+    if constexpr (kGrid4<DT>) {  // unit lu < 4 of a block and unit lu + 4 make words 2 lu, 2 lu + 1
+      const uint32_t other = __shfl_xor_sync(0xffffffffu, word, 4);
+      const int lu = u & 7;
+      word = lu < 4 ? prmt(word, other, 0x5140) : prmt(other, word, 0x7362);
+      w = (u & ~7) | (lu < 4 ? 2 * lu : 2 * lu - 7);
+    }
+    if (u >= units) continue;
     xq[xq_group<DT, B, NBL>(w >> 2) * 4 + (w & 3)] = word;
     if ((u & (L - 1)) == 0) xd[u / L] = __half2float(__float2half_rn(m / 127.0f));
   }
@@ -147,7 +180,43 @@ __device__ __forceinline__ float chunk_dot_q8(const Raw& raw, const uint32_t* xw
     int dp = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) dp = __dp4a(w[i], x[i], dp);
-    return raw.d0 * xd[0] * float(dp);
+    return raw.d[0] * xd[0] * float(dp);
+  }
+  // iq4_nl, iq4_xs: the block sum starts at kMagic (common.cuh; |sum| <= 32 * 127 * 127 < 2^22).
+  if constexpr (kGrid4<DT>) {  // nibbles 4h..4h+3 of word i: elements 4i + 2h + {0, 16, 1, 17} = x word 2i + h
+    int dp = kMagic, dn = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t pos, neg;
+        grid4_split(uint32_t(w[i]) >> (16 * h), pos, neg);
+        dp = __dp4a(int(pos), x[2 * i + h], dp);
+        dn = __dp4a(int(neg), x[2 * i + h], dn);
+      }
+    return raw.d[0] * xd[0] * (__int_as_float(dp - dn) - kMagicF);
+  }
+  if constexpr (DT == UPG_DTYPE_IQ3) {
+    // Word i of ql holds elements 4i..4i+3 of the group's 4 blocks (block p at bits 2p of each
+    // byte), qh word i % 4 their high bits (block p's at bit 2p + i / 4). Blocks p and p + 2 go
+    // into one word of 3-bit selectors, low and high nibble of each byte, looked up together and
+    // then parted.
+    const uint32_t q[8] = {raw.q.x, raw.q.y, raw.q.z, raw.q.w, raw.q2.x, raw.q2.y, raw.q2.z, raw.q2.w};
+    const uint32_t h[4] = {raw.h.x, raw.h.y, raw.h.z, raw.h.w};
+    int dp[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const uint32_t sel = ((q[i] >> (2 * p)) & 0x33333333u) | (shift_left(h[i & 3], 2 - 2 * p - (i >> 2)) & 0x44444444u);
+        const uint32_t a = prmt(kGrid3W0, kGrid3W1, sel), b = prmt(kGrid3W0, kGrid3W1, sel >> 16);  // nibbles < 8
+        dp[p] = __dp4a(int(prmt(a, b, 0x6420)), x[8 * p + i], dp[p]);
+        dp[p + 2] = __dp4a(int(prmt(a, b, 0x7531)), x[8 * (p + 2) + i], dp[p + 2]);
+      }
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) s += raw.d[p] * xd[p] * float(dp[p]);
+    return s;
   }
   if constexpr (DT == UPG_DTYPE_Q4) {  // word i: low nibbles -> x word i, high nibbles -> x word 4 + i
     int dp = 0, xs = 0;
@@ -157,7 +226,7 @@ __device__ __forceinline__ float chunk_dot_q8(const Raw& raw, const uint32_t* xw
       dp = __dp4a((w[i] >> 4) & 0x0f0f0f0f, x[4 + i], dp);
       xs = __dp4a(x[i], 0x01010101, __dp4a(x[4 + i], 0x01010101, xs));
     }
-    return raw.d0 * xd[0] * float(dp - UPG_Q4_ZERO * xs);
+    return raw.d[0] * xd[0] * float(dp - UPG_Q4_ZERO * xs);
   }
   const uint32_t h[2] = {raw.h.x, raw.h.y};
   if constexpr (B == 32) {  // the word layout of chunk_dot's q3 comment
@@ -173,7 +242,7 @@ __device__ __forceinline__ float chunk_dot_q8(const Raw& raw, const uint32_t* xw
           dp = __dp4a(int(q3_codes(w[2 * bl + wl], h[bl], k, 2 * k + wl)), x[j], dp);
           xs = __dp4a(x[j], 0x01010101, xs);
         }
-      s += (bl == 0 ? raw.d0 : raw.d1) * xd[bl] * float(dp - UPG_Q3_ZERO * xs);
+      s += raw.d[bl] * xd[bl] * float(dp - UPG_Q3_ZERO * xs);
     }
     return s;
   }
@@ -186,7 +255,7 @@ __device__ __forceinline__ float chunk_dot_q8(const Raw& raw, const uint32_t* xw
       xs = __dp4a(x[4 * k + wq], 0x01010101, xs);
     }
   static_assert(CE == 64 || DT != UPG_DTYPE_Q3 || B == 32, "q3 block 64: one block per chunk");
-  return raw.d0 * xd[0] * float(dp - UPG_Q3_ZERO * xs);
+  return raw.d[0] * xd[0] * float(dp - UPG_Q3_ZERO * xs);
 }
 
 // A dense chunk's dot product with its f32 x units xv (local order of x_unit).
@@ -211,7 +280,7 @@ constexpr int kPrefetchBytes = 4096;  // per row, before the dependency wait
 template <int DT>
 __device__ __forceinline__ int64_t row_code_bytes(int cols) {
   return DT == UPG_DTYPE_F32 ? 4 * int64_t(cols) : (DT == UPG_DTYPE_F16 || DT == UPG_DTYPE_BF16) ? 2 * int64_t(cols)
-       : DT == UPG_DTYPE_Q8_0 ? cols : DT == UPG_DTYPE_Q4 ? cols / 2 : cols / 4;
+       : DT == UPG_DTYPE_Q8_0 ? cols : (DT == UPG_DTYPE_Q4 || kGrid4<DT>) ? cols / 2 : cols / 4;
 }
 
 struct FuseDev {
@@ -282,7 +351,7 @@ __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const Fus
 __host__ __device__ inline int xs_bytes(int cols) { return ((cols + 3) / 4 + 7) / 8 * 8 * 16; }
 
 template <int DT>
-constexpr bool kQuantized = DT == UPG_DTYPE_Q8_0 || DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_Q3;
+constexpr bool kQuantized = DT == UPG_DTYPE_Q8_0 || DT == UPG_DTYPE_Q4 || DT == UPG_DTYPE_Q3 || kGridType<DT>;
 
 template <int DT, int B, int NBL, bool VEC>
 __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float* __restrict__ x,
@@ -319,7 +388,7 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
 #pragma unroll
     for (int i = 0; i < R; ++i) acc[i] = 0.0f;
     if constexpr (VEC) {
-#pragma unroll(CE == 64 ? 1 : 2)
+#pragma unroll(CE >= 64 ? 1 : 2)
       for (int c = lane; c < nc; c += 32) {
         Raw raw[R];
 #pragma unroll
@@ -333,7 +402,10 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
             xw[4 * j] = v.x, xw[4 * j + 1] = v.y, xw[4 * j + 2] = v.z, xw[4 * j + 3] = v.w;
           }
           const int b0 = DT == UPG_DTYPE_Q3 ? c * NBL : (c * CE) / B;  // the chunk's first activation block
-          const float xdc[2] = {xd[b0], NBL == 2 ? xd[b0 + 1] : 0.0f};
+          constexpr int XB = DT == UPG_DTYPE_IQ3 ? 4 : NBL;            // activation blocks in the chunk
+          float xdc[XB];
+#pragma unroll
+          for (int j = 0; j < XB; ++j) xdc[j] = xd[b0 + j];
 #pragma unroll
           for (int i = 0; i < R; ++i) acc[i] += chunk_dot_q8<DT, B, NBL>(raw[i], xw, xdc);
         } else {
@@ -378,7 +450,8 @@ const MatvecKernel kAll[] = {
     k_matvec<UPG_DTYPE_Q8_0, 32, 1, true>,  k_matvec<UPG_DTYPE_Q8_0, 64, 1, true>,
     k_matvec<UPG_DTYPE_Q4, 32, 1, true>,    k_matvec<UPG_DTYPE_Q4, 64, 1, true>,
     k_matvec<UPG_DTYPE_Q3, 32, 1, true>,    k_matvec<UPG_DTYPE_Q3, 32, 2, true>,
-    k_matvec<UPG_DTYPE_Q3, 64, 1, true>,
+    k_matvec<UPG_DTYPE_Q3, 64, 1, true>,    k_matvec<UPG_DTYPE_IQ4_NL, 32, 1, true>,
+    k_matvec<UPG_DTYPE_IQ4_XS, 32, 1, true>, k_matvec<UPG_DTYPE_IQ3, 32, 1, true>,
 };
 
 MatvecKernel pick(const Weight& w) {
@@ -395,6 +468,9 @@ MatvecKernel pick(const Weight& w) {
   if (!aligned) throw std::invalid_argument("cuda matvec: quantized weights must be 16-byte aligned");
   if (w.dtype == UPG_DTYPE_Q8_0) return B == 32 ? variant<UPG_DTYPE_Q8_0, 32, 1, true>() : variant<UPG_DTYPE_Q8_0, 64, 1, true>();
   if (w.dtype == UPG_DTYPE_Q4) return B == 32 ? variant<UPG_DTYPE_Q4, 32, 1, true>() : variant<UPG_DTYPE_Q4, 64, 1, true>();
+  if (w.dtype == UPG_DTYPE_IQ4_NL) return variant<UPG_DTYPE_IQ4_NL, 32, 1, true>();  // block 32 (check_weight)
+  if (w.dtype == UPG_DTYPE_IQ4_XS) return variant<UPG_DTYPE_IQ4_XS, 32, 1, true>();
+  if (w.dtype == UPG_DTYPE_IQ3) return variant<UPG_DTYPE_IQ3, 32, 1, true>();
   if (B == 64) return variant<UPG_DTYPE_Q3, 64, 1, true>();
   return (cols / 32) % 2 == 0 ? variant<UPG_DTYPE_Q3, 32, 2, true>() : variant<UPG_DTYPE_Q3, 32, 1, true>();
 }
@@ -408,7 +484,7 @@ void init_matvec() {
 void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse) {
   check_weight(w, "matvec");
   const MatvecKernel kernel = pick(w);
-  const bool q8 = is_quantized(DType(w.dtype));  // check_weight let only q8_0 / q4 / q3 through
+  const bool q8 = is_quantized(DType(w.dtype));  // x rounded to 8 bits for every quantized type
   const size_t smem = size_t(xs_bytes(w.args.cols)) +
                       (q8 ? size_t(w.args.cols) + size_t(w.args.cols / w.args.block) * 4 : 0);  // + xq, xd
   // x, plus stage_x's static reduction scratch, must fit in one block's shared memory.

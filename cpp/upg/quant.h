@@ -7,6 +7,13 @@
 
 #include "upg/upg_common.h"
 
+// The layout helpers below are also device functions in the CUDA kernels (cpp/cuda/).
+#ifdef __CUDACC__
+#define UPG_HOST_DEVICE __host__ __device__
+#else
+#define UPG_HOST_DEVICE
+#endif
+
 namespace upg {
 
 enum class DType : uint8_t {
@@ -101,7 +108,7 @@ inline QuantSections quant_sections(DType t, uint64_t rows, uint64_t cols, uint6
 // its low 4 bits in nibble j % 2 of byte j / 2, its high 2 bits at bits 2 * (j % 4) of byte
 // nb / 2 + j / 4 (FORMAT.md). Static: each SIMD path's translation unit compiles its own copy with
 // its own instruction set (simd_kernels.h says why that matters).
-static inline int sub_scale_code(const uint8_t* sub, int64_t nb, int64_t j) {
+UPG_HOST_DEVICE static inline int sub_scale_code(const uint8_t* sub, int64_t nb, int64_t j) {
   return ((sub[j / 2] >> (4 * (j & 1))) & 15) | (((sub[nb / 2 + j / 4] >> (2 * (j & 3))) & 3) << 4);
 }
 
@@ -109,7 +116,7 @@ static inline int sub_scale_code(const uint8_t* sub, int64_t nb, int64_t j) {
 // group of 4 blocks (128 elements, FORMAT.md): ql byte i of the group holds the low 2 bits of
 // element i of its block p at bits 2p; qh byte i the high bit of group element 16k + i at bit k.
 // Static: see sub_scale_code.
-static inline int iq3_code(const uint8_t* ql, const uint8_t* qh, int64_t g, int j) {
+UPG_HOST_DEVICE static inline int iq3_code(const uint8_t* ql, const uint8_t* qh, int64_t g, int j) {
   const int p = int(g & 3);
   const int lo = (ql[(g >> 2) * 32 + j] >> (2 * p)) & 3;
   const int hi = (qh[(g >> 2) * 16 + (j & 15)] >> (2 * p + (j >> 4))) & 1;

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4": 4, "q3": 5}
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4": 4, "q3": 5, "i32": 6, "iq4_nl": 7, "iq4_xs": 8, "iq3": 9}
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _F = ctypes.c_float

@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint
+from upg_backend import _core
+from upg_backend.builtin import builtin_model_path
 from upg_backend.convert import convert_hf
-from upg_backend.format import UPGFile
+from upg_backend.format import TensorSource, UPGFile, write_upg
 from upg_backend.llama import Llama
 
 SMALL = dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=2, partial_rotary_factor=0.5)
+GRID_TYPES = ("iq4_nl", "iq4_xs", "iq3")
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,10 @@ def models(tmp_path_factory):
             "long_factor": [2.0 + 0.3 * i for i in range(16)]}  # rotary_dim 32 / 2
     src_long = make_hf_checkpoint(root / "hf-long", "Phi3ForCausalLM", seed=6, rope_scaling=rope,
                                   original_max_position_embeddings=24, **SMALL)
+    # every matrix of the grid-type files a multiple of 256 wide, so that each is of the named type
+    src_grid = make_hf_checkpoint(root / "hf-grid", "Phi3ForCausalLM", seed=9, **{**SMALL, "intermediate_size": 512})
     out = {}
-    for name, source, kw in [("f32", src, dict(type="f32")), ("f16", src, dict(type="f16")),
+    for name, source, kw in [*[(t, src_grid, dict(type=t)) for t in GRID_TYPES],("f32", src, dict(type="f32")), ("f16", src, dict(type="f16")),
                              ("longrope", src_long, dict(type="f32")), ("q8_0", src, dict(type="q8_0")),
                              ("q4", src, dict(type="q4", block=64)),
                              ("q3", src, dict(type="q3", block=32, outliers=0.02))]:
@@ -61,7 +66,15 @@ FLIP_TOL = 3e-2
 # values as the CPU does.
 F16_TOL = 5e-3
 CASES = [("f32", "f32", F16_TOL), ("f16", "f16", F16_TOL), ("longrope", "f32", F16_TOL),
-         ("q8_0", "f32", FLIP_TOL), ("q4", "f32", FLIP_TOL), ("q3", "f32", FLIP_TOL)]
+         ("q8_0", "f32", FLIP_TOL), ("q4", "f32", FLIP_TOL), ("q3", "f32", FLIP_TOL),
+         *[(t, "f32", FLIP_TOL) for t in GRID_TYPES]]
+
+
+def test_grid_files_hold_their_type(models):
+    """The grid-type cases test what they name: every matrix of the file is of that type."""
+    for t in GRID_TYPES:
+        types = {info.dtype for info in UPGFile(models[t]).tensors.values() if len(info.dims) == 2}
+        assert types == {t}, (t, types)
 
 
 @pytest.mark.parametrize("name, kv_type, tol", CASES, ids=[c[0] for c in CASES])
@@ -77,7 +90,7 @@ def test_model_matches_cpu(models, name, kv_type, tol):
     assert rel[40:].max() <= tol, rel[40:]           # decode (graph replays of one captured step)
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4", "q3"])
+@pytest.mark.parametrize("name", ["q8_0", "q4", "q3", *GRID_TYPES])
 def test_decode_matches_cpu(models, name):
     """Every pass one token from the start, so every linear is the decode mat-vec."""
     tokens = np.random.default_rng(8).integers(0, 320, 32).tolist()
@@ -101,10 +114,37 @@ def test_decode_steps_replay_one_graph(models):
     assert be.passes == 21 and be.replays == 19  # the first decode step is captured, the rest replay it
 
 
-def test_greedy_completion_equals_cpu_on_the_builtin_model():
+def greedy_texts(path=None):
     prompt = [{"role": "user", "content": "What is 123 + 989?"}]
-    texts = {b: Llama(backend=b).create_chat_completion(prompt, temperature=0, max_tokens=24)["choices"][0]["message"]["content"]
-             for b in ("cpu", "cuda")}
+    return {b: Llama(path, backend=b).create_chat_completion(prompt, temperature=0, max_tokens=24)["choices"][0]["message"]["content"]
+            for b in ("cpu", "cuda")}
+
+
+def test_greedy_completion_equals_cpu_on_the_builtin_model():
+    texts = greedy_texts()
+    assert texts["cuda"] == texts["cpu"], texts
+
+
+def requantized(src, type_, out):
+    """The built-in model (q8_0) with its matrices decoded and stored as type_ (iq4_xs, iq3: a matrix
+    whose width is no multiple of 256 as iq4_nl, as the recipes do)."""
+    f = UPGFile(src)
+    sources = []
+    for name, info in f.tensors.items():
+        if len(info.dims) == 2:
+            rows, cols = info.dims
+            t = type_ if cols % 256 == 0 or type_ == "iq4_nl" else "iq4_nl"
+            load = lambda i=info: _core.dequantize(i.dtype, i.block, f.raw(i.name), *i.dims)
+            sources.append(TensorSource(name, t, info.dims, load, block=32))
+        else:
+            sources.append(TensorSource(name, info.dtype, info.dims, lambda n=name: np.array(f.tensor(n))))
+    write_upg(out, {**f.header, "quantization": {"default": type_, "block": 32}}, sources)
+    return out
+
+
+@pytest.mark.parametrize("type_", GRID_TYPES)
+def test_greedy_completion_equals_cpu_on_the_builtin_model_requantized(tmp_path, type_):
+    texts = greedy_texts(str(requantized(builtin_model_path(), type_, tmp_path / f"builtin-{type_}.upg")))
     assert texts["cuda"] == texts["cpu"], texts
 
 

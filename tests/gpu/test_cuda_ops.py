@@ -4,7 +4,9 @@ Fresh random inputs for every case, ragged shapes, outputs poisoned with NaN bef
 Errors are ||out - ref|| / ||ref|| against a float64 reference; tolerances: f32 arithmetic 1e-5
 (mat-vec and the 8-bit tensor-core mat-mul, against x rounded as the CPU rounds it; norms,
 elementwise, rope), 1e-4 where __expf enters (attention), 3e-3 for the f16 tensor-core mat-mul of
-dense weights (W and x rounded to f16). Runs with UPG_GPU_TESTS=1 (conftest.py).
+dense weights (W and x rounded to f16). The grid types (iq4_nl, iq4_xs, iq3) take the 1e-5 of the
+8-bit path too: their codes become exact int8 grid values, so every block's sum is an exact
+integer, as q4's. Runs with UPG_GPU_TESTS=1 (conftest.py).
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from reference.quant import activations_as_used, add_outliers, dequantize, quantize
+from reference.quant import GRID_TYPES, SUPER_TYPES, activations_as_used, add_outliers, dequantize, quantize
 
 from cuda_lib import Lib, Weight, pass_tensor
 
 SMALL = os.environ.get("UPG_GPU_SMALL") == "1"  # compute-sanitizer runs: fewer, smaller cases
 TYPES = [("f32", 0), ("f16", 0), ("bf16", 0), ("q8_0", 32), ("q8_0", 64), ("q4", 32), ("q4", 64), ("q3", 32),
-         ("q3", 64)]
+         ("q3", 64), ("iq4_nl", 32), ("iq4_xs", 32), ("iq3", 32)]
+# The grid types carry no outliers (FORMAT.md): no case pairs them.
+WEIGHT_CASES = [(d, b, o) for d, b in TYPES for o in (False, True) if not (o and d in GRID_TYPES)]
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +86,16 @@ def matvec_reference(dtype, block, dense, outl, x):
 def matrix_shapes(dtype, block):
     if dtype in ("f32", "f16", "bf16"):
         shapes = [(37, 100), (300, 1000), (64, 256)]  # cols 100, 1000 leave the 16-byte path
+    elif dtype in SUPER_TYPES:  # whole super-blocks of 256; iq3's mat-vec takes 128 columns a lane
+        shapes = [(37, 256 * 3), (300, 256 * 5), (5, 256)]
     else:
         shapes = [(37, block * 7), (300, block * 10), (5, block * 3)]  # odd block counts
-    if not SMALL:
-        shapes.append((1030, 2048 if block != 32 or dtype != "q3" else 2080))
+    if not SMALL:  # iq4_xs, iq3: 21 super-blocks, more chunks than lanes and not a multiple of 32
+        shapes.append((1030, 256 * 21 if dtype in SUPER_TYPES else 2048 if block != 32 or dtype not in ("q3", "iq4_nl") else 2080))
     return shapes
 
 
-@pytest.mark.parametrize("dtype,block", TYPES)
-@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("dtype,block,outliers", WEIGHT_CASES)
 def test_matvec(lib, dtype, block, outliers):
     rng = np.random.default_rng()
     for rows, cols in matrix_shapes(dtype, block):
@@ -102,7 +107,7 @@ def test_matvec(lib, dtype, block, outliers):
         assert err < 1e-5, (rows, cols, err)
 
 
-@pytest.mark.parametrize("dtype,block", [("q4", 32), ("q3", 64), ("f16", 0)])
+@pytest.mark.parametrize("dtype,block", [("q4", 32), ("q3", 64), ("f16", 0), ("iq4_xs", 32), ("iq3", 32)])
 def test_matvec_fused(lib, dtype, block):
     """The prologue fusions (rms_norm, silu_mul) and the accumulating epilogue. For quantized
     weights the prologue's f32 result (rsqrtf, __expf) is rounded to 8 bits in the kernel, and a
@@ -110,9 +115,9 @@ def test_matvec_fused(lib, dtype, block):
     product per such code at these widths, so those types are held to 5e-3 (a wrong fusion is off by
     order 1)."""
     rng = np.random.default_rng()
-    rows, cols = 129, (block or 32) * 9
+    rows, cols = 129, 256 * 3 if dtype in SUPER_TYPES else (block or 32) * 9
     tol = 5e-3 if block else 1e-5
-    w, dense, outl = make_weight(rng, dtype, block, rows, cols, True, split=True)
+    w, dense, outl = make_weight(rng, dtype, block, rows, cols, dtype not in GRID_TYPES, split=True)
     x = rng.standard_normal(cols).astype(np.float32)
     nw = (1 + 0.2 * rng.standard_normal(cols)).astype(np.float32)
     eps = 1e-5
@@ -130,8 +135,7 @@ def test_matvec_fused(lib, dtype, block):
     assert rel_err(y.cpu().numpy(), y0 + matvec_reference(dtype, block, dense, outl, act)) < tol
 
 
-@pytest.mark.parametrize("dtype,block", TYPES)
-@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("dtype,block,outliers", WEIGHT_CASES)
 def test_matmul(lib, dtype, block, outliers):
     rng = np.random.default_rng()
     tokens = [(1, 3), (5, 70), (70, 70)] if SMALL else [(1, 3), (5, 70), (70, 70), (130, 200)]
@@ -157,8 +161,8 @@ def test_matmul(lib, dtype, block, outliers):
 @pytest.mark.parametrize("dtype,block", TYPES)
 def test_get_rows(lib, dtype, block):
     rng = np.random.default_rng()
-    rows, cols = 41, (block or 8) * 5 + (3 if block == 0 else 0)
-    w, ref = make_weight(rng, dtype, block, rows, cols, True)
+    rows, cols = 41, 512 if dtype in SUPER_TYPES else (block or 8) * 5 + (3 if block == 0 else 0)
+    w, ref = make_weight(rng, dtype, block, rows, cols, dtype not in GRID_TYPES)
     ids = np.array([3, 0, 40, -1, 41, 7, 3], np.int32)
     out = nan(9, cols)
     lib.get_rows(w, dev(ids), out, 9, pass_tensor(0, len(ids)))
@@ -166,6 +170,27 @@ def test_get_rows(lib, dtype, block):
     want = np.where(((ids >= 0) & (ids < rows))[:, None], ref[np.clip(ids, 0, rows - 1)], 0.0)
     assert rel_err(out[:len(ids)], want) < 1e-6
     assert np.all(np.isnan(out[len(ids):]))
+
+
+@pytest.mark.parametrize("dtype", GRID_TYPES)
+def test_grid_types_match_cpu_backend(lib, dtype):
+    """Mat-vec and mat-mul of matrices written by the package's own quantizer (its importance-weighted
+    scale search, not the reference's rounding) against the CPU backend's kernels on the same bytes
+    and inputs: both round x to 8 bits per block the same way, so only f32 summation order differs."""
+    from upg_backend import _core
+
+    rng = np.random.default_rng()
+    rows, cols, n = (77, 512, 5) if SMALL else (515, 256 * 11, 37)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    data = np.asarray(_core.quantize(dtype, 32, w, importance=rng.random(cols).astype(np.float32) + 0.1))
+    weight = Weight(dtype, rows, cols, 32, dev(data))
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    y = nan(rows)
+    lib.matvec(weight, dev(x[0]), y)
+    assert rel_err(y.cpu().numpy(), _core.matvec(dtype, 32, data, rows, cols, x[0])) < 1e-5
+    y = nan(n, rows)
+    lib.matmul(weight, dev(x), y, n, rows, pass_tensor(0, n))
+    assert rel_err(y.cpu().numpy(), _core.matmul(dtype, 32, data, rows, cols, x)) < 1e-5
 
 
 def test_rms_norm(lib):
@@ -399,6 +424,15 @@ def test_bad_input_raises(lib):
     w = Weight("q4", 4, 48, 48, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
     with pytest.raises(RuntimeError, match="block must be 32 or 64"):
         lib.matvec(w, torch.zeros(48, device="cuda"), torch.zeros(4, device="cuda"))
+    for dtype, block, cols, msg in [("iq4_xs", 32, 96, "multiple of 256"), ("iq4_nl", 64, 128, "block must be 32")]:
+        w = Weight(dtype, 4, cols, block, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
+        with pytest.raises(RuntimeError, match=msg):
+            lib.matvec(w, torch.zeros(cols, device="cuda"), torch.zeros(4, device="cuda"))
+        with pytest.raises(RuntimeError, match=msg):
+            lib.matmul(w, torch.zeros(2, cols, device="cuda"), torch.zeros(2, 4, device="cuda"), 2, 4, pass_tensor(0, 2))
+    i32 = Weight("i32", 4, 32, 0, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
+    with pytest.raises(RuntimeError, match="not a weight type"):
+        lib.matvec(i32, torch.zeros(32, device="cuda"), torch.zeros(4, device="cuda"))
     wide = Weight("q8_0", 1, 64000, 32, torch.zeros(1024, dtype=torch.uint8, device="cuda"))
     with pytest.raises(RuntimeError, match="cols too large"):
         lib.matvec(wide, torch.zeros(64000, device="cuda"), torch.zeros(1, device="cuda"))
