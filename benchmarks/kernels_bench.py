@@ -2,6 +2,7 @@
 
 Run: python3 benchmarks/kernels_bench.py [--rows 5120] [--cols 17920] [--types q4,q8_0,...]
      python3 benchmarks/kernels_bench.py --decode smollm2 [--types f16,q4] [--threads 1,2]
+     python3 benchmarks/kernels_bench.py --tokens 1,4,8,16 [--types q4,q8_0] [--threads 2]
 
 --decode SHAPE: every matrix of one decode step of that model (smollm2, or a upg_backend.bench
 shape), as the engine runs it: enough copies of each matrix to stream from memory, each product
@@ -106,6 +107,34 @@ def decode_table(args):
             f"{token_s[t] * 1e3:.2f} | {token_bytes / token_s[t] / 1e9:.1f} | " for t in threads) + " |", flush=True)
 
 
+def tokens_table(args):
+    """matvec of n generated tokens at once (matvec_n) from memory, n_threads sharing the rows as the
+    engine's pool does: ms per call, per token, and the token rate against n = 1."""
+    rows, cols = args.rows, args.cols
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    ns = [int(n) for n in args.tokens.split(",")]
+    threads = int(args.threads.split(",")[-1])
+    print(f"matvec_n {rows} x {cols} from memory, {threads} threads (the engine's pool), medians of {args.reps}\n")
+    print("| type | tokens | ms a call | ms a token | tokens/s against 1 token |")
+    print("|---|---:|---:|---:|---:|")
+    for type_ in args.types.split(","):
+        block = TYPES[type_]
+        one = aligned64(_core.quantize(type_, block, w))
+        copies = [one] + [aligned64(one) for _ in range(max(1, args.stream_mb * 2**20 // one.nbytes) - 1)]
+        base = None
+        for n in ns:
+            x = rng.standard_normal((n, cols), dtype=np.float32) if n > 1 else rng.standard_normal(cols, dtype=np.float32)
+
+            def calls():
+                for c in copies:
+                    _core.matvec(type_, block, c, rows, cols, x, n_threads=threads)
+
+            t = median_time(calls, args.reps) / len(copies)
+            base = base or t
+            print(f"| {type_} | {n} | {t * 1e3:.2f} | {t / n * 1e3:.3f} | {n * base / t:.2f}x |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5120)
@@ -116,6 +145,7 @@ def main():
     ap.add_argument("--decode", help="a model's decode matrices: smollm2 or a upg_backend.bench shape")
     ap.add_argument("--threads", default="1,2", help="--decode: thread counts")
     ap.add_argument("--stream-mb", type=int, default=256, help="--decode: bytes of copies per matrix")
+    ap.add_argument("--tokens", help="matvec_n: token counts (e.g. 1,4,8,16; the first is the baseline)")
     ap.add_argument("--list-matrices", action="store_true",
                     help="--decode: print the matrices as ggml_matvec.py --matrices takes them, and exit")
     args = ap.parse_args()
@@ -123,6 +153,8 @@ def main():
         return print(",".join(f"{n}:{r}x{c}x{k}" for n, r, c, k in decode_matrices(args.decode)))
     if args.decode:
         return decode_table(args)
+    if args.tokens:
+        return tokens_table(args)
     rows, cols = args.rows, args.cols
     rng = np.random.default_rng(0)
     w = rng.standard_normal((rows, cols), dtype=np.float32)

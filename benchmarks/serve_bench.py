@@ -7,6 +7,10 @@ client count C, C clients send their prompts at once and stream the answers. Per
 
     aggregate   generated tokens after the first of each stream / (last token of any stream -
                 first token of the first stream): the decode rate the server sustains
+    end to end  all generated tokens / (last token of any stream - the first request sent): what
+                the round delivers, prompt evaluation included (a server that streams the first
+                answers before the last prompt is read counts the same as one that reads every
+                prompt first, which the aggregate favours)
     per stream  the median stream's (tokens - 1) / (its last token - its first token)
     TTFT        time to first token, median and largest (the prompts of later streams wait)
 
@@ -135,6 +139,7 @@ def round_(url: str, clients: int, args: argparse.Namespace, bias: dict[str, flo
     ttft = [r["first"] - r["t0"] for r in results]
     nan = float("nan")
     return {"aggregate": sum(n - 1 for n in tokens) / (last - first) if last > first else nan,
+            "end_to_end": sum(tokens) / (last - min(r["t0"] for r in results)),
             "per_stream": statistics.median(per_stream) if per_stream else nan,
             "ttft": statistics.median(ttft), "ttft_max": max(ttft), "tokens": sum(tokens)}
 
@@ -201,16 +206,20 @@ def report(rows: list[dict], clients: list[int], args: argparse.Namespace, start
     out = [f"{started}, {machine}, build {build}, {args.threads} threads; llama-server -np {max(clients)} "
            f"-c {args.n_ctx * max(clients)} {args.peer_args}".rstrip() + f", ours --parallel {max(clients)} --n-ctx {args.n_ctx}; prompts of "
            f"{args.prompt_words} words, {args.gen} greedy tokens each (end of text banned).", "",
-           "| model | clients | ours aggregate tok/s | llama-server | ratio | ours per stream | llama-server | "
-           "ours TTFT median / max s | llama-server | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| model | clients | ours aggregate tok/s | llama-server | ratio | ours end to end tok/s | llama-server | "
+           "ratio | ours per stream | llama-server | ours TTFT median / max s | llama-server | load |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["model"], r["engine"], r["clients"]): r for r in rows}
     for model in dict.fromkeys(r["model"] for r in rows):
         for c in clients:
             a, b = by.get((model, "ours", c)), by.get((model, "llama.cpp", c))
             if not a or not b:
                 continue
+            for r in (a, b):  # rows reused from a run before the end-to-end rate was measured
+                r.setdefault("end_to_end", float("nan"))
             out.append(f"| {model} | {c} | {a['aggregate']:.1f} | {b['aggregate']:.1f} | "
-                       f"{a['aggregate'] / b['aggregate']:.2f}x | {a['per_stream']:.1f} | {b['per_stream']:.1f} | "
+                       f"{a['aggregate'] / b['aggregate']:.2f}x | {a['end_to_end']:.1f} | {b['end_to_end']:.1f} | "
+                       f"{a['end_to_end'] / b['end_to_end']:.2f}x | {a['per_stream']:.1f} | {b['per_stream']:.1f} | "
                        f"{a['ttft']:.2f} / {a['ttft_max']:.2f} | {b['ttft']:.2f} / {b['ttft_max']:.2f} | "
                        f"{a['load']:.1f} / {b['load']:.1f} |")
     return "\n".join(out)
