@@ -379,15 +379,16 @@ def test_rows_shared_by_threads_give_the_same_bits(path, type_, block):
 def test_decode_of_many_tokens_gives_each_its_bits_alone(path, type_, block):
     """matvec of n tokens at once (the generated tokens of a batch, matvec_n): every token's row has
     the bits of matvec of that token alone, for any token count (whole groups of the path's tokens
-    per pass and the rest), short and long rows (whose blocks fill whole vectors of four blocks or
-    not: the token kernel's rows and the others), outliers included, rows shared by threads, more
+    per pass and the rest), short and long rows (whose blocks fill whole vectors of four blocks, leave
+    two or one: the token kernel's rows and the others), outliers included, rows shared by threads, more
     tokens than the token kernel lays out at a time (64)."""
     rng = np.random.default_rng(31)
     # rows past kShortRowBytes
-    long_cols = [4 * 333] if block == 0 else [n * block for n in ((137, 136) if block == 32 else (69, 68))]
+    long_cols = [4 * 333] if block == 0 else [n * block for n in ((137, 136, 138) if block == 32 else (69, 68))]
+    short_cols = [_cols(type_, block)] + ([18 * block] if block == 32 else [])  # 18 blocks: SmolLM2's 576
     if type_ in ref.SUPER_TYPES:
-        long_cols = [17 * ref.SUPER, 16 * ref.SUPER]
-    for rows, cols in [(37, _cols(type_, block))] + [(70, c) for c in long_cols]:
+        long_cols, short_cols = [17 * ref.SUPER, 16 * ref.SUPER], [_cols(type_, block)]
+    for rows, cols in [(37, c) for c in short_cols] + [(70, c) for c in long_cols]:
         w = _matrix(rows, cols, seed=32)
         data = ref.quantize(type_, block, w)
         out = None if type_ in ref.GRID_TYPES else _outliers(rows, cols, seed=33)  # grids have no 0

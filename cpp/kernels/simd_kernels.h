@@ -463,9 +463,10 @@ struct TokenActsI8 {
   const float* scale = nullptr;   // [token][vector][W]
   const int8_t* q = nullptr;      // quad: [token][vector][NI][E]; else null
   const ActQ8* act = nullptr;     // [token]
+  const int32_t* const* zs = nullptr;  // [token]: the zero-point terms per block (the pair tail's)
   int64_t nv = 0;
 
-  TokenActsI8(const ActQ8* a, const int32_t* const* zs, int64_t n_tok, int64_t nb) : act(a), nv(nb / NV) {
+  TokenActsI8(const ActQ8* a, const int32_t* const* z, int64_t n_tok, int64_t nb) : act(a), zs(z), nv(nb / NV) {
     static thread_local std::vector<uint8_t> buf;
     const int64_t per = nv * (2 * W * 4 + (TV::kQuad ? NI * E : 0));
     buf.resize(size_t(n_tok * per + 64));
@@ -476,7 +477,7 @@ struct TokenActsI8 {
     for (int64_t j = 0; j < n_tok; ++j)
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t k = j * nv + v, b = v * NV;
-        V::store_i(in + k * W, V::template acc_init<NV>(zs[j] + b));
+        V::store_i(in + k * W, V::template acc_init<NV>(z[j] + b));
         V::store(sc + k * W, V::template block_scales<NV>(a[j].d + b));
         if constexpr (TV::kQuad) {
           typename V::ireg lo, hi;
@@ -538,6 +539,27 @@ inline void rows_dot_tokens(const WeightView& w, const TokenActsI8<V, T, B>& ta,
         auto s = init;
         for (int c = 0; c < NI; ++c) s = V::template dpbusd<T>(s, codes[i][c], av[c]);
         acc[j][i] = V::fma(V::cvt(s), V::mul(ws[i], as), acc[j][i]);
+      }
+    }
+  }
+  if constexpr (TV::kQuad) {
+    // two blocks left (nb % 4 == 2): one vector of rows_dot_i8's pair loop, as it runs it
+    using SP = I8Shape<V, T, B>;
+    if (nb % 4 == 2) {
+      const int64_t b = nv * NV;
+      typename V::ireg codes[R];
+      typename V::reg ws[R];
+      for (int i = 0; i < R; ++i) {
+        codes[i] = dot_codes<V, T, B>(w, (r + i) * nb + b, 0);
+        ws[i] = V::template block_scales<SP::P>(scales + i * ns + b);
+      }
+      for (int j = 0; j < NT; ++j) {
+        const ActQ8& a = ta.act[t0 + j];
+        const typename V::ireg init = V::template acc_init<SP::P>(ta.zs[t0 + j] + b);
+        const typename V::reg as = V::template block_scales<SP::P>(a.d + b);
+        const typename V::ireg av = V::load_i(a.q + b * B);
+        for (int i = 0; i < R; ++i)
+          acc[j][i] = V::fma(V::cvt(V::template dpbusd<T>(init, codes[i], av)), V::mul(ws[i], as), acc[j][i]);
       }
     }
   }
@@ -832,7 +854,9 @@ void matvec_n(const WeightView& w, const float* x, const ActQ8& xq, int64_t n_to
       const bool short_rows = nb * I8Shape<V, T, B>::kCodeBytes <= kShortRowBytes;
       const int rg = short_rows ? RS : R;
       if constexpr (TV::kOn) {
-        if (n_tok > 1 && !short_rows && nb % TV::NV == 0) {
+        // rows whose blocks fill whole vectors, and the quad types' rows with a pair of blocks left
+        // (SmolLM2's 576 columns: 18 blocks)
+        if (n_tok > 1 && (nb % TV::NV == 0 || (TV::kQuad && nb % 4 == 2))) {
           const int32_t* zp[kMaxTokensI8];
           ActQ8 acts[kMaxTokensI8];
           constexpr int RT = V::kTokensRows, NT = V::kTokensNT;
