@@ -125,21 +125,29 @@ __device__ __forceinline__ int xq_word(int U) {
 // together.
 template <int DT, int B, int NBL, class Load>
 __device__ void quantize_x(Load load, uint32_t* xq, float* xd, int cols) {
-  constexpr int L = B / 4;
+  constexpr int L = B / 4, U = 4;  // U units a thread loads before the first use (x may be in global memory)
   const int units = cols / 4;
-  for (int u0 = 0; u0 < units; u0 += blockDim.x) {  // the same trip count in every lane: shuffles
-    const int u = u0 + threadIdx.x;
-    const float4 v = u < units ? load(u) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    float m = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+  for (int u0 = 0; u0 < units; u0 += U * blockDim.x) {  // the same trip count in every lane: shuffles
+    float4 v[U];
 #pragma unroll
-    for (int o = L / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (u >= units) continue;
-    const float inv = m != 0.0f ? 127.0f / m : 0.0f;
-    const uint32_t word = (uint32_t(__float2int_rn(v.x * inv)) & 0xffu) | (uint32_t(__float2int_rn(v.y * inv)) & 0xffu) << 8 |
-                          (uint32_t(__float2int_rn(v.z * inv)) & 0xffu) << 16 | uint32_t(__float2int_rn(v.w * inv)) << 24;
-    const int w = xq_word<DT, B, NBL>(u);
-    xq[xq_group<DT, B, NBL>(w >> 2) * 4 + (w & 3)] = word;
-    if ((u & (L - 1)) == 0) xd[u / L] = __half2float(__float2half_rn(m / 127.0f));
+    for (int i = 0; i < U; ++i) {
+      const int u = u0 + i * blockDim.x + threadIdx.x;
+      v[i] = u < units ? load(u) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int u = u0 + i * blockDim.x + threadIdx.x;
+      float m = fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w)));
+#pragma unroll
+      for (int o = L / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (u >= units) continue;
+      const float inv = m != 0.0f ? 127.0f / m : 0.0f;
+      const uint32_t word = (uint32_t(__float2int_rn(v[i].x * inv)) & 0xffu) | (uint32_t(__float2int_rn(v[i].y * inv)) & 0xffu) << 8 |
+                            (uint32_t(__float2int_rn(v[i].z * inv)) & 0xffu) << 16 | uint32_t(__float2int_rn(v[i].w * inv)) << 24;
+      const int w = xq_word<DT, B, NBL>(u);
+      xq[xq_group<DT, B, NBL>(w >> 2) * 4 + (w & 3)] = word;
+      if ((u & (L - 1)) == 0) xd[u / L] = __half2float(__float2half_rn(m / 127.0f));
+    }
   }
 }
 
@@ -395,11 +403,26 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
 #pragma unroll
       for (int t = 0; t < NT; ++t) acc[i][t] = 0.0f;
     if constexpr (VEC) {
+      // several tokens: the next chunk's loads are issued before this chunk's products (the
+      // one-token kernel gets that from unrolling by 2); not q3, whose chunks need more registers
+      // than the pipeline leaves (spills)
+      constexpr bool kPipe = NT > 1 && DT != UPG_DTYPE_Q3;
+      [[maybe_unused]] Raw next[R];
+      if constexpr (kPipe)
+#pragma unroll
+        for (int i = 0; i < R; ++i) next[i] = load_chunk<DT, B, NBL>(m, min(r0 + i, m.rows - 1), min(lane, nc - 1));
 #pragma unroll(CE == 64 || NT > 1 ? 1 : 2)
       for (int c = lane; c < nc; c += 32) {
         Raw raw[R];
 #pragma unroll
-        for (int i = 0; i < R; ++i) raw[i] = load_chunk<DT, B, NBL>(m, min(r0 + i, m.rows - 1), c);
+        for (int i = 0; i < R; ++i) {
+          if constexpr (kPipe) {
+            raw[i] = next[i];
+            next[i] = load_chunk<DT, B, NBL>(m, min(r0 + i, m.rows - 1), min(c + 32, nc - 1));
+          } else {
+            raw[i] = load_chunk<DT, B, NBL>(m, min(r0 + i, m.rows - 1), c);
+          }
+        }
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           if (t >= n) break;  // uniform
