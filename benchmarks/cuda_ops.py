@@ -1,12 +1,14 @@
 """Micro-benchmarks of the CUDA kernels (cpp/cuda/) on one GPU, through tests/gpu/cuda_lib.py.
 
-  python benchmarks/cuda_ops.py [--json out.json] [--quick] [--types q4,iq4_xs,...] [--step-types q4,...]
+  python benchmarks/cuda_ops.py [--json out.json] [--quick] [--types q4,iq4_xs,...] [--step-types q4,...] [--tokens]
 
 Prints, with the peer measured in the same run (a device-to-device copy, bytes read + written):
 mat-vec GB/s per type for the Phi-4 matrices, decode attention at 4096 positions, and a whole
 Phi-4-shaped decode step (40 layers, captured once as a CUDA graph that also feeds the argmax
 back as the next token) as tokens/s, unfused (one launch per graph op) and fused (rms_norm and
-silu_mul folded into the mat-vec prologue, the residual adds into its epilogue). Weights are random
+silu_mul folded into the mat-vec prologue, the residual adds into its epilogue). --tokens instead:
+the mat-vec of several tokens (matvec_n, a step's generated tokens) per Phi-4 matrix for 1 to 32
+tokens, the sum of a decode step's mat-vecs, and decode attention of 32 sequences. Weights are random
 codes and scales (never zeros) in the file layout; every timing is the median of CUDA-event-timed
 graph replays, over enough weight copies to defeat the 60 MB L2.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "gpu"))
-from cuda_lib import Lib, Weight, pass_tensor  # noqa: E402
+from cuda_lib import Lib, Weight, batch_pass, pass_tensor  # noqa: E402
 
 PHI4 = dict(hidden=5120, heads=40, kv_heads=10, head_dim=128, inter=17920, vocab=100352, layers=40,
             theta=250000.0, eps=1e-5)
@@ -116,6 +118,63 @@ def bench_matvec(lib, types, shapes):
     return rows_out
 
 
+def bench_matvec_n(lib, types, counts=(1, 4, 8, 16, 32)):
+    """matvec_n per Phi-4 matrix and token count (us per launch set and per token), and a decode
+    step's mat-vecs (40 layers of qkv, o, gate_up, down, and the lm_head) per token count."""
+    rows_out = []
+    for dtype in types:
+        step = {n: 0.0 for n in counts}
+        for name, (rows, cols) in SHAPES.items():
+            nbytes = sum(sections(dtype, rows, cols))
+            copies = max(2, math.ceil(1.5e9 / nbytes))
+            ws = [random_weight(dtype, rows, cols) for _ in range(copies)]
+            x = torch.randn(max(counts), cols, device="cuda")
+            y = torch.empty(max(counts), rows, device="cuda")
+            per_launch = lib.matvec_tokens(ws[0])
+            for n in counts:
+                if n == 1:
+                    ms, _ = time_graph(lambda: [lib.matvec(w, x[0], y[0]) for w in ws])
+                else:
+                    ms, _ = time_graph(lambda: [lib.matvec_n(w, x, y, n) for w in ws])
+                us = ms * 1e3 / copies
+                step[n] += us * (1 if name == "lm_head" else PHI4["layers"])
+                rows_out.append(dict(type=dtype, matrix=name, tokens=n, per_launch=per_launch, us=us, us_per_token=us / n,
+                                     weight_gbps=nbytes / us / 1e3))
+                print(f"matvec_n {dtype:5s} {name:8s} {rows}x{cols} {n:2d} tokens ({per_launch} a launch): "
+                      f"{us:8.1f} us, {us / n:7.1f} us a token, weights {nbytes / us / 1e3:5.0f} GB/s", flush=True)
+            del ws
+            torch.cuda.empty_cache()
+        for n in counts:
+            rows_out.append(dict(type=dtype, matrix="step", tokens=n, us=step[n], us_per_token=step[n] / n))
+            print(f"matvec_n {dtype:5s} decode step's mat-vecs, {n:2d} tokens: {step[n] / 1e3:6.2f} ms "
+                  f"({step[n] / n / 1e3:5.3f} ms a token)", flush=True)
+    return rows_out
+
+
+def bench_attention_batch(lib, n_seq=32, slot_len=577, layers=40):
+    """Decode attention of n_seq sequences of slot_len - 1 positions each in one launch, per layer."""
+    c = PHI4
+    nh, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
+    stride = (nh + 2 * nkv) * hd
+    caches = [(torch.randn(nkv, n_seq * slot_len, hd, device="cuda").half(),
+               torch.randn(nkv, n_seq * slot_len, hd, device="cuda").half()) for _ in range(layers)]
+    qkv = torch.randn(n_seq, stride, device="cuda")
+    o = torch.empty(n_seq, nh * hd, device="cuda")
+    out = []
+    for n in (1, n_seq):
+        ws = lib.decode_workspace(nh, nkv, hd, n_seq * slot_len, slot_len, n)
+        p = batch_pass([(s, slot_len - 1, 1) for s in range(n)], n, slot_len)
+        ms, _ = time_graph(lambda: [lib.attention_decode(qkv, k, v, o, nh, nkv, hd, n_seq * slot_len, stride,
+                                                         1 / math.sqrt(hd), ws, p, n_decode=n, slot_len=slot_len)
+                                    for k, v in caches])
+        us = ms * 1e3 / layers
+        out.append(dict(sequences=n, positions=slot_len, us_per_layer=us))
+        print(f"attention decode f16 cache, {n} sequences of {slot_len} positions, Phi-4 layer: {us:6.1f} us", flush=True)
+    del caches
+    torch.cuda.empty_cache()
+    return out
+
+
 def bench_attention(lib, n_ctx=4096, layers=40, n_kv=4096):
     c = PHI4
     nh, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
@@ -127,7 +186,7 @@ def bench_attention(lib, n_ctx=4096, layers=40, n_kv=4096):
         qkv = torch.randn(stride, device="cuda")
         o = torch.empty(nh * hd, device="cuda")
         ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
-        p = pass_tensor(n_kv - 1, 1)
+        p = pass_tensor(n_kv - 1, 1, n_decode=1)
         ms, _ = time_graph(lambda: [lib.attention_decode(qkv, k, v, o, nh, nkv, hd, n_ctx, stride, 1 / math.sqrt(hd), ws, p)
                                     for k, v in caches])
         us = ms * 1e3 / layers
@@ -196,7 +255,7 @@ class DecodeStep:
         self.proj, self.gu, self.act, self.logits = f(h), f(2 * inter), f(inter), f(c["vocab"])
         self.ids = torch.zeros(4, dtype=torch.int32, device="cuda")
         self.ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
-        self.pass_ = pass_tensor(0, 1)
+        self.pass_ = pass_tensor(0, 1, n_decode=1)
         self.generated = torch.zeros(n_ctx + 256, dtype=torch.int32, device="cuda")  # next_token's output
         self.inv_freq = 1.0 / c["theta"] ** (torch.arange(0, hd, 2, device="cuda", dtype=torch.float64) / hd)
         self.inv_freq = self.inv_freq.float()
@@ -244,9 +303,9 @@ class DecodeStep:
     def tokens_per_s(self, fused, n_past, steps=128):
         """Replays the captured step `steps` times from position n_past; tokens per second."""
         _, g = time_graph(lambda: self.step(fused), reps=1, warmup=0)
-        self.pass_.copy_(pass_tensor(n_past, 1))
+        self.pass_.copy_(pass_tensor(n_past, 1, n_decode=1))
         g.replay()  # warm
-        self.pass_.copy_(pass_tensor(n_past, 1))
+        self.pass_.copy_(pass_tensor(n_past, 1, n_decode=1))
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(steps):
@@ -261,14 +320,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="q4 and q8_0 mat-vecs only")
-    ap.add_argument("--types", help="comma-separated types of the mat-vecs and mat-muls (instead of the default list)")
+    ap.add_argument("--types", help="comma-separated types of the mat-vecs and mat-muls, or of --tokens (instead of the default list)")
     ap.add_argument("--step-types", default="q4,q8_0", help="comma-separated types of the decode steps")
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--prefill-only", action="store_true", help="the prefill mat-muls and attention only")
+    ap.add_argument("--tokens", action="store_true", help="matvec_n for 1 to 32 tokens and batched decode attention only")
     args = ap.parse_args()
     torch.manual_seed(0)
     lib = Lib()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    if args.tokens:
+        tokens_types = ["q4", "q8_0"] if args.quick else ["q4", "q8_0", "q3", *GRID_TYPES]
+        res["matvec_n"] = bench_matvec_n(lib, args.types.split(",") if args.types else tokens_types)
+        res["attention_batch"] = bench_attention_batch(lib)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return
     res["copy_gbps"], res["copy_kernel_gbps"] = copy_bandwidth()
     print(f"device-to-device copy (read + write): cudaMemcpy {res['copy_gbps']:.0f} GB/s, "
           f"SM kernel {res['copy_kernel_gbps']:.0f} GB/s", flush=True)

@@ -105,13 +105,25 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out) {
   p.output = row > 0 ? Graph::Output::kLogits : Graph::Output::kNone;
   graph_.run(*backend_, weights_, buffers_, tokens.data(), p);
   const size_t vocab = size_t(model_->config().vocab_size);
-  float* o = out;
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const Entry& e = entries[i];
-    if (e.logits == Logits::kNone) continue;
-    const size_t rows = e.logits == Logits::kAll ? size_t(e.n) : 1;
-    backend_->download(o, buffers_[Graph::kLogits].at(uint64_t(out_row[i]) * vocab * 4), rows * vocab * sizeof(float));
-    o += rows * vocab;
+  // The entries' rows, in their order; one download when kLogits holds them in that order already
+  // (a GPU synchronizes once instead of once per entry).
+  bool in_order = true;
+  for (size_t i = 0, next = 0; i < entries.size(); ++i) {
+    if (entries[i].logits == Logits::kNone) continue;
+    in_order &= size_t(out_row[i]) == next;
+    next += entries[i].logits == Logits::kAll ? size_t(entries[i].n) : 1;
+  }
+  if (in_order && row > 0) {
+    backend_->download(out, buffers_[Graph::kLogits], size_t(row) * vocab * sizeof(float));
+  } else {
+    float* o = out;
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const Entry& e = entries[i];
+      if (e.logits == Logits::kNone) continue;
+      const size_t rows = e.logits == Logits::kAll ? size_t(e.n) : 1;
+      backend_->download(o, buffers_[Graph::kLogits].at(uint64_t(out_row[i]) * vocab * 4), rows * vocab * sizeof(float));
+      o += rows * vocab;
+    }
   }
   for (const Entry& e : entries) n_past_[size_t(e.slot)] += e.n;
 }

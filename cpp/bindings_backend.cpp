@@ -44,9 +44,13 @@ void bind_backend(py::module_& m) {
              return UpgRopeArgs{n_tokens, n_heads, head_dim, rot_dims, token_stride, attn_factor};
            }), "n_tokens"_a, "n_heads"_a, "head_dim"_a, "rot_dims"_a, "token_stride"_a, "attn_factor"_a = 1.0f);
   py::class_<UpgAttnArgs>(m, "AttnArgs")
-      .def(py::init([](int n_heads, int n_kv_heads, int head_dim, int kv_stride, int q_stride, int n_tokens, float scale) {
-             return UpgAttnArgs{n_heads, n_kv_heads, head_dim, kv_stride, q_stride, n_tokens, scale};
-           }), "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "kv_stride"_a, "q_stride"_a, "n_tokens"_a, "scale"_a);
+      .def(py::init([](int n_heads, int n_kv_heads, int head_dim, int kv_stride, int q_stride, int n_tokens, float scale,
+                       int n_decode, int n_seqs, int slot_len) {
+             return UpgAttnArgs{n_heads, n_kv_heads, head_dim, kv_stride, q_stride, n_tokens, scale, n_decode, n_seqs,
+                                slot_len > 0 ? slot_len : kv_stride};
+           }), "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "kv_stride"_a, "q_stride"_a, "n_tokens"_a, "scale"_a,
+           "n_decode"_a = 0, "n_seqs"_a = 1, "slot_len"_a = 0,
+           "The pass's shape (n_decode, n_seqs, slot_len: 0 for kv_stride) as the graph passes it (upg_common.h).");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend", "What a Session runs on (cpp/upg/backend.h).")
       .def_property_readonly("name", &Backend::name)

@@ -124,7 +124,8 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, c
   const bool long_set = p.seqs.size() == 1 && model_.long_factors(s0.n_past + s0.n_tokens);
   const Buf inv_freq = buffers[kInvFreq].at(long_set ? 2 * uint64_t(c.rotary_dim) : 0);
   const UpgRopeArgs rope{n, nh + nkv, hd, c.rotary_dim, qkv_rows, c.attention_factor};
-  const UpgAttnArgs att{nh, nkv, hd, n_slots_ * n_ctx_, qkv_rows, n, 1.0f / std::sqrt(float(hd))};
+  const UpgAttnArgs att{nh, nkv, hd, n_slots_ * n_ctx_, qkv_rows, n, 1.0f / std::sqrt(float(hd)),
+                        n_dec, int(p.seqs.size()), n_ctx_};
 
   be.get_rows(place(model_.embed(), weights), buffers[kTokens], n, x);
   for (int l = 0; l < c.num_hidden_layers; ++l) {

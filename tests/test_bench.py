@@ -17,3 +17,31 @@ def test_bad_arguments(args, message, capsys):
     assert cli.main(["bench", *args]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_parallel_refuses_a_count_below_one(capsys):
+    assert cli.main(["bench", "small", "--parallel", "4", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "parallel stream counts must be at least 1" in err and "Traceback" not in err
+
+
+def test_parallel_streams_on_the_cpu(tmp_path, capsys):
+    """`upg bench FILE --parallel 3`: rows for one stream (the reference) and three, each stream's
+    tokens counted once (aggregate = streams x per stream), one stream's ratio 1."""
+    from conftest import make_hf_checkpoint
+    from upg_backend.convert import convert_hf
+
+    src = make_hf_checkpoint(tmp_path / "hf", "Phi3ForCausalLM", seed=1, hidden_size=64, intermediate_size=128,
+                             num_attention_heads=2, num_key_value_heads=1, vocab_size=96)
+    path = tmp_path / "m.upg"
+    convert_hf(src, path, type="q4", block=32, progress=False)
+    assert cli.main(["bench", str(path), "--backend", "cpu", "--threads", "1", "--parallel", "3", "--prompt-tokens", "5",
+                     "--gen-tokens", "4", "--runs", "1", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == "cpu" and r["type"] == "q4" and [row["streams"] for row in r["rows"]] == [1, 3]
+    for row in r["rows"]:
+        assert row["aggregate_tps"] > 0 and abs(row["aggregate_tps"] - row["streams"] * row["per_stream_tps"]) < 1e-6 * row["aggregate_tps"]
+        assert 0 <= row["host_ms"] < row["step_ms"]
+    assert r["rows"][0]["vs_one_stream"] == 1.0

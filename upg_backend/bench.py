@@ -3,6 +3,9 @@
 Decode streams every weight once per token, so its floor is weight bytes / memory bandwidth; the
 report puts the achieved weight bandwidth next to the machine's measured read bandwidth. A model is
 a .upg file or a synthetic one of a named shape (random weights, written once and cached).
+
+`upg bench --parallel N ...`: N streams decoding together through a BatchSession (one generated
+token of every stream per step, greedy on the host), against one stream measured the same way.
 """
 from __future__ import annotations
 
@@ -184,6 +187,19 @@ def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs:
                 peak_rss_bytes=_peak_rss(), kv_bytes=kv_bytes, device_bytes=device_bytes, gpu_gbps=gpu_gbps)
 
 
+def _model_path(model: str, type: str, cache_dir: Path | None) -> tuple[Path, str]:
+    """The .upg file to run and its weight type: `model` itself, or the synthetic model of that shape."""
+    from .recipes import WEIGHT_TYPES
+
+    if model in SHAPES:
+        if type not in WEIGHT_TYPES:
+            raise ValueError(f"unknown weight type {type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
+        cache = cache_dir or Path(os.environ.get("UPG_CACHE", Path.home() / ".cache" / "upg"))
+        return synthetic_model(model, type, cache / f"synthetic-{model}-{type}.upg"), type
+    path = Path(model)
+    return path, json.loads(_core.File(str(path)).header).get("quantization", {}).get("default", "?")
+
+
 def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
               kv_type: str = "f16", cache_dir: Path | None = None, backend: str = "auto") -> BenchResult:
     """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES, on a
@@ -194,8 +210,6 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
             or absent.
         UPGFormatError: the file is not a valid model.
     """
-    from .recipes import WEIGHT_TYPES
-
     for name, value in (("prompt", prompt), ("gen", gen), ("runs", runs)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -203,14 +217,7 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
         raise ValueError(f"threads must be 0 (one per core) or more, got {threads}")
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {backend!r}")
-    if model in SHAPES:
-        if type not in WEIGHT_TYPES:
-            raise ValueError(f"unknown weight type {type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
-        cache = cache_dir or Path(os.environ.get("UPG_CACHE", Path.home() / ".cache" / "upg"))
-        path = synthetic_model(model, type, cache / f"synthetic-{model}-{type}.upg")
-    else:
-        path = Path(model)
-        type = json.loads(_core.File(str(path)).header).get("quantization", {}).get("default", "?")
+    path, type = _model_path(model, type, cache_dir)
     threads = threads or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         r = pool.apply(_measure, (str(path), backend, threads, prompt, gen, runs, kv_type))
@@ -218,3 +225,102 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
     gpu_gbps = r.pop("gpu_gbps")
     machine = _core.measure_read_bandwidth(1 << 30, threads) if r["backend"] == "cpu" else gpu_gbps
     return BenchResult(model=model, type=type, threads=threads, machine_gbps=machine, **r)
+
+
+# ---- several streams in one pass ----
+
+
+@dataclasses.dataclass
+class ParallelRow:
+    streams: int
+    aggregate_tps: float  # generated tokens of all streams per second (median of runs)
+    per_stream_tps: float
+    vs_one_stream: float  # aggregate tok/s over one stream's
+    step_ms: float  # one step (median of runs), the host's greedy choice included
+    host_ms: float  # of which the argmax of the step's logits rows on the host
+
+
+@dataclasses.dataclass
+class ParallelResult:
+    model: str
+    type: str
+    backend: str
+    threads: int
+    prompt_tokens: int  # each stream's context before it decodes
+    decode_steps: int
+    rows: list[ParallelRow]
+
+    def table(self) -> str:
+        head = (f"{self.model} ({self.type}) on {self.backend}, {self.threads} threads: each stream "
+                f"{self.prompt_tokens} prompt tokens, then {self.decode_steps} steps of one generated token per "
+                f"stream (BatchSession, greedy on the host; medians of runs)")
+        lines = [head, f"{'streams':>8}  {'aggregate tok/s':>15}  {'per stream':>10}  {'x one stream':>12}  "
+                       f"{'step ms':>8}  {'host argmax ms':>14}"]
+        lines += [f"{r.streams:>8}  {r.aggregate_tps:>15.1f}  {r.per_stream_tps:>10.2f}  {r.vs_one_stream:>12.2f}  "
+                  f"{r.step_ms:>8.2f}  {r.host_ms:>14.2f}" for r in self.rows]
+        return "\n".join(lines)
+
+
+def _measure_parallel(path: str, backend: str, threads: int, streams: list[int], prompt: int, gen: int, runs: int,
+                      kv_type: str) -> tuple[str, list[tuple[float, float]]]:
+    """(seconds a step, of which the host's argmax) of each stream count (medians of runs), in a
+    fresh process (a fresh backend each)."""
+    from .format import UPGFile
+
+    cfg = UPGFile(path).config
+    model = _core.Model(path, cfg.engine_config())
+    rng = np.random.default_rng(1)
+    out, name = [], backend
+    for n in streams:
+        name, device = open_backend(backend)
+        b = _core.BatchSession(model, n, prompt + gen + 1, kv_type, threads, max(n, prompt), device)
+        for slot in range(n):
+            b.step([(slot, rng.integers(0, cfg.vocab_size, prompt, dtype=np.int32), False, 0)])
+        steps, host = [], []
+        for _ in range(runs):
+            for slot in range(n):
+                b.truncate(slot, prompt)
+            toks = np.full(n, 1, np.int32)
+            argmax_s = 0.0
+            t0 = time.perf_counter()
+            for _ in range(gen):
+                logits = b.step([(slot, toks[slot:slot + 1], True, 1) for slot in range(n)])
+                t1 = time.perf_counter()
+                toks = logits.argmax(axis=1).astype(np.int32)
+                argmax_s += time.perf_counter() - t1
+            steps.append((time.perf_counter() - t0) / gen)
+            host.append(argmax_s / gen)
+        out.append((statistics.median(steps), statistics.median(host)))
+        del b, device
+    return name, out
+
+
+def run_parallel_bench(model: str, streams: list[int], type: str = "q4", threads: int = 0, prompt: int = 512,
+                       gen: int = 128, runs: int = 3, kv_type: str = "f16", cache_dir: Path | None = None,
+                       backend: str = "auto") -> ParallelResult:
+    """Decode speed of several streams in one pass: for each count in `streams` (and 1, the
+    reference), that many sequences of `prompt` tokens each decode `gen` steps together.
+
+    Raises:
+        ValueError: a count is not positive, the weight type is unknown, or the backend is unknown
+            or absent.
+        UPGFormatError: the file is not a valid model.
+    """
+    for name, value in (("prompt", prompt), ("gen", gen), ("runs", runs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not streams or min(streams) < 1:
+        raise ValueError(f"parallel stream counts must be at least 1, got {streams}")
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (one per core) or more, got {threads}")
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {backend!r}")
+    path, type = _model_path(model, type, cache_dir)
+    threads = threads or os.cpu_count() or 1
+    counts = sorted(set(streams) | {1})
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        name, times = pool.apply(_measure_parallel, (str(path), backend, threads, counts, prompt, gen, runs, kv_type))
+    one = 1 / times[0][0]
+    rows = [ParallelRow(n, n / s, 1 / s, n / s / one, 1e3 * s, 1e3 * h) for n, (s, h) in zip(counts, times)]
+    return ParallelResult(model=model, type=type, backend=name, threads=threads, prompt_tokens=prompt,
+                          decode_steps=gen, rows=rows)

@@ -297,6 +297,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "f32"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--parallel", type=int, nargs="+", metavar="N",
+                   help="instead: N streams decoding together in one pass (BatchSession), for each N given, "
+                        "against one stream")
     _backend_argument(p)
 
 
@@ -304,8 +307,14 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import run_bench
+    from .bench import run_bench, run_parallel_bench
 
+    if args.parallel:
+        p = run_parallel_bench(args.model, args.parallel, type=args.type, threads=args.threads,
+                               prompt=args.prompt_tokens, gen=args.gen_tokens, runs=args.runs, kv_type=args.kv_type,
+                               backend=args.backend)
+        print(json.dumps(dataclasses.asdict(p), indent=2) if args.json else p.table())
+        return 0
     r = run_bench(args.model, type=args.type, threads=args.threads, prompt=args.prompt_tokens, gen=args.gen_tokens,
                   runs=args.runs, kv_type=args.kv_type, backend=args.backend)
     print(json.dumps(dataclasses.asdict(r) | {"roofline": r.roofline}, indent=2) if args.json else r.table())

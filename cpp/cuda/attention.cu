@@ -54,8 +54,10 @@ __global__ void k_kv_store(const float* __restrict__ qkv, KV* __restrict__ kc, K
                            const int32_t* __restrict__ pass) {
   pdl_enter();
   const int d = blockIdx.x * blockDim.x + threadIdx.x, kvh = blockIdx.y, t = blockIdx.z;
-  const int pos = n_past(pass) + t;
-  if (d >= a.head_dim || t >= n_tokens(pass) || pos >= a.kv_stride) return;
+  if (d >= a.head_dim || t >= n_tokens(pass)) return;
+  const UpgToken& tok = pass_token(pass, t);
+  const int pos = tok.kv_base + tok.pos;  // in its sequence's slot
+  if (pos >= a.kv_stride) return;
   const float* row = qkv + int64_t(t) * a.q_stride;
   const int64_t dst = (int64_t(kvh) * a.kv_stride + pos) * a.head_dim + d;
   kc[dst] = to_kv<KV>(row[(a.n_heads + kvh) * a.head_dim + d]);
@@ -70,7 +72,8 @@ __global__ void k_kv_store(const float* __restrict__ qkv, KV* __restrict__ kc, K
 // 3. P V: thread = (16-byte column unit, position group), the V loads of 4 positions in flight,
 //    then the position groups summed through shared memory.
 // Writes the split's unnormalized output, max and sum: acc [n_heads][max_splits][hd], then
-// ml [n_heads][max_splits][2].
+// ml [n_heads][max_splits][2], in generated token t's region of the workspace (grid z: the pass's
+// generated tokens [0, n_decode), each over its own sequence's positions: its UpgToken).
 template <typename KV, int NVL>
 __global__ void __launch_bounds__(kDecThreads) k_attn_decode(const float* __restrict__ qkv, const KV* __restrict__ kc,
                                                              const KV* __restrict__ vc, float* __restrict__ ws,
@@ -78,18 +81,21 @@ __global__ void __launch_bounds__(kDecThreads) k_attn_decode(const float* __rest
                                                              const int32_t* __restrict__ pass) {
   constexpr int VEC = 16 / sizeof(KV), STEPS = 8 / NVL;
   pdl_enter();
-  const int kvh = blockIdx.x, split = blockIdx.y, hd = a.head_dim, G = a.n_heads / a.n_kv_heads, nvec = hd / VEC;
-  const int n_kv = n_past(pass) + n_tokens(pass);
+  const int kvh = blockIdx.x, split = blockIdx.y, t = blockIdx.z, hd = a.head_dim, G = a.n_heads / a.n_kv_heads;
+  const int nvec = hd / VEC;
+  const UpgToken& tok = pass_token(pass, t);
+  const int n_kv = tok.pos + 1;
   const int p0 = split * kSplitLen, len = min(n_kv - p0, kSplitLen);
   if (len <= 0) return;
+  ws += int64_t(t) * a.n_heads * max_splits * (hd + 2);
   extern __shared__ float sm[];
   float* qs = sm;                   // [G][hd], scaled
   float* sc = qs + G * hd;          // [G][kSplitLen]
   float* red = sc + G * kSplitLen;  // [npg][G][hd]
-  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) qs[i] = qkv[kvh * G * hd + i] * a.scale;
+  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) qs[i] = qkv[int64_t(t) * a.q_stride + kvh * G * hd + i] * a.scale;
   __syncthreads();
-  const KV* kbase = kc + (int64_t(kvh) * a.kv_stride + p0) * hd;
-  const KV* vbase = vc + (int64_t(kvh) * a.kv_stride + p0) * hd;
+  const KV* kbase = kc + (int64_t(kvh) * a.kv_stride + tok.kv_base + p0) * hd;
+  const KV* vbase = vc + (int64_t(kvh) * a.kv_stride + tok.kv_base + p0) * hd;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, l8 = lane & 7, sub = lane >> 3;
 
   for (int pb = warp * 4 * STEPS; pb < len; pb += (kDecThreads / 32) * 4 * STEPS) {
@@ -200,8 +206,8 @@ __global__ void __launch_bounds__(kDecThreads) k_attn_decode(const float* __rest
   }
 }
 
-// out[h][d] = sum_s e^(m_s - M) acc_s[d] / sum_s e^(m_s - M) l_s over the active splits. One block
-// per head: the splits' (m, l) go to shared memory in one parallel load, the weights
+// out[t][h][d] = sum_s e^(m_s - M) acc_s[d] / sum_s e^(m_s - M) l_s over the active splits of
+// generated token t. One block per (head, token): the splits' (m, l) go to shared memory in one parallel load, the weights
 // e^(m_s - M) / L are formed there, then thread (4-dim column, split group) sums its splits with
 // four loads in flight and the split groups meet in shared memory.
 constexpr int kCombineThreads = 256;
@@ -212,9 +218,11 @@ __global__ void __launch_bounds__(kCombineThreads) k_attn_combine(const float* _
   pdl_enter();
   extern __shared__ float cm[];  // [max_splits] weights (padded to 4), then [kCombineThreads * 4] partial sums
   __shared__ float red[kCombineThreads / 32];
-  const int h = blockIdx.x, hd = a.head_dim, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n_kv = n_past(pass) + n_tokens(pass);
+  const int h = blockIdx.x, t = blockIdx.y, hd = a.head_dim, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_kv = pass_token(pass, t).pos + 1;
   const int ns = min(max_splits, (n_kv + kSplitLen - 1) / kSplitLen);
+  ws += int64_t(t) * a.n_heads * max_splits * (hd + 2);
+  out += int64_t(t) * a.n_heads * hd;
   const float* ml = ws + int64_t(a.n_heads) * max_splits * hd + int64_t(h) * max_splits * 2;
   float m = -INFINITY;
   for (int s = threadIdx.x; s < ns; s += blockDim.x) {
@@ -269,16 +277,41 @@ __global__ void __launch_bounds__(kCombineThreads) k_attn_combine(const float* _
   }
 }
 
-// Prefill: block (query head, 16 queries); warp w owns queries 4w..4w+3 of the block, lane j the
+// Tile `tile` of the pass's prompt tokens at Q queries a tile: each prompt sequence (those past
+// the generated tokens, UpgPass::n_decode) has its own tiles, in order, so a tile never mixes
+// sequences and a sequence's tiles are the same whatever else the pass holds. n = 0 past the last.
+struct PromptTile {
+  int first, n, past, kv_base, t0;  // the sequence's first token, tokens, n_past, slot; the tile's first query
+};
+
+__device__ __forceinline__ PromptTile prompt_tile(const int32_t* pass, int tile, int Q) {
+  const UpgPass& p = *reinterpret_cast<const UpgPass*>(pass);
+  for (int s = 0; s < p.n_seqs; ++s) {
+    const UpgSeq& q = pass_seq(pass, s);
+    if (q.first < p.n_decode) continue;
+    const int nt = (q.n_tokens + Q - 1) / Q;
+    if (tile < nt) return {q.first, q.n_tokens, q.n_past, q.kv_base, tile * Q};
+    tile -= nt;
+  }
+  return {0, 0, 0, 0, 0};
+}
+
+// Tiles of the prompt tokens for the grid: sum over k prompt sequences of ceil(n_s / Q) is at
+// most ceil(n_prompt / Q) + k - 1 (blocks past the last tile exit).
+int prompt_tiles(const UpgAttnArgs& a, int Q) { return (a.n_tokens - a.n_decode + Q - 1) / Q + a.n_seqs - 1; }
+
+// Prefill: block (query head, tile of 16 queries of one sequence); warp w owns queries 4w..4w+3 of the block, lane j the
 // key j of each 32-key tile and the dims j, j + 32, ... of the outputs.
 template <typename KV>
 __global__ void __launch_bounds__(kPreThreads) k_attn_prefill(const float* __restrict__ qkv, const KV* __restrict__ kc,
                                                               const KV* __restrict__ vc, float* __restrict__ out,
                                                               UpgAttnArgs a, const int32_t* __restrict__ pass) {
   pdl_enter();
-  const int h = blockIdx.x, t0 = blockIdx.y * kPreQ, hd = a.head_dim;
-  const int n = n_tokens(pass), past = n_past(pass);
+  const PromptTile pt = prompt_tile(pass, blockIdx.y, kPreQ);
+  const int h = blockIdx.x, t0 = pt.t0, hd = a.head_dim, n = pt.n, past = pt.past;
   if (t0 >= n) return;
+  qkv += int64_t(pt.first) * a.q_stride;  // the sequence's rows
+  out += int64_t(pt.first) * a.n_heads * hd;
   const int kvh = h / (a.n_heads / a.n_kv_heads);
   extern __shared__ float sm[];
   float* ks = sm;                      // [kPreK][hd + 1]
@@ -298,8 +331,8 @@ __global__ void __launch_bounds__(kPreThreads) k_attn_prefill(const float* __res
 #pragma unroll
     for (int i = 0; i < ND; ++i) acc[q][i] = 0.0f;
   }
-  const KV* kbase = kc + int64_t(kvh) * a.kv_stride * hd;
-  const KV* vbase = vc + int64_t(kvh) * a.kv_stride * hd;
+  const KV* kbase = kc + (int64_t(kvh) * a.kv_stride + pt.kv_base) * hd;
+  const KV* vbase = vc + (int64_t(kvh) * a.kv_stride + pt.kv_base) * hd;
   const int last = past + min(t0 + kPreQ, n);  // keys [0, last)
   for (int j0 = 0; j0 < last; j0 += kPreK) {
     __syncthreads();
@@ -380,15 +413,17 @@ __global__ void __launch_bounds__(kFaThreads) k_attn_prefill_mma(const float* __
                                                                  UpgAttnArgs a, const int32_t* __restrict__ pass) {
   using L = FaTile<HD>;
   pdl_enter();
-  const int h = blockIdx.x, t0 = blockIdx.y * kFaQ;
-  const int n = n_tokens(pass), past = n_past(pass);
+  const PromptTile pt = prompt_tile(pass, blockIdx.y, kFaQ);
+  const int h = blockIdx.x, t0 = pt.t0, n = pt.n, past = pt.past;
   if (t0 >= n) return;
+  qkv += int64_t(pt.first) * a.q_stride;  // the sequence's rows
+  out += int64_t(pt.first) * a.n_heads * HD;
   const int kvh = h / (a.n_heads / a.n_kv_heads);
   extern __shared__ __align__(16) uint8_t fa_smem[];
   __half* sm = reinterpret_cast<__half*>(fa_smem);  // [stage][K, V][kFaK][kLd]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3, mq = lane >> 3;
-  const __half* kbase = kc + int64_t(kvh) * a.kv_stride * HD;
-  const __half* vbase = vc + int64_t(kvh) * a.kv_stride * HD;
+  const __half* kbase = kc + (int64_t(kvh) * a.kv_stride + pt.kv_base) * HD;
+  const __half* vbase = vc + (int64_t(kvh) * a.kv_stride + pt.kv_base) * HD;
   const int last = past + min(t0 + kFaQ, n);  // the block attends keys [0, last)
   const int tiles = (last + kFaK - 1) / kFaK;
 
@@ -516,7 +551,8 @@ __global__ void __launch_bounds__(kFaThreads) k_attn_prefill_mma(const float* __
 
 void check_attn(const UpgAttnArgs& a, const char* what) {
   if (a.head_dim < 8 || a.head_dim % 8 != 0 || a.head_dim > kMaxHeadDim || a.n_kv_heads < 1 ||
-      a.n_heads % a.n_kv_heads != 0 || a.kv_stride < 1 || a.n_tokens < 1)
+      a.n_heads % a.n_kv_heads != 0 || a.kv_stride < 1 || a.n_tokens < 1 || a.slot_len < 1 || a.n_seqs < 1 ||
+      a.n_seqs > a.n_tokens || a.n_decode < 0 || a.n_decode > a.n_tokens)
     throw std::invalid_argument(std::string("cuda ") + what + ": bad attention shape");
 }
 
@@ -576,8 +612,8 @@ void kv_store(const float* qkv, void* k_cache, void* v_cache, bool f16, const Up
 DecodeSplits decode_splits(const UpgAttnArgs& a) {
   DecodeSplits d;
   d.split_len = kSplitLen;
-  d.max_splits = (a.kv_stride + kSplitLen - 1) / kSplitLen;
-  d.workspace = size_t(a.n_heads) * d.max_splits * (a.head_dim + 2) * 4;
+  d.max_splits = (std::min(a.slot_len, a.kv_stride) + kSplitLen - 1) / kSplitLen;
+  d.workspace = size_t(std::max(a.n_decode, 1)) * a.n_heads * d.max_splits * (a.head_dim + 2) * 4;
   return d;
 }
 
@@ -585,21 +621,24 @@ void attention_decode(const float* qkv, const void* k_cache, const void* v_cache
                       const UpgAttnArgs& a, float* workspace, const int32_t* pass, cudaStream_t s) {
   check_attn(a, "attention_decode");
   if (a.n_heads / a.n_kv_heads > kMaxGroup) throw std::invalid_argument("cuda attention_decode: GQA group above 8");
+  if (a.n_decode < 1 || a.n_decode > a.n_tokens) throw std::invalid_argument("cuda attention_decode: n_decode outside [1, n_tokens]");
   const DecodeSplits d = decode_splits(a);
-  const dim3 grid(a.n_kv_heads, d.max_splits);
+  const dim3 grid(a.n_kv_heads, d.max_splits, a.n_decode);
   const size_t smem = decode_smem(a, f16);
   const int nvl = decode_nvl(a, f16);
   if (f16) launch_decode<__half>(nvl, grid, smem, s, qkv, k_cache, v_cache, workspace, a, d.max_splits, pass);
   else launch_decode<float>(nvl, grid, smem, s, qkv, k_cache, v_cache, workspace, a, d.max_splits, pass);
   const size_t cmem = size_t((d.max_splits + 3) / 4 * 4 + kCombineThreads * 4) * 4;
-  launch("attention_decode combine", k_attn_combine, a.n_heads, kCombineThreads, cmem, s, workspace, out, a, d.max_splits, pass);
+  launch("attention_decode combine", k_attn_combine, dim3(a.n_heads, a.n_decode), kCombineThreads, cmem, s, workspace, out, a,
+         d.max_splits, pass);
 }
 
 void attention_prefill(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
                        const UpgAttnArgs& a, const int32_t* pass, cudaStream_t s) {
   check_attn(a, "attention_prefill");
+  if (a.n_decode >= a.n_tokens) throw std::invalid_argument("cuda attention_prefill: no prompt tokens (n_decode >= n_tokens)");
   if (f16 && (a.head_dim == 64 || a.head_dim == 96 || a.head_dim == 128)) {
-    const dim3 grid(a.n_heads, (a.n_tokens + kFaQ - 1) / kFaQ);
+    const dim3 grid(a.n_heads, prompt_tiles(a, kFaQ));
     const __half* k = static_cast<const __half*>(k_cache);
     const __half* v = static_cast<const __half*>(v_cache);
     if (a.head_dim == 64) launch("attention_prefill", k_attn_prefill_mma<64>, grid, kFaThreads, FaTile<64>::kSmem, s, qkv, k, v, out, a, pass);
@@ -607,7 +646,7 @@ void attention_prefill(const float* qkv, const void* k_cache, const void* v_cach
     else launch("attention_prefill", k_attn_prefill_mma<128>, grid, kFaThreads, FaTile<128>::kSmem, s, qkv, k, v, out, a, pass);
     return;
   }
-  const dim3 grid(a.n_heads, (a.n_tokens + kPreQ - 1) / kPreQ);
+  const dim3 grid(a.n_heads, prompt_tiles(a, kPreQ));
   const size_t smem = prefill_smem(a);
   if (f16)
     launch("attention_prefill", k_attn_prefill<__half>, grid, kPreThreads, smem, s, qkv,

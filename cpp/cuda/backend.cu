@@ -1,5 +1,6 @@
 #include "backend.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "common.cuh"  // check()
@@ -71,10 +72,19 @@ void CudaBackend::begin(Buf pass) {
   pass_ = ptr<int32_t>(pass);
   ops_.clear();
   signature_.clear();
+  workspace_need_ = 0;
 }
 
 void CudaBackend::end() {
   ++passes_;
+  if (workspace_need_ > workspace_bytes_) {  // cudaFree waits for the queued passes that may still read the old one
+    if (workspace_) check(cudaFree(workspace_), "cudaFree");
+    workspace_ = nullptr;
+    workspace_bytes_ = 0;
+    check(cudaMalloc(&workspace_, workspace_need_), "cudaMalloc");
+    workspace_bytes_ = workspace_need_;
+  }
+  append(signature_, workspace_);  // the launches read it when captured
   if (graph_ && signature_ == graph_signature_) {
     ++replays_;
   } else {
@@ -129,28 +139,30 @@ void CudaBackend::rms_norm(Buf x, Buf weight_buf, Buf out, int n_tokens, int n, 
          n_tokens, pass);
 }
 
-void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, int /*n_decode*/, Buf y) {
-  const Weight w = weight(m, n_tokens);
+void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, int n_decode, Buf y) {
+  if (n_decode < 0 || n_decode > n_tokens) throw std::invalid_argument("cuda linear: n_decode outside the call's rows");
   const float* xp = ptr<const float>(x);
   float* yp = ptr<float>(y);
   const int32_t* pass = pass_;
-  // One row: the mat-vec (the pass's only token, or its last one's logits); else the pass's rows.
-  if (n_tokens == 1) {
-    record("matvec", [=, s = stream_] { cuda::matvec(w, xp, yp, s); }, w, xp, yp);
-    return;
+  // Generated rows: the mat-vec, each row's sums those of the token alone; prompt rows: the
+  // mat-mat kernel, however few (batch invariance: a row's kernel depends on its kind only).
+  if (n_decode > 0) {
+    const Weight w = weight(m, 1);
+    if (n_decode == 1) record("matvec", [=, s = stream_] { cuda::matvec(w, xp, yp, s); }, w, xp, yp);
+    else record("matvec_n", [=, s = stream_] { cuda::matvec_n(w, xp, yp, n_decode, s); }, w, xp, yp, n_decode);
   }
-  void* ws = workspace(matmul_scratch(w));  // the rounded x of quantized weights
-  record("matmul", [=, s = stream_] { cuda::matmul(w, xp, yp, pass, s, ws); }, w, xp, yp, pass, ws);
+  const int n_prompt = n_tokens - n_decode;
+  if (n_prompt == 0) return;
+  const Weight w = weight(m, n_prompt);
+  const float* xr = xp + int64_t(n_decode) * m.cols;
+  float* yr = yp + int64_t(n_decode) * m.rows;
+  void* const* ws = workspace(matmul_scratch(w));  // the rounded x of quantized weights
+  record("matmul", [=, s = stream_] { cuda::matmul(w, xr, yr, pass, s, *ws); }, w, xr, yr, pass);
 }
 
-void* CudaBackend::workspace(size_t bytes) {
-  if (bytes > workspace_bytes_) {  // cudaFree waits for the queued passes that may still read the old one
-    if (workspace_) check(cudaFree(workspace_), "cudaFree");
-    workspace_ = nullptr;
-    check(cudaMalloc(&workspace_, bytes), "cudaMalloc");
-    workspace_bytes_ = bytes;
-  }
-  return workspace_;
+void* const* CudaBackend::workspace(size_t bytes) {
+  workspace_need_ = std::max(workspace_need_, bytes);
+  return &workspace_;
 }
 
 void CudaBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& a) {
@@ -172,15 +184,17 @@ void CudaBackend::attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16
   const void *k = ptr(k_cache), *v = ptr(v_cache);
   float* o = ptr<float>(out);
   const int32_t* pass = pass_;
-  if (a.n_tokens > 1) {
+  // Generated tokens: flash-decoding over splits of each one's positions, merged through the
+  // workspace; prompt tokens: flash attention in tiles of one sequence each.
+  if (a.n_decode > 0) {
+    void* const* ws = workspace(decode_splits(a).workspace);
+    record("attention_decode",
+           [=, s = stream_] { cuda::attention_decode(q, k, v, o, f16, a, static_cast<float*>(*ws), pass, s); },
+           q, k, v, o, f16, a, pass);
+  }
+  if (a.n_tokens > a.n_decode)
     record("attention_prefill", [=, s = stream_] { cuda::attention_prefill(q, k, v, o, f16, a, pass, s); },
            q, k, v, o, f16, a, pass);
-    return;
-  }
-  // Decode: flash-decoding over splits of the positions, merged through the workspace.
-  float* ws = static_cast<float*>(workspace(decode_splits(a).workspace));
-  record("attention_decode", [=, s = stream_] { cuda::attention_decode(q, k, v, o, f16, a, ws, pass, s); },
-         q, k, v, o, f16, a, ws, pass);
 }
 
 void CudaBackend::silu_mul(Buf gate_up, Buf out, int n_tokens, int n) {

@@ -31,6 +31,7 @@ class CudaBackend : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   const char* name() const override { return "cuda"; }
+  int max_seqs() const override { return 1 << 20; }  // the kernels read each token's UpgToken
   Buf weights(const void* data, size_t bytes) override;
   Buf alloc(size_t bytes) override;
   void upload(Buf dst, const void* src, size_t bytes) override;
@@ -69,9 +70,11 @@ class CudaBackend : public Backend {
   int32_t* pass_ = nullptr;       // of the pass begun
   // One scratch buffer for the ops that need one (decode attention's splits, the mat-mul's rounded
   // x): the launches of a stream run one after another, so they can share it. Grows, never shrinks.
-  void* workspace(size_t bytes);
+  // The ops record its address and their need; end() grows it before the pass is captured.
+  void* const* workspace(size_t bytes);
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  size_t workspace_need_ = 0;     // of the pass being recorded
   size_t device_bytes_ = 0;       // of base_
 
   std::vector<std::function<void()>> ops_;  // of the pass being recorded

@@ -49,6 +49,14 @@ __device__ __forceinline__ void pdl_enter() {
 // Per-pass values (kernels.cuh: PassSlot).
 __device__ __forceinline__ int n_past(const int32_t* pass) { return pass[kPassNPast]; }
 __device__ __forceinline__ int n_tokens(const int32_t* pass) { return pass[kPassNTokens]; }
+// Token t's entry and sequence s's entry of the pass buffer (upg_common.h: UpgPass, then one
+// UpgToken per token, then one UpgSeq per sequence).
+__device__ __forceinline__ const UpgToken& pass_token(const int32_t* pass, int t) {
+  return reinterpret_cast<const UpgToken*>(pass + sizeof(UpgPass) / 4)[t];
+}
+__device__ __forceinline__ const UpgSeq& pass_seq(const int32_t* pass, int s) {
+  return reinterpret_cast<const UpgSeq*>(pass + sizeof(UpgPass) / 4 + n_tokens(pass) * (sizeof(UpgToken) / 4))[s];
+}
 
 // x lives in shared memory as 16-byte units with unit u stored at u ^ ((u >> S) & 7): the lanes
 // of a mat-vec warp read units S bits apart, and the XOR spreads them over the 8 bank groups.

@@ -2,8 +2,9 @@
 // pointer is a device pointer; every launch goes to the given stream and allocates nothing, so a
 // sequence of them can be captured once as a CUDA graph and replayed.
 //
-// Per-pass values live in a small device buffer `pass` (int32, kPassCount slots): kernels that
-// depend on the position or the token count read them there, not from launch arguments. The
+// Per-pass values live in a small device buffer `pass` (upg_common.h: the UpgPass header, one
+// UpgToken per token, one UpgSeq per sequence; a pass may hold tokens of several sequences): kernels
+// that depend on positions, slots or the token count read them there, not from launch arguments. The
 // token count in an argument struct (UpgMatArgs::n_tokens, UpgRopeArgs::n_tokens,
 // UpgAttnArgs::n_tokens, UpgEltArgs::n_tokens) is the capacity the launch is sized for (the
 // largest batch); pass[kPassNTokens] must not exceed it.
@@ -16,11 +17,11 @@
 
 namespace upg::cuda {
 
-// Slots of the per-pass buffer.
+// Slots of the per-pass buffer's header (UpgPass).
 enum PassSlot : int {
-  kPassNPast = 0,    // tokens already in the KV cache (position of this pass's first token)
+  kPassNPast = 0,    // sequence 0's n_past (greedy decoding's next_token appends there)
   kPassNTokens = 1,  // tokens of this pass
-  kPassCount = 4,    // int32 slots to allocate (2 spare)
+  kPassCount = 4,    // int32 slots of the header (n_seqs, n_decode)
 };
 
 // Once per device, before any launch or capture: reads the multiprocessor count and raises the
@@ -60,7 +61,13 @@ struct MatvecFuse {
 
 // y[rows] = W x[cols] (+ outliers), one token. Streams W once with 16-byte loads.
 void matvec(const Weight& w, const float* x, float* y, cudaStream_t s, const MatvecFuse& fuse = {});
-// y[t * ldy + r] = sum_k W[r][k] x[t * cols + k] (+ outliers) for t < pass[kPassNTokens], on the
+// y[t * ldy + r] = sum_k W[r][k] x[t * cols + k] (+ outliers) for t < n (no fusions): the mat-vec of
+// several tokens, reading W once per matvec_tokens(w) of them, each token's y with the bits matvec
+// gives it alone. x 16-byte aligned for quantized W.
+void matvec_n(const Weight& w, const float* x, float* y, int n, cudaStream_t s);
+int matvec_tokens(const Weight& w);  // tokens one launch takes (up to 16; fewer when x is large)
+// y[t * ldy + r] = sum_k W[r][k] x[t * cols + k] (+ outliers) for t < min(pass[kPassNTokens],
+// w.args.n_tokens) (a run of the pass's rows: its prompt rows, or rows whose logits are asked), on the
 // tensor cores: quantized W as int8 codes times x rounded to 8 bits per block as the mat-vec and
 // the CPU round it (s32 sums per block, scaled into f32); dense W and x rounded to f16 (f32 sums).
 // Quantized W needs `scratch`: matmul_scratch(w) bytes of device memory, 16-byte aligned, for the
@@ -76,26 +83,30 @@ void get_rows(const Weight& w, const int32_t* ids, float* out, const int32_t* pa
 void rms_norm(const float* x, const float* weight, float* out, const UpgNormArgs& a, int capacity,
               bool last_only, const int32_t* pass, cudaStream_t s);
 // In place over the first a.n_heads heads of each token row (queries then keys of the fused qkv),
-// positions pass[kPassNPast] + t; inv_freq [rot_dims / 2]: the model's (the LongRoPE set the host picked).
+// at each token's position (its UpgToken); inv_freq [rot_dims / 2]: the model's (the LongRoPE set the
+// host picked for a pass of one sequence), then the long set for the tokens of rope_set 1.
 void rope(float* qkv, const float* inv_freq, const UpgRopeArgs& a, const int32_t* pass, cudaStream_t s);
-// Appends the K and V heads of the pass's tokens (qkv rows) at positions pass[kPassNPast] + t of a
-// layer's cache [n_kv_heads][kv_stride][head_dim], f16 or f32.
+// Stores the K and V heads of the pass's tokens (qkv rows) at positions kv_base + pos (each token's
+// UpgToken: its slot and position) of a layer's cache [n_kv_heads][kv_stride][head_dim], f16 or f32.
 void kv_store(const float* qkv, void* k_cache, void* v_cache, bool f16, const UpgAttnArgs& a,
               const int32_t* pass, cudaStream_t s);
 
-// Decode attention (one token attending pass[kPassNPast] + 1 positions, after kv_store), as
-// flash-decoding: the positions are cut into splits of a fixed length, one block per (KV head,
-// split) handles all query heads of its group, then a combine launch merges the splits.
+// Decode attention of the pass's generated tokens [0, a.n_decode), each attending positions
+// [0, pos] of its slot (its UpgToken; after kv_store), as flash-decoding: the positions are cut into
+// splits of a fixed length, one block per (KV head, split, token) handles all query heads of its
+// group, then a combine launch merges the splits. The splits' layout depends on a.slot_len only.
 struct DecodeSplits {
   int split_len;     // positions per split
-  int max_splits;    // ceil(kv_stride / split_len): the grid
-  size_t workspace;  // bytes of f32 scratch that attention_decode needs
+  int max_splits;    // ceil(slot_len / split_len): the grid, per token
+  size_t workspace;  // bytes of f32 scratch that attention_decode needs (n_decode tokens)
 };
 DecodeSplits decode_splits(const UpgAttnArgs& a);
 void attention_decode(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
                       const UpgAttnArgs& a, float* workspace, const int32_t* pass, cudaStream_t s);
-// Prefill attention: query t (t < pass[kPassNTokens]) at position n_past + t attends causally
-// positions [0, n_past + t]; tiles of keys in shared memory, online softmax (flash attention).
+// Prefill attention of the pass's prompt tokens [a.n_decode, n_tokens): token i of a prompt
+// sequence (its UpgSeq) attends causally positions [0, n_past + i] of its slot; query tiles per
+// sequence (never two sequences in a tile), tiles of keys in shared memory, online softmax (flash
+// attention). The grid is sized by a.n_tokens, a.n_decode and a.n_seqs.
 void attention_prefill(const float* qkv, const void* k_cache, const void* v_cache, float* out, bool f16,
                        const UpgAttnArgs& a, const int32_t* pass, cudaStream_t s);
 

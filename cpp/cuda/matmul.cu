@@ -43,9 +43,9 @@ __device__ __forceinline__ void store_tile(const MatView& m, const float* __rest
 
 template <int DT>
 __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __restrict__ x, float* __restrict__ y,
-                                                    int ldy, const int32_t* __restrict__ pass) {
+                                                    int ldy, int cap, const int32_t* __restrict__ pass) {
   pdl_enter();
-  const int n = n_tokens(pass);
+  const int n = min(n_tokens(pass), cap);
   const int r0 = blockIdx.x * kTm, t0 = blockIdx.y * kTn;
   if (t0 >= n) return;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x,
                                                     int32_t* __restrict__ xz, const int32_t* __restrict__ pass) {
   pdl_enter();
   const int t = blockIdx.y, nb = cols / B, b = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (t >= n_tokens(pass) || b >= nb) return;
+  if (t >= n_tokens(pass) || b >= nb) return;  // grid y: the capacity
   const float* xb = x + int64_t(t) * cols + int64_t(b) * B;
   float v[B / 32];
   float a = 0.0f;
@@ -338,12 +338,12 @@ template <int DT, int B>
 __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView m, const float* __restrict__ x,
                                                        const int8_t* __restrict__ xq, const float* __restrict__ xds,
                                                        const int32_t* __restrict__ xzs, float* __restrict__ y, int ldy,
-                                                       const int32_t* __restrict__ pass) {
+                                                       int cap, const int32_t* __restrict__ pass) {
   using L = Q8Tile<DT, B>;
   constexpr int KB = L::KB, S = L::kStages;
   constexpr int zero = DT == UPG_DTYPE_Q4 ? UPG_Q4_ZERO : DT == UPG_DTYPE_Q3 ? UPG_Q3_ZERO : 0;
   pdl_enter();
-  const int n = n_tokens(pass);
+  const int n = min(n_tokens(pass), cap);
   const int t0 = blockIdx.x * kTn, r0 = blockIdx.y * kTm;
   if (t0 >= n) return;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -444,8 +444,8 @@ __global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView 
   store_tile(m, x, y, ldy, cs, r0, t0, n);
 }
 
-using MatmulKernel = void (*)(MatView, const float*, float*, int, const int32_t*);
-using MatmulQ8Kernel = void (*)(MatView, const float*, const int8_t*, const float*, const int32_t*, float*, int,
+using MatmulKernel = void (*)(MatView, const float*, float*, int, int, const int32_t*);
+using MatmulQ8Kernel = void (*)(MatView, const float*, const int8_t*, const float*, const int32_t*, float*, int, int,
                                 const int32_t*);
 
 MatmulKernel pick(const Weight& w) {
@@ -493,7 +493,7 @@ void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cuda
   if (w.args.n_tokens < 1 || w.args.ldy < w.args.rows) throw std::invalid_argument("cuda matmul: bad n_tokens or ldy");
   if (!is_quantized(DType(w.dtype))) {
     const dim3 grid((w.args.rows + kTm - 1) / kTm, (w.args.n_tokens + kTn - 1) / kTn);
-    launch("matmul", pick(w), grid, kThreads, kSmem, s, view(w), x, y, w.args.ldy, pass);
+    launch("matmul", pick(w), grid, kThreads, kSmem, s, view(w), x, y, w.args.ldy, w.args.n_tokens, pass);
     return;
   }
   if ((reinterpret_cast<uintptr_t>(w.data) & 15) != 0)
@@ -511,7 +511,7 @@ void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cuda
   const Q8Kernel k = pick_q8(w.dtype, B);
   const dim3 grid((w.args.n_tokens + kTn - 1) / kTn, (w.args.rows + kTm - 1) / kTm);
   launch("matmul", k.kernel, grid, kThreads, k.smem, s, view(w), x, static_cast<const int8_t*>(xq),
-         static_cast<const float*>(xd), static_cast<const int32_t*>(xz), y, w.args.ldy, pass);
+         static_cast<const float*>(xd), static_cast<const int32_t*>(xz), y, w.args.ldy, w.args.n_tokens, pass);
 }
 
 }  // namespace upg::cuda

@@ -4,6 +4,8 @@
 //   x[i], x[i + rot/2] = x[i] c - x[i + rot/2] s, x[i + rot/2] c + x[i] s.
 // inv_freq is the model's (LongRoPE factors applied), computed once on the host for every backend.
 // The angle is computed in double: positions reach 10^5 and an f32 angle would be off by 1e-2 rad.
+// Each token's position and inverse-frequency set come from its UpgToken in the pass buffer (a pass
+// may hold tokens of several sequences; rope_set 1 reads the long set, rot_dims / 2 floats on).
 // One thread per (pair, head, token).
 #include <stdexcept>
 
@@ -20,8 +22,9 @@ __global__ void k_rope(float* __restrict__ qk, const float* __restrict__ inv_fre
   pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, t = blockIdx.z, half_rot = a.rot_dims / 2;
   if (i >= half_rot || t >= n_tokens(pass)) return;
+  const UpgToken& tok = pass_token(pass, t);  // its position, and LongRoPE's set of its sequence
   double sn, cs;
-  sincos(double(n_past(pass) + t) * double(inv_freq[i]), &sn, &cs);
+  sincos(double(tok.pos) * double(inv_freq[tok.rope_set * half_rot + i]), &sn, &cs);
   const float c = float(cs) * a.attn_factor, s = float(sn) * a.attn_factor;
   float* p = qk + int64_t(t) * a.token_stride + h * a.head_dim;
   const float x0 = p[i], x1 = p[i + half_rot];

@@ -4,7 +4,8 @@
 // logits out, the KV cache for saved states.
 //
 // Backends: cpu/backend.h (the CPU kernels, threads, 8-bit activations for quantized weights),
-// metal/backend.h (Metal launches; weights wrapped zero-copy in shared memory).
+// metal/backend.h (Metal launches; weights wrapped zero-copy in shared memory), cuda/backend.h
+// (CUDA launches recorded per pass and replayed as CUDA graphs).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -36,7 +37,7 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;  // "cpu", "metal"
-  // Sequences one pass may hold (UpgPass::n_seqs): the CPU takes any number, Metal and CUDA 1.
+  // Sequences one pass may hold (UpgPass::n_seqs): every backend today takes any number.
   virtual int max_seqs() const { return 1; }
 
   // ---- memory ----
@@ -69,8 +70,8 @@ class Backend {
   // y[t][r] = sum_k W[r][k] x[t][k], y rows of w.rows floats. The backend chooses the kernels
   // and the activation rounding. Rows [0, n_decode) are generated tokens: a backend that keeps
   // results batch-invariant computes each kind of row by the same kernels whatever the call's
-  // token count (the CPU: mat-vec for generated rows, mat-mat for prompt rows); one that does not
-  // may ignore it (Metal and CUDA choose by n_tokens).
+  // token count (the CPU and CUDA: mat-vec for generated rows, mat-mat for prompt rows; Metal the same,
+  // one mat-vec launch per generated row).
   virtual void linear(const Matrix& w, Buf x, int n_tokens, int n_decode, Buf y) = 0;
   // RoPE in place over the query and key heads at each token's position (upg_common.h
   // UpgRopeArgs); inv_freq: f32 [rot_dims / 2], then the long set for UpgSeq::rope_set 1.

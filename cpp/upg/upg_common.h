@@ -72,7 +72,7 @@ struct UpgNormArgs {
 // baked into launch arguments) so that one decode step can be recorded once and replayed. The
 // buffer holds this header, then one UpgToken per token of the pass, then n_seqs UpgSeq entries:
 // a pass evaluates tokens of one or more sequences, each in its own region (slot) of the KV cache.
-// Sequence 0's n_past is repeated in the header for kernels that take one sequence (CUDA today).
+// Sequence 0's n_past is repeated in the header (greedy decoding's next_token appends there).
 struct UpgPass {
   int32_t n_past;         // position of sequence 0's first token (tokens already in its KV region)
   int32_t n_tokens;       // tokens in this pass
@@ -126,6 +126,10 @@ struct UpgAttnArgs {
   int32_t q_stride;       // floats between the queries of consecutive tokens
   int32_t n_tokens;       // query tokens
   float scale;            // softmax scale, 1/sqrt(head_dim)
+  // The pass's shape, as UpgPass holds it, for backends that size their launches on the host (CUDA):
+  int32_t n_decode;       // tokens [0, n_decode) are generated tokens
+  int32_t n_seqs;         // sequences in the pass
+  int32_t slot_len;       // positions of one sequence's slot (n_ctx): the most a token attends
 };
 
 struct UpgEltArgs {

@@ -23,8 +23,12 @@ int guarded(F&& f) {
 
 cudaStream_t st(void* s) { return static_cast<cudaStream_t>(s); }
 
-UpgAttnArgs attn_args(int nh, int nkv, int hd, int kv_stride, int q_stride, int capacity, float scale) {
+UpgAttnArgs attn_args(int nh, int nkv, int hd, int kv_stride, int q_stride, int capacity, float scale, int n_decode = 0,
+                      int n_seqs = 1, int slot_len = 0) {
   UpgAttnArgs a{};
+  a.n_decode = n_decode;
+  a.n_seqs = n_seqs;
+  a.slot_len = slot_len > 0 ? slot_len : kv_stride;
   a.n_heads = nh;
   a.n_kv_heads = nkv;
   a.head_dim = hd;
@@ -70,6 +74,15 @@ int upg_matmul(int dtype, int rows, int cols, int block, const void* w, const in
   });
 }
 
+int upg_matvec_n(int dtype, int rows, int cols, int block, const void* w, const int32_t* rowptr, const int32_t* col,
+                 const uint16_t* val, const float* x, float* y, int n, void* s) {
+  return guarded([&] { matvec_n(make_weight(dtype, rows, cols, block, w, 1, rowptr, col, val), x, y, n, st(s)); });
+}
+
+int upg_matvec_tokens(int dtype, int rows, int cols, int block) {
+  return matvec_tokens(make_weight(dtype, rows, cols, block, nullptr));
+}
+
 size_t upg_matmul_scratch(int dtype, int rows, int cols, int block, int capacity) {
   return matmul_scratch(make_weight(dtype, rows, cols, block, nullptr, capacity));
 }
@@ -103,21 +116,29 @@ int upg_kv_store(const float* qkv, void* kc, void* vc, int f16, int nh, int nkv,
   return guarded([&] { kv_store(qkv, kc, vc, f16 != 0, attn_args(nh, nkv, hd, kv_stride, q_stride, capacity, 0.0f), pass, st(s)); });
 }
 
-size_t upg_decode_workspace(int nh, int nkv, int hd, int kv_stride) {
-  return decode_splits(attn_args(nh, nkv, hd, kv_stride, 0, 1, 0.0f)).workspace;
+size_t upg_decode_workspace(int nh, int nkv, int hd, int kv_stride, int slot_len, int n_decode) {
+  return decode_splits(attn_args(nh, nkv, hd, kv_stride, 0, n_decode, 0.0f, n_decode, 1, slot_len)).workspace;
 }
 
+// n_decode generated tokens, the pass's first (capacity n_decode).
 int upg_attention_decode(const float* qkv, const void* kc, const void* vc, float* out, int f16, int nh, int nkv, int hd,
-                         int kv_stride, int q_stride, float scale, float* ws, const int32_t* pass, void* s) {
+                         int kv_stride, int slot_len, int q_stride, int n_decode, float scale, float* ws,
+                         const int32_t* pass, void* s) {
   return guarded([&] {
-    attention_decode(qkv, kc, vc, out, f16 != 0, attn_args(nh, nkv, hd, kv_stride, q_stride, 1, scale), ws, pass, st(s));
+    attention_decode(qkv, kc, vc, out, f16 != 0,
+                     attn_args(nh, nkv, hd, kv_stride, q_stride, n_decode, scale, n_decode, n_decode, slot_len), ws,
+                     pass, st(s));
   });
 }
 
+// The prompt tokens of a pass of `capacity` tokens, n_decode generated ones first, n_seqs sequences.
 int upg_attention_prefill(const float* qkv, const void* kc, const void* vc, float* out, int f16, int nh, int nkv, int hd,
-                          int kv_stride, int q_stride, int capacity, float scale, const int32_t* pass, void* s) {
+                          int kv_stride, int slot_len, int q_stride, int capacity, int n_decode, int n_seqs, float scale,
+                          const int32_t* pass, void* s) {
   return guarded([&] {
-    attention_prefill(qkv, kc, vc, out, f16 != 0, attn_args(nh, nkv, hd, kv_stride, q_stride, capacity, scale), pass, st(s));
+    attention_prefill(qkv, kc, vc, out, f16 != 0,
+                      attn_args(nh, nkv, hd, kv_stride, q_stride, capacity, scale, n_decode, n_seqs, slot_len), pass,
+                      st(s));
   });
 }
 

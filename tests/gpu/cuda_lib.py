@@ -30,8 +30,9 @@ _SIGNATURES = {
     "upg_rms_norm": [_P, _P, _P, _I, _F, _I, _I, _P, _P],
     "upg_rope": [_P, _P, _I, _I, _I, _I, _I, _F, _P, _P],
     "upg_kv_store": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P],
-    "upg_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P],
-    "upg_attention_prefill": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _P, _P],
+    "upg_matvec_n": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P],
+    "upg_attention_decode": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P],
+    "upg_attention_prefill": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F, _P, _P],
     "upg_silu_mul": [_P, _P, _I, _I, _I, _P, _P],
     "upg_add": [_P, _P, _I, _I, _P, _P],
     "upg_argmax": [_P, _I, _P, _P],
@@ -73,7 +74,9 @@ class Lib:
             fn = getattr(self._lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
         self._lib.upg_cuda_last_error.restype = ctypes.c_char_p
-        self._lib.upg_decode_workspace.argtypes = [_I, _I, _I, _I]
+        self._lib.upg_decode_workspace.argtypes = [_I, _I, _I, _I, _I, _I]
+        self._lib.upg_matvec_tokens.argtypes = [_I, _I, _I, _I]
+        self._lib.upg_matvec_tokens.restype = ctypes.c_int
         self._lib.upg_decode_workspace.restype = ctypes.c_size_t
         self._lib.upg_matmul_scratch.argtypes = [_I, _I, _I, _I, _I]
         self._lib.upg_matmul_scratch.restype = ctypes.c_size_t
@@ -98,6 +101,15 @@ class Lib:
         self._call("upg_matvec", DTYPES[w.dtype], w.rows, w.cols, w.block, w.data, *w.outliers, x, y,
                    norm_weight, eps, int(silu), int(accumulate), self._stream())
 
+    def matvec_n(self, w, x, y, n):
+        """n tokens: x [n, cols], y [n, rows] f32 tensors."""
+        self._call("upg_matvec_n", DTYPES[w.dtype], w.rows, w.cols, w.block, w.data, *w.outliers, x, y, n,
+                   self._stream())
+
+    def matvec_tokens(self, w):
+        """Tokens one matvec_n launch takes for w."""
+        return self._lib.upg_matvec_tokens(DTYPES[w.dtype], w.rows, w.cols, w.block)
+
     def matmul(self, w, x, y, capacity, ldy, pass_):
         n = self._lib.upg_matmul_scratch(DTYPES[w.dtype], w.rows, w.cols, w.block, capacity)
         if n and n not in self._scratch:
@@ -120,18 +132,22 @@ class Lib:
         self._call("upg_kv_store", qkv, kc, vc, int(kc.dtype == torch.float16), nh, nkv, hd, kv_stride, q_stride,
                    capacity, pass_, self._stream())
 
-    def decode_workspace(self, nh, nkv, hd, kv_stride):
-        """A scratch tensor of the size attention_decode needs."""
-        n = self._lib.upg_decode_workspace(nh, nkv, hd, kv_stride)
+    def decode_workspace(self, nh, nkv, hd, kv_stride, slot_len=0, n_decode=1):
+        """A scratch tensor of the size attention_decode needs (slot_len 0: kv_stride)."""
+        n = self._lib.upg_decode_workspace(nh, nkv, hd, kv_stride, slot_len, n_decode)
         return torch.zeros((n + 3) // 4, dtype=torch.float32, device="cuda")
 
-    def attention_decode(self, qkv, kc, vc, out, nh, nkv, hd, kv_stride, q_stride, scale, ws, pass_):
+    def attention_decode(self, qkv, kc, vc, out, nh, nkv, hd, kv_stride, q_stride, scale, ws, pass_, n_decode=1,
+                         slot_len=0):
+        """The pass's first n_decode tokens, generated ones."""
         self._call("upg_attention_decode", qkv, kc, vc, out, int(kc.dtype == torch.float16), nh, nkv, hd,
-                   kv_stride, q_stride, scale, ws, pass_, self._stream())
+                   kv_stride, slot_len, q_stride, n_decode, scale, ws, pass_, self._stream())
 
-    def attention_prefill(self, qkv, kc, vc, out, nh, nkv, hd, kv_stride, q_stride, capacity, scale, pass_):
+    def attention_prefill(self, qkv, kc, vc, out, nh, nkv, hd, kv_stride, q_stride, capacity, scale, pass_, n_decode=0,
+                          n_seqs=1, slot_len=0):
+        """The pass's prompt tokens (those after its n_decode generated ones) of n_seqs sequences."""
         self._call("upg_attention_prefill", qkv, kc, vc, out, int(kc.dtype == torch.float16), nh, nkv, hd,
-                   kv_stride, q_stride, capacity, scale, pass_, self._stream())
+                   kv_stride, slot_len, q_stride, capacity, n_decode, n_seqs, scale, pass_, self._stream())
 
     def silu_mul(self, gu, out, n, capacity, in_stride, pass_):
         self._call("upg_silu_mul", gu, out, n, capacity, in_stride, pass_, self._stream())
@@ -155,11 +171,22 @@ class Weight:
         self.outliers = tuple(outliers) if outliers is not None else (None, None, None)
 
 
-def pass_tensor(n_past, n_tokens):
-    """The per-pass buffer of one sequence, int32 on the device, as Graph::pass_bytes lays it out
-    (upg_common.h): UpgPass [n_past, n_tokens, 1 sequence, n_decode], an UpgToken [pos, kv_base,
-    rope_set, seq] per token, the UpgSeq [first, n_tokens, n_past, kv_base, rope_set, 0, 0, 0]. The
-    kernels read the header (kernels.cuh: PassSlot); next_token moves all three positions."""
-    head = [n_past, n_tokens, 1, n_tokens if n_tokens == 1 else 0]
-    tokens = [v for t in range(n_tokens) for v in (n_past + t, 0, 0, 0)]
-    return torch.tensor(head + tokens + [0, n_tokens, n_past, 0, 0, 0, 0, 0], dtype=torch.int32, device="cuda")
+def pass_tensor(n_past, n_tokens, n_decode=0):
+    """The per-pass buffer of one sequence in slot 0 (batch_pass)."""
+    return batch_pass([(0, n_past, n_tokens)], n_decode, 1)
+
+
+def batch_pass(seqs, n_decode, slot_len, rope_sets=None):
+    """The per-pass buffer, int32 on the device, as Graph::pass_bytes lays it out (upg_common.h):
+    UpgPass [n_past of the first sequence, n_tokens, n_seqs, n_decode], an UpgToken [pos, kv_base,
+    rope_set, seq] per token, an UpgSeq [first, n_tokens, n_past, kv_base, rope_set, 0, 0, 0] per
+    sequence. seqs: (slot, n_past, n_tokens) in the order of their tokens; kv_base = slot *
+    slot_len; rope_sets: one per sequence (default 0)."""
+    rope_sets = rope_sets or [0] * len(seqs)
+    tokens, entries, first = [], [], 0
+    for s, ((slot, n_past, n), rs) in enumerate(zip(seqs, rope_sets)):
+        tokens += [v for i in range(n) for v in (n_past + i, slot * slot_len, rs, s)]
+        entries += [first, n, n_past, slot * slot_len, rs, 0, 0, 0]
+        first += n
+    head = [seqs[0][1], first, len(seqs), n_decode]
+    return torch.tensor(head + tokens + entries, dtype=torch.int32, device="cuda")

@@ -19,7 +19,7 @@ import torch
 
 from reference.quant import GRID_TYPES, SUPER_TYPES, activations_as_used, add_outliers, dequantize, quantize
 
-from cuda_lib import Lib, Weight, pass_tensor
+from cuda_lib import Lib, Weight, batch_pass, pass_tensor
 
 SMALL = os.environ.get("UPG_GPU_SMALL") == "1"  # compute-sanitizer runs: fewer, smaller cases
 TYPES = [("f32", 0), ("f16", 0), ("bf16", 0), ("q8_0", 32), ("q8_0", 64), ("q4", 32), ("q4", 64), ("q3", 32),
@@ -105,6 +105,32 @@ def test_matvec(lib, dtype, block, outliers):
         lib.matvec(w, dev(x), y)
         err = rel_err(y.cpu().numpy(), matvec_reference(dtype, block, dense, outl, x))
         assert err < 1e-5, (rows, cols, err)
+
+
+@pytest.mark.parametrize("dtype,block,outliers", WEIGHT_CASES)
+def test_matvec_n_has_the_bits_of_one_token(lib, dtype, block, outliers):
+    """The mat-vec of several tokens (a step's generated tokens): every token's row has the bits of
+    the one-token mat-vec of that token alone, for counts inside one launch, over several launches
+    and ragged; at down's width (17920) too, where a launch of dense weights takes fewer tokens."""
+    rng = np.random.default_rng()
+    shapes = matrix_shapes(dtype, block)[:2 if SMALL else None] + ([] if SMALL else [(70, 17920)])
+    counts = [2, 5] if SMALL else [3, 16, 21, 33]
+    for rows, cols in shapes:
+        w, dense, outl = make_weight(rng, dtype, block, rows, cols, outliers, split=True)
+        if cols == 17920 and dtype == "f32":
+            assert lib.matvec_tokens(w) < 16  # x of 16 tokens is more than shared memory holds
+        for n in counts:
+            x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+            x[0, :cols // 3] = 0  # activation blocks of zeros
+            xd = dev(x)
+            got = nan(n, rows)
+            lib.matvec_n(w, xd, got, n)
+            want = nan(n, rows)
+            for t in range(n):
+                lib.matvec(w, xd[t], want[t])
+            got = got.cpu().numpy()
+            np.testing.assert_array_equal(got, want.cpu().numpy(), err_msg=f"{rows}x{cols}, {n} tokens")
+            assert rel_err(got[-1], matvec_reference(dtype, block, dense, outl, x[-1])) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,block", [("q4", 32), ("q3", 64), ("f16", 0), ("iq4_xs", 32), ("iq3", 32)])
@@ -247,6 +273,28 @@ def test_rope(lib, hd, rot, longrope):
     assert np.array_equal(out[n:], qkv[n:]), "tokens past the pass rotated"
 
 
+@pytest.mark.parametrize("hd,rot", [(64, 64), (96, 72)])
+def test_rope_several_sequences(lib, hd, rot):
+    """A pass of three sequences at their own positions, the middle one on LongRoPE's long set
+    (rope_set 1: the second half of the inverse-frequency table)."""
+    rng = np.random.default_rng()
+    nh, nkv = 4, 2
+    seqs, sets = [(0, 5, 3), (3, 70000, 2), (1, 0, 4)], [0, 1, 0]
+    n = sum(q[2] for q in seqs)
+    stride = (nh + 2 * nkv) * hd
+    qkv = rng.standard_normal((n, stride)).astype(np.float32)
+    short, long_ = inv_freq(rot, 10000.0, None), inv_freq(rot, 10000.0, (1 + 4 * rng.random(rot // 2)).astype(np.float32))
+    d = dev(qkv)
+    lib.rope(d, dev(np.concatenate([short, long_])), n, nh + nkv, hd, rot, stride, 1.0, batch_pass(seqs, 0, 100000, sets))
+    out = d.cpu().numpy()
+    t = 0
+    for (_, n_past, m), rs in zip(seqs, sets):
+        heads = qkv[t:t + m, :(nh + nkv) * hd].reshape(m, nh + nkv, hd).astype(np.float64)
+        ref = rope_ref(heads, n_past + np.arange(m), rot, long_ if rs else short, 1.0)
+        assert rel_err(out[t:t + m, :(nh + nkv) * hd].reshape(m, nh + nkv, hd), ref) < 1e-5, (n_past, rs)
+        t += m
+
+
 def attention_ref(q, k, v, n_past, scale):
     """q [n, nh, hd]; k, v [nkv, >= n_past + n, hd]; causal; float64 out [n, nh, hd]."""
     n, nh, _ = q.shape
@@ -296,7 +344,7 @@ def test_attention_decode(lib, kv_dtype, nh, nkv, hd, n_ctx):
     rng = np.random.default_rng()
     for n_past in ([0, 257] if SMALL or n_ctx > 1001 else [0, 63, 64, 600, n_ctx - 1]) + ([n_ctx - 1] if n_ctx > 1001 else []):
         stride, qkv, kc, vc = attn_setup(rng, nh, nkv, hd, n_ctx, n_past, 1, kv_dtype)
-        p = pass_tensor(n_past, 1)
+        p = pass_tensor(n_past, 1, n_decode=1)
         d = dev(qkv)
         lib.kv_store(d, kc, vc, nh, nkv, hd, n_ctx, stride, 1, p)
         out = nan(nh * hd)
@@ -335,6 +383,66 @@ def test_attention_prefill(lib, kv_dtype, nh, nkv, hd):
         out = out.cpu().numpy()
         assert rel_err(out[:n], ref.reshape(n, -1)) < tol, (n_past, n)
         assert np.all(np.isnan(out[n:]))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("nh,nkv,hd", [(8, 4, 96), (8, 2, 32)] + ([] if SMALL else [(40, 10, 128), (16, 4, 128)]))
+def test_attention_several_sequences(lib, kv_dtype, nh, nkv, hd):
+    """One pass of generated tokens of four sequences (one of them two tokens) and prompt chunks of
+    three more, each in its own slot of one cache, ragged lengths: kv_store puts every token in its
+    slot, each generated token attends its own sequence (flash-decoding), each prompt chunk in
+    tiles of its own (flash attention); against the numpy reference per sequence, and each
+    sequence's outputs have the bits of a pass holding that sequence alone."""
+    tol = PREFILL_MMA_TOL if kv_dtype == torch.float16 and hd in (64, 96, 128) else 1e-4
+    rng = np.random.default_rng()
+    slot_len = 301
+    decode = [(0, 0, 1), (2, 63, 1), (3, 64, 1), (5, slot_len - 2, 2)]
+    prompt = [(1, 0, 17), (4, 37, 70), (6, 5, 1)] if not SMALL else [(1, 0, 17), (6, 5, 1)]
+    seqs = decode + prompt
+    n_dec, n = sum(q[2] for q in decode), sum(q[2] for q in seqs)
+    kv_stride = 7 * slot_len
+    stride = (nh + 2 * nkv) * hd
+    scale = 1 / math.sqrt(hd)
+    qkv = rng.standard_normal((n, stride)).astype(np.float32)
+    kc, vc = nan(nkv, kv_stride, hd, dtype=kv_dtype), nan(nkv, kv_stride, hd, dtype=kv_dtype)
+    for slot, n_past, _ in seqs:
+        base = slot * slot_len
+        kc[:, base:base + n_past] = torch.randn(nkv, n_past, hd, device="cuda").to(kv_dtype)
+        vc[:, base:base + n_past] = torch.randn(nkv, n_past, hd, device="cuda").to(kv_dtype)
+    qd = dev(qkv)
+    p = batch_pass(seqs, n_dec, slot_len)
+    lib.kv_store(qd, kc, vc, nh, nkv, hd, kv_stride, stride, n, p)
+    out = nan(n, nh * hd)
+    ws = lib.decode_workspace(nh, nkv, hd, kv_stride, slot_len, n_dec)
+    lib.attention_decode(qd, kc, vc, out, nh, nkv, hd, kv_stride, stride, scale, ws, p, n_decode=n_dec, slot_len=slot_len)
+    lib.attention_prefill(qd, kc, vc, out, nh, nkv, hd, kv_stride, stride, n, scale, p, n_decode=n_dec,
+                          n_seqs=len(seqs), slot_len=slot_len)
+    k = kc.float().cpu().numpy().astype(np.float64)
+    v = vc.float().cpu().numpy().astype(np.float64)
+    got = out.cpu().numpy()
+    first = 0
+    for i, (slot, n_past, m) in enumerate(seqs):
+        base, rows = slot * slot_len, qkv[first:first + m]
+        kt = torch.from_numpy(rows[:, nh * hd:(nh + nkv) * hd].reshape(m, nkv, hd)).to(kv_dtype).double().numpy()
+        assert np.array_equal(k[:, base + n_past:base + n_past + m], kt.transpose(1, 0, 2)), f"sequence {i}: K not in its slot"
+        if n_past + m < slot_len:
+            assert np.all(np.isnan(k[:, base + n_past + m:base + slot_len])), f"sequence {i}: stored past its tokens"
+        ref = attention_ref(rows[:, :nh * hd].reshape(m, nh, hd).astype(np.float64), k[:, base:base + slot_len],
+                            v[:, base:base + slot_len], n_past, scale)
+        assert rel_err(got[first:first + m], ref.reshape(m, -1)) < (1e-4 if i < len(decode) else tol), f"sequence {i}"
+        # the same sequence alone in a pass: the same bits
+        alone = nan(m, nh * hd)
+        qa = qd[first:first + m].contiguous()
+        if i < len(decode):
+            pa = batch_pass([(slot, n_past, m)], m, slot_len)
+            wa = lib.decode_workspace(nh, nkv, hd, kv_stride, slot_len, m)
+            lib.attention_decode(qa, kc, vc, alone, nh, nkv, hd, kv_stride, stride, scale, wa, pa, n_decode=m,
+                                 slot_len=slot_len)
+        else:
+            pa = batch_pass([(slot, n_past, m)], 0, slot_len)
+            lib.attention_prefill(qa, kc, vc, alone, nh, nkv, hd, kv_stride, stride, m, scale, pa, slot_len=slot_len)
+        np.testing.assert_array_equal(alone.cpu().numpy(), got[first:first + m], err_msg=f"sequence {i} alone")
+        first += m
 
 
 def test_silu_mul_add(lib):
@@ -378,7 +486,7 @@ def test_captured_decode_replays_with_device_pass(lib):
     vc = torch.zeros_like(kc)
     out = torch.zeros(nh * hd, device="cuda")
     ws = lib.decode_workspace(nh, nkv, hd, n_ctx)
-    p = pass_tensor(0, 1)
+    p = pass_tensor(0, 1, n_decode=1)
     token = torch.tensor([4321], dtype=torch.int32, device="cuda")
     generated = torch.full((n_ctx,), -7, dtype=torch.int32, device="cuda")
     inv = inv_freq(hd, 10000.0, None)
@@ -399,7 +507,7 @@ def test_captured_decode_replays_with_device_pass(lib):
         with torch.cuda.graph(g, stream=s):
             step()
     torch.cuda.current_stream().wait_stream(s)
-    p.copy_(pass_tensor(0, 1))
+    p.copy_(pass_tensor(0, 1, n_decode=1))
     rows = []
     for step in range(520):  # crosses two split boundaries (256 positions each)
         row = rng.standard_normal(stride).astype(np.float32)

@@ -1,0 +1,144 @@
+"""Many sequences in one pass on the CUDA backend (GPU only: UPG_GPU_TESTS=1): the CUDA version of
+tests/test_batch.py. A BatchSession's sequences join and leave at different steps, their prompts cut
+into chunks beside the others' generated tokens; each sequence's logits must have the bits of that
+sequence alone on a CUDA Session (the kernels are chosen by the kind of token, never by what else a
+pass holds: docs/ARCHITECTURE.md "Batch-invariant arithmetic"), and agree with the CPU BatchSession
+within the tolerances of test_cuda_model.py (the two backends' arithmetic differs as it does for
+one sequence)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_checkpoint
+from test_cuda_model import F16_TOL, FLIP_TOL, GRID_TYPES, SMALL
+from upg_backend import _core
+from upg_backend.convert import convert_hf
+from upg_backend.format import UPGFile
+
+VOCAB = 320
+# (type, block, outlier fraction) of the converted files, and the CPU tolerance of each
+TYPES = {"f16": (0, 0.0, F16_TOL), "q8_0": (32, 0.0, FLIP_TOL), "q4": (64, 0.0, FLIP_TOL),
+         "q3": (32, 0.02, FLIP_TOL), **{t: (32, 0.0, FLIP_TOL) for t in GRID_TYPES}}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda-batch")
+    src = make_hf_checkpoint(root / "hf", "Phi3ForCausalLM", seed=5, **SMALL)
+    # the grid types' files as test_cuda_model's: every matrix a multiple of 256 wide, so of the type
+    src_grid = make_hf_checkpoint(root / "hf-grid", "Phi3ForCausalLM", seed=9, **{**SMALL, "intermediate_size": 512})
+    out = {}
+    for t, (block, outliers, _) in TYPES.items():
+        out[t] = root / f"{t}.upg"
+        kw = dict(block=block) if block else {}
+        if outliers:
+            kw["outliers"] = outliers
+        convert_hf(src_grid if t in GRID_TYPES else src, out[t], type=t, progress=False, **kw)
+    return out
+
+
+def core_model(path):
+    return _core.Model(str(path), UPGFile(path).config.engine_config())
+
+
+def backend(name):
+    return _core.CudaBackend(0) if name == "cuda" else None
+
+
+def alone(model, prompt, n_gen, n_ctx=96):
+    """Greedy run of one sequence on a CUDA Session: the logits of the last prompt token and of
+    every generated token, and the generated tokens."""
+    s = _core.Session(model, n_ctx, "f16", 2, 512, backend("cuda"))
+    rows = [s.eval(np.array(prompt, np.int32), False, False)[0]]
+    out = []
+    for _ in range(n_gen):
+        out.append(int(np.argmax(rows[-1])))
+        rows.append(s.eval(np.array(out[-1:], np.int32), False, True)[0])
+    return np.array(rows), out
+
+
+def prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, int(rng.integers(1, 40))).tolist() for _ in range(n)]
+
+
+def run_batch(model, be, ps, n_gen, forced=None):
+    """The schedule of test_batch.py on BatchSession(be): sequences join at random steps, prompts in
+    chunks of 1 to 13 tokens, then greedy tokens (or the `forced` ones, so that two backends run the
+    same tokens), each leaving after its n_gen; entries shuffled. Returns each sequence's rows and
+    generated tokens."""
+    b = _core.BatchSession(model, len(ps), 96, "f16", 2, 64, backend(be))
+    rng = np.random.default_rng(2)
+    start = [int(rng.integers(0, 12)) for _ in ps]
+    state = [dict(off=0, rows=[], gen=[]) for _ in ps]
+    step = 0
+    while any(len(s["gen"]) < g or s["off"] < len(p) or len(s["rows"]) <= g for s, p, g in zip(state, ps, n_gen)):
+        entries, who = [], []
+        for i, (s, p, g) in enumerate(zip(state, ps, n_gen)):
+            if step < start[i] or len(s["rows"]) > g:
+                continue
+            if s["off"] < len(p):
+                k = int(rng.integers(1, 14))
+                chunk = p[s["off"]:s["off"] + k]
+                last = s["off"] + len(chunk) == len(p)
+                entries.append((i, np.array(chunk, np.int32), False, int(last)))
+                who.append((i, len(chunk), last))
+            else:
+                tok = forced[i][len(s["gen"])] if forced else int(np.argmax(s["rows"][-1]))
+                s["gen"].append(tok)
+                entries.append((i, np.array([tok], np.int32), True, 1))
+                who.append((i, 1, True))
+        step += 1
+        if not entries:
+            continue
+        rng.shuffle(order := list(range(len(entries))))
+        entries = [entries[j] for j in order]
+        who = [who[j] for j in order]
+        logits = b.step(entries)
+        row = 0
+        for i, k, has_row in who:
+            s = state[i]
+            if s["off"] < len(ps[i]):
+                s["off"] += k
+            if has_row:
+                s["rows"].append(logits[row])
+                row += 1
+    return [np.array(s["rows"]) for s in state], [s["gen"] for s in state]
+
+
+@pytest.mark.parametrize("type_", list(TYPES))
+def test_batch_equals_each_sequence_alone(models, type_):
+    """12 sequences through 12 slots: every logits row has the bits of the sequence alone on a CUDA
+    Session, and the CPU BatchSession, fed the same tokens, agrees within the type's tolerance."""
+    model = core_model(models[type_])
+    ps = prompts(12, seed=1)
+    n_gen = [3 + (i * 7) % 11 for i in range(len(ps))]
+    want = [alone(model, p, g) for p, g in zip(ps, n_gen)]
+    rows, gen = run_batch(model, "cuda", ps, n_gen)
+    for i, (w_rows, w_gen) in enumerate(want):
+        assert gen[i] == w_gen, f"sequence {i}"
+        np.testing.assert_array_equal(rows[i], w_rows, err_msg=f"sequence {i}")
+    cpu_rows, _ = run_batch(model, "cpu", ps, n_gen, forced=gen)
+    tol = TYPES[type_][2]
+    for i in range(len(ps)):
+        rel = np.abs(rows[i] - cpu_rows[i]).max(axis=1) / np.abs(cpu_rows[i]).max(axis=1)
+        assert rel.max() <= tol, (i, rel)
+
+
+def test_decode_steps_of_a_batch_replay_one_graph(models):
+    """Steps of one generated token for each of 6 sequences have one shape: the first is captured,
+    the rest replay it; a sequence leaving changes the shape (captured anew), then that replays."""
+    be = _core.CudaBackend(0)
+    b = _core.BatchSession(core_model(models["q4"]), 6, 64, "f16", 2, 64, be)
+    for slot in range(6):
+        b.step([(slot, np.arange(3, 3 + slot + 2, dtype=np.int32), False, 1)])
+    tok = np.array([7], np.int32)
+    before = be.replays
+    for _ in range(10):
+        b.step([(slot, tok, True, 1) for slot in range(6)])
+    assert be.replays - before == 9
+    for _ in range(5):
+        b.step([(slot, tok, True, 1) for slot in range(5)])
+    assert be.replays - before == 13
+
