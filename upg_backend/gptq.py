@@ -75,7 +75,7 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
 
 
 def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importance: np.ndarray | None = None,
-             damp: float = DAMP) -> np.ndarray:
+             damp: float = DAMP, factor: np.ndarray | None = None) -> np.ndarray:
     """W's bytes in `type` (FORMAT.md), by GPTQ with the Gram matrix h of its inputs.
 
     Args:
@@ -85,6 +85,8 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
         importance: per-column weights of the scale search; None: diag(h) (the mean squared input up to
             a constant factor, which the search does not see: calibrate's importance).
         damp: fraction of H's mean diagonal added to its diagonal.
+        factor: inverse_factor(h, damp), when the caller has it already (bit allocation quantizes one
+            matrix at every candidate); None: computed here.
 
     Raises:
         GPTQError: h does not fit w or is not positive definite after damping.
@@ -107,7 +109,9 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
     imp = np.ascontiguousarray(np.diagonal(h) if importance is None else importance, dtype=np.float32)
     if imp.shape != (cols,):
         raise ValueError(f"importance must have {cols} values, got shape {list(imp.shape)}")
-    u = inverse_factor(h, damp)
+    u = inverse_factor(h, damp) if factor is None else np.asarray(factor, np.float32)
+    if u.shape != (cols, cols):
+        raise GPTQError(f"the factor has shape {list(u.shape)}; a matrix of {cols} columns needs [{cols}, {cols}]")
 
     wt = np.array(w.T, dtype=np.float32, order="C")  # [cols, rows]: a column is a contiguous row here
     start = np.empty_like(wt)    # each group's weights when it started: what its scales are chosen for
@@ -138,4 +142,4 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
 def output_error(w: np.ndarray, decoded: np.ndarray, h: np.ndarray) -> float:
     """sum_t ||(W - W_q) x_t||^2 = trace((W - W_q) H (W - W_q)^T): what GPTQ minimizes."""
     d = np.asarray(w, np.float64) - np.asarray(decoded, np.float64)
-    return float(np.einsum("ij,jk,ik->", d, np.asarray(h, np.float64), d))
+    return float(((d @ np.asarray(h, np.float64)) * d).sum())
