@@ -231,3 +231,38 @@ def test_bpw_with_gptq_allocates_by_the_written_error(model, tmp_path):  # noqa:
         written = _core.dequantize(t.dtype, t.block, upg.raw(name), rows, cols)
         assert alloc.noise[name] == pytest.approx(gptq.output_error(w, written, h) / gptq.output_error(w, 0 * w, h),
                                                   rel=1e-6), name
+
+
+@pytest.mark.parametrize("type_,block", TYPES)
+def test_scale_refit_never_raises_the_output_error(type_, block):
+    """The scales fitted again to GPTQ's codes: never a larger output error than GPTQ's own scales;
+    lower for iq3, whose encoder writes the fitted scales."""
+    rng = np.random.default_rng(11 + block)
+    rows, cols = 24, 512
+    w = heavy_tailed(rng, rows, cols)
+    x = correlated_inputs(rng, 2048, cols).astype(np.float64)
+    h = x.T @ x
+    before = gptq.quantize(w, h, type_, block, refit=False)
+    after = gptq.quantize(w, h, type_, block)
+    e_before = gptq.output_error(w, _core.dequantize(type_, block, before, rows, cols), h)
+    e_after = gptq.output_error(w, _core.dequantize(type_, block, after, rows, cols), h)
+    assert e_after <= e_before
+    if type_ == "iq3":
+        assert e_after < 0.97 * e_before
+
+
+def test_fitted_values_are_the_least_squares_scales():
+    """fitted_values against numpy's lstsq on the inputs themselves: min_s ||X (w_r - G_r^T s)||^2."""
+    rng = np.random.default_rng(5)
+    rows, cols, block = 6, 256, 32
+    w = heavy_tailed(rng, rows, cols).astype(np.float64)
+    x = correlated_inputs(rng, 1024, cols).astype(np.float64)
+    g = rng.integers(-4, 4, (rows, cols)).astype(np.float64)  # grid values at scale 1
+    g[0, :block] = 0  # an all-zero block: its scale multiplies nothing
+    got = gptq.fitted_values(w, x.T @ x, g, block)
+    for r in range(rows):
+        gr = np.zeros((cols // block, cols))
+        for b in range(cols // block):
+            gr[b, b * block:(b + 1) * block] = g[r, b * block:(b + 1) * block]
+        s = np.linalg.lstsq(x @ gr.T, x @ w[r], rcond=None)[0]
+        np.testing.assert_allclose(got[r], s @ gr, rtol=1e-6, atol=1e-9 * np.abs(w[r]).max())

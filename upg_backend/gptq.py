@@ -75,7 +75,7 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
 
 
 def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importance: np.ndarray | None = None,
-             damp: float = DAMP, factor: np.ndarray | None = None) -> np.ndarray:
+             damp: float = DAMP, factor: np.ndarray | None = None, refit: bool = True) -> np.ndarray:
     """W's bytes in `type` (FORMAT.md), by GPTQ with the Gram matrix h of its inputs.
 
     Args:
@@ -87,6 +87,7 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
         damp: fraction of H's mean diagonal added to its diagonal.
         factor: inverse_factor(h, damp), when the caller has it already (bit allocation quantizes one
             matrix at every candidate); None: computed here.
+        refit: fit the scales again once the codes are fixed (refit_scales).
 
     Raises:
         GPTQError: h does not fit w or is not positive definite after damping.
@@ -136,7 +137,58 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
     decoded = _core.dequantize(type, block, data, rows, cols)
     if not np.allclose(decoded, q.T, rtol=1e-6, atol=1e-6 * float(np.abs(q).max(initial=0.0))):
         raise RuntimeError(f"GPTQ's {type} bytes do not decode to the values it chose")  # a bug, not bad input
-    return data
+    return refit_scales(w, h, type, block, data, imp) if refit else data
+
+
+def refit_scales(w: np.ndarray, h: np.ndarray, type: str, block: int, data: np.ndarray,
+                 importance: np.ndarray | None = None) -> np.ndarray:
+    """The bytes of W in `type` with every block's scale fitted again to the codes `data` holds.
+
+    Per row, the scales that minimize the output error over the codes' grid values (fitted_values).
+    The new values lie on the grid under the new scales, and the type's own encoder writes them: its
+    scale search finds the scale of values on its grid where it can, and rounds it to the type's
+    precision (f16, or 6 bits under an f16 super-scale). A row takes its refit where that lowers its
+    output error, and the result is returned only where the written bytes' error is below data's
+    (else data itself): on the testbed it lowers iq3's error by 2-8%, rarely iq4_xs's, whose 6-bit
+    scales lose what the fit gains.
+    """
+    from . import _core
+
+    rows, cols = w.shape
+    hd = np.asarray(h, np.float64)
+    old = _core.dequantize(type, block, data, rows, cols).astype(np.float64)
+    unit = np.repeat(_core.block_scales(type, block, data, rows, cols).astype(np.float64), block, axis=1)
+    g = np.divide(old, unit, out=np.zeros_like(old), where=unit != 0)  # the codes' grid values at scale 1
+    new = old.copy()
+    step = max(1, (1 << 27) // (8 * cols * cols // block))  # rows a chunk: its G H takes at most 128 MB
+    for r0 in range(0, rows, step):
+        vals = fitted_values(w[r0:r0 + step], hd, g[r0:r0 + step], block)
+        better = _row_errors(w[r0:r0 + step], vals, hd) < _row_errors(w[r0:r0 + step], old[r0:r0 + step], hd)
+        new[r0:r0 + step][better] = vals[better]
+    new = new.astype(np.float32)
+    refitted = np.asarray(_core.quantize(type, block, new, importance=importance, codes_from=new))
+    decoded = _core.dequantize(type, block, refitted, rows, cols)
+    return refitted if output_error(w, decoded, hd) < output_error(w, old, hd) else data
+
+
+def fitted_values(w: np.ndarray, h: np.ndarray, g: np.ndarray, block: int) -> np.ndarray:
+    """Per row r, sum_b s_b g_rb with the block scales s minimizing (w_r - sum_b s_b g_rb) H (...)^T,
+    g_rb being row r's grid values g in block b and zero elsewhere: nb unknowns a row, the normal
+    equations (G H G^T) s = G H w with H's cross-block terms (GPTQ's errors are correlated across
+    blocks); a relative ridge of 1e-9 keeps an all-zero block solvable."""
+    rows, cols = g.shape
+    nb = cols // block
+    gr = np.asarray(g, np.float64).reshape(rows, nb, block)
+    z = np.einsum("rbi,bic->rbc", gr, np.asarray(h, np.float64).reshape(nb, block, cols))  # G_r H
+    a = np.einsum("rbcj,rcj->rbc", z.reshape(rows, nb, nb, block), gr)  # G_r H G_r^T
+    rhs = np.einsum("rbc,rc->rb", z, np.asarray(w, np.float64))  # G_r H w_r
+    a[:, np.arange(nb), np.arange(nb)] += (1e-9 * np.trace(a, axis1=1, axis2=2) / nb + 1e-30)[:, None]
+    return (gr * np.linalg.solve(a, rhs[..., None])).reshape(rows, cols)
+
+
+def _row_errors(w: np.ndarray, decoded: np.ndarray, h: np.ndarray) -> np.ndarray:
+    d = np.asarray(w, np.float64) - decoded
+    return ((d @ h) * d).sum(axis=1)
 
 
 def output_error(w: np.ndarray, decoded: np.ndarray, h: np.ndarray) -> float:
