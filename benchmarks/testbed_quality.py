@@ -22,7 +22,7 @@ the calibration text that ships with the package (the one our calibration uses),
 Files are cached in --work-dir (llama.cpp's by name; ours are rewritten each run). Calibration runs
 once, with the Gram matrices GPTQ's rows need (upg_backend.gptq); the other calibrated rows use its
 importance, saved and reloaded as --importance would. The --kld-weights row measures its weights
-(upg_backend.sensitivity) in a q8_0 conversion of the testbed, as the command line does.
+(upg_backend.sensitivity) in an f16 conversion of the testbed, as the command line does.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ LLAMA_TYPES = ("Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_S", "IQ3_XXS")
 EIGHT_BIT_ENDS = ((EMBED, "q8_0"), (LM_HEAD, "q8_0"))
 # name -> (recipe or --bpw budget, calibration: None, "importance" (importance-weighted rounding),
 # "gptq" (GPTQ error feedback with the Gram matrices of the same calibration run) or "gptq+kld" (and
-# --bpw's noise weighted by the KLD weights measured in a q8_0 conversion, as --kld-weights does))
+# --bpw's noise weighted by the KLD weights measured in an f16 conversion, as --kld-weights does))
 _Q4, _Q3 = Recipe("q4", "q4", 32, EIGHT_BIT_ENDS), Recipe("q3", "q3", 32, EIGHT_BIT_ENDS)
 _IQ4_XS, _IQ3 = Recipe("iq4_xs", "iq4_xs", 32, EIGHT_BIT_ENDS), Recipe("iq3", "iq3", 32, EIGHT_BIT_ENDS)
 OURS = {
@@ -147,8 +147,8 @@ def our_files(args: argparse.Namespace, ref: Path) -> dict[str, tuple[Path, floa
         path = args.work_dir / ("ours-" + "".join(c if c.isalnum() or c == "." else "-" for c in name) + ".upg")
         t0 = time.perf_counter()
         if calibration == "gptq+kld" and weighted is None:
-            probe = args.work_dir / "ours-q8_0-probe.upg"
-            convert_hf(args.testbed, probe, type="q8_0", progress=False)
+            probe = args.work_dir / "ours-f16-probe.upg"
+            convert_hf(args.testbed, probe, type="f16", progress=False)
             weighted = dataclasses.replace(imp, kld_weights=sensitivity.measure(probe, imp, n_threads=args.threads))
             print(f"KLD weights: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         kw = {"importance": imp if calibration == "gptq" else weighted if calibration == "gptq+kld" else

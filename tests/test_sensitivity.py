@@ -21,37 +21,37 @@ def mean_kld(lp, lq):
 
 
 def test_kld_weights_match_numpy_forward(model, tmp_path):  # noqa: F811
-    q8 = tmp_path / "q8.upg"
-    convert_hf(model["src"], q8, type="q8_0", progress=False)
-    imp = calibrate.collect(q8, model["text"], n_ctx=24, progress=False, gram=True)
-    upg = UPGFile(q8)
+    f16 = tmp_path / "f16.upg"
+    convert_hf(model["src"], f16, type="f16", progress=False)
+    imp = calibrate.collect(f16, model["text"], n_ctx=24, progress=False, gram=True)
+    upg = UPGFile(f16)
     tokens = np.asarray(Tokenizer(upg.header["tokenizer"], upg.header["tokenizer_config"]).encode(TEXT), np.int32)
     windows = [tokens[i:i + 24] for i in (0, 40)]
-    before = q8.read_bytes()
-    weights = sensitivity.kld_weights(q8, windows, imp.columns, imp.gram, n_threads=2)
-    assert q8.read_bytes() == before  # every probe was put back
+    before = f16.read_bytes()
+    weights = sensitivity.kld_weights(f16, windows, imp.columns, imp.gram, n_threads=2)
+    assert f16.read_bytes() == before  # every probe was put back
     blocks = [n for n, t in upg.tensors.items() if is_block_matrix(n, t.dims)]
     assert sorted(weights) == sorted(blocks)
     ref = fwd.load_weights(upg)
     ref_lp = [log_softmax(fwd.forward(ref, upg.config, w)) for w in windows]
     for name in blocks:
         # the probe built here from the type's own functions (iq3 needs widths of 256: q3 here),
-        # decoded into the numpy forward pass as the engine multiplies a q8_0 matrix
+        # stored as f16, in the numpy forward pass
         rows, cols = upg.tensors[name].dims
-        w, h = _core.dequantize("q8_0", 32, upg.raw(name), rows, cols), imp.gram[name]
+        w, h = upg.tensor(name).astype(np.float32), imp.gram[name]
         q3 = _core.dequantize("q3", 32, gptq.quantize(w, h, "q3", 32, imp.columns[name]), rows, cols)
-        probed = _core.dequantize("q8_0", 32, _core.quantize("q8_0", 32, q3), rows, cols)
+        probed = q3.astype(np.float16).astype(np.float64)
         noise = gptq.output_error(w, probed, h) / gptq.output_error(w, 0 * w, h)
-        m = np.asarray(probed, np.float64).view(fwd.Matrix)
-        m.act_type, m.block, m.outliers = "q8_0", 32, None
-        k = np.mean([mean_kld(lp, log_softmax(fwd.forward({**ref, name: m}, upg.config, x)))
+        k = np.mean([mean_kld(lp, log_softmax(fwd.forward({**ref, name: probed}, upg.config, x)))
                      for lp, x in zip(ref_lp, windows)])
         assert k > 0 and weights[name] == pytest.approx(k / noise, rel=0.05), name
     assert len({round(v, 6) for v in weights.values()}) > 1  # matrices differ
-    f32 = tmp_path / "f32.upg"
-    convert_hf(model["src"], f32, type="f32", progress=False)
-    with pytest.raises(ValueError, match="must be q8_0/32"):
-        sensitivity.kld_weights(f32, windows, imp.columns)
+    plain = sensitivity.kld_weights(f16, windows, imp.columns)  # without Gram matrices: a rounded probe
+    assert sorted(plain) == sorted(blocks) and all(v > 0 for v in plain.values()) and f16.read_bytes() == before
+    q8 = tmp_path / "q8.upg"
+    convert_hf(model["src"], q8, type="q8_0", progress=False)
+    with pytest.raises(ValueError, match="must be f16"):
+        sensitivity.kld_weights(q8, windows, imp.columns)
 
 
 def test_weights_move_the_bits():

@@ -227,20 +227,20 @@ def collect_source(src: str | os.PathLike, text: str | os.PathLike | None = None
     converted to a temporary q8_0 .upg (in work_dir, default the system's temporary directory;
     removed before this returns) and measured on that. 8-bit weights move the activations by a
     fraction of a percent and halve the memory and time of bf16. With kld_weights, also each block
-    matrix's KLD weight (sensitivity.measure), measured in the same temporary model."""
+    matrix's KLD weight (sensitivity.measure), measured in a second temporary conversion, f16."""
+    if str(src).endswith(".gguf"):
+        from .gguf_source import convert_gguf as convert
+    else:
+        from .convert import convert_hf as convert
     with tempfile.TemporaryDirectory(prefix="upg-calibration-", dir=work_dir) as tmp:
         model = Path(tmp) / "calibration-q8_0.upg"
-        if str(src).endswith(".gguf"):
-            from .gguf_source import convert_gguf
-
-            convert_gguf(src, model, type="q8_0", progress=progress)
-        else:
-            from .convert import convert_hf
-
-            convert_hf(src, model, type="q8_0", progress=progress)
+        convert(src, model, type="q8_0", progress=progress)
         imp = collect(model, text, n_ctx, max_tokens, n_threads, progress, gram)
         if not kld_weights:
             return imp
         from . import sensitivity
 
+        model.unlink()
+        model = Path(tmp) / "sensitivity-f16.upg"
+        convert(src, model, type="f16", progress=progress)
         return dataclasses.replace(imp, kld_weights=sensitivity.measure(model, imp, text, n_ctx, n_threads))
