@@ -61,23 +61,35 @@ def is_block_matrix(name: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and fnmatch.fnmatchcase(name, BLOCK_MATRICES)
 
 
+def output_noise(w: np.ndarray, wq: np.ndarray, h: np.ndarray | None = None,
+                 importance: np.ndarray | None = None) -> float:
+    """The relative output noise of wq in place of w: with the Gram matrix h of the inputs,
+    tr(E H E^T) / tr(W H W^T), E = W - W_q; without, its diagonal with the importance (None:
+    uniform), sum_c imp_c sum_r e^2 over sum_c imp_c sum_r w^2."""
+    from . import gptq
+
+    if h is not None:
+        return gptq.output_error(w, wq, h) / max(gptq.output_error(w, np.zeros_like(w), h), 1e-30)
+    w64 = np.asarray(w, np.float64)
+    imp = np.ones(w64.shape[1]) if importance is None else np.asarray(importance, np.float64)
+    err = ((np.asarray(wq, np.float64) - w64) ** 2).sum(axis=0)
+    return float((imp * err).sum() / max((imp * (w64 ** 2).sum(axis=0)).sum(), 1e-30))
+
+
 def relative_noise(w: np.ndarray, importance: np.ndarray | None, cand: Candidate) -> float:
-    """Importance-weighted squared error of w stored as cand, over its weighted squared values."""
+    """output_noise of w stored as cand by importance-weighted rounding, without the Gram matrix."""
     from . import _core
 
     w = np.ascontiguousarray(w, np.float32)
-    imp = np.ones(w.shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
     data = np.asarray(_core.quantize(cand.type, cand.block, w, importance=importance))
-    err = ((_core.dequantize(cand.type, cand.block, data, *w.shape) - w) ** 2).sum(axis=0, dtype=np.float64)
-    signal = (w.astype(np.float64) ** 2).sum(axis=0)
-    return float((imp * err).sum() / max((imp * signal).sum(), 1e-30))
+    return output_noise(w, _core.dequantize(cand.type, cand.block, data, *w.shape), None, importance)
 
 
 def gptq_noise(w: np.ndarray, h: np.ndarray, importance: np.ndarray | None, cand: Candidate,
                factor: np.ndarray) -> float:
-    """tr(E H E^T) / tr(W H W^T), E = W - W_q, with W_q what GPTQ writes for cand (gptq.quantize with
-    the matrix's shared inverse factor; plain rounding for a type GPTQ does not write): the relative
-    output noise over the calibration inputs."""
+    """output_noise over H of w stored as cand by GPTQ (gptq.quantize with the matrix's shared
+    inverse factor; plain rounding for a type GPTQ does not write): the relative output error over
+    the calibration inputs."""
     from . import _core, gptq
 
     w = np.ascontiguousarray(w, np.float32)
@@ -85,8 +97,7 @@ def gptq_noise(w: np.ndarray, h: np.ndarray, importance: np.ndarray | None, cand
         data = gptq.quantize(w, h, cand.type, cand.block, importance, factor=factor)
     else:  # a type GPTQ does not write is rounded plainly, as the writer does
         data = _core.quantize(cand.type, cand.block, w, importance=importance)
-    signal = gptq.output_error(w, np.zeros_like(w), h)
-    return gptq.output_error(w, _core.dequantize(cand.type, cand.block, data, *w.shape), h) / max(signal, 1e-30)
+    return output_noise(w, _core.dequantize(cand.type, cand.block, data, *w.shape), h)
 
 
 def sample_rows(rows: int, n: int = SAMPLE_ROWS) -> np.ndarray | None:

@@ -25,24 +25,12 @@ from typing import Mapping
 
 import numpy as np
 
-from .allocate import Candidate, fits, is_block_matrix
+from .allocate import Candidate, fits, is_block_matrix, output_noise
 
 # The probe: the cheapest candidate, whose noise is far above f16's; q3 for widths iq3
 # cannot hold (not a multiple of 256).
 PROBES = (Candidate("iq3", 32), Candidate("q3", 32))
 N_WINDOWS = 4  # windows of the calibration text each probe is evaluated on
-
-
-def _noise(w: np.ndarray, wq: np.ndarray, h: np.ndarray | None, imp: np.ndarray | None) -> float:
-    """Relative output noise of wq against w: with H, tr(E H E^T) / tr(W H W^T); else its diagonal
-    with the importance (allocate.relative_noise's measure)."""
-    from . import gptq
-
-    if h is not None:
-        return gptq.output_error(w, wq, h) / max(gptq.output_error(w, np.zeros_like(w), h), 1e-30)
-    c = np.ones(w.shape[1]) if imp is None else np.asarray(imp, np.float64)
-    e = ((w.astype(np.float64) - wq) ** 2).sum(axis=0)
-    return float((c * e).sum() / max((c * (w.astype(np.float64) ** 2).sum(axis=0)).sum(), 1e-30))
 
 
 def kld_weights(model_path: str | os.PathLike, windows: list[np.ndarray], columns: Mapping[str, np.ndarray],
@@ -86,7 +74,7 @@ def kld_weights(model_path: str | os.PathLike, windows: list[np.ndarray], column
         else:
             data = _core.quantize(probe.type, probe.block, w, importance=imp)
         probed = _core.dequantize(probe.type, probe.block, data, rows, cols).astype(np.float16)
-        noise = _noise(w, probed.astype(np.float32), h, imp)
+        noise = output_noise(w, probed.astype(np.float32), h, imp)
         where = upg.data_offset + t.offset
         with open(model_path, "r+b") as f:
             f.seek(where)
