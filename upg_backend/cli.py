@@ -62,11 +62,12 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gptq", action="store_true",
                    help="quantize the transformer blocks' matrices with GPTQ error feedback, from the Gram matrices "
                         "of their inputs measured on the calibration text (calibrates unless --calibration says "
-                        "how; not with --importance)")
+                        "how; not with --importance); with --bpw, each candidate's noise is measured as GPTQ "
+                        "writes it")
     p.add_argument("--kld-weights", action="store_true",
                    help="with --bpw: weight each matrix's noise by its measured effect on the output distribution "
-                        "(the calibration model runs a few windows once per block matrix: minutes for small models, "
-                        "hours for Phi-4 on a few cores; not with --importance)")
+                        "(a temporary f16 conversion runs a few windows once per block matrix: minutes for small "
+                        "models, hours for Phi-4 on a few cores; not with --importance)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -7,13 +7,15 @@ Cholesky factor U of the damped H^-1, with lazy batch updates). Each scale group
 columns; 256 for iq4_xs and iq3, whose sub-block scales share a super-scale) has its scales chosen when
 it starts, from the error-updated weights, by the type's own importance-weighted search; each column is
 rounded by the type's own rounding under them (`_core.round_to_type`). The bytes are the type's ordinary
-bytes (`_core.quantize(..., codes_from=)` writes them): readers and kernels do not change.
+bytes (`_core.quantize(..., codes_from=)` writes them): readers and kernels do not change. Once the
+codes are fixed, the block scales are fitted again to them by least squares over H (refit_scales).
 
 Memory: while H is factored, two float64 matrices of its size and the float32 factor, 20 bytes per
 cols^2 at peak besides the caller's H (6.4 GB at Phi-4's 17920-wide down_proj); then the factor and
 six float32 matrices of W's size (the loaded weights, four working copies, the decoded check: 4.4 GB
 at Phi-4's 35840 x 5120 gate_up_proj). Time: a Cholesky factorization and a triangular inverse of H (cols^3 / 3
-each, float64), and 2 * rows * cols^2 flops of updates (docs/QUANTIZATION.md "GPTQ").
+each, float64), 2 * rows * cols^2 flops of updates and as many for the scale refit (three float32
+matrices of W's size besides W, and chunks of rows of at most 128 MB) (docs/QUANTIZATION.md "GPTQ").
 """
 from __future__ import annotations
 
@@ -137,6 +139,7 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
     decoded = _core.dequantize(type, block, data, rows, cols)
     if not np.allclose(decoded, q.T, rtol=1e-6, atol=1e-6 * float(np.abs(q).max(initial=0.0))):
         raise RuntimeError(f"GPTQ's {type} bytes do not decode to the values it chose")  # a bug, not bad input
+    del wt, start, rounded, q, decoded  # the refit's memory in their place
     return refit_scales(w, h, type, block, data, imp) if refit else data
 
 
@@ -156,16 +159,17 @@ def refit_scales(w: np.ndarray, h: np.ndarray, type: str, block: int, data: np.n
 
     rows, cols = w.shape
     hd = np.asarray(h, np.float64)
-    old = _core.dequantize(type, block, data, rows, cols).astype(np.float64)
-    unit = np.repeat(_core.block_scales(type, block, data, rows, cols).astype(np.float64), block, axis=1)
-    g = np.divide(old, unit, out=np.zeros_like(old), where=unit != 0)  # the codes' grid values at scale 1
+    old = _core.dequantize(type, block, data, rows, cols)
+    scales = _core.block_scales(type, block, data, rows, cols)
     new = old.copy()
     step = max(1, (1 << 27) // (8 * cols * cols // block))  # rows a chunk: its G H takes at most 128 MB
     for r0 in range(0, rows, step):
-        vals = fitted_values(w[r0:r0 + step], hd, g[r0:r0 + step], block)
-        better = _row_errors(w[r0:r0 + step], vals, hd) < _row_errors(w[r0:r0 + step], old[r0:r0 + step], hd)
+        o = old[r0:r0 + step].astype(np.float64)
+        unit = np.repeat(scales[r0:r0 + step].astype(np.float64), block, axis=1)
+        g = np.divide(o, unit, out=np.zeros_like(o), where=unit != 0)  # the codes' grid values at scale 1
+        vals = fitted_values(w[r0:r0 + step], hd, g, block)
+        better = _row_errors(w[r0:r0 + step], vals, hd) < _row_errors(w[r0:r0 + step], o, hd)
         new[r0:r0 + step][better] = vals[better]
-    new = new.astype(np.float32)
     refitted = np.asarray(_core.quantize(type, block, new, importance=importance, codes_from=new))
     decoded = _core.dequantize(type, block, refitted, rows, cols)
     return refitted if output_error(w, decoded, hd) < output_error(w, old, hd) else data
