@@ -21,13 +21,11 @@ DIR is the testbed checkpoint (or $UPG_TESTBED) with its dev.txt; TESTBED-F32.gg
 the calibration text that ships with the package (the one our calibration uses), not dev.txt.
 Files are cached in --work-dir (llama.cpp's by name; ours are rewritten each run). Calibration runs
 once, with the Gram matrices GPTQ's rows need (upg_backend.gptq); the other calibrated rows use its
-importance, saved and reloaded as --importance would. The --kld-weights row measures its weights
-(upg_backend.sensitivity) in an f16 conversion of the testbed, as the command line does.
+importance, saved and reloaded as --importance would.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import platform
@@ -40,7 +38,7 @@ from typing import Iterator
 import numpy as np
 
 from doc_block import fill
-from upg_backend import calibrate, sensitivity
+from upg_backend import calibrate
 from upg_backend.convert import convert_hf
 from upg_backend.format import UPGFile
 from upg_backend.quality import Scorer, log_softmax, nll, window_logits
@@ -52,9 +50,8 @@ DOC = ROOT / "docs" / "QUANTIZATION.md"
 PEER_LOGITS = ROOT / "benchmarks" / "peer_logits.py"
 LLAMA_TYPES = ("Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_S", "IQ3_XXS")
 EIGHT_BIT_ENDS = ((EMBED, "q8_0"), (LM_HEAD, "q8_0"))
-# name -> (recipe or --bpw budget, calibration: None, "importance" (importance-weighted rounding),
-# "gptq" (GPTQ error feedback with the Gram matrices of the same calibration run) or "gptq+kld" (and
-# --bpw's noise weighted by the KLD weights measured in an f16 conversion, as --kld-weights does))
+# name -> (recipe or --bpw budget, calibration: None, "importance" (importance-weighted rounding) or
+# "gptq" (GPTQ error feedback with the Gram matrices of the same calibration run))
 _Q4, _Q3 = Recipe("q4", "q4", 32, EIGHT_BIT_ENDS), Recipe("q3", "q3", 32, EIGHT_BIT_ENDS)
 _IQ4_XS, _IQ3 = Recipe("iq4_xs", "iq4_xs", 32, EIGHT_BIT_ENDS), Recipe("iq3", "iq3", 32, EIGHT_BIT_ENDS)
 OURS = {
@@ -71,7 +68,6 @@ OURS = {
     "iq3 + GPTQ": (_IQ3, "gptq"),
     "--bpw 4.25": (4.25, "importance"),
     "--bpw 4.25 --gptq": (4.25, "gptq"),
-    "--bpw 4.25 --gptq --kld-weights": (4.25, "gptq+kld"),
     "--bpw 3.25": (3.25, "importance"),
     "--bpw 3.25 --gptq": (3.25, "gptq"),
 }
@@ -140,18 +136,12 @@ def our_files(args: argparse.Namespace, ref: Path) -> dict[str, tuple[Path, floa
     imp.save(imp_path)
     print(f"calibration: {imp.n_tokens} tokens in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     out = {}
-    weighted = None
     for name, (how, calibration) in OURS.items():
         if args.only and not any(o in name for o in args.only):
             continue
         path = args.work_dir / ("ours-" + "".join(c if c.isalnum() or c == "." else "-" for c in name) + ".upg")
         t0 = time.perf_counter()
-        if calibration == "gptq+kld" and weighted is None:
-            probe = args.work_dir / "ours-f16-probe.upg"
-            convert_hf(args.testbed, probe, type="f16", progress=False)
-            weighted = dataclasses.replace(imp, kld_weights=sensitivity.measure(probe, imp, n_threads=args.threads))
-            print(f"KLD weights: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-        kw = {"importance": imp if calibration == "gptq" else weighted if calibration == "gptq+kld" else
+        kw = {"importance": imp if calibration == "gptq" else
               calibrate.Importance.load(imp_path) if calibration else None}
         if isinstance(how, Recipe):
             convert_hf(args.testbed, path, recipe=how, progress=False, **kw)

@@ -6,8 +6,7 @@ candidate leaves: sum_c imp_c * sum_r (w - w_q)^2 over sum_c imp_c * sum_r w^2, 
 ||(W - W_q) x||^2 / ||W x||^2 for inputs whose column c has mean square imp_c. With the Gram
 matrices H of the inputs (--gptq), it is that ratio itself, tr(E H E^T) / tr(W H W^T) with
 E = W - W_q and W_q what GPTQ writes for the candidate (one factor of H per matrix, shared by the
-candidates). With KLD weights (upg_backend.sensitivity), each matrix's noise is multiplied by how
-much a unit of it moves the model's output distribution. Starting from the cheapest candidate
+candidates). Starting from the cheapest candidate
 everywhere, the upgrade that removes the most noise per added bit is taken (along each matrix's
 lower convex hull of bits against noise) while the blocks' matrices stay within the budget
 (docs/QUANTIZATION.md "Bit allocation"). The embedding and the output matrix are outside the budget,
@@ -137,7 +136,6 @@ class Allocation:
         budget: the budget asked for.
         noise: matrix name -> relative noise of the chosen candidate.
         method: how the noise was measured and the choice made (the header's `method`).
-        weights: the KLD weights the noise was weighted by (allocate's `weights`), or None.
     """
 
     choices: Mapping[str, Candidate]
@@ -145,20 +143,17 @@ class Allocation:
     budget: float
     noise: Mapping[str, float]
     method: str = "importance-weighted relative output noise, greedy over convex hulls"
-    weights: Mapping[str, float] | None = None
 
     def header(self) -> dict:
         """The header's `allocation` object (FORMAT.md)."""
         return {"bpw": self.budget, "block_bits_per_weight": round(self.bpw, 4), "method": self.method,
-                "choices": {name: c.name for name, c in self.choices.items()},
-                **({"kld_weights": {name: round(w, 6) for name, w in self.weights.items()}} if self.weights else {})}
+                "choices": {name: c.name for name, c in self.choices.items()}}
 
 
 def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndarray]]],
              importance: Callable[[str, int], np.ndarray | None], bpw: float,
              candidates: Sequence[Candidate] = CANDIDATES, n_sample: int = SAMPLE_ROWS,
-             progress: Callable[[int], None] | None = None, gram: Mapping[str, np.ndarray] | None = None,
-             weights: Mapping[str, float] | None = None) -> Allocation:
+             progress: Callable[[int], None] | None = None, gram: Mapping[str, np.ndarray] | None = None) -> Allocation:
     """Chooses a candidate for every block matrix so that they average at most `bpw` bits per weight.
 
     Args:
@@ -172,8 +167,6 @@ def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndar
         gram: name -> the Gram matrix of the matrix's inputs (calibrate.collect(..., gram=True)): the
             matrices it covers are measured as GPTQ writes them (gptq_noise), the others by
             relative_noise.
-        weights: name -> how much a unit of the matrix's relative noise moves the model's KLD
-            (sensitivity.kld_weights), one for every matrix; None: every matrix alike.
 
     Raises:
         ValueError: the budget is below what the cheapest candidates cost.
@@ -182,7 +175,7 @@ def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndar
 
     if not matrices:
         raise ValueError("no block matrices to allocate bits to")
-    points_of, raw, n_weights = {}, {}, 0
+    points_of, n_weights = {}, 0
     for name, shape, load in matrices:
         rows, cols = shape
         w = np.asarray(load(), np.float32)
@@ -202,20 +195,16 @@ def allocate(matrices: Sequence[tuple[str, tuple[int, int], Callable[[], np.ndar
                   for i, c in enumerate(candidates) if fits(c, shape)]
         if not points:
             raise ValueError(f"{name}: no candidate fits its {cols} columns")
-        raw[name] = {i: x for _, x, i in points}
-        points_of[name] = [(b, x * (weights[name] if weights else 1.0), i) for b, x, i in points]
+        points_of[name] = points
         n_weights += rows * cols
         if progress:
             progress(rows * cols)
     picked, used = choose(points_of, bpw * n_weights)
     if picked is None:
         raise ValueError(f"--bpw {bpw}: the cheapest candidates already take {used / n_weights:.3f} bits per weight")
-    method = GRAM_METHOD if gram is not None else Allocation.method
-    if weights:
-        method += ", each matrix's noise weighted by its measured KLD per unit (sensitivity.kld_weights)"
     return Allocation({name: candidates[p[2]] for name, p in picked.items()}, used / n_weights, bpw,
-                      {name: raw[name][p[2]] for name, p in picked.items()}, method,
-                      dict(weights) if weights else None)
+                      {name: p[1] for name, p in picked.items()},
+                      GRAM_METHOD if gram is not None else Allocation.method)
 
 
 def choose(points_of: Mapping[str, Sequence[tuple[float, float, int]]], budget_bits: float):

@@ -48,15 +48,12 @@ class Importance:
         text: what was measured: the text's file name and the sha256 of its UTF-8 bytes.
         gram: Hugging Face tensor name -> float64 [cols, cols], sum over the tokens of x x^T (the
             transformer blocks' matrices, for GPTQ); None: not measured. Not saved by `save`.
-        kld_weights: block matrix name -> its KLD per unit of relative noise (sensitivity.kld_weights,
-            for --bpw); None: not measured. Not saved by `save`.
     """
 
     columns: Mapping[str, np.ndarray]
     n_tokens: int
     text: str
     gram: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
-    kld_weights: Mapping[str, float] | None = dataclasses.field(default=None, repr=False)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes a safetensors file (docs/QUANTIZATION.md "Importance files")."""
@@ -221,13 +218,11 @@ def _windows(tokens: np.ndarray, n_ctx: int, max_tokens: int | None) -> list[np.
 
 def collect_source(src: str | os.PathLike, text: str | os.PathLike | None = None, n_ctx: int = 512,
                    max_tokens: int | None = DEFAULT_TOKENS, n_threads: int | None = None, progress: bool = True,
-                   work_dir: str | os.PathLike | None = None, gram: bool = False,
-                   kld_weights: bool = False) -> Importance:
+                   work_dir: str | os.PathLike | None = None, gram: bool = False) -> Importance:
     """`collect` for a conversion's source (a Hugging Face checkpoint directory or a .gguf file): it is
     converted to a temporary q8_0 .upg (in work_dir, default the system's temporary directory;
     removed before this returns) and measured on that. 8-bit weights move the activations by a
-    fraction of a percent and halve the memory and time of bf16. With kld_weights, also each block
-    matrix's KLD weight (sensitivity.measure), measured in a second temporary conversion, f16."""
+    fraction of a percent and halve the memory and time of bf16."""
     if str(src).endswith(".gguf"):
         from .gguf_source import convert_gguf as convert
     else:
@@ -235,12 +230,4 @@ def collect_source(src: str | os.PathLike, text: str | os.PathLike | None = None
     with tempfile.TemporaryDirectory(prefix="upg-calibration-", dir=work_dir) as tmp:
         model = Path(tmp) / "calibration-q8_0.upg"
         convert(src, model, type="q8_0", progress=progress)
-        imp = collect(model, text, n_ctx, max_tokens, n_threads, progress, gram)
-        if not kld_weights:
-            return imp
-        from . import sensitivity
-
-        model.unlink()
-        model = Path(tmp) / "sensitivity-f16.upg"
-        convert(src, model, type="f16", progress=progress)
-        return dataclasses.replace(imp, kld_weights=sensitivity.measure(model, imp, text, n_ctx, n_threads))
+        return collect(model, text, n_ctx, max_tokens, n_threads, progress, gram)

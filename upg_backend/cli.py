@@ -64,10 +64,6 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
                         "of their inputs measured on the calibration text (calibrates unless --calibration says "
                         "how; not with --importance); with --bpw, each candidate's noise is measured as GPTQ "
                         "writes it")
-    p.add_argument("--kld-weights", action="store_true",
-                   help="with --bpw: weight each matrix's noise by its measured effect on the output distribution "
-                        "(a temporary f16 conversion runs a few windows once per block matrix: minutes for small "
-                        "models, hours for Phi-4 on a few cores; not with --importance)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -78,16 +74,15 @@ def _importance(args: argparse.Namespace):
     if args.importance is not None:
         if args.calibration is not None or args.calibration_tokens is not None:
             raise ValueError("--importance excludes --calibration and --calibration-tokens: the file was measured already")
-        if args.gptq or args.kld_weights:
-            what = "--gptq needs the Gram matrices" if args.gptq else "--kld-weights needs the model run"
-            raise ValueError(f"{what} of a calibration run, which an importance file does not hold: use --calibration "
-                             "instead of --importance")
+        if args.gptq:
+            raise ValueError("--gptq needs the Gram matrices of a calibration run, which an importance file does not "
+                             "hold: use --calibration instead of --importance")
         return calibrate.Importance.load(args.importance)
     if args.calibration and not os.path.isfile(args.calibration):
         raise FileNotFoundError(f"no such calibration text: {args.calibration}")
     tokens = calibrate.DEFAULT_TOKENS if args.calibration_tokens is None else args.calibration_tokens or None
     imp = calibrate.collect_source(args.src, args.calibration or None, max_tokens=tokens, gram=args.gptq,
-                                   kld_weights=args.kld_weights, progress=not args.quiet, work_dir=os.path.dirname(os.path.abspath(args.output)))
+                                   progress=not args.quiet, work_dir=os.path.dirname(os.path.abspath(args.output)))
     if args.save_importance:
         imp.save(args.save_importance)
     return imp
@@ -107,8 +102,6 @@ def _convert(args: argparse.Namespace) -> int:
         raise ValueError("--save-importance and --calibration-tokens need --calibration or --bpw")
     if args.bpw is not None and args.recipe is not None:
         raise ValueError("--bpw chooses the types itself: pass either --bpw or --recipe")
-    if args.kld_weights and args.bpw is None:
-        raise ValueError("--kld-weights weights --bpw's choice: it needs --bpw")
     kw = {"importance": _importance(args), "bpw": args.bpw} if calibrated else {}
     convert(args.src, args.output, type=args.type, block=args.block, outliers=args.outliers, recipe=args.recipe,
             progress=not args.quiet, **kw)
