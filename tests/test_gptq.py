@@ -182,3 +182,87 @@ def test_cli_gptq(model, tmp_path, capsys):  # noqa: F811
                      str(imp), "--quiet"]) != 0
     assert "--gptq needs the Gram matrices" in capsys.readouterr().err
     assert not (tmp_path / "bad.upg").exists()
+
+
+@pytest.mark.parametrize("type_,block", (("iq3", 32), ("q4", 64), ("iq4_xs", 32), ("q8_0", 32)))
+def test_allocation_noise_is_the_written_output_error(type_, block):
+    """With Gram matrices, a candidate's noise is ||(W - W_q) X||^2 / ||W X||^2 over the calibration
+    inputs X, W_q being GPTQ's bytes for it (computed with the factor allocation shares)."""
+    from upg_backend.allocate import Candidate, gptq_noise, relative_noise
+
+    rng = np.random.default_rng(block)
+    w = heavy_tailed(rng, 40, 512)
+    x = correlated_inputs(rng, 1024, 512).astype(np.float64)
+    h = x.T @ x
+    imp = (np.diagonal(h) / len(x)).astype(np.float32)
+    cand = Candidate(type_, block)
+    got = gptq_noise(w, h, imp, cand, gptq.inverse_factor(h))
+    data = gptq.quantize(w, h, type_, block, imp)
+    wq = _core.dequantize(type_, block, data, *w.shape).astype(np.float64)
+    want = (((w - wq) @ x.T) ** 2).sum() / ((w.astype(np.float64) @ x.T) ** 2).sum()
+    assert got == pytest.approx(want, rel=1e-9)
+    # plain rounding's diagonal estimate sees none of GPTQ's gain
+    plain = _core.dequantize(type_, block, _core.quantize(type_, block, w, importance=imp), *w.shape)
+    assert got < (((w - plain) @ x.T) ** 2).sum() / ((w.astype(np.float64) @ x.T) ** 2).sum()
+    assert relative_noise(w, imp, cand) > got
+
+
+def test_bpw_with_gptq_allocates_by_the_written_error(model, tmp_path):  # noqa: F811
+    """--bpw with --gptq: the budget holds, the header records the choices, and each matrix's noise
+    is the relative output error its written bytes leave (the model's matrices have fewer rows than
+    the sample, so allocation sees all of them)."""
+    from upg_backend.allocate import GRAM_METHOD, allocate
+
+    imp = calibrate.collect(model["f32"], model["text"], n_ctx=24, progress=False, gram=True)
+    ref = UPGFile(model["f32"])
+    out = tmp_path / "m.upg"
+    convert_hf(model["src"], out, bpw=4.25, importance=imp, progress=False)
+    upg = UPGFile(out)
+    blocks = [(n, tuple(t.dims)) for n, t in ref.tensors.items() if is_block_matrix(n, t.dims)]
+    alloc = allocate([(n, s, lambda n=n: ref.tensor(n)) for n, s in blocks], imp.for_matrix, 4.25, gram=imp.gram)
+    header = upg.header["allocation"]
+    assert header["method"] == GRAM_METHOD and header["choices"] == {n: c.name for n, c in alloc.choices.items()}
+    nbytes = sum(upg.tensors[n].nbytes for n, _ in blocks)
+    assert 8 * nbytes / sum(s[0] * s[1] for _, s in blocks) <= 4.25
+    for name, (rows, cols) in blocks:
+        t = upg.tensors[name]
+        assert f"{t.dtype}/{t.block}" == header["choices"][name]
+        w, h = ref.tensor(name), imp.gram[name]
+        written = _core.dequantize(t.dtype, t.block, upg.raw(name), rows, cols)
+        assert alloc.noise[name] == pytest.approx(gptq.output_error(w, written, h) / gptq.output_error(w, 0 * w, h),
+                                                  rel=1e-6), name
+
+
+@pytest.mark.parametrize("type_,block", TYPES)
+def test_scale_refit_never_raises_the_output_error(type_, block):
+    """The scales fitted again to GPTQ's codes: never a larger output error than GPTQ's own scales;
+    lower for iq3, whose encoder writes the fitted scales."""
+    rng = np.random.default_rng(11 + block)
+    rows, cols = 24, 512
+    w = heavy_tailed(rng, rows, cols)
+    x = correlated_inputs(rng, 2048, cols).astype(np.float64)
+    h = x.T @ x
+    before = gptq.quantize(w, h, type_, block, refit=False)
+    after = gptq.quantize(w, h, type_, block)
+    e_before = gptq.output_error(w, _core.dequantize(type_, block, before, rows, cols), h)
+    e_after = gptq.output_error(w, _core.dequantize(type_, block, after, rows, cols), h)
+    assert e_after <= e_before
+    if type_ == "iq3":
+        assert e_after < 0.97 * e_before
+
+
+def test_fitted_values_are_the_least_squares_scales():
+    """fitted_values against numpy's lstsq on the inputs themselves: min_s ||X (w_r - G_r^T s)||^2."""
+    rng = np.random.default_rng(5)
+    rows, cols, block = 6, 256, 32
+    w = heavy_tailed(rng, rows, cols).astype(np.float64)
+    x = correlated_inputs(rng, 1024, cols).astype(np.float64)
+    g = rng.integers(-4, 4, (rows, cols)).astype(np.float64)  # grid values at scale 1
+    g[0, :block] = 0  # an all-zero block: its scale multiplies nothing
+    got = gptq.fitted_values(w, x.T @ x, g, block)
+    for r in range(rows):
+        gr = np.zeros((cols // block, cols))
+        for b in range(cols // block):
+            gr[b, b * block:(b + 1) * block] = g[r, b * block:(b + 1) * block]
+        s = np.linalg.lstsq(x @ gr.T, x @ w[r], rcond=None)[0]
+        np.testing.assert_allclose(got[r], s @ gr, rtol=1e-6, atol=1e-9 * np.abs(w[r]).max())

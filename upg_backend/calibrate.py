@@ -152,7 +152,6 @@ def collect(model_path: str | os.PathLike, text: str | os.PathLike | None = None
     from . import _core
     from .format import UPGFile
     from .llama import Llama
-    from .tokenizer import Tokenizer
 
     text_path = Path(text) if text is not None else DEFAULT_TEXT
     if not text_path.is_file():
@@ -162,13 +161,7 @@ def collect(model_path: str | os.PathLike, text: str | os.PathLike | None = None
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
     upg = UPGFile(model_path)
-    header = upg.header
-    tokens = Tokenizer(header.get("tokenizer"), header.get("tokenizer_config")).encode(
-        text_path.read_text(encoding="utf-8"))
-    tokens = np.asarray(tokens, np.int32)
-    if len(tokens) < 2:
-        raise ValueError(f"{text_path}: the calibration text has fewer than 2 tokens")
-    windows = _windows(tokens, n_ctx, max_tokens)
+    windows = _windows(_tokens(upg, text_path), n_ctx, max_tokens)
     n_tokens = sum(len(w) for w in windows)
     by_offset = {t.offset: name for name, t in upg.tensors.items()}
     from .allocate import is_block_matrix
@@ -199,6 +192,18 @@ def collect(model_path: str | os.PathLike, text: str | os.PathLike | None = None
     return Importance(columns, int(n_tokens), text_id(text_path), grams if gram else None)
 
 
+def _tokens(upg, text_path: Path) -> np.ndarray:
+    """The text's tokens by the model's tokenizer."""
+    from .tokenizer import Tokenizer
+
+    header = upg.header
+    tokens = np.asarray(Tokenizer(header.get("tokenizer"), header.get("tokenizer_config")).encode(
+        text_path.read_text(encoding="utf-8")), np.int32)
+    if len(tokens) < 2:
+        raise ValueError(f"{text_path}: the calibration text has fewer than 2 tokens")
+    return tokens
+
+
 def _windows(tokens: np.ndarray, n_ctx: int, max_tokens: int | None) -> list[np.ndarray]:
     """The text in consecutive windows of n_ctx tokens; with max_tokens below its length, windows
     that total max_tokens, their starts spread evenly over the text (prose and code alike)."""
@@ -218,14 +223,11 @@ def collect_source(src: str | os.PathLike, text: str | os.PathLike | None = None
     converted to a temporary q8_0 .upg (in work_dir, default the system's temporary directory;
     removed before this returns) and measured on that. 8-bit weights move the activations by a
     fraction of a percent and halve the memory and time of bf16."""
+    if str(src).endswith(".gguf"):
+        from .gguf_source import convert_gguf as convert
+    else:
+        from .convert import convert_hf as convert
     with tempfile.TemporaryDirectory(prefix="upg-calibration-", dir=work_dir) as tmp:
         model = Path(tmp) / "calibration-q8_0.upg"
-        if str(src).endswith(".gguf"):
-            from .gguf_source import convert_gguf
-
-            convert_gguf(src, model, type="q8_0", progress=progress)
-        else:
-            from .convert import convert_hf
-
-            convert_hf(src, model, type="q8_0", progress=progress)
+        convert(src, model, type="q8_0", progress=progress)
         return collect(model, text, n_ctx, max_tokens, n_threads, progress, gram)

@@ -62,7 +62,8 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gptq", action="store_true",
                    help="quantize the transformer blocks' matrices with GPTQ error feedback, from the Gram matrices "
                         "of their inputs measured on the calibration text (calibrates unless --calibration says "
-                        "how; not with --importance)")
+                        "how; not with --importance); with --bpw, each candidate's noise is measured as GPTQ "
+                        "writes it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

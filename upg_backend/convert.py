@@ -200,7 +200,8 @@ def calibrated_sources(rec: Recipe, plan: list[tuple[str, tuple[int, ...], Calla
                     if is_block_matrix(name, shape)]
         with tqdm(total=sum(s[0] * s[1] for _, s, _ in matrices), unit="w", unit_scale=True, desc="allocation",
                   disable=not progress) as bar:
-            allocation = allocate(matrices, imp, bpw, progress=bar.update)
+            allocation = allocate(matrices, imp, bpw, progress=bar.update,
+                                  gram=importance.gram if importance is not None else None)
         rec = recipe_for(allocation)
         extra["allocation"] = allocation.header()
     sources = [rec.source(name, shape, load, tied, imp(name, shape[1]) if len(shape) == 2 else None)
