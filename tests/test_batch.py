@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+from batch_schedule import run_schedule
 from conftest import make_hf_checkpoint
 from upg_backend import _core
 from upg_backend.batch import Batch
@@ -72,46 +73,10 @@ def test_batch_equals_each_sequence_alone(models, type_, backend, n_seq, request
     ps = prompts(n_seq, seed=1)
     n_gen = [3 + (i * 7) % 11 for i in range(n_seq)]
     want = [alone(model, p, g, backend=gpu) for p, g in zip(ps, n_gen)]
-    b = _core.BatchSession(model, n_seq, 96, "f16", 2, 64, gpu)
-    rng = np.random.default_rng(2)
-    start = [int(rng.integers(0, 12)) for _ in ps]  # the step each sequence joins at
-    state = [dict(off=0, rows=[], gen=[]) for _ in ps]
-    step = 0
-    while any(len(s["gen"]) < g or s["off"] < len(p) or len(s["rows"]) <= g
-              for s, p, g in zip(state, ps, n_gen)):
-        entries, who = [], []
-        for i, (s, p, g) in enumerate(zip(state, ps, n_gen)):
-            if step < start[i] or len(s["rows"]) > g:
-                continue
-            if s["off"] < len(p):  # prompt chunk
-                k = int(rng.integers(1, 14))
-                chunk = p[s["off"]:s["off"] + k]
-                last = s["off"] + len(chunk) == len(p)
-                entries.append((i, np.array(chunk, np.int32), False, int(last)))
-                who.append((i, len(chunk), last))
-            else:
-                tok = int(np.argmax(s["rows"][-1]))
-                s["gen"].append(tok)
-                entries.append((i, np.array([tok], np.int32), True, 1))
-                who.append((i, 1, True))
-        step += 1
-        if not entries:
-            continue
-        rng.shuffle(order := list(range(len(entries))))
-        entries = [entries[j] for j in order]
-        who = [who[j] for j in order]
-        logits = b.step(entries)
-        row = 0
-        for i, k, has_row in who:
-            s = state[i]
-            if s["off"] < len(ps[i]):
-                s["off"] += k
-            if has_row:
-                s["rows"].append(logits[row])
-                row += 1
+    got_rows, got_gen = run_schedule(_core.BatchSession(model, n_seq, 96, "f16", 2, 64, gpu), ps, n_gen)
     for i, (rows, gen) in enumerate(want):
-        assert state[i]["gen"] == gen, f"sequence {i}"
-        np.testing.assert_array_equal(np.array(state[i]["rows"]), rows, err_msg=f"sequence {i}")
+        assert got_gen[i] == gen, f"sequence {i}"
+        np.testing.assert_array_equal(got_rows[i], rows, err_msg=f"sequence {i}")
 
 
 @pytest.mark.parametrize("type_", ["q4", "q8_0"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from batch_schedule import run_schedule
 from conftest import make_hf_checkpoint
 from test_cuda_model import F16_TOL, FLIP_TOL, GRID_TYPES, SMALL
 from upg_backend import _core
@@ -68,47 +69,9 @@ def prompts(n, seed=0):
 
 
 def run_batch(model, be, ps, n_gen, forced=None):
-    """The schedule of test_batch.py on BatchSession(be): sequences join at random steps, prompts in
-    chunks of 1 to 13 tokens, then greedy tokens (or the `forced` ones, so that two backends run the
-    same tokens), each leaving after its n_gen; entries shuffled. Returns each sequence's rows and
+    """tests/batch_schedule.py's schedule on a BatchSession of backend be: each sequence's rows and
     generated tokens."""
-    b = _core.BatchSession(model, len(ps), 96, "f16", 2, 64, backend(be))
-    rng = np.random.default_rng(2)
-    start = [int(rng.integers(0, 12)) for _ in ps]
-    state = [dict(off=0, rows=[], gen=[]) for _ in ps]
-    step = 0
-    while any(len(s["gen"]) < g or s["off"] < len(p) or len(s["rows"]) <= g for s, p, g in zip(state, ps, n_gen)):
-        entries, who = [], []
-        for i, (s, p, g) in enumerate(zip(state, ps, n_gen)):
-            if step < start[i] or len(s["rows"]) > g:
-                continue
-            if s["off"] < len(p):
-                k = int(rng.integers(1, 14))
-                chunk = p[s["off"]:s["off"] + k]
-                last = s["off"] + len(chunk) == len(p)
-                entries.append((i, np.array(chunk, np.int32), False, int(last)))
-                who.append((i, len(chunk), last))
-            else:
-                tok = forced[i][len(s["gen"])] if forced else int(np.argmax(s["rows"][-1]))
-                s["gen"].append(tok)
-                entries.append((i, np.array([tok], np.int32), True, 1))
-                who.append((i, 1, True))
-        step += 1
-        if not entries:
-            continue
-        rng.shuffle(order := list(range(len(entries))))
-        entries = [entries[j] for j in order]
-        who = [who[j] for j in order]
-        logits = b.step(entries)
-        row = 0
-        for i, k, has_row in who:
-            s = state[i]
-            if s["off"] < len(ps[i]):
-                s["off"] += k
-            if has_row:
-                s["rows"].append(logits[row])
-                row += 1
-    return [np.array(s["rows"]) for s in state], [s["gen"] for s in state]
+    return run_schedule(_core.BatchSession(model, len(ps), 96, "f16", 2, 64, backend(be)), ps, n_gen, forced)
 
 
 @pytest.mark.parametrize("type_", list(TYPES))
