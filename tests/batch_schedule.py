@@ -1,10 +1,30 @@
-"""The batch tests' schedule (tests/test_batch.py, tests/gpu/test_cuda_batch.py): sequences join a
-BatchSession at random steps, their prompts cut into chunks of 1 to 13 tokens beside the others'
-generated tokens, then greedy tokens (or `forced` ones, so that two backends run the same tokens),
-each leaving after its n_gen; every step's entries shuffled."""
+"""What the batch tests share (tests/test_batch.py, tests/gpu/test_cuda_batch.py): random prompts,
+a sequence run alone on a Session, and the schedule: sequences join a BatchSession at random steps,
+their prompts cut into chunks of 1 to 13 tokens beside the others' generated tokens, then greedy
+tokens (or `forced` ones, so that two backends run the same tokens), each leaving after its n_gen;
+every step's entries shuffled."""
 from __future__ import annotations
 
 import numpy as np
+
+from upg_backend import _core
+
+
+def prompts(n, seed=0, vocab=320):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, int(rng.integers(1, 40))).tolist() for _ in range(n)]
+
+
+def alone(model, prompt, n_gen, n_ctx=96, backend=None):
+    """Greedy run of one sequence on a Session: (logits of the last prompt token and of every
+    generated token, the generated tokens)."""
+    s = _core.Session(model, n_ctx, "f16", 2, 512, backend)
+    rows = [s.eval(np.array(prompt, np.int32), False, False)[0]]
+    out = []
+    for _ in range(n_gen):
+        out.append(int(np.argmax(rows[-1])))
+        rows.append(s.eval(np.array(out[-1:], np.int32), False, True)[0])
+    return np.array(rows), out
 
 
 def run_schedule(b, ps, n_gen, forced=None):

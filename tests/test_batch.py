@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from batch_schedule import run_schedule
+from batch_schedule import alone, prompts, run_schedule
 from conftest import make_hf_checkpoint
 from upg_backend import _core
 from upg_backend.batch import Batch
@@ -38,23 +38,6 @@ def models(tmp_path_factory):
 
 def core_model(path):
     return _core.Model(str(path), UPGFile(path).config.engine_config())
-
-
-def alone(model, prompt, n_gen, n_ctx=96, backend=None):
-    """Greedy run of one sequence on a Session: (logits of the last prompt token and of every
-    generated token, the generated tokens)."""
-    s = _core.Session(model, n_ctx, "f16", 2, 512, backend)
-    rows = [s.eval(np.array(prompt, np.int32), False, False)[0]]
-    out = []
-    for _ in range(n_gen):
-        out.append(int(np.argmax(rows[-1])))
-        rows.append(s.eval(np.array(out[-1:], np.int32), False, True)[0])
-    return np.array(rows), out
-
-
-def prompts(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, 320, int(rng.integers(1, 40))).tolist() for _ in range(n)]
 
 
 @pytest.mark.parametrize("type_, backend, n_seq", [(t, "cpu", 16) for t in TYPES] +

@@ -10,14 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batch_schedule import run_schedule
+from batch_schedule import alone, prompts, run_schedule
 from conftest import make_hf_checkpoint
 from test_cuda_model import F16_TOL, FLIP_TOL, GRID_TYPES, SMALL
 from upg_backend import _core
 from upg_backend.convert import convert_hf
 from upg_backend.format import UPGFile
 
-VOCAB = 320
 # (type, block, outlier fraction) of the converted files, and the CPU tolerance of each
 # Against the CPU: a sequence here runs up to 13 generated tokens beside its prompt, so two flipped
 # activation codes (test_cuda_model's FLIP_TOL, one flip's bound) can meet in one sequence's KV
@@ -51,23 +50,6 @@ def backend(name):
     return _core.CudaBackend(0) if name == "cuda" else None
 
 
-def alone(model, prompt, n_gen, n_ctx=96):
-    """Greedy run of one sequence on a CUDA Session: the logits of the last prompt token and of
-    every generated token, and the generated tokens."""
-    s = _core.Session(model, n_ctx, "f16", 2, 512, backend("cuda"))
-    rows = [s.eval(np.array(prompt, np.int32), False, False)[0]]
-    out = []
-    for _ in range(n_gen):
-        out.append(int(np.argmax(rows[-1])))
-        rows.append(s.eval(np.array(out[-1:], np.int32), False, True)[0])
-    return np.array(rows), out
-
-
-def prompts(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, VOCAB, int(rng.integers(1, 40))).tolist() for _ in range(n)]
-
-
 def run_batch(model, be, ps, n_gen, forced=None):
     """tests/batch_schedule.py's schedule on a BatchSession of backend be: each sequence's rows and
     generated tokens."""
@@ -81,7 +63,7 @@ def test_batch_equals_each_sequence_alone(models, type_):
     model = core_model(models[type_])
     ps = prompts(12, seed=1)
     n_gen = [3 + (i * 7) % 11 for i in range(len(ps))]
-    want = [alone(model, p, g) for p, g in zip(ps, n_gen)]
+    want = [alone(model, p, g, backend=backend("cuda")) for p, g in zip(ps, n_gen)]
     rows, gen = run_batch(model, "cuda", ps, n_gen)
     for i, (w_rows, w_gen) in enumerate(want):
         assert gen[i] == w_gen, f"sequence {i}"
