@@ -200,6 +200,16 @@ def _model_path(model: str, type: str, cache_dir: Path | None) -> tuple[Path, st
     return path, json.loads(_core.File(str(path)).header).get("quantization", {}).get("default", "?")
 
 
+def _check_arguments(prompt: int, gen: int, runs: int, threads: int, backend: str) -> None:
+    for name, value in (("prompt", prompt), ("gen", gen), ("runs", runs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (one per core) or more, got {threads}")
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {backend!r}")
+
+
 def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
               kv_type: str = "f16", cache_dir: Path | None = None, backend: str = "auto") -> BenchResult:
     """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES, on a
@@ -210,13 +220,7 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
             or absent.
         UPGFormatError: the file is not a valid model.
     """
-    for name, value in (("prompt", prompt), ("gen", gen), ("runs", runs)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if threads < 0:
-        raise ValueError(f"threads must be 0 (one per core) or more, got {threads}")
-    if backend not in NAMES:
-        raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {backend!r}")
+    _check_arguments(prompt, gen, runs, threads, backend)
     path, type = _model_path(model, type, cache_dir)
     threads = threads or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -306,15 +310,9 @@ def run_parallel_bench(model: str, streams: list[int], type: str = "q4", threads
             or absent.
         UPGFormatError: the file is not a valid model.
     """
-    for name, value in (("prompt", prompt), ("gen", gen), ("runs", runs)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    _check_arguments(prompt, gen, runs, threads, backend)
     if not streams or min(streams) < 1:
         raise ValueError(f"parallel stream counts must be at least 1, got {streams}")
-    if threads < 0:
-        raise ValueError(f"threads must be 0 (one per core) or more, got {threads}")
-    if backend not in NAMES:
-        raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {backend!r}")
     path, type = _model_path(model, type, cache_dir)
     threads = threads or os.cpu_count() or 1
     counts = sorted(set(streams) | {1})
