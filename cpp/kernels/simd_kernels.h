@@ -544,19 +544,18 @@ inline void rows_dot_tokens(const WeightView& w, const TokenActsI8<V, T, B>& ta,
   }
   if constexpr (TV::kQuad) {
     // two blocks left (nb % 4 == 2): one vector of rows_dot_i8's pair loop, as it runs it
-    using SP = I8Shape<V, T, B>;
     if (nb % 4 == 2) {
       const int64_t b = nv * NV;
       typename V::ireg codes[R];
       typename V::reg ws[R];
       for (int i = 0; i < R; ++i) {
         codes[i] = dot_codes<V, T, B>(w, (r + i) * nb + b, 0);
-        ws[i] = V::template block_scales<SP::P>(scales + i * ns + b);
+        ws[i] = V::template block_scales<S::P>(scales + i * ns + b);
       }
       for (int j = 0; j < NT; ++j) {
         const ActQ8& a = ta.act[t0 + j];
-        const typename V::ireg init = V::template acc_init<SP::P>(ta.zs[t0 + j] + b);
-        const typename V::reg as = V::template block_scales<SP::P>(a.d + b);
+        const typename V::ireg init = V::template acc_init<S::P>(ta.zs[t0 + j] + b);
+        const typename V::reg as = V::template block_scales<S::P>(a.d + b);
         const typename V::ireg av = V::load_i(a.q + b * B);
         for (int i = 0; i < R; ++i)
           acc[j][i] = V::fma(V::cvt(V::template dpbusd<T>(init, codes[i], av)), V::mul(ws[i], as), acc[j][i]);
