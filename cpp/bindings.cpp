@@ -64,14 +64,24 @@ struct PyBatch {
           py::object backend)
       : model(m),
         batch(m, PySession::make_backend(backend, n_threads), n_slots, n_ctx, PySession::kv_type(kv), n_batch),
-        rngs(size_t(n_slots), Rng(0)) {}
+        rngs(size_t(n_slots), Rng(0)), rng_mu(new std::mutex[size_t(n_slots)]) {}
   Rng& rng(int slot) {
-    if (slot < 0 || slot >= batch.n_slots()) throw std::invalid_argument("no such slot");
+    check(slot);
     return rngs[size_t(slot)];
+  }
+  std::mutex& sampler_mu(int slot) {
+    check(slot);
+    return rng_mu[size_t(slot)];
+  }
+  void check(int slot) const {
+    if (slot < 0 || slot >= batch.n_slots()) throw std::invalid_argument("no such slot");
   }
   std::shared_ptr<Model> model;
   BatchSession batch;
   std::vector<Rng> rngs;
+  // Sampling locks its slot's generator only, not the batch: a request samples its token while the
+  // next step runs (waiting for `mu` there held a slot out of that step).
+  std::unique_ptr<std::mutex[]> rng_mu;
   std::mutex mu;
 };
 
@@ -224,6 +234,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_past", [](PySession& s) { return s.session.n_past(); })
       .def_property_readonly("n_ctx", [](PySession& s) { return s.session.n_ctx(); })
       .def("truncate", [](PySession& s, int64_t n) {
+             py::gil_scoped_release nogil;
              std::lock_guard<std::mutex> lock(s.mu);
              s.session.truncate(n);
            }, py::arg("n"))
@@ -237,6 +248,7 @@ PYBIND11_MODULE(_core, m) {
              return py::array_t<uint8_t>(py::ssize_t(kv.size()), kv.data());
            }, "The KV cache of positions [0, n_past) as bytes.")
       .def("load_kv", [](PySession& s, int64_t n_past, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> kv) {
+             py::gil_scoped_release nogil;
              std::lock_guard<std::mutex> lock(s.mu);
              s.session.load_kv(n_past, kv.data(), size_t(kv.size()));
            }, py::arg("n_past"), py::arg("kv"))
@@ -275,6 +287,7 @@ PYBIND11_MODULE(_core, m) {
            "the logits asked for, [rows, n_vocab], entry after entry.")
       .def("n_past", [](PyBatch& b, int slot) { return b.batch.n_past(slot); }, py::arg("slot"))
       .def("truncate", [](PyBatch& b, int slot, int64_t n) {
+             py::gil_scoped_release nogil;  // a step may hold mu: the other threads run meanwhile
              std::lock_guard<std::mutex> lock(b.mu);
              b.batch.truncate(slot, n);
            }, py::arg("slot"), py::arg("n"))
@@ -283,10 +296,15 @@ PYBIND11_MODULE(_core, m) {
              std::lock_guard<std::mutex> lock(b.mu);
              b.batch.copy_prefix(src, dst, n);
            }, py::arg("src"), py::arg("dst"), py::arg("n"))
-      .def("set_seed", [](PyBatch& b, int slot, uint64_t seed) { b.rng(slot) = Rng(seed); }, py::arg("slot"), py::arg("seed"))
+      .def("set_seed", [](PyBatch& b, int slot, uint64_t seed) {
+             Rng& rng = b.rng(slot);
+             py::gil_scoped_release nogil;
+             std::lock_guard<std::mutex> lock(b.sampler_mu(slot));
+             rng = Rng(seed);
+           }, py::arg("slot"), py::arg("seed"))
       .def("sample", [](PyBatch& b, int slot, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
                         const SamplingParams& p, Tokens history) {
-             return sample_checked(*b.model, logits, p, history, b.rng(slot), b.mu);
+             return sample_checked(*b.model, logits, p, history, b.rng(slot), b.sampler_mu(slot));
            }, py::arg("slot"), py::arg("logits"), py::arg("params"), py::arg("history"));
 
   m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes") = uint64_t(1) << 30,
