@@ -148,7 +148,7 @@ def commands(engine: str, pair: Any, port: int, slots: int, args: argparse.Names
     if engine == "ours":
         return [sys.executable, "-m", "upg_backend.cli", "serve", "-m", str(pair.ours), "--backend", "cpu",
                 "--port", str(port), "--parallel", str(slots), "--n-ctx", str(args.n_ctx), "--threads",
-                str(args.threads), "--queue", "64"]
+                str(args.threads), "--queue", "64", *args.ours_args.split()]
     return [args.llama_server, "-m", str(pair.peer), "--port", str(port), "-np", str(slots), "-c",
             str(args.n_ctx * slots), "-t", str(args.threads), "-tb", str(args.threads), "--no-webui",
             *args.peer_args.split()]
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=512, help="positions per slot")
     ap.add_argument("--engines", default="ours,llama.cpp")
     ap.add_argument("--peer-args", default="", help="more llama-server arguments (e.g. '--poll 0')")
+    ap.add_argument("--ours-args", default="", help="more `upg serve` arguments (e.g. '--prefill-chunk 512')")
     ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "upg-bench")
     ap.add_argument("--doc", type=Path, help="markdown file with serve-bench markers to fill")
     ap.add_argument("--reuse", type=Path, help="the printed output of an earlier run: its rows of the engines "
@@ -204,7 +205,8 @@ def main() -> None:
 def report(rows: list[dict], clients: list[int], args: argparse.Namespace, started: str, machine: str,
            build: str) -> str:
     out = [f"{started}, {machine}, build {build}, {args.threads} threads; llama-server -np {max(clients)} "
-           f"-c {args.n_ctx * max(clients)} {args.peer_args}".rstrip() + f", ours --parallel {max(clients)} --n-ctx {args.n_ctx}; prompts of "
+           f"-c {args.n_ctx * max(clients)} {args.peer_args}".rstrip() + f", ours --parallel {max(clients)} --n-ctx {args.n_ctx} "
+           f"{args.ours_args}".rstrip() + "; prompts of "
            f"{args.prompt_words} words, {args.gen} greedy tokens each (end of text banned).", "",
            "| model | clients | ours aggregate tok/s | llama-server | ratio | ours end to end tok/s | llama-server | "
            "ratio | ours per stream | llama-server | ours TTFT median / max s | llama-server | load |",
