@@ -165,6 +165,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="a .upg file (default: the built-in model)")
     _backend_argument(p)
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("-b", "--n-batch", type=int, default=512,
+                   help="the most tokens one engine pass takes (default 512; a batch's step: all its prompt chunks)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "f32"), help="KV cache type (default f16)")
     p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8)")
@@ -180,7 +182,8 @@ def _load(args: argparse.Namespace):
     from .llama import Llama
     from .sampling import SamplingParams
 
-    llama = Llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads, kv_type=args.kv_type, backend=args.backend)
+    llama = Llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads, kv_type=args.kv_type, backend=args.backend,
+                  n_batch=args.n_batch)
     sampling = SamplingParams.from_kwargs(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                           min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
     return llama, sampling
@@ -257,7 +260,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=float, default=600.0,
                    help="seconds a request may wait for a slot before it is answered 503 (default 600)")
     p.add_argument("--prefill-chunk", type=int, default=32,
-                   help="prompt tokens a step takes while other requests decode (default 32)")
+                   help="prompt tokens a step takes while other requests decode (default 32; with --n-batch "
+                        "as large, every waiting prompt is read before decoding goes on, as llama-server does)")
 
 
 @subcommand("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_arguments)
