@@ -422,12 +422,17 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
   constexpr int CE = chunk_elems<DT, B, NBL>(), S = swizzle_shift<DT, B, NBL>(), R = mv_rows(DT, NT);
   extern __shared__ float4 xs4[];
   uint8_t* sm = reinterpret_cast<uint8_t*>(xs4);
-  const int xsb = xs_bytes(m.cols), xqb = xq_bytes(m.cols, kQuantized<DT> ? m.block : 1);
+  // The tokens present: NT for one token is a constant, so nothing below branches on n (a branch
+  // would sink the chunk loads into it and stop the unrolled chunks' loads overlapping); a
+  // quantized type's block is B (pick), so the offsets below need no run-time division.
+  if constexpr (NT == 1) n = 1;
+  constexpr int kBlock = kQuantized<DT> ? B : 1;
+  const int xsb = xs_bytes(m.cols), xqb = xq_bytes(m.cols, kBlock);
   // token t's f32 x (the one-token kernel, dense weights) and 8-bit x
   auto xs_of = [&](int t) { return reinterpret_cast<float*>(sm + (NT == 1 ? 0 : t * xsb)); };
   auto xq_of = [&](int t) { return reinterpret_cast<uint32_t*>(sm + (NT == 1 ? xsb : t * xqb)); };
   auto xd_of = [&](int t) { return reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xq_of(t)) + m.cols); };
-  auto xz_of = [&](int t) { return reinterpret_cast<int32_t*>(xd_of(t) + m.cols / (kQuantized<DT> ? m.block : 1)); };
+  auto xz_of = [&](int t) { return reinterpret_cast<int32_t*>(xd_of(t) + m.cols / kBlock); };
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = (m.rows + R - 1) / R, nc = m.cols / CE;
   pdl_trigger();
