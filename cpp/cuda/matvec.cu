@@ -27,6 +27,7 @@ namespace {
 using namespace dev;
 
 constexpr int kMvWarps = 16;
+static_assert(kMvWarps * 32 == kNormThreads, "the fused rms_norm prologue sums as the rms_norm kernel's block does");
 constexpr int kMvRows = 4;
 
 template <int DT>
@@ -331,33 +332,31 @@ struct FuseDev {
   int accumulate;
 };
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
-
 // x (or its fused prologue) into swizzled shared memory, all threads of the block. The rms_norm
-// fusion stores x * weight and scales by the inverse norm once the block has summed x^2. Each
-// thread issues up to 8 independent 16-byte loads before its first store: the staging costs one or
-// two L2 round trips instead of one per element.
+// fusion stores x, sums its squares, then scales it by the norm weight and the inverse norm, as the
+// rms_norm kernel does (common.cuh: the same bits as the unfused ops). Each thread issues up to
+// kNormUnits independent 16-byte loads before their first use: the staging costs one or two L2
+// round trips instead of one per element.
 template <int S>
 __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const FuseDev& f) {
-  __shared__ float red[32];
-  float ss = 0.0f;
+  constexpr int U = kNormUnits;
+  __shared__ double red[kNormThreads / 32];
+  double ss = 0.0;
+  const bool norm = f.norm_weight != nullptr;
   const bool vec = (n & 3) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
                    (reinterpret_cast<uintptr_t>(f.norm_weight) & 15) == 0;
+  const int units = n >> 2;
+  float4* xs4 = reinterpret_cast<float4*>(xs);
   if (vec) {
-    constexpr int U = 8;
     const float4* x4 = reinterpret_cast<const float4*>(x);
-    const float4* w4 = reinterpret_cast<const float4*>(f.norm_weight);
-    float4* xs4 = reinterpret_cast<float4*>(xs);
-    const int units = n >> 2;
     for (int u0 = threadIdx.x; u0 < units; u0 += blockDim.x * U) {
-      float4 v[U], g[U], w[U];
+      float4 v[U], g[U];
 #pragma unroll
       for (int i = 0; i < U; ++i) {
         const int u = u0 + i * int(blockDim.x);
         if (u < units) {
           v[i] = x4[u];
           if (f.silu_mul) g[i] = x4[units + u];
-          if (w4 != nullptr) w[i] = w4[u];
         }
       }
 #pragma unroll
@@ -365,27 +364,37 @@ __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const Fus
         const int u = u0 + i * int(blockDim.x);
         if (u >= units) continue;
         float4 a = v[i];
-        if (f.silu_mul) a = make_float4(silu(a.x) * g[i].x, silu(a.y) * g[i].y, silu(a.z) * g[i].z, silu(a.w) * g[i].w);
-        ss += dot4(a, a);
-        if (w4 != nullptr) a = make_float4(a.x * w[i].x, a.y * w[i].y, a.z * w[i].z, a.w * w[i].w);
+        if (f.silu_mul)
+          a = make_float4(silu_mul1(a.x, g[i].x), silu_mul1(a.y, g[i].y), silu_mul1(a.z, g[i].z), silu_mul1(a.w, g[i].w));
+        if (norm) ss = add_squares(ss, a);
         xs4[swz<S>(u)] = a;
       }
     }
   } else {
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const float v = f.silu_mul ? silu(x[i]) * x[n + i] : x[i];
-      ss += v * v;
-      xs[swz_float<S>(i)] = f.norm_weight != nullptr ? v * f.norm_weight[i] : v;
+      const float v = f.silu_mul ? silu_mul1(x[i], x[n + i]) : x[i];
+      if (norm) ss = add_squares(ss, v);
+      xs[swz_float<S>(i)] = v;
     }
   }
-  if (f.norm_weight == nullptr) return;
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.0f;
-  for (int i = 0; i < int(blockDim.x >> 5); ++i) total += red[i];
-  const float inv = rsqrtf(total / float(n) + f.eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) xs[swz_float<S>(i)] *= inv;  // after the barrier
+  if (!norm) return;
+  const float inv = rms_inverse(ss, n, f.eps, red);  // after its barrier, each thread rescales what it stored
+  if (vec) {
+    const float4* w4 = reinterpret_cast<const float4*>(f.norm_weight);
+    for (int u0 = threadIdx.x; u0 < units; u0 += blockDim.x * U) {
+      float4 w[U];
+#pragma unroll
+      for (int i = 0; i < U; ++i)
+        if (u0 + i * int(blockDim.x) < units) w[i] = w4[u0 + i * int(blockDim.x)];
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int u = u0 + i * int(blockDim.x);
+        if (u < units) xs4[swz<S>(u)] = rms_scale(xs4[swz<S>(u)], w[i], inv);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xs[swz_float<S>(i)] = rms_scale(xs[swz_float<S>(i)], f.norm_weight[i], inv);
+  }
 }
 
 // Bytes of x as f32 in shared memory: whole 16-byte units, 8 at a time.
