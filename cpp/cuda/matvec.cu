@@ -1,8 +1,9 @@
 // Decode mat-vec: y[r] = sum_k W[r][k] x[k] (+ the row's outliers, same pass) for every UPG type,
 // reading W in the file layout (no repack). x (f32) is staged once per block in shared memory,
 // swizzled (common.cuh: swz) so that the lanes' 16-byte reads hit distinct bank groups. Each warp
-// owns kMvRows rows at a time; lane l takes the 16-byte code chunks l, l + 32, ... of those rows
-// (consecutive lanes, consecutive chunks: one 512-byte coalesced read per row and step). Dense
+// owns kMvRows rows at a time (the one-token kernel: 3 where that evens out the warps' rows); lane
+// l takes the 16-byte code chunks l, l + 32, ... of those rows (consecutive lanes, consecutive
+// chunks: one 512-byte coalesced read per row and step). Dense
 // chunks are widened to f32 and multiplied with x; quantized ones multiply x rounded to 8 bits per
 // block, as the CPU engine rounds it, with integer dot products (dp4a) per scale block; the grid
 // types' codes become their int8 grid values in registers by byte_perm lookups (common.cuh). Row groups
@@ -423,12 +424,21 @@ __host__ __device__ constexpr int mv_rows(int dtype, int nt) {
   return nt == 1 ? kMvRows : dtype == UPG_DTYPE_IQ3 ? (nt >= 16 ? 1 : 2) : nt >= 16 ? 2 : kMvRows;
 }
 
+// The one-token kernel's rows a warp: kMvRows, or 3 where that gives the busiest warp fewer rows
+// (each of the grid's warps takes ceil(groups / warps) groups of R rows: Phi-4's 5120 rows over 132
+// x 16 warps are 1280 groups of 4, leaving 832 warps idle, or 1707 groups of 3). A row's sums do not
+// depend on R (its lanes, chunks and order are the same), so matvec_n keeps the bits either way.
+int one_token_rows(int rows, int warps) {
+  auto busiest = [&](int r) { return ((rows + r - 1) / r + warps - 1) / warps * r; };
+  return busiest(3) < busiest(kMvRows) ? 3 : kMvRows;
+}
+
 // NT: tokens the launch is built for, n <= NT of them at run time (x rows cols floats apart, y rows
-// ldy apart); NT = 1 is the one-token kernel, with the optional fusions.
-template <int DT, int B, int NBL, bool VEC, int NT>
+// ldy apart); NT = 1 is the one-token kernel, with the optional fusions. R: rows a warp.
+template <int DT, int B, int NBL, bool VEC, int NT, int R = mv_rows(DT, NT)>
 __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float* __restrict__ x,
                                                          float* __restrict__ y, FuseDev f, int n, int ldy) {
-  constexpr int CE = chunk_elems<DT, B, NBL>(), S = swizzle_shift<DT, B, NBL>(), R = mv_rows(DT, NT);
+  constexpr int CE = chunk_elems<DT, B, NBL>(), S = swizzle_shift<DT, B, NBL>();
   extern __shared__ float4 xs4[];
   uint8_t* sm = reinterpret_cast<uint8_t*>(xs4);
   // The tokens present: NT for one token is a constant, so nothing below branches on n (a branch
@@ -577,15 +587,15 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
 
 using MatvecKernel = void (*)(MatView, const float*, float*, FuseDev, int, int);
 
-// The variants of one type for 1, 4, 8 and 16 tokens.
+// The variants of one type: one token (kMvRows and 3 rows a warp), 4, 8 and 16 tokens.
 struct MatvecVariants {
-  MatvecKernel k[4];
+  MatvecKernel k[5];
 };
 
 template <int DT, int B, int NBL, bool VEC>
 MatvecVariants variant() {
-  return {{k_matvec<DT, B, NBL, VEC, 1>, k_matvec<DT, B, NBL, VEC, 4>, k_matvec<DT, B, NBL, VEC, 8>,
-           k_matvec<DT, B, NBL, VEC, 16>}};
+  return {{k_matvec<DT, B, NBL, VEC, 1>, k_matvec<DT, B, NBL, VEC, 1, 3>, k_matvec<DT, B, NBL, VEC, 4>,
+           k_matvec<DT, B, NBL, VEC, 8>, k_matvec<DT, B, NBL, VEC, 16>}};
 }
 
 MatvecVariants pick(const Weight& w) {
@@ -625,10 +635,15 @@ const MatvecVariants kAll[] = {
 void launch_matvec(const Weight& w, const MatvecVariants& v, const float* x, float* y, int n, int ldy,
                    const FuseDev& f, size_t smem, cudaStream_t s) {
   const int nt = n == 1 ? 1 : n <= 4 ? 4 : n <= 8 ? 8 : 16;  // the variant's NT
-  const MatvecKernel kernel = v.k[nt == 1 ? 0 : nt == 4 ? 1 : nt == 8 ? 2 : 3];
-  const int rows_per_warp = mv_rows(w.dtype, nt);
+  MatvecKernel kernel = v.k[nt == 1 ? 0 : nt == 4 ? 2 : nt == 8 ? 3 : 4];
+  int rows_per_warp = mv_rows(w.dtype, nt);
   int per_sm = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMvWarps * 32, smem), "matvec occupancy");
+  if (nt == 1 && one_token_rows(w.args.rows, sm_count() * std::max(per_sm, 1) * kMvWarps) == 3) {
+    kernel = v.k[1];
+    rows_per_warp = 3;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMvWarps * 32, smem), "matvec occupancy");
+  }
   const int groups = (w.args.rows + rows_per_warp - 1) / rows_per_warp;
   const int grid = std::max(1, std::min(groups, sm_count() * std::max(per_sm, 1)));
   launch("matvec", kernel, grid, kMvWarps * 32, smem, s, view(w), x, y, f, n, ldy);
