@@ -33,7 +33,8 @@ __device__ __forceinline__ float warp_max(float v) {
 // docs/ARCHITECTURE.md "Batch-invariant arithmetic"). Written out (no contraction left to the
 // compiler). RMSNorm as the CPU backend computes it: the squares summed in double, the inverse norm
 // float(1 / sqrt(sum / n + eps)) in double, each output w * (x * inv) in f32; only the order of the
-// double sum differs, so the two backends' norms agree to the bit but for rare last-bit ties.
+// double sum differs (an inverse norm one f32 ulp apart needs that order to move a sum across a
+// rounding tie of the float; not measured row by row).
 constexpr int kNormThreads = 512;  // threads of a block that norms one row: the mat-vec's block
 constexpr int kNormUnits = 8;      // 16-byte units a thread loads before it uses the first
 // A thread's running sum of squares: thread i takes the 16-byte units i, i + kNormThreads, ... of the
