@@ -136,7 +136,7 @@ def test_matvec_n_has_the_bits_of_one_token(lib, dtype, block, outliers):
 @pytest.mark.parametrize("dtype,block", [("q4", 32), ("q3", 64), ("f16", 0), ("iq4_xs", 32), ("iq3", 32)])
 def test_matvec_fused(lib, dtype, block):
     """The prologue fusions (rms_norm, silu_mul) and the accumulating epilogue. For quantized
-    weights the prologue's f32 result (rsqrtf, __expf) is rounded to 8 bits in the kernel, and a
+    weights the prologue's f32 result (the norm, __expf) is rounded to 8 bits in the kernel, and a
     value that lands next to a rounding boundary may take the neighbouring code: about 1e-3 of the
     product per such code at these widths, so those types are held to 5e-3 (a wrong fusion is off by
     order 1)."""
