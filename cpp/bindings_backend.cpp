@@ -74,6 +74,12 @@ void bind_backend(py::module_& m) {
       .def("attention", &Backend::attention, "qkv"_a, "k_cache"_a, "v_cache"_a, "out"_a, "f16"_a, "args"_a)
       .def("silu_mul", &Backend::silu_mul, "gate_up"_a, "out"_a, "n_tokens"_a, "n"_a)
       .def("add", &Backend::add, "x"_a, "y"_a, "n"_a)
+      .def("norm_linear", &Backend::norm_linear, "x"_a, "weight"_a, "eps"_a, "xn"_a, "w"_a, "n_tokens"_a, "n_decode"_a,
+           "y"_a, "y = linear(w, rms_norm(x, weight)); xn: scratch for the normed rows.")
+      .def("linear_add", &Backend::linear_add, "w"_a, "x"_a, "n_tokens"_a, "n_decode"_a, "tmp"_a, "out"_a,
+           "out += linear(w, x); tmp: scratch for the product.")
+      .def("silu_linear_add", &Backend::silu_linear_add, "w"_a, "gate_up"_a, "n_tokens"_a, "n_decode"_a, "act"_a,
+           "tmp"_a, "out"_a, "out += linear(w, silu_mul(gate_up)); act, tmp: scratch.")
       .def("argmax", &Backend::argmax, "x"_a, "n"_a, "out"_a)
       .def("next_token", &Backend::next_token, "pass_"_a, "tokens"_a, "out"_a);
   py::class_<CpuBackend, Backend, std::shared_ptr<CpuBackend>>(m, "CpuBackend")

@@ -114,7 +114,7 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, c
   const int n = p.n_tokens();
   if (n < 1 || n > n_batch_) throw std::invalid_argument("graph: the tokens do not fit");
   const int hidden = c.hidden_size, hd = c.head_dim, nh = c.num_attention_heads, nkv = c.num_key_value_heads;
-  const int inter = c.intermediate_size, qkv_rows = (nh + 2 * nkv) * hd;
+  const int qkv_rows = (nh + 2 * nkv) * hd;
   const Buf x = buffers[kX], xn = buffers[kXn], qkv = buffers[kQkv], attn = buffers[kAttn], gu = buffers[kGateUp],
             act = buffers[kAct], proj = buffers[kProj];
   const bool f16 = kv_type_ == KVType::F16;
@@ -132,19 +132,14 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, c
     const LayerWeights& L = model_.layers()[size_t(l)];
     const Buf kc = buffers[kKCache].at(l * layer_kv_bytes()), vc = buffers[kVCache].at(l * layer_kv_bytes());
     // Attention block: x += o_proj(attention(rope(qkv_proj(norm(x)))))
-    be.rms_norm(x, place(L.attn_norm, weights), xn, n, hidden, c.rms_norm_eps);
-    be.linear(place(L.qkv, weights), xn, n, n_dec, qkv);
+    be.norm_linear(x, place(L.attn_norm, weights), c.rms_norm_eps, xn, place(L.qkv, weights), n, n_dec, qkv);
     be.rope(qkv, inv_freq, rope);
     be.kv_store(qkv, kc, vc, f16, att);
     be.attention(qkv, kc, vc, attn, f16, att);
-    be.linear(place(L.o, weights), attn, n, n_dec, proj);
-    be.add(x, proj, n * hidden);
+    be.linear_add(place(L.o, weights), attn, n, n_dec, proj, x);
     // MLP block: x += down(silu(gate) * up), gate and up from one fused projection.
-    be.rms_norm(x, place(L.mlp_norm, weights), xn, n, hidden, c.rms_norm_eps);
-    be.linear(place(L.gate_up, weights), xn, n, n_dec, gu);
-    be.silu_mul(gu, act, n, inter);
-    be.linear(place(L.down, weights), act, n, n_dec, proj);
-    be.add(x, proj, n * hidden);
+    be.norm_linear(x, place(L.mlp_norm, weights), c.rms_norm_eps, xn, place(L.gate_up, weights), n, n_dec, gu);
+    be.silu_linear_add(place(L.down, weights), gu, n, n_dec, act, proj, x);
   }
   if (p.output == Output::kNone) return;
   // Final norm of every row, then the vocabulary projection of the rows asked for.

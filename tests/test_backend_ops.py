@@ -284,6 +284,43 @@ def test_linear_rows_by_kind(be, type_, block):
         np.testing.assert_array_equal(got[t], linear(x[t:t + 1], int(t < n_decode))[0])
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_fused_runs_have_the_bits_of_their_ops(be, n_tokens):
+    """norm_linear, linear_add and silu_linear_add (the runs of ops a backend may do in one launch)
+    against the ops one by one, bit for bit: one generated token, and three prompt tokens."""
+    rng = np.random.default_rng(11)
+    rows, cols, n_dec = 45, 320, int(n_tokens == 1)
+    m, _, _ = weight_matrix(be, "q4", 32, rows, cols, 12, outliers=True)
+    x = (rng.standard_normal((n_tokens, cols)) * 3).astype(np.float32)
+    nw = put(be, (1 + 0.2 * rng.standard_normal(cols)).astype(np.float32))
+    res = rng.standard_normal((n_tokens, rows)).astype(np.float32)
+    gu = (rng.standard_normal((n_tokens, 2 * cols)) * 3).astype(np.float32)
+
+    def each(*ops):  # the ops in one pass
+        be.begin(pass_buffer(be, 0, n_tokens))
+        for op, *args in ops:
+            op(*args)
+        be.end()
+
+    xb, y, xn = put(be, x), out_buffer(be, n_tokens * rows), out_buffer(be, n_tokens * cols)
+    each((be.norm_linear, xb, nw, 1e-5, out_buffer(be, n_tokens * cols), m, n_tokens, n_dec, y))
+    want = out_buffer(be, n_tokens * rows)
+    each((be.rms_norm, xb, nw, xn, n_tokens, cols, 1e-5), (be.linear, m, xn, n_tokens, want, n_dec))
+    np.testing.assert_array_equal(get(be, y, n_tokens * rows), get(be, want, n_tokens * rows))
+
+    got, want = put(be, res), put(be, res)
+    each((be.linear_add, m, xb, n_tokens, n_dec, out_buffer(be, n_tokens * rows), got))
+    tmp = out_buffer(be, n_tokens * rows)
+    each((be.linear, m, xb, n_tokens, tmp, n_dec), (be.add, want, tmp, n_tokens * rows))
+    np.testing.assert_array_equal(be.download(got, res.nbytes), be.download(want, res.nbytes))
+
+    got, want, gub = put(be, res), put(be, res), put(be, gu)
+    each((be.silu_linear_add, m, gub, n_tokens, n_dec, out_buffer(be, n_tokens * cols), out_buffer(be, n_tokens * rows), got))
+    act, tmp = out_buffer(be, n_tokens * cols), out_buffer(be, n_tokens * rows)
+    each((be.silu_mul, gub, act, n_tokens, cols), (be.linear, m, act, n_tokens, tmp, n_dec), (be.add, want, tmp, n_tokens * rows))
+    np.testing.assert_array_equal(be.download(got, res.nbytes), be.download(want, res.nbytes))
+
+
 def test_silu_mul_add_argmax(be):
     rng = np.random.default_rng(8)
     n_tokens, n = 3, 333

@@ -213,6 +213,36 @@ void CudaBackend::add(Buf x, Buf y, int n) {
   record("add", [=, s = stream_] { cuda::add(xp, yp, a, pass, s); }, xp, yp, a, pass);
 }
 
+void CudaBackend::record_fused_matvec(const char* op, const Matrix& m, Buf x, Buf y, const MatvecFuse& f) {
+  const Weight w = weight(m, 1);
+  const float* xp = ptr<const float>(x);
+  float* yp = ptr<float>(y);
+  record(op, [=, s = stream_] { cuda::matvec(w, xp, yp, s, f); }, w, xp, yp, f.norm_weight, f.eps, f.silu_mul, f.accumulate);
+}
+
+void CudaBackend::norm_linear(Buf x, Buf weight_buf, float eps, Buf xn, const Matrix& w, int n_tokens, int n_decode, Buf y) {
+  if (n_tokens != 1 || n_decode != 1) return Backend::norm_linear(x, weight_buf, eps, xn, w, n_tokens, n_decode, y);
+  MatvecFuse f;
+  f.norm_weight = ptr<const float>(weight_buf);
+  f.eps = eps;
+  record_fused_matvec("matvec_norm", w, x, y, f);
+}
+
+void CudaBackend::linear_add(const Matrix& w, Buf in, int n_tokens, int n_decode, Buf tmp, Buf x) {
+  if (n_tokens != 1 || n_decode != 1) return Backend::linear_add(w, in, n_tokens, n_decode, tmp, x);
+  MatvecFuse f;
+  f.accumulate = true;
+  record_fused_matvec("matvec_add", w, in, x, f);
+}
+
+void CudaBackend::silu_linear_add(const Matrix& w, Buf gate_up, int n_tokens, int n_decode, Buf act, Buf tmp, Buf x) {
+  if (n_tokens != 1 || n_decode != 1) return Backend::silu_linear_add(w, gate_up, n_tokens, n_decode, act, tmp, x);
+  MatvecFuse f;
+  f.silu_mul = true;
+  f.accumulate = true;
+  record_fused_matvec("matvec_silu_add", w, gate_up, x, f);
+}
+
 void CudaBackend::argmax(Buf x, int n, Buf out) {
   const float* xp = ptr<const float>(x);
   int32_t* o = ptr<int32_t>(out);

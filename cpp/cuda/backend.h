@@ -47,6 +47,11 @@ class CudaBackend : public Backend {
   void attention(Buf qkv, Buf k_cache, Buf v_cache, Buf out, bool f16, const UpgAttnArgs& args) override;
   void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) override;
   void add(Buf x, Buf y, int n) override;
+  // A pass's one generated token: one mat-vec each, the norm or silu_mul in its prologue and the
+  // residual add in its epilogue (7 launches a layer instead of 12); else the ops one by one.
+  void norm_linear(Buf x, Buf weight, float eps, Buf xn, const Matrix& w, int n_tokens, int n_decode, Buf y) override;
+  void linear_add(const Matrix& w, Buf in, int n_tokens, int n_decode, Buf tmp, Buf x) override;
+  void silu_linear_add(const Matrix& w, Buf gate_up, int n_tokens, int n_decode, Buf act, Buf tmp, Buf x) override;
   void argmax(Buf x, int n, Buf out) override;
   void next_token(Buf pass, Buf tokens, Buf out) override;
 
@@ -63,6 +68,7 @@ class CudaBackend : public Backend {
   // Records one launch: its arguments' bytes go into the pass's signature.
   template <typename... A>
   void record(const char* op, std::function<void()> launch, const A&... args);
+  void record_fused_matvec(const char* op, const Matrix& m, Buf x, Buf y, const MatvecFuse& f);
 
   int device_;
   cudaStream_t stream_ = nullptr;

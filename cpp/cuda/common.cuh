@@ -27,6 +27,40 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// ---- RMSNorm and SiLU-mul in one order of operations, shared by their own kernels (rms_norm.cu,
+// elementwise.cu) and the mat-vec's fused prologue (matvec.cu), so that a fused decode step has the
+// bits of the unfused ops (a sequence alone and in a batch, whose generated rows run unfused:
+// docs/ARCHITECTURE.md "Batch-invariant arithmetic"). Written out (no contraction left to the
+// compiler). RMSNorm as the CPU backend computes it: the squares summed in double, the inverse norm
+// float(1 / sqrt(sum / n + eps)) in double, each output w * (x * inv) in f32; only the order of the
+// double sum differs (an inverse norm one f32 ulp apart needs that order to move a sum across a
+// rounding tie of the float; not measured row by row).
+constexpr int kNormThreads = 512;  // threads of a block that norms one row: the mat-vec's block
+constexpr int kNormUnits = 8;      // 16-byte units a thread loads before it uses the first
+// A thread's running sum of squares: thread i takes the 16-byte units i, i + kNormThreads, ... of the
+// row (or its floats, where the row or the weight is not 16-byte aligned or n % 4 != 0).
+__device__ __forceinline__ double add_squares(double ss, float4 a) {
+  const double s = __dadd_rn(__dadd_rn(__dadd_rn(__dmul_rn(a.x, a.x), __dmul_rn(a.y, a.y)), __dmul_rn(a.z, a.z)),
+                             __dmul_rn(a.w, a.w));
+  return __dadd_rn(ss, s);
+}
+__device__ __forceinline__ double add_squares(double ss, float a) { return __dadd_rn(ss, __dmul_rn(a, a)); }
+// The inverse norm of the row from every thread's sum (all threads of the block; red: kNormThreads
+// / 32 doubles of shared memory): warp sums, then the warps' sums in order.
+__device__ __forceinline__ float rms_inverse(double ss, int n, float eps, double* red) {
+  for (int o = 16; o > 0; o >>= 1) ss = __dadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  double total = 0.0;
+  for (int i = 0; i < kNormThreads / 32; ++i) total = __dadd_rn(total, red[i]);
+  return float(__ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(__ddiv_rn(total, double(n)), double(eps)))));
+}
+__device__ __forceinline__ float rms_scale(float x, float w, float inv) { return __fmul_rn(w, __fmul_rn(x, inv)); }
+__device__ __forceinline__ float4 rms_scale(float4 x, float4 w, float inv) {
+  return make_float4(rms_scale(x.x, w.x, inv), rms_scale(x.y, w.y, inv), rms_scale(x.z, w.z, inv), rms_scale(x.w, w.w, inv));
+}
+__device__ __forceinline__ float silu_mul1(float g, float u) { return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, __expf(-g))), u); }
+
 // Programmatic dependent launch (sm_90+; no-ops before): every kernel lets the next launch begin
 // at once (trigger), and waits for the previous grid's completion and memory (wait) before it
 // reads anything that grid may write. Code before the wait may only read the weights.

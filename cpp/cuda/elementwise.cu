@@ -20,7 +20,7 @@ __global__ void k_silu_mul(const float* __restrict__ in, float* __restrict__ out
   const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
   if (i >= a.n || t >= n_tokens(pass)) return;
   const float g = in[int64_t(t) * a.in_stride + i], u = in[int64_t(t) * a.in_stride + a.n + i];
-  out[int64_t(t) * a.n + i] = g / (1.0f + __expf(-g)) * u;
+  out[int64_t(t) * a.n + i] = silu_mul1(g, u);  // the mat-vec's fused prologue computes the same (common.cuh)
 }
 
 __global__ void k_add(float* __restrict__ x, const float* __restrict__ y, UpgEltArgs a, const int32_t* __restrict__ pass) {

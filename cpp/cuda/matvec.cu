@@ -1,8 +1,9 @@
 // Decode mat-vec: y[r] = sum_k W[r][k] x[k] (+ the row's outliers, same pass) for every UPG type,
 // reading W in the file layout (no repack). x (f32) is staged once per block in shared memory,
 // swizzled (common.cuh: swz) so that the lanes' 16-byte reads hit distinct bank groups. Each warp
-// owns kMvRows rows at a time; lane l takes the 16-byte code chunks l, l + 32, ... of those rows
-// (consecutive lanes, consecutive chunks: one 512-byte coalesced read per row and step). Dense
+// owns kMvRows rows at a time (the one-token kernel: 3 where that evens out the warps' rows); lane
+// l takes the 16-byte code chunks l, l + 32, ... of those rows (consecutive lanes, consecutive
+// chunks: one 512-byte coalesced read per row and step). Dense
 // chunks are widened to f32 and multiplied with x; quantized ones multiply x rounded to 8 bits per
 // block, as the CPU engine rounds it, with integer dot products (dp4a) per scale block; the grid
 // types' codes become their int8 grid values in registers by byte_perm lookups (common.cuh). Row groups
@@ -27,6 +28,7 @@ namespace {
 using namespace dev;
 
 constexpr int kMvWarps = 16;
+static_assert(kMvWarps * 32 == kNormThreads, "the fused rms_norm prologue sums as the rms_norm kernel's block does");
 constexpr int kMvRows = 4;
 
 template <int DT>
@@ -331,33 +333,31 @@ struct FuseDev {
   int accumulate;
 };
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
-
 // x (or its fused prologue) into swizzled shared memory, all threads of the block. The rms_norm
-// fusion stores x * weight and scales by the inverse norm once the block has summed x^2. Each
-// thread issues up to 8 independent 16-byte loads before its first store: the staging costs one or
-// two L2 round trips instead of one per element.
+// fusion stores x, sums its squares, then scales it by the norm weight and the inverse norm, as the
+// rms_norm kernel does (common.cuh: the same bits as the unfused ops). Each thread issues up to
+// kNormUnits independent 16-byte loads before their first use: the staging costs one or two L2
+// round trips instead of one per element.
 template <int S>
 __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const FuseDev& f) {
-  __shared__ float red[32];
-  float ss = 0.0f;
+  constexpr int U = kNormUnits;
+  __shared__ double red[kNormThreads / 32];
+  double ss = 0.0;
+  const bool norm = f.norm_weight != nullptr;
   const bool vec = (n & 3) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
                    (reinterpret_cast<uintptr_t>(f.norm_weight) & 15) == 0;
+  const int units = n >> 2;
+  float4* xs4 = reinterpret_cast<float4*>(xs);
   if (vec) {
-    constexpr int U = 8;
     const float4* x4 = reinterpret_cast<const float4*>(x);
-    const float4* w4 = reinterpret_cast<const float4*>(f.norm_weight);
-    float4* xs4 = reinterpret_cast<float4*>(xs);
-    const int units = n >> 2;
     for (int u0 = threadIdx.x; u0 < units; u0 += blockDim.x * U) {
-      float4 v[U], g[U], w[U];
+      float4 v[U], g[U];
 #pragma unroll
       for (int i = 0; i < U; ++i) {
         const int u = u0 + i * int(blockDim.x);
         if (u < units) {
           v[i] = x4[u];
           if (f.silu_mul) g[i] = x4[units + u];
-          if (w4 != nullptr) w[i] = w4[u];
         }
       }
 #pragma unroll
@@ -365,27 +365,37 @@ __device__ void stage_x(float* xs, const float* __restrict__ x, int n, const Fus
         const int u = u0 + i * int(blockDim.x);
         if (u >= units) continue;
         float4 a = v[i];
-        if (f.silu_mul) a = make_float4(silu(a.x) * g[i].x, silu(a.y) * g[i].y, silu(a.z) * g[i].z, silu(a.w) * g[i].w);
-        ss += dot4(a, a);
-        if (w4 != nullptr) a = make_float4(a.x * w[i].x, a.y * w[i].y, a.z * w[i].z, a.w * w[i].w);
+        if (f.silu_mul)
+          a = make_float4(silu_mul1(a.x, g[i].x), silu_mul1(a.y, g[i].y), silu_mul1(a.z, g[i].z), silu_mul1(a.w, g[i].w));
+        if (norm) ss = add_squares(ss, a);
         xs4[swz<S>(u)] = a;
       }
     }
   } else {
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const float v = f.silu_mul ? silu(x[i]) * x[n + i] : x[i];
-      ss += v * v;
-      xs[swz_float<S>(i)] = f.norm_weight != nullptr ? v * f.norm_weight[i] : v;
+      const float v = f.silu_mul ? silu_mul1(x[i], x[n + i]) : x[i];
+      if (norm) ss = add_squares(ss, v);
+      xs[swz_float<S>(i)] = v;
     }
   }
-  if (f.norm_weight == nullptr) return;
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.0f;
-  for (int i = 0; i < int(blockDim.x >> 5); ++i) total += red[i];
-  const float inv = rsqrtf(total / float(n) + f.eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) xs[swz_float<S>(i)] *= inv;  // after the barrier
+  if (!norm) return;
+  const float inv = rms_inverse(ss, n, f.eps, red);  // after its barrier, each thread rescales what it stored
+  if (vec) {
+    const float4* w4 = reinterpret_cast<const float4*>(f.norm_weight);
+    for (int u0 = threadIdx.x; u0 < units; u0 += blockDim.x * U) {
+      float4 w[U];
+#pragma unroll
+      for (int i = 0; i < U; ++i)
+        if (u0 + i * int(blockDim.x) < units) w[i] = w4[u0 + i * int(blockDim.x)];
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int u = u0 + i * int(blockDim.x);
+        if (u < units) xs4[swz<S>(u)] = rms_scale(xs4[swz<S>(u)], w[i], inv);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xs[swz_float<S>(i)] = rms_scale(xs[swz_float<S>(i)], f.norm_weight[i], inv);
+  }
 }
 
 // Bytes of x as f32 in shared memory: whole 16-byte units, 8 at a time.
@@ -414,20 +424,34 @@ __host__ __device__ constexpr int mv_rows(int dtype, int nt) {
   return nt == 1 ? kMvRows : dtype == UPG_DTYPE_IQ3 ? (nt >= 16 ? 1 : 2) : nt >= 16 ? 2 : kMvRows;
 }
 
+// The one-token kernel's rows a warp: kMvRows, or 3 where that gives the busiest warp fewer rows
+// (each of the grid's warps takes ceil(groups / warps) groups of R rows: Phi-4's 5120 rows over 132
+// x 16 warps are 1280 groups of 4, leaving 832 warps idle, or 1707 groups of 3). A row's sums do not
+// depend on R (its lanes, chunks and order are the same), so matvec_n keeps the bits either way.
+int one_token_rows(int rows, int warps) {
+  auto busiest = [&](int r) { return ((rows + r - 1) / r + warps - 1) / warps * r; };
+  return busiest(3) < busiest(kMvRows) ? 3 : kMvRows;
+}
+
 // NT: tokens the launch is built for, n <= NT of them at run time (x rows cols floats apart, y rows
-// ldy apart); NT = 1 is the one-token kernel, with the optional fusions.
-template <int DT, int B, int NBL, bool VEC, int NT>
+// ldy apart); NT = 1 is the one-token kernel, with the optional fusions. R: rows a warp.
+template <int DT, int B, int NBL, bool VEC, int NT, int R = mv_rows(DT, NT)>
 __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float* __restrict__ x,
                                                          float* __restrict__ y, FuseDev f, int n, int ldy) {
-  constexpr int CE = chunk_elems<DT, B, NBL>(), S = swizzle_shift<DT, B, NBL>(), R = mv_rows(DT, NT);
+  constexpr int CE = chunk_elems<DT, B, NBL>(), S = swizzle_shift<DT, B, NBL>();
   extern __shared__ float4 xs4[];
   uint8_t* sm = reinterpret_cast<uint8_t*>(xs4);
-  const int xsb = xs_bytes(m.cols), xqb = xq_bytes(m.cols, kQuantized<DT> ? m.block : 1);
+  // The tokens present: NT for one token is a constant, so nothing below branches on n (a branch
+  // would sink the chunk loads into it and stop the unrolled chunks' loads overlapping); a
+  // quantized type's block is B (pick), so the offsets below need no run-time division.
+  if constexpr (NT == 1) n = 1;
+  constexpr int kBlock = kQuantized<DT> ? B : 1;
+  const int xsb = xs_bytes(m.cols), xqb = xq_bytes(m.cols, kBlock);
   // token t's f32 x (the one-token kernel, dense weights) and 8-bit x
   auto xs_of = [&](int t) { return reinterpret_cast<float*>(sm + (NT == 1 ? 0 : t * xsb)); };
   auto xq_of = [&](int t) { return reinterpret_cast<uint32_t*>(sm + (NT == 1 ? xsb : t * xqb)); };
   auto xd_of = [&](int t) { return reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xq_of(t)) + m.cols); };
-  auto xz_of = [&](int t) { return reinterpret_cast<int32_t*>(xd_of(t) + m.cols / (kQuantized<DT> ? m.block : 1)); };
+  auto xz_of = [&](int t) { return reinterpret_cast<int32_t*>(xd_of(t) + m.cols / kBlock); };
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = (m.rows + R - 1) / R, nc = m.cols / CE;
   pdl_trigger();
@@ -563,15 +587,15 @@ __global__ void __launch_bounds__(kMvWarps * 32) k_matvec(MatView m, const float
 
 using MatvecKernel = void (*)(MatView, const float*, float*, FuseDev, int, int);
 
-// The variants of one type for 1, 4, 8 and 16 tokens.
+// The variants of one type: one token (kMvRows and 3 rows a warp), 4, 8 and 16 tokens.
 struct MatvecVariants {
-  MatvecKernel k[4];
+  MatvecKernel k[5];
 };
 
 template <int DT, int B, int NBL, bool VEC>
 MatvecVariants variant() {
-  return {{k_matvec<DT, B, NBL, VEC, 1>, k_matvec<DT, B, NBL, VEC, 4>, k_matvec<DT, B, NBL, VEC, 8>,
-           k_matvec<DT, B, NBL, VEC, 16>}};
+  return {{k_matvec<DT, B, NBL, VEC, 1>, k_matvec<DT, B, NBL, VEC, 1, 3>, k_matvec<DT, B, NBL, VEC, 4>,
+           k_matvec<DT, B, NBL, VEC, 8>, k_matvec<DT, B, NBL, VEC, 16>}};
 }
 
 MatvecVariants pick(const Weight& w) {
@@ -611,10 +635,15 @@ const MatvecVariants kAll[] = {
 void launch_matvec(const Weight& w, const MatvecVariants& v, const float* x, float* y, int n, int ldy,
                    const FuseDev& f, size_t smem, cudaStream_t s) {
   const int nt = n == 1 ? 1 : n <= 4 ? 4 : n <= 8 ? 8 : 16;  // the variant's NT
-  const MatvecKernel kernel = v.k[nt == 1 ? 0 : nt == 4 ? 1 : nt == 8 ? 2 : 3];
-  const int rows_per_warp = mv_rows(w.dtype, nt);
+  MatvecKernel kernel = v.k[nt == 1 ? 0 : nt == 4 ? 2 : nt == 8 ? 3 : 4];
+  int rows_per_warp = mv_rows(w.dtype, nt);
   int per_sm = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMvWarps * 32, smem), "matvec occupancy");
+  if (nt == 1 && one_token_rows(w.args.rows, sm_count() * std::max(per_sm, 1) * kMvWarps) == 3) {
+    kernel = v.k[1];
+    rows_per_warp = 3;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMvWarps * 32, smem), "matvec occupancy");
+  }
   const int groups = (w.args.rows + rows_per_warp - 1) / rows_per_warp;
   const int grid = std::max(1, std::min(groups, sm_count() * std::max(per_sm, 1)));
   launch("matvec", kernel, grid, kMvWarps * 32, smem, s, view(w), x, y, f, n, ldy);

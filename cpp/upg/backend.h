@@ -85,6 +85,26 @@ class Backend {
   // out[t][i] = silu(gate_up[t][i]) * gate_up[t][n + i]: rows of 2n floats in, n out.
   virtual void silu_mul(Buf gate_up, Buf out, int n_tokens, int n) = 0;
   virtual void add(Buf x, Buf y, int n) = 0;  // x += y over n floats
+
+  // ---- the graph's runs of ops that a backend may do in one launch; by default, the ops above ----
+  // Each computes exactly what its ops compute (a backend that fuses them keeps their bits); the
+  // scratch buffers hold the intermediate rows, which a backend that fuses need not write.
+  // y = linear(w, rms_norm(x, weight)); xn [n_tokens][w.cols]: scratch for the normed rows.
+  virtual void norm_linear(Buf x, Buf weight, float eps, Buf xn, const Matrix& w, int n_tokens, int n_decode, Buf y) {
+    rms_norm(x, weight, xn, n_tokens, int(w.cols), eps);
+    linear(w, xn, n_tokens, n_decode, y);
+  }
+  // x += linear(w, in) (the residual add); tmp [n_tokens][w.rows]: scratch for the product.
+  virtual void linear_add(const Matrix& w, Buf in, int n_tokens, int n_decode, Buf tmp, Buf x) {
+    linear(w, in, n_tokens, n_decode, tmp);
+    add(x, tmp, n_tokens * int(w.rows));
+  }
+  // x += linear(w, silu_mul(gate_up)); act [n_tokens][w.cols] and tmp [n_tokens][w.rows]: scratch.
+  virtual void silu_linear_add(const Matrix& w, Buf gate_up, int n_tokens, int n_decode, Buf act, Buf tmp, Buf x) {
+    silu_mul(gate_up, act, n_tokens, int(w.cols));
+    linear(w, act, n_tokens, n_decode, tmp);
+    add(x, tmp, n_tokens * int(w.rows));
+  }
   // out: int32 index of the largest of n floats (the first one on ties).
   virtual void argmax(Buf x, int n, Buf out) = 0;
   // Greedy decoding's step in a pass of one generated token of one sequence, after argmax wrote the

@@ -136,7 +136,7 @@ def test_matvec_n_has_the_bits_of_one_token(lib, dtype, block, outliers):
 @pytest.mark.parametrize("dtype,block", [("q4", 32), ("q3", 64), ("f16", 0), ("iq4_xs", 32), ("iq3", 32)])
 def test_matvec_fused(lib, dtype, block):
     """The prologue fusions (rms_norm, silu_mul) and the accumulating epilogue. For quantized
-    weights the prologue's f32 result (rsqrtf, __expf) is rounded to 8 bits in the kernel, and a
+    weights the prologue's f32 result (the norm, __expf) is rounded to 8 bits in the kernel, and a
     value that lands next to a rounding boundary may take the neighbouring code: about 1e-3 of the
     product per such code at these widths, so those types are held to 5e-3 (a wrong fusion is off by
     order 1)."""
@@ -159,6 +159,36 @@ def test_matvec_fused(lib, dtype, block):
     lib.matvec(w, dev(gu), y, silu=True, accumulate=True)
     act = g / (1 + np.exp(-g)) * u
     assert rel_err(y.cpu().numpy(), y0 + matvec_reference(dtype, block, dense, outl, act)) < tol
+
+
+@pytest.mark.parametrize("dtype,block", [("q4", 32), ("q8_0", 32), ("q3", 64), ("f16", 0), ("iq4_xs", 32)])
+def test_matvec_fused_has_the_bits_of_the_ops(lib, dtype, block):
+    """The engine fuses a pass's lone generated token (CudaBackend::norm_linear, linear_add,
+    silu_linear_add) and runs several tokens' ops one by one, so the fused mat-vec must give the bits
+    of rms_norm then matvec, and of silu_mul, matvec, add; dense rows of 1001 take the float (not
+    16-byte) paths of both."""
+    rng = np.random.default_rng()
+    rows = 131
+    shapes = [256 * 3 if dtype in SUPER_TYPES else (block or 32) * 9] + ([1001] if not block else [])
+    one = pass_tensor(0, 1)
+    for cols in shapes:
+        w, _, _ = make_weight(rng, dtype, block, rows, cols, dtype not in GRID_TYPES, split=True)
+        x = dev((rng.standard_normal(cols) * rng.uniform(0.1, 10)).astype(np.float32))
+        nw = dev((1 + 0.2 * rng.standard_normal(cols)).astype(np.float32))
+        got, xn, want = nan(rows), nan(cols), nan(rows)
+        lib.matvec(w, x, got, norm_weight=nw, eps=1e-5)
+        lib.rms_norm(x, nw, xn, cols, 1e-5, 1, False, one)
+        lib.matvec(w, xn, want)
+        np.testing.assert_array_equal(got.cpu().numpy(), want.cpu().numpy(), err_msg=f"norm, {cols} columns")
+
+        gu = dev((rng.standard_normal(2 * cols) * 3).astype(np.float32))
+        y0 = rng.standard_normal(rows).astype(np.float32)
+        got, want, act, proj = dev(y0), dev(y0), nan(cols), nan(rows)
+        lib.matvec(w, gu, got, silu=True, accumulate=True)
+        lib.silu_mul(gu, act, cols, 1, 2 * cols, one)
+        lib.matvec(w, act, proj)
+        lib.add(want, proj, rows, 1, one)
+        np.testing.assert_array_equal(got.cpu().numpy(), want.cpu().numpy(), err_msg=f"silu_mul, add, {cols} columns")
 
 
 @pytest.mark.parametrize("dtype,block,outliers", WEIGHT_CASES)
