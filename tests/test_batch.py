@@ -9,6 +9,7 @@ per eval.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -248,3 +249,42 @@ def test_smollm2_answers_the_same_on_a_cache_hit_and_in_a_batch(smollm2_q8):
                for r in batch.create_chat_completions(convs, max_tokens=24, temperature=0)]
     assert got == first
     assert len(set(first)) == len(first)
+
+
+def test_a_slot_samples_and_truncates_while_another_step_runs(smollm2_q8):
+    """While a long step runs (a 400-token prompt of SmolLM2 on one thread: about a second), another
+    slot samples at once (under its own generator's lock, not the batch's), and truncate, which
+    waits for the step's lock, lets the other Python threads run meanwhile (it releases the GIL)."""
+    model = core_model(smollm2_q8)
+    b = _core.BatchSession(model, 2, 512, "f16", 1, 512)
+    vocab = UPGFile(smollm2_q8).config.vocab_size
+    greedy = _core.SamplingParams()
+    greedy.temperature = 0.0
+    logits = np.zeros(vocab, np.float32)
+    logits[7] = 1.0
+    started, done = threading.Event(), threading.Event()
+
+    def long_step():
+        started.set()
+        b.step([(0, np.arange(100, 500, dtype=np.int32), False, 1)])
+        done.set()
+    stepper = threading.Thread(target=long_step)
+    stepper.start()
+    started.wait()
+    time.sleep(0.05)  # the step holds the batch's lock now
+    assert b.sample(1, logits, greedy, np.zeros(0, np.int32)) == 7
+    assert not done.is_set(), "sample waited for the step"
+    ticks = []
+
+    def tick():
+        while not done.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    before = len(ticks)
+    b.truncate(1, 0)  # waits for the step's lock
+    assert done.wait(30)
+    stepper.join()
+    ticker.join()
+    assert len(ticks) - before > 10, "truncate held the GIL while it waited"
