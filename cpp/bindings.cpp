@@ -83,6 +83,15 @@ struct PyBatch {
   // next step runs (waiting for `mu` there held a slot out of that step).
   std::unique_ptr<std::mutex[]> rng_mu;
   std::mutex mu;
+  // The slots of the step that holds `mu` (or waits for it): truncating another slot changes only
+  // that slot's length, so it does not wait for the step (a request starting while 15 others decode).
+  std::mutex stepping_mu;
+  std::vector<int> stepping = std::vector<int>(size_t(batch.n_slots()), 0);  // steps holding each slot
+  void mark(const std::vector<BatchSession::Entry>& es, int delta) {
+    std::lock_guard<std::mutex> lock(stepping_mu);
+    for (const auto& e : es)
+      if (e.slot >= 0 && e.slot < batch.n_slots()) stepping[size_t(e.slot)] += delta;
+  }
 };
 
 using Tokens = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
@@ -278,6 +287,12 @@ PYBIND11_MODULE(_core, m) {
              float* op = out.mutable_data();
              {
                py::gil_scoped_release nogil;
+               struct Stepping {  // the entries' slots are the step's until it returns or throws
+                 PyBatch& b;
+                 const std::vector<BatchSession::Entry>& es;
+                 ~Stepping() { b.mark(es, -1); }
+               } stepping{b, es};
+               b.mark(es, 1);
                std::lock_guard<std::mutex> lock(b.mu);
                b.batch.step(es, op);
              }
@@ -287,7 +302,12 @@ PYBIND11_MODULE(_core, m) {
            "the logits asked for, [rows, n_vocab], entry after entry.")
       .def("n_past", [](PyBatch& b, int slot) { return b.batch.n_past(slot); }, py::arg("slot"))
       .def("truncate", [](PyBatch& b, int slot, int64_t n) {
+             b.check(slot);
              py::gil_scoped_release nogil;  // a step may hold mu: the other threads run meanwhile
+             {
+               std::lock_guard<std::mutex> lock(b.stepping_mu);  // no step takes the slot meanwhile
+               if (!b.stepping[size_t(slot)]) return b.batch.truncate(slot, n);
+             }
              std::lock_guard<std::mutex> lock(b.mu);
              b.batch.truncate(slot, n);
            }, py::arg("slot"), py::arg("n"))

@@ -252,9 +252,10 @@ def test_smollm2_answers_the_same_on_a_cache_hit_and_in_a_batch(smollm2_q8):
 
 
 def test_a_slot_samples_and_truncates_while_another_step_runs(smollm2_q8):
-    """While a long step runs (a 400-token prompt of SmolLM2 on one thread: about a second), another
-    slot samples at once (under its own generator's lock, not the batch's), and truncate, which
-    waits for the step's lock, lets the other Python threads run meanwhile (it releases the GIL)."""
+    """While a long step runs (a 500-token prompt of SmolLM2 on one thread: 0.3 s here), another
+    slot samples and truncates at once (its generator's lock and its own length, not the batch's
+    lock), and truncating a slot of the running step, which waits for the step, lets the other
+    Python threads run meanwhile (it releases the GIL)."""
     model = core_model(smollm2_q8)
     b = _core.BatchSession(model, 2, 512, "f16", 1, 512)
     vocab = UPGFile(smollm2_q8).config.vocab_size
@@ -262,18 +263,21 @@ def test_a_slot_samples_and_truncates_while_another_step_runs(smollm2_q8):
     greedy.temperature = 0.0
     logits = np.zeros(vocab, np.float32)
     logits[7] = 1.0
+    b.step([(1, np.arange(10, 20, dtype=np.int32), False, 0)])
     started, done = threading.Event(), threading.Event()
 
     def long_step():
         started.set()
-        b.step([(0, np.arange(100, 500, dtype=np.int32), False, 1)])
+        b.step([(0, np.arange(10, 510, dtype=np.int32), False, 1)])
         done.set()
     stepper = threading.Thread(target=long_step)
     stepper.start()
     started.wait()
     time.sleep(0.05)  # the step holds the batch's lock now
     assert b.sample(1, logits, greedy, np.zeros(0, np.int32)) == 7
-    assert not done.is_set(), "sample waited for the step"
+    b.truncate(1, 4)
+    assert not done.is_set(), "slot 1's sample or truncate waited for slot 0's step"
+    assert b.n_past(1) == 4
     ticks = []
 
     def tick():
@@ -283,8 +287,8 @@ def test_a_slot_samples_and_truncates_while_another_step_runs(smollm2_q8):
     ticker = threading.Thread(target=tick)
     ticker.start()
     before = len(ticks)
-    b.truncate(1, 0)  # waits for the step's lock
-    assert done.wait(30)
+    b.truncate(0, 100)  # slot 0 is the step's: this waits for it (before it, slot 0 held 0 positions)
     stepper.join()
     ticker.join()
+    assert b.n_past(0) == 100
     assert len(ticks) - before > 10, "truncate held the GIL while it waited"
