@@ -291,7 +291,7 @@ PYBIND11_MODULE(_core, m) {
                  PyBatch& b;
                  const std::vector<BatchSession::Entry>& es;
                  ~Stepping() { b.mark(es, -1); }
-               } stepping{b, es};
+               } held{b, es};
                b.mark(es, 1);
                std::lock_guard<std::mutex> lock(b.mu);
                b.batch.step(es, op);
