@@ -8,14 +8,16 @@ columns; 256 for iq4_xs and iq3, whose sub-block scales share a super-scale) has
 it starts, from the error-updated weights, by the type's own importance-weighted search; each column is
 rounded by the type's own rounding under them (`_core.round_to_type`). The bytes are the type's ordinary
 bytes (`_core.quantize(..., codes_from=)` writes them): readers and kernels do not change. Once the
-codes are fixed, the block scales are fitted again to them by least squares over H (refit_scales).
+codes are fixed, the block scales are searched again against the output error over H (refit_scales)
+and written as given (`_core.quantize(..., scales_from=)`).
 
 Memory: while H is factored, two float64 matrices of its size and the float32 factor, 20 bytes per
 cols^2 at peak besides the caller's H (6.4 GB at Phi-4's 17920-wide down_proj); then the factor and
 six float32 matrices of W's size (the loaded weights, four working copies, the decoded check: 4.4 GB
 at Phi-4's 35840 x 5120 gate_up_proj). Time: a Cholesky factorization and a triangular inverse of H (cols^3 / 3
-each, float64), 2 * rows * cols^2 flops of updates and as many for the scale refit (three float32
-matrices of W's size besides W, and chunks of rows of at most 128 MB) (docs/QUANTIZATION.md "GPTQ").
+each, float64), 2 * rows * cols^2 flops of updates and as many for the scale refit's normal equations
+(three float32 matrices of W's size besides W, and chunks of rows of at most 128 MB; iq3's search over
+at most 128 MB of their [rows, nb, nb] matrices) (docs/QUANTIZATION.md "GPTQ").
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ DAMP = 0.01
 BATCH = 128
 SUPER_BLOCK_TYPES = ("iq4_xs", "iq3")
 TYPES = ("q8_0", "q4", "q3", "iq4_nl", "iq4_xs", "iq3")
+# The types whose scales are refitted (refit_scales). Not iq4_xs: on the testbed the searched 6-bit
+# scales lowered its output error by 2% on average but not its KLD (0.0087 both; p99 0.0515 -> 0.0551),
+# and moved the --bpw 4.25 mix from 0.0083 to 0.0084 (docs/QUANTIZATION.md "Explicit scales").
+REFIT_TYPES = ("q8_0", "q4", "q3", "iq4_nl", "iq3")
 
 
 class GPTQError(ValueError):
@@ -91,7 +97,7 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
         damp: fraction of H's mean diagonal added to its diagonal.
         factor: inverse_factor(h, damp), when the caller has it already (bit allocation quantizes one
             matrix at every candidate); None: computed here.
-        refit: fit the scales again once the codes are fixed (refit_scales).
+        refit: fit the scales again once the codes are fixed (refit_scales), for REFIT_TYPES.
 
     Raises:
         GPTQError: h does not fit w or is not positive definite after damping.
@@ -142,7 +148,7 @@ def quantize(w: np.ndarray, h: np.ndarray, type: str, block: int = 32, importanc
     if not np.allclose(decoded, q.T, rtol=1e-6, atol=1e-6 * float(np.abs(q).max(initial=0.0))):
         raise RuntimeError(f"GPTQ's {type} bytes do not decode to the values it chose")  # a bug, not bad input
     del wt, start, rounded, q, decoded  # the refit's memory in their place
-    return refit_scales(w, h, type, block, data) if refit else data
+    return refit_scales(w, h, type, block, data) if refit and type in REFIT_TYPES else data
 
 
 def refit_scales(w: np.ndarray, h: np.ndarray, type: str, block: int, data: np.ndarray) -> np.ndarray:
@@ -151,8 +157,8 @@ def refit_scales(w: np.ndarray, h: np.ndarray, type: str, block: int, data: np.n
     Per row, the output error (w - sum_b s_b g_b) H (...)^T over the codes' grid values g_b is
     quadratic in the block scales s (normal_equations); the scales are searched on what the bytes can
     hold, against that error (search_scales): f16 values, or for iq4_xs / iq3 f16 super-scales times
-    6-bit integers. The encoder writes them as given (`_core.quantize(..., scales_from=)`). The search
-    starts from data's own scales, so no row's output error rises.
+    6-bit integers. The encoder writes them as given (`_core.quantize(..., scales_from=)`). data's own
+    scales are among the candidates, so no row's output error rises.
     """
     from . import _core
 
@@ -162,12 +168,16 @@ def refit_scales(w: np.ndarray, h: np.ndarray, type: str, block: int, data: np.n
     scales = _core.block_scales(type, block, data, rows, cols)
     supers = _core.super_scales(type, data, rows, cols) if type in SUPER_BLOCK_TYPES else None
     new = np.empty_like(old)
-    step = max(1, (1 << 27) // (8 * cols * cols // block))  # rows a chunk: its G H takes at most 128 MB
-    for r0 in range(0, rows, step):
-        rs = slice(r0, r0 + step)
+    nb = cols // block
+    step = max(1, (1 << 27) // (8 * cols * nb))  # rows whose G H (normal_equations) takes at most 128 MB
+    search = max(step, (1 << 27) // (8 * nb * nb))  # rows searched at once: their A takes at most 128 MB
+    for r0 in range(0, rows, search):
+        rs = slice(r0, min(r0 + search, rows))
         unit = np.repeat(scales[rs].astype(np.float64), block, axis=1)
         g = np.divide(old[rs], unit, out=np.zeros_like(unit), where=unit != 0)  # the codes' grid values at scale 1
-        a, rhs = normal_equations(w[rs], hd, g, block)
+        parts = [normal_equations(w[rs][i:i + step], hd, g[i:i + step], block) for i in range(0, len(g), step)]
+        a, rhs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        del parts
         sc, sup = search_scales(a, rhs, scales[rs], None if supers is None else supers[rs])
         scales[rs] = sc
         if supers is not None:
@@ -204,8 +214,7 @@ def fitted_scales(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 # The super-scales the search starts from besides the bytes' own: the super-block's largest fitted
 # scale mapped to ls - 32 = -(32 + k), each followed by REFIT_ROUNDS least-squares refits of the
-# super-scales to the chosen ls. On the testbed's matrices (iq4_xs) these starts came within 0.1% of
-# the output error of nine of them with three refits each.
+# super-scales to the chosen ls, each start descended.
 SUPER_STARTS = (0.0, 1.0)
 REFIT_ROUNDS = 1
 SWEEPS = 10  # at most this many coordinate-descent passes over the blocks of a row (it stops when none moves)
@@ -214,24 +223,37 @@ SWEEPS = 10  # at most this many coordinate-descent passes over the blocks of a 
 def search_scales(a: np.ndarray, rhs: np.ndarray, scales: np.ndarray,
                   supers: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Block scales (float32 [rows, nb], and for a super-block type the f16 super-scales [rows, nb / 8])
-    that the bytes can hold, of least output error s A s - 2 rhs s per row (normal_equations) as found
-    from several starts by coordinate descent: each block's scale moves one step of its lattice (an
-    f16 value to its neighbour; a 6-bit ls by 1 under the super-scale) while that lowers the error.
-    The starts are the bytes' own scales (`scales`, `supers`), and the continuous optimum rounded to
-    the lattice (for super-blocks from SUPER_STARTS); each row keeps its best. A block whose grid
-    values are all 0 keeps scale 0 (it decodes to 0 whatever its scale)."""
+    that the bytes can hold, of least output error s A s - 2 rhs s per row (normal_equations), and
+    never above that of the bytes' own scales (`scales`, `supers`), which are one of the candidates.
+    One f16 scale a block: the continuous optimum rounded to f16 is the other. Super-blocks (iq3):
+    from the continuous optimum's super-scales (SUPER_STARTS, REFIT_ROUNDS), the 6-bit ls nearest it,
+    then coordinate descent, each block's ls moving by one while that lowers the error (their 6 bits
+    cannot hold the continuous optimum: rounding each alone loses what the fit gains). Each row keeps
+    its best candidate. A block whose grid values are all 0 keeps scale 0 (it decodes to 0 whatever
+    its scale)."""
+    from . import _core
+
     rows, nb = rhs.shape
-    dead = a[:, np.arange(nb), np.arange(nb)] <= 0
+    diag = a[:, np.arange(nb), np.arange(nb)]
+    dead = diag <= 0
     cont = fitted_scales(a, rhs)
     cont[dead] = 0.0
 
     def error(s):
         return np.einsum("rb,rbc,rc->r", s, a, s) - 2.0 * (rhs * s).sum(axis=1)
 
-    def descend(s, moves):
+    if supers is None:
+        found = [np.where(dead, 0.0, np.asarray(scales, np.float64)), cont.astype(np.float16).astype(np.float64)]
+        best = np.stack([error(s) for s in found]).argmin(axis=0)
+        return np.stack(found)[best, np.arange(rows)].astype(np.float32), None
+
+    per = _core.SUPER_BLOCK // 32  # blocks per super-block (its blocks are 32 wide)
+    ns = nb // per
+    bias = _core.SUB_SCALE_BIAS
+
+    def descend(s, moves):  # coordinate descent: per block, the move of moves(s, b) that lowers the error most
         s = s.copy()
         grad = np.einsum("rbc,rc->rb", a, s) - rhs
-        diag = a[:, np.arange(nb), np.arange(nb)]
         for _ in range(SWEEPS):
             moved = False
             for b in range(nb):
@@ -249,22 +271,6 @@ def search_scales(a: np.ndarray, rhs: np.ndarray, scales: np.ndarray,
                 break
         return s
 
-    if supers is None:
-        f16 = lambda v: np.asarray(v).astype(np.float16)  # noqa: E731
-        moves = lambda s, b: [np.nextafter(f16(s[:, b]), f16(np.inf)).astype(np.float64),  # noqa: E731
-                              np.nextafter(f16(s[:, b]), f16(-np.inf)).astype(np.float64)]
-        starts = [np.asarray(scales, np.float64), f16(cont).astype(np.float64)]
-        found = [descend(np.where(dead, 0.0, st), moves) for st in starts]
-        errs = np.stack([error(s) for s in found])
-        best = errs.argmin(axis=0)
-        return np.stack(found)[best, np.arange(rows)].astype(np.float32), None
-
-    from . import _core
-
-    per = _core.SUPER_BLOCK // 32  # blocks per super-block (iq4_xs and iq3 blocks are 32 wide)
-    ns = nb // per
-    bias = _core.SUB_SCALE_BIAS
-
     def states_from(d, ls):  # (d [rows, ns], ls [rows, nb]) -> block scales
         return np.repeat(d, per, axis=1) * ls
 
@@ -274,11 +280,9 @@ def search_scales(a: np.ndarray, rhs: np.ndarray, scales: np.ndarray,
         return np.where(dead, 0.0, np.clip(ls, -bias, bias - 1))
 
     def refit_d(ls):  # least-squares super-scales for fixed ls, rounded to f16
-        lm = np.zeros((rows, nb, ns))
-        lm[:, np.arange(nb), np.arange(nb) // per] = ls
-        ad = np.einsum("rbj,rbc,rck->rjk", lm, a, lm)
+        ad = (a * ls[:, :, None] * ls[:, None, :]).reshape(rows, ns, per, ns, per).sum(axis=(2, 4))
         ad[:, np.arange(ns), np.arange(ns)] += 1e-30 + 1e-9 * np.trace(ad, axis1=1, axis2=2)[:, None] / ns
-        d = np.linalg.solve(ad, np.einsum("rbj,rb->rj", lm, rhs)[..., None])[..., 0]
+        d = np.linalg.solve(ad, (ls * rhs).reshape(rows, ns, per).sum(axis=2)[..., None])[..., 0]
         return np.asarray(d).astype(np.float16).astype(np.float64)
 
     results = []  # (d, ls) after descent
@@ -288,8 +292,8 @@ def search_scales(a: np.ndarray, rhs: np.ndarray, scales: np.ndarray,
 
         def moves(s, b):  # ls - 32 one up or down, within the 6 bits
             ls_b = np.rint(np.divide(s[:, b], dd[:, b], out=np.zeros(rows), where=dd[:, b] != 0))
-            return [np.where((dd[:, b] != 0) & (ls_b + k >= -bias) & (ls_b + k <= bias - 1), s[:, b] + k * dd[:, b], np.nan)
-                    for k in (-1.0, 1.0)]
+            fits = lambda k: (dd[:, b] != 0) & (ls_b + k >= -bias) & (ls_b + k <= bias - 1)  # noqa: E731
+            return [np.where(fits(k), s[:, b] + k * dd[:, b], np.nan) for k in (-1.0, 1.0)]
 
         s = descend(states_from(d, ls), moves)
         ls = np.rint(np.divide(s, dd, out=np.zeros_like(s), where=dd != 0))
