@@ -91,8 +91,51 @@ upg::WeightView make_view(DType type, int block, const CArray<uint8_t>& data, in
   return w;
 }
 
+bool is_f16(float v) { return std::isfinite(v) && upg::f16_to_f32(upg::f32_to_f16(v)) == v; }
+
+// The given scales of quantize (scales_from, super_from) checked against what the bytes can hold:
+// f16 values, and for iq4_xs / iq3 block scales that are their super-scale times an integer in
+// [-32, 31] (the product as float32, as block_scales computes it). The shape is valid for the type.
+void check_given_scales(DType type, int block, int64_t rows, int64_t cols, const std::optional<FArray>& scales_from,
+                        const std::optional<FArray>& super_from) {
+  if (!scales_from) {
+    if (super_from) throw py::value_error("super_from needs scales_from");
+    return;
+  }
+  if (!upg::is_quantized(type)) throw py::value_error("scales_from applies to quantized types only");
+  const int64_t nb = cols / block, ns = cols / UPG_SUPER_BLOCK;
+  if (scales_from->ndim() != 2 || scales_from->shape(0) != rows || scales_from->shape(1) != nb)
+    throw py::value_error("scales_from must be float32 [rows, cols / block] = [" + std::to_string(rows) + ", " +
+                          std::to_string(nb) + "]");
+  const float* sc = scales_from->data();
+  const auto at = [](int64_t r, int64_t b) { return "[" + std::to_string(r) + ", " + std::to_string(b) + "]"; };
+  if (!upg::has_super_block(type)) {
+    if (super_from) throw py::value_error(std::string("super_from applies to iq4_xs and iq3, not ") + upg::dtype_name(type));
+    for (int64_t i = 0; i < rows * nb; ++i)
+      if (!is_f16(sc[i])) throw py::value_error("scales_from" + at(i / nb, i % nb) + " = " + std::to_string(sc[i]) +
+                                                " is not an f16 value");
+    return;
+  }
+  if (!super_from) throw py::value_error(std::string(upg::dtype_name(type)) + " needs super_from with scales_from");
+  if (super_from->ndim() != 2 || super_from->shape(0) != rows || super_from->shape(1) != ns)
+    throw py::value_error("super_from must be float32 [rows, cols / 256] = [" + std::to_string(rows) + ", " +
+                          std::to_string(ns) + "]");
+  const float* d = super_from->data();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float ds = d[r * ns + b * block / UPG_SUPER_BLOCK], s = sc[r * nb + b];
+      if (!is_f16(ds)) throw py::value_error("super_from" + at(r, b * block / UPG_SUPER_BLOCK) + " = " +
+                                             std::to_string(ds) + " is not an f16 value");
+      const float l = ds == 0.0f ? 0.0f : std::nearbyint(s / ds);
+      if (!(l >= -UPG_SUB_SCALE_BIAS && l < UPG_SUB_SCALE_BIAS && l * ds == s))
+        throw py::value_error("scales_from" + at(r, b) + " = " + std::to_string(s) + " is not its super-scale " +
+                              std::to_string(ds) + " times an integer in [-32, 31]");
+    }
+}
+
 py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FArray& src, int n_threads,
-                              const std::optional<FArray>& importance, const std::optional<FArray>& codes_from) {
+                              const std::optional<FArray>& importance, const std::optional<FArray>& codes_from,
+                              const std::optional<FArray>& scales_from, const std::optional<FArray>& super_from) {
   const DType type = parse_type(type_name);
   if (src.ndim() != 2) throw py::value_error("w must be a 2-D float32 array");
   const int64_t rows = src.shape(0), cols = src.shape(1);
@@ -103,6 +146,10 @@ py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FAr
       throw py::value_error("codes_from must have the shape of w");
     xc = codes_from->data();
   }
+  const uint64_t nbytes = matrix_nbytes(type, block, rows, cols);
+  check_given_scales(type, block, rows, cols, scales_from, super_from);
+  const float* given = scales_from ? scales_from->data() : nullptr;
+  const float* given_super = super_from ? super_from->data() : nullptr;
   const float* imp = nullptr;
   if (importance && upg::is_quantized(type)) {
     if (importance->ndim() != 1 || importance->shape(0) != cols)
@@ -113,7 +160,6 @@ py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FAr
         throw py::value_error("importance must be finite and >= 0 (column " + std::to_string(c) + " is " +
                               std::to_string(imp[c]) + ")");
   }
-  const uint64_t nbytes = matrix_nbytes(type, block, rows, cols);
   if (n_threads < 0) throw py::value_error("n_threads must be >= 0");
   if (n_threads == 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
   n_threads = int(std::min<int64_t>(n_threads, rows));
@@ -131,7 +177,7 @@ py::array_t<uint8_t> quantize(const std::string& type_name, int block, const FAr
       std::vector<std::thread> pool;
       for (int t = 0; t < n_threads; ++t)
         pool.emplace_back(upg::quantize_rows, type, block, x, rows, cols, o, rows * t / n_threads,
-                          rows * (t + 1) / n_threads, imp, xc);
+                          rows * (t + 1) / n_threads, imp, xc, given, given_super);
       for (auto& th : pool) th.join();
     }
   }
@@ -339,6 +385,16 @@ py::array_t<float> block_scales(const std::string& type_name, int block, const C
   return out;
 }
 
+py::array_t<float> super_scales(const std::string& type_name, const CArray<uint8_t>& data, int64_t rows,
+                                int64_t cols) {
+  const DType type = parse_type(type_name);
+  if (!upg::has_super_block(type)) throw py::value_error(type_name + " has no super-scales");
+  const upg::WeightView w = make_view(type, 32, data, rows, cols, std::nullopt);
+  py::array_t<float> out({rows, cols / UPG_SUPER_BLOCK});
+  upg::super_scales(type, w.codes, rows, cols, out.mutable_data());
+  return out;
+}
+
 py::array_t<float> round_to_type(const std::string& type_name, const FArray& x, const FArray& scale) {
   const DType type = parse_type(type_name);
   if (!upg::is_quantized(type)) throw py::value_error(type_name + " is not a quantized type");
@@ -357,14 +413,22 @@ py::array_t<float> round_to_type(const std::string& type_name, const FArray& x, 
 
 void bind_kernels(py::module_& m) {
   using namespace pybind11::literals;
+  m.attr("SUPER_BLOCK") = UPG_SUPER_BLOCK;        // iq4_xs, iq3: elements per f16 super-scale
+  m.attr("SUB_SCALE_BIAS") = UPG_SUB_SCALE_BIAS;  // iq4_xs, iq3: block scale = super-scale * (ls - 32)
   m.def("quantize", &quantize, "type"_a, "block"_a, "w"_a, "n_threads"_a = 0, "importance"_a = py::none(),
-        "codes_from"_a = py::none(),
+        "codes_from"_a = py::none(), "scales_from"_a = py::none(), "super_from"_a = py::none(),
         "Quantize (or convert) a float32 [rows, cols] matrix to its UPG bytes (docs/FORMAT.md). importance: "
         "float32 [cols] per-column weights (>= 0) of the scale search of quantized types; None: the plain scale. "
-        "codes_from: float32 [rows, cols]: the codes are those of codes_from under the scales chosen for w (GPTQ).");
+        "codes_from: float32 [rows, cols]: the codes are those of codes_from under the scales chosen for w (GPTQ). "
+        "scales_from: float32 [rows, cols / block] f16 values: store these block scales instead of searching them "
+        "(as block_scales returns them); iq4_xs / iq3 also take super_from, float32 [rows, cols / 256] f16 "
+        "super-scales (as super_scales returns them), every block scale being its super-scale times an integer "
+        "in [-32, 31].");
   m.def("block_scales", &block_scales, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a,
         "The scale each block of a quantized matrix's bytes applies to its grid: float32 [rows, cols / block] "
         "(iq4_xs / iq3: the super-scale times the sub-block's ls - 32).");
+  m.def("super_scales", &super_scales, "type"_a, "data"_a, "rows"_a, "cols"_a,
+        "The f16 super-scales of an iq4_xs / iq3 matrix's bytes: float32 [rows, cols / 256].");
   m.def("round_to_type", &round_to_type, "type"_a, "x"_a, "scale"_a,
         "x rounded as the quantized type rounds it under scale (elementwise, same shapes): the value it decodes to.");
   m.def("dequantize", &dequantize, "type"_a, "block"_a, "data"_a, "rows"_a, "cols"_a,

@@ -134,14 +134,15 @@ float weighted_scale(const float* x, const float* importance, int n, const Unifo
   return best;
 }
 
-// One block: its scale (at `scale_out`) chosen for x, the codes of xc under it at `codes` (and `high`
-// for q3); importance (the block's columns) nullptr for the plain scale.
-void quantize_block(DType type, int B, const float* x, const float* xc, const float* importance, uint8_t* codes,
-                    uint8_t* high, uint8_t* scale_out) {
+// One block: its scale (at `scale_out`) chosen for x, or the given one, the codes of xc under it at
+// `codes` (and `high` for q3); importance (the block's columns) nullptr for the plain scale.
+void quantize_block(DType type, int B, const float* x, const float* xc, const float* importance, const float* given,
+                    uint8_t* codes, uint8_t* high, uint8_t* scale_out) {
   int q[64];
   const UniformGrid g = uniform_grid(type);
   float d;
-  if (importance) d = store_scale(weighted_scale(x, importance, B, g), scale_out);
+  if (given) d = store_scale(*given, scale_out);
+  else if (importance) d = store_scale(weighted_scale(x, importance, B, g), scale_out);
   else if (type == DType::Q8_0) {
     float amax = 0.0f;
     for (int j = 0; j < B; ++j) amax = std::fmax(amax, std::fabs(x[j]));
@@ -279,65 +280,80 @@ void pack_iq3_group(const int* q, uint8_t* ql, uint8_t* qh) {
   }
 }
 
-// One row of iq4_xs or iq3. Per super-block: each sub-block's best scale (grid_scale); the f16
-// super-scale d maps the largest of them to ls - 32 = -32; each sub-block takes the 6-bit ls among
-// the three nearest to its scale / d with the least weighted error; then d is refitted by least
-// squares to the chosen ls and codes and kept if that lowers the error.
-// The scales are chosen for x, the codes are those of xc.
-void quantize_super_row(DType type, const float* x, const float* xc, const float* importance, int64_t cols,
-                        uint8_t* codes, uint8_t* high, uint8_t* sub, uint8_t* scale_out) {
+// The scales of one super-block xs of iq4_xs or iq3: each sub-block's best scale (grid_scale); the
+// f16 super-scale d maps the largest of them to ls - 32 = -32; each sub-block takes the 6-bit ls
+// among the three nearest to its scale / d with the least weighted error; then d is refitted by
+// least squares to the chosen ls and codes and kept if that lowers the error. Stores d at
+// scale_out and returns it; each sub-block's ls - 32 goes to ls.
+float choose_super_scales(const Grid& G, const float* xs, const float* importance, int* ls, uint8_t* scale_out) {
+  constexpr int B = 32, S = UPG_SUPER_BLOCK, NS = S / B, BIAS = UPG_SUB_SCALE_BIAS;
+  float wt[S], sc[NS];
+  error_weights(xs, importance, S, wt);
+  float smax = 0.0f;
+  for (int i = 0; i < NS; ++i) {
+    sc[i] = grid_scale(G, xs + i * B, wt + i * B, B);
+    if (std::fabs(sc[i]) > std::fabs(smax)) smax = sc[i];
+  }
+  // (d, ls) candidates: the scale from smax, then its least-squares refit
+  float d = store_scale(-smax / float(BIAS), scale_out);
+  float err = 0.0f;
+  const auto choose_ls = [&](float dd, int* l) {
+    float e = 0.0f;
+    for (int i = 0; i < NS; ++i) {
+      if (dd == 0.0f) { l[i] = 0; e += grid_error(G, xs + i * B, wt + i * B, B, 0.0f); continue; }
+      const int l0 = int(std::nearbyint(clampf(sc[i] / dd, -float(BIAS), float(BIAS - 1))));
+      float best = INFINITY;
+      for (int c = l0 - 1; c <= l0 + 1; ++c) {
+        if (c < -BIAS || c > BIAS - 1) continue;
+        const float ec = grid_error(G, xs + i * B, wt + i * B, B, dd * float(c));
+        if (ec < best) { best = ec; l[i] = c; }
+      }
+      e += best;
+    }
+    return e;
+  };
+  err = choose_ls(d, ls);
+  if (d != 0.0f) {
+    float sxq = 0.0f, sq2 = 0.0f;
+    for (int i = 0; i < NS; ++i) {
+      const float dl = d * float(ls[i]);
+      for (int j = 0; j < B; ++j) {
+        const float q = dl == 0.0f ? 0.0f : float(ls[i]) * float(G.g[nearest(G, xs[i * B + j] / dl)]);
+        sxq += wt[i * B + j] * xs[i * B + j] * q;
+        sq2 += wt[i * B + j] * q * q;
+      }
+    }
+    const float d2 = sq2 > 0.0f ? f16_to_f32(f32_to_f16(sxq / sq2)) : 0.0f;
+    int ls2[NS] = {};
+    if (d2 != 0.0f && std::isfinite(d2)) {
+      const float err2 = choose_ls(d2, ls2);
+      if (err2 < err) {
+        d = store_scale(d2, scale_out);
+        std::memcpy(ls, ls2, sizeof ls);
+      }
+    }
+  }
+  return d;
+}
+
+// One row of iq4_xs or iq3. The scales are chosen for x (choose_super_scales), or given (given_sc:
+// the row's block scales, each given_d[s] * (ls - 32) of its super-block's f16 super-scale given_d[s]);
+// the codes are those of xc.
+void quantize_super_row(DType type, const float* x, const float* xc, const float* importance, const float* given_sc,
+                        const float* given_d, int64_t cols, uint8_t* codes, uint8_t* high, uint8_t* sub,
+                        uint8_t* scale_out) {
   constexpr int B = 32, S = UPG_SUPER_BLOCK, NS = S / B, BIAS = UPG_SUB_SCALE_BIAS;
   const Grid& G = grid_of(type);
   const int64_t nb = cols / B;
   std::memset(sub, 0, size_t(nb / 2 + nb / 4));
   for (int64_t s0 = 0; s0 < cols; s0 += S) {
-    const float* xs = x + s0;
-    float wt[S], sc[NS];
-    error_weights(xs, importance ? importance + s0 : nullptr, S, wt);
-    float smax = 0.0f;
-    for (int i = 0; i < NS; ++i) {
-      sc[i] = grid_scale(G, xs + i * B, wt + i * B, B);
-      if (std::fabs(sc[i]) > std::fabs(smax)) smax = sc[i];
-    }
-    // (d, ls) candidates: the scale from smax, then its least-squares refit
     int ls[NS] = {};
-    float d = store_scale(-smax / float(BIAS), scale_out);
-    float err = 0.0f;
-    const auto choose_ls = [&](float dd, int* l) {
-      float e = 0.0f;
-      for (int i = 0; i < NS; ++i) {
-        if (dd == 0.0f) { l[i] = 0; e += grid_error(G, xs + i * B, wt + i * B, B, 0.0f); continue; }
-        const int l0 = int(std::nearbyint(clampf(sc[i] / dd, -float(BIAS), float(BIAS - 1))));
-        float best = INFINITY;
-        for (int c = l0 - 1; c <= l0 + 1; ++c) {
-          if (c < -BIAS || c > BIAS - 1) continue;
-          const float ec = grid_error(G, xs + i * B, wt + i * B, B, dd * float(c));
-          if (ec < best) { best = ec; l[i] = c; }
-        }
-        e += best;
-      }
-      return e;
-    };
-    err = choose_ls(d, ls);
-    if (d != 0.0f) {
-      float sxq = 0.0f, sq2 = 0.0f;
-      for (int i = 0; i < NS; ++i) {
-        const float dl = d * float(ls[i]);
-        for (int j = 0; j < B; ++j) {
-          const float q = dl == 0.0f ? 0.0f : float(ls[i]) * float(G.g[nearest(G, xs[i * B + j] / dl)]);
-          sxq += wt[i * B + j] * xs[i * B + j] * q;
-          sq2 += wt[i * B + j] * q * q;
-        }
-      }
-      const float d2 = sq2 > 0.0f ? f16_to_f32(f32_to_f16(sxq / sq2)) : 0.0f;
-      int ls2[NS] = {};
-      if (d2 != 0.0f && std::isfinite(d2)) {
-        const float err2 = choose_ls(d2, ls2);
-        if (err2 < err) {
-          d = store_scale(d2, scale_out);
-          std::memcpy(ls, ls2, sizeof ls);
-        }
-      }
+    float d;
+    if (given_d) {
+      d = store_scale(given_d[s0 / S], scale_out);
+      for (int i = 0; i < NS; ++i) ls[i] = d == 0.0f ? 0 : int(std::nearbyint(given_sc[s0 / B + i] / d));
+    } else {
+      d = choose_super_scales(G, x + s0, importance ? importance + s0 : nullptr, ls, scale_out);
     }
     scale_out += 2;
     int q[S];
@@ -354,15 +370,19 @@ void quantize_super_row(DType type, const float* x, const float* xc, const float
   }
 }
 
-// One block of iq4_nl: its own f16 scale from grid_scale for x, the codes of xc.
-void quantize_iq4_nl_block(const float* x, const float* xc, const float* importance, uint8_t* codes,
-                           uint8_t* scale_out) {
+// One block of iq4_nl: its own f16 scale from grid_scale for x (or the given one), the codes of xc.
+void quantize_iq4_nl_block(const float* x, const float* xc, const float* importance, const float* given,
+                           uint8_t* codes, uint8_t* scale_out) {
   constexpr int B = 32;
   const Grid& G = grid_of(DType::IQ4_NL);
   float wt[B];
   int q[B];
-  error_weights(x, importance, B, wt);
-  grid_codes(G, xc, store_scale(grid_scale(G, x, wt, B), scale_out), q);
+  if (given) {
+    grid_codes(G, xc, store_scale(*given, scale_out), q);
+  } else {
+    error_weights(x, importance, B, wt);
+    grid_codes(G, xc, store_scale(grid_scale(G, x, wt, B), scale_out), q);
+  }
   pack_nibbles(q, codes);
 }
 
@@ -389,35 +409,37 @@ void convert_rows(DType type, const float* src, int64_t cols, uint8_t* out, int6
 }  // namespace
 
 void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_t cols, uint8_t* out,
-                   int64_t r0, int64_t r1, const float* importance, const float* codes_src) {
+                   int64_t r0, int64_t r1, const float* importance, const float* codes_src, const float* scales_src,
+                   const float* super_src) {
   if (!is_quantized(type)) return convert_rows(type, src, cols, out, r0, r1);
   const float* xc = codes_src ? codes_src : src;
   const QuantSections s = quant_sections(type, rows, cols, block);
+  const int64_t nb = cols / block;
+  const auto given = [&](int64_t r, int64_t b) { return scales_src ? scales_src + r * nb + b : nullptr; };
   if (has_super_block(type)) {
-    const int64_t nb = cols / 32, code_bytes = type == DType::IQ3 ? cols / 4 : cols / 2;
+    const int64_t code_bytes = type == DType::IQ3 ? cols / 4 : cols / 2;
     for (int64_t r = r0; r < r1; ++r)
-      quantize_super_row(type, src + r * cols, xc + r * cols, importance, cols, out + r * code_bytes,
+      quantize_super_row(type, src + r * cols, xc + r * cols, importance, given(r, 0),
+                         super_src ? super_src + r * (cols / UPG_SUPER_BLOCK) : nullptr, cols, out + r * code_bytes,
                          out + s.high_offset() + r * (cols / 8), out + s.sub_offset() + r * (nb / 2 + nb / 4),
                          out + s.scales_offset() + r * (cols / UPG_SUPER_BLOCK) * 2);
     return;
   }
   if (type == DType::IQ4_NL) {
-    const int64_t nb = cols / 32;
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t b = 0; b < nb; ++b)
         quantize_iq4_nl_block(src + r * cols + b * 32, xc + r * cols + b * 32, importance ? importance + b * 32 : nullptr,
-                              out + (r * nb + b) * 16, out + s.scales_offset() + (r * nb + b) * 2);
+                              given(r, b), out + (r * nb + b) * 16, out + s.scales_offset() + (r * nb + b) * 2);
     return;
   }
   const int B = block;
-  const int64_t nb = cols / B;
   const int64_t code_bytes = type == DType::Q8_0 ? B : (type == DType::Q4 ? B / 2 : B / 4);
   const int64_t high_bytes = B / 8;  // q3 only
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t g = r * nb + b;
       quantize_block(type, B, src + r * cols + b * B, xc + r * cols + b * B, importance ? importance + b * B : nullptr,
-                     out + g * code_bytes,
+                     given(r, b), out + g * code_bytes,
                      out + s.high_offset() + g * high_bytes, out + s.scales_offset() + g * 2);
     }
 }
@@ -437,6 +459,15 @@ void block_scales(DType type, int block, const uint8_t* data, int64_t rows, int6
       const int ls = sub_scale_code(data + s.sub_offset() + r * (nb / 2 + nb / 4), nb, b) - UPG_SUB_SCALE_BIAS;
       out[r * nb + b] = f16_at(r * (cols / UPG_SUPER_BLOCK) + b * block / UPG_SUPER_BLOCK) * float(ls);
     }
+}
+
+void super_scales(DType type, const uint8_t* data, int64_t rows, int64_t cols, float* out) {
+  const uint8_t* scales = data + quant_sections(type, rows, cols, 32).scales_offset();
+  for (int64_t i = 0; i < rows * (cols / UPG_SUPER_BLOCK); ++i) {
+    uint16_t h;
+    std::memcpy(&h, scales + 2 * i, 2);
+    out[i] = f16_to_f32(h);
+  }
 }
 
 void round_to_type(DType type, const float* x, const float* scale, int64_t n, float* out) {

@@ -122,14 +122,21 @@ const Kernels* kernels_by_name(const char* name);
 // importance-weighted squared error; nullptr: the plain scale (docs/QUANTIZATION.md). Dense
 // types ignore it. codes_src (same shape as src, nullptr: src): the codes are those of codes_src
 // under the scales chosen for src (GPTQ, upg_backend/gptq.py: scales fixed when a block starts,
-// each column rounded after the error of the columns before it has moved it).
+// each column rounded after the error of the columns before it has moved it). scales_src ([rows]
+// [cols / block], nullptr: searched): the scales to store instead of searching them, f16 values; for
+// iq4_xs / iq3 with super_src ([rows][cols / 256], f16 values), each block scale being its super-
+// scale times an integer in [-32, 31] (the caller checks: GPTQ's refit, which fits them to H).
 void quantize_rows(DType type, int block, const float* src, int64_t rows, int64_t cols,
                    uint8_t* out, int64_t r0, int64_t r1, const float* importance = nullptr,
-                   const float* codes_src = nullptr);
+                   const float* codes_src = nullptr, const float* scales_src = nullptr,
+                   const float* super_src = nullptr);
 
 // The scale each block of a quantized [rows, cols] matrix's bytes applies to its grid, float32
 // [rows][cols / block]: the f16 block scale, or for iq4_xs / iq3 the super-scale times ls - 32.
 void block_scales(DType type, int block, const uint8_t* data, int64_t rows, int64_t cols, float* out);
+
+// The f16 super-scales of an iq4_xs / iq3 [rows, cols] matrix's bytes, float32 [rows][cols / 256].
+void super_scales(DType type, const uint8_t* data, int64_t rows, int64_t cols, float* out);
 
 // x[i] rounded as a quantized type rounds it under the scale scale[i] (the quantizers' own code
 // choice): scale times the code's grid value (minus the zero point for q8_0 / q4 / q3).
