@@ -119,11 +119,12 @@ def bench_matvec(lib, types, shapes):
 
 
 def bench_matvec_n(lib, types, counts=(1, 4, 8, 16, 32)):
-    """matvec_n per Phi-4 matrix and token count (us per launch set and per token), and a decode
-    step's mat-vecs (40 layers of qkv, o, gate_up, down, and the lm_head) per token count."""
+    """matvec_n (the generated tokens' kernel) and matmul (the prompt tokens') per Phi-4 matrix and
+    token count (us per launch set and per token), and a decode step's linear layers (40 layers of
+    qkv, o, gate_up, down, and the lm_head) per token count, each kernel."""
     rows_out = []
     for dtype in types:
-        step = {n: 0.0 for n in counts}
+        step = {(op, n): 0.0 for op in ("matvec_n", "matmul") for n in counts}
         for name, (rows, cols) in SHAPES.items():
             nbytes = sum(sections(dtype, rows, cols))
             copies = max(2, math.ceil(1.5e9 / nbytes))
@@ -131,23 +132,28 @@ def bench_matvec_n(lib, types, counts=(1, 4, 8, 16, 32)):
             x = torch.randn(max(counts), cols, device="cuda")
             y = torch.empty(max(counts), rows, device="cuda")
             per_launch = lib.matvec_tokens(ws[0])
-            for n in counts:
-                if n == 1:
-                    ms, _ = time_graph(lambda: [lib.matvec(w, x[0], y[0]) for w in ws])
-                else:
-                    ms, _ = time_graph(lambda: [lib.matvec_n(w, x, y, n) for w in ws])
-                us = ms * 1e3 / copies
-                step[n] += us * (1 if name == "lm_head" else PHI4["layers"])
-                rows_out.append(dict(type=dtype, matrix=name, tokens=n, per_launch=per_launch, us=us, us_per_token=us / n,
-                                     weight_gbps=nbytes / us / 1e3))
-                print(f"matvec_n {dtype:5s} {name:8s} {rows}x{cols} {n:2d} tokens ({per_launch} a launch): "
-                      f"{us:8.1f} us, {us / n:7.1f} us a token, weights {nbytes / us / 1e3:5.0f} GB/s", flush=True)
+            for op in ("matvec_n", "matmul"):
+                for n in counts:
+                    if op == "matmul":
+                        p = pass_tensor(0, n)
+                        ms, _ = time_graph(lambda: [lib.matmul(w, x, y, n, rows, p) for w in ws])
+                    elif n == 1:
+                        ms, _ = time_graph(lambda: [lib.matvec(w, x[0], y[0]) for w in ws])
+                    else:
+                        ms, _ = time_graph(lambda: [lib.matvec_n(w, x, y, n) for w in ws])
+                    us = ms * 1e3 / copies
+                    step[op, n] += us * (1 if name == "lm_head" else PHI4["layers"])
+                    rows_out.append(dict(op=op, type=dtype, matrix=name, tokens=n, per_launch=per_launch, us=us,
+                                         us_per_token=us / n, weight_gbps=nbytes / us / 1e3))
+                    print(f"{op:8s} {dtype:5s} {name:8s} {rows}x{cols} {n:2d} tokens"
+                          f"{f' ({per_launch} a launch)' if op == 'matvec_n' else ''}: "
+                          f"{us:8.1f} us, {us / n:7.1f} us a token, weights {nbytes / us / 1e3:5.0f} GB/s", flush=True)
             del ws
             torch.cuda.empty_cache()
-        for n in counts:
-            rows_out.append(dict(type=dtype, matrix="step", tokens=n, us=step[n], us_per_token=step[n] / n))
-            print(f"matvec_n {dtype:5s} decode step's mat-vecs, {n:2d} tokens: {step[n] / 1e3:6.2f} ms "
-                  f"({step[n] / n / 1e3:5.3f} ms a token)", flush=True)
+        for (op, n), us in step.items():
+            rows_out.append(dict(op=op, type=dtype, matrix="step", tokens=n, us=us, us_per_token=us / n))
+            print(f"{op:8s} {dtype:5s} decode step's linear layers, {n:2d} tokens: {us / 1e3:6.2f} ms "
+                  f"({us / n / 1e3:5.3f} ms a token)", flush=True)
     return rows_out
 
 

@@ -19,8 +19,19 @@ int cuda_device_count() {
 void bind_cuda(py::module_& m) {
   using namespace pybind11::literals;
   using upg::cuda::CudaBackend;
+  using upg::cuda::Generated;
   py::class_<CudaBackend, upg::Backend, std::shared_ptr<CudaBackend>>(m, "CudaBackend")
-      .def(py::init<int>(), "device"_a = 0, "The CUDA backend on GPU `device` (RuntimeError when there is none).")
+      .def(py::init([](int device, const std::string& generated) {
+             if (generated != "matvec" && generated != "matmul")
+               throw py::value_error("generated must be 'matvec' or 'matmul', got '" + generated + "'");
+             return std::make_shared<CudaBackend>(device, generated == "matvec" ? Generated::kMatvec : Generated::kMatmul);
+           }),
+           "device"_a = 0, "generated"_a = "matvec",
+           "The CUDA backend on GPU `device` (RuntimeError when there is none). generated: the kernels of "
+           "generated tokens' linear layers: 'matvec' (fastest for one stream) or 'matmul' (the prompt "
+           "rows' tensor-core mat-mul: fastest for many streams in a BatchSession).")
+      .def_property_readonly("generated",
+                             [](const CudaBackend& b) { return b.generated() == Generated::kMatvec ? "matvec" : "matmul"; })
       .def_property_readonly("passes", &CudaBackend::passes)
       .def_property_readonly("replays", &CudaBackend::replays, "Passes that replayed the previous pass's CUDA graph.")
       .def_property_readonly("device_bytes", &CudaBackend::device_bytes,

@@ -25,6 +25,13 @@ def test_parallel_refuses_a_count_below_one(capsys):
     assert "parallel stream counts must be at least 1" in err and "Traceback" not in err
 
 
+def test_parallel_refuses_an_unknown_kernel():
+    from upg_backend.bench import run_parallel_bench
+
+    with pytest.raises(ValueError, match="generated must be 'matvec' or 'matmul'"):
+        run_parallel_bench("small", [2], generated="mat-vec")
+
+
 def test_parallel_streams_on_the_cpu(tmp_path, capsys):
     """`upg bench FILE --parallel 3`: rows for one stream (the reference) and three, each stream's
     tokens counted once (aggregate = streams x per stream), one stream's ratio 1."""

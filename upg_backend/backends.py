@@ -29,22 +29,24 @@ def available() -> list[str]:
     return list(_core.backends())
 
 
-def _open(name: str) -> Any:
+def _open(name: str, generated: str) -> Any:
     """The device object of a GPU backend that is built; RuntimeError when it does not open."""
     if name == "cuda":
         if _core.cuda_device_count() == 0:
             raise RuntimeError("no NVIDIA GPU found")
-        return _core.CudaBackend(0)
+        return _core.CudaBackend(0, generated)
     here = Path(__file__).resolve().parent
     return _core.metal_device(str(here / "upg.metallib"), str(here / "metal"))
 
 
-def open_backend(backend: Any) -> tuple[str, Any]:
+def open_backend(backend: Any, *, generated: str = "matvec") -> tuple[str, Any]:
     """(name, the object `_core.Session(backend=...)` takes) for a backend name or object.
 
     "auto" is the fastest backend built here that opens on this machine (CUDA, then Metal, then
     the CPU; a GPU that is present but fails to open is reported on stderr). A `_core.MetalGpu`
     (the tests' harness) runs the Metal backend on it; a `_core.Backend` is used as it is.
+    generated: the CUDA kernels of generated tokens' linear layers, "matvec" (the fastest for up
+    to 16 streams) or "matmul" (its tensor-core mat-mul: the fastest for 32; docs/CUDA.md).
 
     Raises:
         ValueError: an unknown name, or a backend this build or machine lacks (naming what it needs).
@@ -63,7 +65,7 @@ def open_backend(backend: Any) -> tuple[str, Any]:
         if name not in built():
             continue
         try:
-            return name, _open(name)
+            return name, _open(name, generated)
         except RuntimeError as e:
             if backend == name:
                 raise ValueError(f"backend={name!r}: {e}") from e

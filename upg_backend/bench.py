@@ -253,11 +253,13 @@ class ParallelResult:
     prompt_tokens: int  # each stream's context before it decodes
     decode_steps: int
     rows: list[ParallelRow]
+    generated: str  # CUDA's kernels of the generated tokens (open_backend)
 
     def table(self) -> str:
+        kernels = f", generated tokens by the {self.generated}" if self.backend == "cuda" else ""
         head = (f"{self.model} ({self.type}) on {self.backend}, {self.threads} threads: each stream "
                 f"{self.prompt_tokens} prompt tokens, then {self.decode_steps} steps of one generated token per "
-                f"stream (BatchSession, greedy on the host; medians of runs)")
+                f"stream (BatchSession{kernels}, greedy on the host; medians of runs)")
         lines = [head, f"{'streams':>8}  {'aggregate tok/s':>15}  {'per stream':>10}  {'x one stream':>12}  "
                        f"{'step ms':>8}  {'host argmax ms':>14}"]
         lines += [f"{r.streams:>8}  {r.aggregate_tps:>15.1f}  {r.per_stream_tps:>10.2f}  {r.vs_one_stream:>12.2f}  "
@@ -266,7 +268,7 @@ class ParallelResult:
 
 
 def _measure_parallel(path: str, backend: str, threads: int, streams: list[int], prompt: int, gen: int, runs: int,
-                      kv_type: str) -> tuple[str, list[tuple[float, float]]]:
+                      kv_type: str, generated: str) -> tuple[str, list[tuple[float, float]]]:
     """(seconds a step, of which the host's argmax) of each stream count (medians of runs), in a
     fresh process (a fresh backend each)."""
     from .format import UPGFile
@@ -276,7 +278,7 @@ def _measure_parallel(path: str, backend: str, threads: int, streams: list[int],
     rng = np.random.default_rng(1)
     out, name = [], backend
     for n in streams:
-        name, device = open_backend(backend)
+        name, device = open_backend(backend, generated=generated)
         b = _core.BatchSession(model, n, prompt + gen + 1, kv_type, threads, max(n, prompt), device)
         for slot in range(n):
             b.step([(slot, rng.integers(0, cfg.vocab_size, prompt, dtype=np.int32), False, 0)])
@@ -301,9 +303,10 @@ def _measure_parallel(path: str, backend: str, threads: int, streams: list[int],
 
 def run_parallel_bench(model: str, streams: list[int], type: str = "q4", threads: int = 0, prompt: int = 512,
                        gen: int = 128, runs: int = 3, kv_type: str = "f16", cache_dir: Path | None = None,
-                       backend: str = "auto") -> ParallelResult:
+                       backend: str = "auto", generated: str = "matvec") -> ParallelResult:
     """Decode speed of several streams in one pass: for each count in `streams` (and 1, the
     reference), that many sequences of `prompt` tokens each decode `gen` steps together.
+    generated: the CUDA kernels of the generated tokens (open_backend).
 
     Raises:
         ValueError: a count is not positive, the weight type is unknown, or the backend is unknown
@@ -313,12 +316,15 @@ def run_parallel_bench(model: str, streams: list[int], type: str = "q4", threads
     _check_arguments(prompt, gen, runs, threads, backend)
     if not streams or min(streams) < 1:
         raise ValueError(f"parallel stream counts must be at least 1, got {streams}")
+    if generated not in ("matvec", "matmul"):
+        raise ValueError(f"generated must be 'matvec' or 'matmul', got {generated!r}")
     path, type = _model_path(model, type, cache_dir)
     threads = threads or os.cpu_count() or 1
     counts = sorted(set(streams) | {1})
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        name, times = pool.apply(_measure_parallel, (str(path), backend, threads, counts, prompt, gen, runs, kv_type))
+        name, times = pool.apply(_measure_parallel, (str(path), backend, threads, counts, prompt, gen, runs, kv_type,
+                                                      generated))
     one = 1 / times[0][0]
     rows = [ParallelRow(n, n / s, 1 / s, n / s / one, 1e3 * s, 1e3 * h) for n, (s, h) in zip(counts, times)]
     return ParallelResult(model=model, type=type, backend=name, threads=threads, prompt_tokens=prompt,
-                          decode_steps=gen, rows=rows)
+                          decode_steps=gen, rows=rows, generated=generated)

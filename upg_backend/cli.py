@@ -305,6 +305,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, nargs="+", metavar="N",
                    help="instead: N streams decoding together in one pass (BatchSession), for each N given, "
                         "against one stream")
+    p.add_argument("--generated", choices=("matvec", "matmul"), default="matvec",
+                   help="with --parallel on CUDA: the generated tokens' linear layers by the mat-vec "
+                        "(default) or the tensor-core mat-mul")
     _backend_argument(p)
 
 
@@ -317,7 +320,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.parallel:
         p = run_parallel_bench(args.model, args.parallel, type=args.type, threads=args.threads,
                                prompt=args.prompt_tokens, gen=args.gen_tokens, runs=args.runs, kv_type=args.kv_type,
-                               backend=args.backend)
+                               backend=args.backend, generated=args.generated)
         print(json.dumps(dataclasses.asdict(p), indent=2) if args.json else p.table())
         return 0
     r = run_bench(args.model, type=args.type, threads=args.threads, prompt=args.prompt_tokens, gen=args.gen_tokens,

@@ -25,7 +25,7 @@ void append(std::string& sig, const Weight& w) {
 
 }  // namespace
 
-CudaBackend::CudaBackend(int device) : device_(device) {
+CudaBackend::CudaBackend(int device, Generated generated) : device_(device), generated_(generated) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count)
     throw std::runtime_error("cuda: no GPU " + std::to_string(device) + " (" + std::to_string(count) + " found)");
@@ -144,18 +144,20 @@ void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, int n_decode, Buf
   const float* xp = ptr<const float>(x);
   float* yp = ptr<float>(y);
   const int32_t* pass = pass_;
-  // Generated rows: the mat-vec, each row's sums those of the token alone; prompt rows: the
-  // mat-mat kernel, however few (batch invariance: a row's kernel depends on its kind only).
-  if (n_decode > 0) {
+  // Generated rows: the mat-vec, each row's sums those of the token alone, or with the prompt rows
+  // (Generated::kMatmul); prompt rows: the mat-mat kernel, however few (batch invariance: a row's
+  // kernel depends on its kind only; the mat-mat's sums do not depend on its token tile).
+  const int n_vec = generated_ == Generated::kMatvec ? n_decode : 0;
+  if (n_vec > 0) {
     const Weight w = weight(m, 1);
-    if (n_decode == 1) record("matvec", [=, s = stream_] { cuda::matvec(w, xp, yp, s); }, w, xp, yp);
-    else record("matvec_n", [=, s = stream_] { cuda::matvec_n(w, xp, yp, n_decode, s); }, w, xp, yp, n_decode);
+    if (n_vec == 1) record("matvec", [=, s = stream_] { cuda::matvec(w, xp, yp, s); }, w, xp, yp);
+    else record("matvec_n", [=, s = stream_] { cuda::matvec_n(w, xp, yp, n_vec, s); }, w, xp, yp, n_vec);
   }
-  const int n_prompt = n_tokens - n_decode;
-  if (n_prompt == 0) return;
-  const Weight w = weight(m, n_prompt);
-  const float* xr = xp + int64_t(n_decode) * m.cols;
-  float* yr = yp + int64_t(n_decode) * m.rows;
+  const int n_mat = n_tokens - n_vec;
+  if (n_mat == 0) return;
+  const Weight w = weight(m, n_mat);
+  const float* xr = xp + int64_t(n_vec) * m.cols;
+  float* yr = yp + int64_t(n_vec) * m.rows;
   void* const* ws = workspace(matmul_scratch(w));  // the rounded x of quantized weights
   record("matmul", [=, s = stream_] { cuda::matmul(w, xr, yr, pass, s, *ws); }, w, xr, yr, pass);
 }
@@ -221,7 +223,7 @@ void CudaBackend::record_fused_matvec(const char* op, const Matrix& m, Buf x, Bu
 }
 
 void CudaBackend::norm_linear(Buf x, Buf weight_buf, float eps, Buf xn, const Matrix& w, int n_tokens, int n_decode, Buf y) {
-  if (n_tokens != 1 || n_decode != 1) return Backend::norm_linear(x, weight_buf, eps, xn, w, n_tokens, n_decode, y);
+  if (!fuses(n_tokens, n_decode)) return Backend::norm_linear(x, weight_buf, eps, xn, w, n_tokens, n_decode, y);
   MatvecFuse f;
   f.norm_weight = ptr<const float>(weight_buf);
   f.eps = eps;
@@ -229,14 +231,14 @@ void CudaBackend::norm_linear(Buf x, Buf weight_buf, float eps, Buf xn, const Ma
 }
 
 void CudaBackend::linear_add(const Matrix& w, Buf in, int n_tokens, int n_decode, Buf tmp, Buf x) {
-  if (n_tokens != 1 || n_decode != 1) return Backend::linear_add(w, in, n_tokens, n_decode, tmp, x);
+  if (!fuses(n_tokens, n_decode)) return Backend::linear_add(w, in, n_tokens, n_decode, tmp, x);
   MatvecFuse f;
   f.accumulate = true;
   record_fused_matvec("matvec_add", w, in, x, f);
 }
 
 void CudaBackend::silu_linear_add(const Matrix& w, Buf gate_up, int n_tokens, int n_decode, Buf act, Buf tmp, Buf x) {
-  if (n_tokens != 1 || n_decode != 1) return Backend::silu_linear_add(w, gate_up, n_tokens, n_decode, act, tmp, x);
+  if (!fuses(n_tokens, n_decode)) return Backend::silu_linear_add(w, gate_up, n_tokens, n_decode, act, tmp, x);
   MatvecFuse f;
   f.silu_mul = true;
   f.accumulate = true;

@@ -23,9 +23,17 @@
 
 namespace upg::cuda {
 
+// The kernels of a pass's generated rows (its prompt rows always run the mat-mul). Either way a
+// row's bits depend on its kind only, never on what else the pass holds.
+enum class Generated {
+  kMatvec,  // the mat-vec (a lone token's decode ops fused) and matvec_n: fastest for one stream
+  kMatmul,  // the prompt rows' mat-mul in its small token tiles: many streams' tokens on the tensor cores
+};
+
 class CudaBackend : public Backend {
  public:
-  explicit CudaBackend(int device = 0);  // throws std::runtime_error when there is no such GPU
+  // Throws std::runtime_error when there is no such GPU.
+  explicit CudaBackend(int device = 0, Generated generated = Generated::kMatvec);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
@@ -55,6 +63,7 @@ class CudaBackend : public Backend {
   void argmax(Buf x, int n, Buf out) override;
   void next_token(Buf pass, Buf tokens, Buf out) override;
 
+  Generated generated() const { return generated_; }
   // Passes run so far, and how many of them were replays of the captured graph.
   int64_t passes() const { return passes_; }
   int64_t replays() const { return replays_; }
@@ -69,8 +78,13 @@ class CudaBackend : public Backend {
   template <typename... A>
   void record(const char* op, std::function<void()> launch, const A&... args);
   void record_fused_matvec(const char* op, const Matrix& m, Buf x, Buf y, const MatvecFuse& f);
+  // Whether a run of ops is one fused mat-vec: a pass of one token, generated, on the mat-vec.
+  bool fuses(int n_tokens, int n_decode) const {
+    return n_tokens == 1 && n_decode == 1 && generated_ == Generated::kMatvec;
+  }
 
   int device_;
+  Generated generated_;
   cudaStream_t stream_ = nullptr;
   std::vector<void*> base_;       // by buffer id
   int32_t* pass_ = nullptr;       // of the pass begun

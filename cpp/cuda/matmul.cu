@@ -1,11 +1,13 @@
 // Prefill mat-mul on the tensor cores: y[t * ldy + r] = sum_k W[r][k] x[t][k] (+ outliers) for the
-// pass's tokens. A block computes a 64-token x 128-row tile of y with 8 warps of 32 x 32. Quantized
-// weights (k_matmul_q8): their int8 codes times x rounded to 8 bits per block, as the mat-vec and
-// the CPU round it, on mma.m16n8k32 s8 (the grid types' codes decoded to their int8 grid values as
-// the warps load their fragments). Dense weights (k_matmul): W and x rounded to f16 in shared
-// memory per 64-wide k step, four 16x16x16 WMMA fragments per warp, f32 accumulation. Ragged rows,
-// tokens and k are zero-filled on load and skipped on store; the outliers are added in the
-// epilogue from the f32 activations.
+// pass's tokens. Quantized weights (k_matmul_q8): their int8 codes times x rounded to 8 bits per
+// block, as the mat-vec and the CPU round it, on mma.m16n8k32 s8 (the grid types' codes decoded to
+// their int8 grid values as the warps load their fragments), in a tile chosen by the launch's token
+// capacity (a 128-row x 64-token tile for prompts, 32-row x 8 or 32-token tiles for a step's
+// generated tokens) with the same sums per (row, token) in every tile. Dense weights (k_matmul): a
+// 64-token x 128-row tile of 8 warps of 32 x 32, W and x rounded to f16 in shared memory per 64-wide
+// k step, four 16x16x16 WMMA fragments per warp, f32 accumulation. Ragged rows, tokens and k are
+// zero-filled on load and skipped on store; the outliers are added in the epilogue from the f32
+// activations.
 #include <mma.h>
 
 #include <stdexcept>
@@ -27,14 +29,15 @@ constexpr size_t kSmemTiles = size_t(kTm + kTn) * kLd * 2;
 constexpr size_t kSmemOut = size_t(kTn) * kCld * 4;
 constexpr size_t kSmem = kSmemTiles > kSmemOut ? kSmemTiles : kSmemOut;
 
-// The block's output tile, cs [kTn tokens][kCld] (rows contiguous), plus the rows' outliers times the
+// The block's output tile, cs [TN tokens][TM + 4] (rows contiguous), plus the rows' outliers times the
 // f32 activations, into y: consecutive threads write consecutive rows of one token.
+template <int TM, int TN, int THREADS>
 __device__ __forceinline__ void store_tile(const MatView& m, const float* __restrict__ x, float* __restrict__ y,
                                            int ldy, const float* cs, int r0, int t0, int n) {
-  for (int e = threadIdx.x; e < kTn * kTm; e += kThreads) {
-    const int t = t0 + e / kTm, r = r0 + e % kTm;
+  for (int e = threadIdx.x; e < TN * TM; e += THREADS) {
+    const int t = t0 + e / TM, r = r0 + e % TM;
     if (t >= n || r >= m.rows) continue;
-    float v = cs[(e / kTm) * kCld + e % kTm];
+    float v = cs[(e / TM) * (TM + 4) + e % TM];
     if (m.rowptr != nullptr)
       for (int o = m.rowptr[r]; o < m.rowptr[r + 1]; ++o) v += f16(m.val[o]) * x[int64_t(t) * m.cols + m.col[o]];
     y[int64_t(t) * ldy + r] = v;
@@ -94,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(cs + (wt * 32 + i * 16) * kCld + wr * 32 + j * 16, acc[i][j], kCld, wmma::mem_row_major);
   __syncthreads();
-  store_tile(m, x, y, ldy, cs, r0, t0, n);
+  store_tile<kTm, kTn, kThreads>(m, x, y, ldy, cs, r0, t0, n);
 }
 
 // ---- 8-bit tensor-core mat-mul for the quantized types ----
@@ -111,10 +114,12 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
 // types' (iq4_nl, iq4_xs, iq3), whose A words are the grid values their codes index, looked up by
 // byte_perm (common.cuh) from the raw codes in shared memory, with one scale per block of 32 (the
 // super-block types: d * (ls - 32), formed with the step's scales).
-// The same 128-row x 64-token tile and 8 warps of 32 x 32 as the f16 kernel. A k step is 128 of
-// k: the weights' raw file bytes and the x codes go to shared memory by cp.async (16-byte copies
-// where the layout allows), kStages steps in flight, one barrier per step; the warps decode their
-// A fragments from the raw bytes as they load them, and take x's B fragments with ldmatrix.
+// Every (row, token) of y is one thread's f32 chain over the weight blocks in the order of k, so a
+// row's bits do not depend on the tile, nor on how many tokens the launch holds: the tile is picked
+// by the capacity (Shape below). A k step is 128 of k: the weights' raw file bytes and the x codes
+// go to shared memory by cp.async (16-byte copies where the layout allows), kStages steps in flight,
+// one barrier per step; the warps decode their A fragments from the raw bytes as they load them,
+// and take x's B fragments with ldmatrix.
 constexpr int kQk = 128;          // k per step
 constexpr int kQxLd = kQk + 16;   // bytes per shared x row: ldmatrix's 8 rows fall on distinct bank groups
 
@@ -148,6 +153,23 @@ __global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x,
   }
 }
 
+// A block's tile: WR x WT warps, each I row fragments of 16 by J token fragments of 8; a pipeline
+// step of G k groups of kQk, at most S steps in flight; MIN_BLOCKS blocks a multiprocessor (the
+// launch bound).
+template <int WR_, int WT_, int I_, int J_, int G_, int S_, int MIN_BLOCKS_>
+struct Shape {
+  static constexpr int WR = WR_, WT = WT_, I = I_, J = J_, G = G_, S = S_, MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr int TM = WR * 16 * I, TN = WT * 8 * J, THREADS = 32 * WR * WT;
+};
+// Prompts: 128 rows x 64 tokens, 8 warps of 32 x 32, two blocks a multiprocessor (128 registers;
+// 1 block of more registers measured slower). A step's generated tokens: 32-row tiles, so that even
+// the 5120-row matrices spread over every multiprocessor, and several k groups a pipeline step:
+// a step waits once for its scales' loads (issued a step ahead), which the small tiles' few
+// products do not hide (one group a step: 1 us a step, 350 GB/s, on the H200).
+using PromptTile = Shape<4, 2, 2, 4, 1, 4, 2>;
+using Tokens8Tile = Shape<2, 1, 1, 1, 4, 4, 3>;
+using Tokens32Tile = Shape<2, 1, 1, 4, 2, 4, 3>;
+
 // Shared-memory layout of one k step of the tile: the weights' raw bytes (codes; q3 also its high
 // bits) per row, padded so that a fragment load's 8 rows x 4 words hit 32 distinct banks, then
 // the x codes. The scales live in two slots of their own (register-staged one step ahead: the
@@ -157,7 +179,7 @@ constexpr bool kHigh = DT == UPG_DTYPE_Q3 || DT == UPG_DTYPE_IQ3;  // a qh secti
 template <int DT>
 constexpr bool kSigned = DT == UPG_DTYPE_Q8_0 || kGridType<DT>;    // signed int8 A words
 
-template <int DT, int B>
+template <int DT, int B, typename SH>
 struct Q8Tile {
   static constexpr int KB = kQk / B;                                              // weight blocks per step
   static constexpr int kCodes = DT == UPG_DTYPE_Q8_0 ? kQk
@@ -167,36 +189,43 @@ struct Q8Tile {
   static constexpr int kCopy = kBlockBytes < 16 ? kBlockBytes : 16;               // q3 at B = 32: 8-byte copies
   static constexpr int kCodesLd = kCodes + 16;                                    // 144, 80, 48 bytes
   static constexpr int kHighLd = kHigh<DT> ? 24 : 0;                             // qh (16 bytes / row), 6 words
-  static constexpr int kW = kTm * kCodesLd, kH = kTm * kHighLd, kX = kTn * kQxLd;
-  static constexpr int kStage = kW + kH + kX;                                     // a multiple of 16
-  static constexpr int kScales = (kTm + 2 * kTn) * KB * 4;                        // wd f32, xd f32, xz int32
-  // As many steps in flight as fit two blocks on a multiprocessor (q8_0: 3, q4 and q3: 4).
-  static constexpr int kStages0 = (110 * 1024 - 2 * kScales) / kStage;
-  static constexpr int kStages = kStages0 > 4 ? 4 : kStages0;
-  static constexpr size_t kSmem = size_t(kStages) * kStage + 2 * kScales;
+  static constexpr int kW = SH::TM * kCodesLd, kH = SH::TM * kHighLd, kX = SH::TN * kQxLd;
+  static constexpr int kStage = kW + kH + kX;                                     // one group; a multiple of 16
+  static constexpr int kScales = (SH::TM + 2 * SH::TN) * KB * 4;                  // wd f32, xd f32, xz int32
+  static constexpr int kStep = SH::G * kStage, kStepScales = SH::G * kScales;     // a pipeline step
+  // As many steps in flight as fit two blocks on a multiprocessor, at most S (prompt tile: q8_0 3,
+  // q4 and q3 4).
+  static constexpr int kStages0 = (110 * 1024 - 2 * kStepScales) / kStep;
+  static constexpr int kStages = kStages0 > SH::S ? SH::S : kStages0;
+  static constexpr size_t kOut = size_t(SH::TN) * (SH::TM + 4) * 4;              // the output tile
+  static constexpr size_t kPipe = size_t(kStages) * kStep + 2 * kStepScales;
+  static constexpr size_t kSmem = kPipe > kOut ? kPipe : kOut;
   static_assert(kStages >= 2, "one k step must fit twice");
+  static_assert(SH::TM * (kCodes / kCopy) % SH::THREADS == 0 && SH::TM * KB % SH::THREADS == 0 &&
+                SH::TN * (kQk / 16) % SH::THREADS == 0, "the copies and scales must share out evenly");
 };
 
 // Issues the copies of k step `step` into one stage: rows past the matrix, blocks past cols and
 // tokens past the pass are zero-filled.
-template <int DT, int B>
+template <int DT, int B, typename SH>
 __device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restrict__ xq, int r0, int t0, int n, int step,
                                          uint8_t* stage) {
-  using L = Q8Tile<DT, B>;
+  using L = Q8Tile<DT, B, SH>;
+  constexpr int threads = SH::THREADS;
   const int tid = threadIdx.x, nb = m.cols / B;
   const int64_t row_bytes = int64_t(m.cols) * L::kCodes / kQk;
   constexpr int per_row = L::kCodes / L::kCopy;
 #pragma unroll
-  for (int q = 0; q < kTm * per_row / kThreads; ++q) {
-    const int e = tid + kThreads * q, rr = e / per_row, c = e % per_row, r = r0 + rr;
+  for (int q = 0; q < SH::TM * per_row / threads; ++q) {
+    const int e = tid + threads * q, rr = e / per_row, c = e % per_row, r = r0 + rr;
     const bool ok = r < m.rows && step * L::KB + c * L::kCopy / L::kBlockBytes < nb;
     const uint8_t* src = m.codes + (ok ? int64_t(r) * row_bytes + int64_t(step) * L::kCodes + c * L::kCopy : 0);
     cp_async<L::kCopy>(stage + rr * L::kCodesLd + c * L::kCopy, src, ok);
   }
   if constexpr (kHigh<DT>) {  // qh: one copy of B / 8 bytes per block (iq3: the group's 16 bytes)
 #pragma unroll
-    for (int q = 0; q < kTm * L::KB / kThreads; ++q) {
-      const int e = tid + kThreads * q, rr = e / L::KB, c = e % L::KB, r = r0 + rr;
+    for (int q = 0; q < SH::TM * L::KB / threads; ++q) {
+      const int e = tid + threads * q, rr = e / L::KB, c = e % L::KB, r = r0 + rr;
       const bool ok = r < m.rows && step * L::KB + c < nb;
       const uint8_t* src = m.high + (ok ? int64_t(r) * (m.cols / 8) + int64_t(step) * (kQk / 8) + c * (B / 8) : 0);
       cp_async<B / 8>(stage + L::kW + rr * L::kHighLd + c * (B / 8), src, ok);
@@ -204,8 +233,8 @@ __device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restr
   }
   // x: 16-byte chunks; cols is a multiple of 32, so a chunk is in or out whole
 #pragma unroll
-  for (int q = 0; q < kTn * (kQk / 16) / kThreads; ++q) {
-    const int e = tid + kThreads * q, tt = e / (kQk / 16), c = e % (kQk / 16), t = t0 + tt;
+  for (int q = 0; q < SH::TN * (kQk / 16) / threads; ++q) {
+    const int e = tid + threads * q, tt = e / (kQk / 16), c = e % (kQk / 16), t = t0 + tt;
     const int64_t k = int64_t(step) * kQk + 16 * c;
     const bool ok = t < n && k < m.cols;
     cp_async<16>(stage + L::kW + L::kH + tt * kQxLd + 16 * c, xq + (ok ? int64_t(t) * m.cols + k : 0), ok);
@@ -213,43 +242,53 @@ __device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restr
 }
 
 // One step's scales, loaded into registers a step ahead and stored after the step's compute.
-template <int DT, int B>
+template <int DT, int B, typename SH>
 struct Q8Scales {
-  static constexpr int KB = kQk / B, WQ = kTm * KB / kThreads;  // 2 or 1
+  static constexpr int KB = kQk / B, WQ = SH::TM * KB / SH::THREADS;             // 2 or 1
+  static constexpr int XQ = (SH::TN * KB + SH::THREADS - 1) / SH::THREADS;       // x's: 1 or 2
   float wd[WQ];
-  float xd;
-  int xz;
+  float xd[XQ];
+  int xz[XQ];
 };
 
-template <int DT, int B>
+template <int DT, int B, typename SH>
 __device__ __forceinline__ void q8_load_scales(const MatView& m, const float* __restrict__ xds,
                                                const int32_t* __restrict__ xzs, int r0, int t0, int n, int step,
-                                               Q8Scales<DT, B>& sc) {
-  constexpr int KB = kQk / B;
+                                               Q8Scales<DT, B, SH>& sc) {
+  using S = Q8Scales<DT, B, SH>;
+  constexpr int KB = kQk / B, threads = SH::THREADS;
   const int tid = threadIdx.x, nb = m.cols / B;
 #pragma unroll
-  for (int q = 0; q < Q8Scales<DT, B>::WQ; ++q) {
-    const int e = tid + kThreads * q, r = r0 + e / KB, kb = step * KB + e % KB;
+  for (int q = 0; q < S::WQ; ++q) {
+    const int e = tid + threads * q, r = r0 + e / KB, kb = step * KB + e % KB;
     if constexpr (kGridType<DT>) sc.wd[q] = r < m.rows && kb < nb ? grid_scale<DT>(m.scales, m.sub, m.cols, r, kb) : 0.0f;
     else sc.wd[q] = r < m.rows && kb < nb ? f16(__ldg(m.scales + int64_t(r) * nb + kb)) : 0.0f;
   }
-  const int t = t0 + tid / KB, kb = step * KB + tid % KB;
-  const bool ok = tid < kTn * KB && t < n && kb < nb;
-  sc.xd = ok ? __ldg(xds + int64_t(t) * nb + kb) : 0.0f;
-  sc.xz = ok ? __ldg(xzs + int64_t(t) * nb + kb) : kMagic;
+#pragma unroll
+  for (int q = 0; q < S::XQ; ++q) {
+    const int e = tid + threads * q, t = t0 + e / KB, kb = step * KB + e % KB;
+    const bool ok = e < SH::TN * KB && t < n && kb < nb;
+    sc.xd[q] = ok ? __ldg(xds + int64_t(t) * nb + kb) : 0.0f;
+    sc.xz[q] = ok ? __ldg(xzs + int64_t(t) * nb + kb) : kMagic;
+  }
 }
 
-// slot: wd [kTm][KB], xd [KB][kTn], xz [KB][kTn] (a thread's two adjacent tokens in one 8-byte load)
-template <int DT, int B>
-__device__ __forceinline__ void q8_store_scales(const Q8Scales<DT, B>& sc, float* slot) {
-  constexpr int KB = kQk / B;
+// slot: wd [TM][KB], xd [KB][TN], xz [KB][TN] (a thread's two adjacent tokens in one 8-byte load)
+template <int DT, int B, typename SH>
+__device__ __forceinline__ void q8_store_scales(const Q8Scales<DT, B, SH>& sc, float* slot) {
+  using S = Q8Scales<DT, B, SH>;
+  constexpr int KB = kQk / B, TM = SH::TM, TN = SH::TN;
   const int tid = threadIdx.x;
 #pragma unroll
-  for (int q = 0; q < Q8Scales<DT, B>::WQ; ++q) slot[tid + kThreads * q] = sc.wd[q];
-  if (tid < kTn * KB) {
-    const int e = (tid % KB) * kTn + tid / KB;
-    slot[kTm * KB + e] = sc.xd;
-    reinterpret_cast<int32_t*>(slot)[(kTm + kTn) * KB + e] = sc.xz;
+  for (int q = 0; q < S::WQ; ++q) slot[tid + SH::THREADS * q] = sc.wd[q];
+#pragma unroll
+  for (int q = 0; q < S::XQ; ++q) {
+    const int i = tid + SH::THREADS * q;
+    if (i < TN * KB) {
+      const int e = (i % KB) * TN + i / KB;
+      slot[TM * KB + e] = sc.xd[q];
+      reinterpret_cast<int32_t*>(slot)[(TM + TN) * KB + e] = sc.xz[q];
+    }
   }
 }
 
@@ -329,119 +368,153 @@ __device__ __forceinline__ void mma_i8(int (&d)[4], const uint32_t (&a)[4], cons
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Two blocks per multiprocessor (128 registers; 1 block of more registers measured slower).
-constexpr int kQ8BlocksPerSm = 2;
+// x's B fragments of 32-slice ks for the warp's J token fragments from token row tok0: b[j][h], k
+// half h (ldmatrix: four 8x8 matrices, two token fragments, per x4; one fragment by x2).
+template <int J>
+__device__ __forceinline__ void q8_b_frags(uint32_t (&b)[J][2], const uint8_t* xs, int tok0, int ks, int lane) {
+  if constexpr (J == 1) {
+    uint32_t r[2];
+    const unsigned a = static_cast<unsigned>(
+        __cvta_generic_to_shared(xs + (tok0 + (lane & 7)) * kQxLd + ks + 16 * ((lane >> 3) & 1)));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    b[0][0] = r[0];
+    b[0][1] = r[1];
+  } else {
+#pragma unroll
+    for (int jj = 0; jj < J; jj += 2) {  // matrix q of the x4: tokens j = jj + q / 2, k half q % 2
+      const int q = lane >> 3;
+      uint32_t r[4];
+      ldmatrix_x4(r, xs + (tok0 + (jj + q / 2) * 8 + (lane & 7)) * kQxLd + ks + 16 * (q & 1));
+      b[jj][0] = r[0];
+      b[jj][1] = r[1];
+      b[jj + 1][0] = r[2];
+      b[jj + 1][1] = r[3];
+    }
+  }
+}
 
 // Grid: (token tiles, row tiles), the token tiles of one row tile side by side, so that a row
 // tile's weights come from DRAM once and the other token tiles read them from L2.
-template <int DT, int B>
-__global__ void __launch_bounds__(kThreads, kQ8BlocksPerSm) k_matmul_q8(MatView m, const float* __restrict__ x,
+template <int DT, int B, typename SH>
+__global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatView m, const float* __restrict__ x,
                                                        const int8_t* __restrict__ xq, const float* __restrict__ xds,
                                                        const int32_t* __restrict__ xzs, float* __restrict__ y, int ldy,
                                                        int cap, const int32_t* __restrict__ pass) {
-  using L = Q8Tile<DT, B>;
-  constexpr int KB = L::KB, S = L::kStages;
+  using L = Q8Tile<DT, B, SH>;
+  constexpr int KB = L::KB, S = L::kStages, TM = SH::TM, TN = SH::TN, I = SH::I, J = SH::J, G = SH::G;
   constexpr int zero = DT == UPG_DTYPE_Q4 ? UPG_Q4_ZERO : DT == UPG_DTYPE_Q3 ? UPG_Q3_ZERO : 0;
   pdl_enter();
   const int n = min(n_tokens(pass), cap);
-  const int t0 = blockIdx.x * kTn, r0 = blockIdx.y * kTm;
+  const int t0 = blockIdx.x * TN, r0 = blockIdx.y * TM;
   if (t0 >= n) return;
   extern __shared__ __align__(16) uint8_t smem[];
-  float* scales = reinterpret_cast<float*>(smem + S * L::kStage);  // two slots of kScales bytes
-  float* cs = reinterpret_cast<float*>(smem);                      // [kTn][kCld], after the main loop
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wr = warp & 3, wt = warp >> 2;
+  float* scales = reinterpret_cast<float*>(smem + S * L::kStep);  // two slots of kStepScales bytes
+  float* cs = reinterpret_cast<float*>(smem);                      // [TN][TM + 4], after the main loop
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wr = warp % SH::WR, wt = warp / SH::WR;
   const int g = lane >> 2, tig = lane & 3;
+  const int row0 = wr * 16 * I, tok0 = wt * 8 * J;  // the warp's first row and token in the tile
   constexpr int slot_floats = L::kScales / 4;
 
-  const int steps = (m.cols + kQk - 1) / kQk;  // the last step's blocks past cols are zeros
+  const int groups = (m.cols + kQk - 1) / kQk;  // the last group's blocks past cols are zeros
+  const int steps = (groups + G - 1) / G;        // groups past the last are neither copied nor summed
+  const auto issue = [&](int step) {
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi)
+      if (step * G + gi < groups) q8_issue<DT, B, SH>(m, xq, r0, t0, n, step * G + gi, smem + (step % S) * L::kStep + gi * L::kStage);
+  };
+  Q8Scales<DT, B, SH> sc[G];
+  const auto load_scales = [&](int step) {
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi)
+      if (step * G + gi < groups) q8_load_scales<DT, B, SH>(m, xds, xzs, r0, t0, n, step * G + gi, sc[gi]);
+  };
+  const auto store_scales = [&](int step) {
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi)
+      if (step * G + gi < groups) q8_store_scales<DT, B, SH>(sc[gi], scales + (step & 1) * G * slot_floats + gi * slot_floats);
+  };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < steps) q8_issue<DT, B>(m, xq, r0, t0, n, s, smem + s * L::kStage);
+    if (s < steps) issue(s);
     cp_commit();
   }
-  Q8Scales<DT, B> sc;
-  q8_load_scales<DT, B>(m, xds, xzs, r0, t0, n, 0, sc);
-  q8_store_scales<DT, B>(sc, scales);
+  load_scales(0);
+  store_scales(0);
 
-  float acc[2][4][4] = {};
+  float acc[I][J][4] = {};
   for (int step = 0; step < steps; ++step) {
     cp_wait<S - 2>();  // this step's copies (each thread's own) have landed
     __syncthreads();   // everyone's have; and every warp is done with the stage the next copies overwrite
-    if (step + S - 1 < steps) q8_issue<DT, B>(m, xq, r0, t0, n, step + S - 1, smem + ((step + S - 1) % S) * L::kStage);
+    if (step + S - 1 < steps) issue(step + S - 1);
     cp_commit();
-    if (step + 1 < steps) q8_load_scales<DT, B>(m, xds, xzs, r0, t0, n, step + 1, sc);
+    if (step + 1 < steps) load_scales(step + 1);
 
-    const uint8_t* st = smem + (step % S) * L::kStage;
-    const uint8_t* xs = st + L::kW + L::kH;
-    const float* wd = scales + (step & 1) * slot_floats;  // [kTm][KB]
-    const float* xd = wd + kTm * KB;                      // [KB][kTn]
-    const int32_t* xz = reinterpret_cast<const int32_t*>(xd + kTn * KB);
+#pragma unroll 1
+    for (int gi = 0; gi < G && step * G + gi < groups; ++gi) {
+      const uint8_t* st = smem + (step % S) * L::kStep + gi * L::kStage;
+      const uint8_t* xs = st + L::kW + L::kH;
+      const float* wd = scales + (step & 1) * G * slot_floats + gi * slot_floats;  // [TM][KB]
+      const float* xd = wd + TM * KB;                                               // [KB][TN]
+      const int32_t* xz = reinterpret_cast<const int32_t*>(xd + TN * KB);
 #pragma unroll 1  // one weight block at a time: unrolled, the blocks' registers spill (measured slower)
-    for (int kk = 0; kk < KB; ++kk) {
-      int2 z[4];  // the integer sums' start, per token of the thread
+      for (int kk = 0; kk < KB; ++kk) {
+        int2 z[J];  // the integer sums' start, per token of the thread
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        z[j] = zero != 0 ? *reinterpret_cast<const int2*>(xz + kk * kTn + wt * 32 + j * 8 + 2 * tig) : make_int2(0, 0);
-      int iacc[2][4][4];
+        for (int j = 0; j < J; ++j)
+          z[j] = zero != 0 ? *reinterpret_cast<const int2*>(xz + kk * TN + tok0 + j * 8 + 2 * tig) : make_int2(0, 0);
+        int iacc[I][J][4];
 #pragma unroll
-      for (int s = 0; s < B / 32; ++s) {
-        const int ks = kk * B + 32 * s;
-        uint32_t b[4][2];
+        for (int s = 0; s < B / 32; ++s) {
+          const int ks = kk * B + 32 * s;
+          uint32_t b[J][2];
+          q8_b_frags<J>(b, xs, tok0, ks, lane);
 #pragma unroll
-        for (int jj = 0; jj < 4; jj += 2) {  // matrix q of the x4: tokens j = jj + q / 2, k half q % 2
-          const int q = lane >> 3;
-          uint32_t r[4];
-          ldmatrix_x4(r, xs + (wt * 32 + (jj + q / 2) * 8 + (lane & 7)) * kQxLd + ks + 16 * (q & 1));
-          b[jj][0] = r[0];
-          b[jj][1] = r[1];
-          b[jj + 1][0] = r[2];
-          b[jj + 1][1] = r[3];
+          for (int i = 0; i < I; ++i) {
+            const int row = row0 + i * 16 + g;
+            const uint8_t* w0 = st + row * L::kCodesLd;
+            const uint8_t* h0 = st + L::kW + row * L::kHighLd;
+            uint32_t a[4];
+            q8_a_frag<DT, B>(a, w0, h0, L::kCodesLd, L::kHighLd, kk, s, tig);
+#pragma unroll
+            for (int j = 0; j < J; ++j) {
+              if (s == 0) mma_i8<DT>(iacc[i][j], a, b[j], z[j].x, z[j].y);
+              else mma_i8<DT>(iacc[i][j], a, b[j]);
+            }
+          }
         }
+        // c[0], c[1]: row g, tokens 2 tig, 2 tig + 1; c[2], c[3]: row g + 8
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int row = wr * 32 + i * 16 + g;
-          const uint8_t* w0 = st + row * L::kCodesLd;
-          const uint8_t* h0 = st + L::kW + row * L::kHighLd;
-          uint32_t a[4];
-          q8_a_frag<DT, B>(a, w0, h0, L::kCodesLd, L::kHighLd, kk, s, tig);
+        for (int i = 0; i < I; ++i) {
+          const float d0 = wd[(row0 + i * 16 + g) * KB + kk], d1 = wd[(row0 + i * 16 + g + 8) * KB + kk];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (s == 0) mma_i8<DT>(iacc[i][j], a, b[j], z[j].x, z[j].y);
-            else mma_i8<DT>(iacc[i][j], a, b[j]);
+          for (int j = 0; j < J; ++j) {
+            const float2 xs = *reinterpret_cast<const float2*>(xd + kk * TN + tok0 + j * 8 + 2 * tig);
+            const float x0 = xs.x, x1 = xs.y;
+            acc[i][j][0] += d0 * x0 * to_float<zero>(iacc[i][j][0]);
+            acc[i][j][1] += d0 * x1 * to_float<zero>(iacc[i][j][1]);
+            acc[i][j][2] += d1 * x0 * to_float<zero>(iacc[i][j][2]);
+            acc[i][j][3] += d1 * x1 * to_float<zero>(iacc[i][j][3]);
           }
         }
       }
-      // c[0], c[1]: row g, tokens 2 tig, 2 tig + 1; c[2], c[3]: row g + 8
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float d0 = wd[(wr * 32 + i * 16 + g) * KB + kk], d1 = wd[(wr * 32 + i * 16 + g + 8) * KB + kk];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 xs = *reinterpret_cast<const float2*>(xd + kk * kTn + wt * 32 + j * 8 + 2 * tig);
-          const float x0 = xs.x, x1 = xs.y;
-          acc[i][j][0] += d0 * x0 * to_float<zero>(iacc[i][j][0]);
-          acc[i][j][1] += d0 * x1 * to_float<zero>(iacc[i][j][1]);
-          acc[i][j][2] += d1 * x0 * to_float<zero>(iacc[i][j][2]);
-          acc[i][j][3] += d1 * x1 * to_float<zero>(iacc[i][j][3]);
-        }
-      }
     }
-    if (step + 1 < steps) q8_store_scales<DT, B>(sc, scales + ((step + 1) & 1) * slot_floats);
+    if (step + 1 < steps) store_scales(step + 1);
   }
   cp_wait<0>();
   __syncthreads();  // the output tile reuses the stages
+  constexpr int ld = TM + 4;
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < I; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = wr * 32 + i * 16 + g, tok = wt * 32 + j * 8 + 2 * tig;
-      cs[tok * kCld + row] = acc[i][j][0];
-      cs[(tok + 1) * kCld + row] = acc[i][j][1];
-      cs[tok * kCld + row + 8] = acc[i][j][2];
-      cs[(tok + 1) * kCld + row + 8] = acc[i][j][3];
+    for (int j = 0; j < J; ++j) {
+      const int row = row0 + i * 16 + g, tok = tok0 + j * 8 + 2 * tig;
+      cs[tok * ld + row] = acc[i][j][0];
+      cs[(tok + 1) * ld + row] = acc[i][j][1];
+      cs[tok * ld + row + 8] = acc[i][j][2];
+      cs[(tok + 1) * ld + row + 8] = acc[i][j][3];
     }
   __syncthreads();
-  store_tile(m, x, y, ldy, cs, r0, t0, n);
+  store_tile<TM, TN, SH::THREADS>(m, x, y, ldy, cs, r0, t0, n);
 }
 
 using MatmulKernel = void (*)(MatView, const float*, float*, int, int, const int32_t*);
@@ -459,19 +532,29 @@ MatmulKernel pick(const Weight& w) {
 struct Q8Kernel {
   MatmulQ8Kernel kernel;
   size_t smem;
+  int tm, tn, threads;  // the tile
 };
-template <int DT, int B>
-Q8Kernel q8_kernel() { return {k_matmul_q8<DT, B>, Q8Tile<DT, B>::kSmem}; }
+template <int DT, int B, typename SH>
+Q8Kernel q8_kernel() { return {k_matmul_q8<DT, B, SH>, Q8Tile<DT, B, SH>::kSmem, SH::TM, SH::TN, SH::THREADS}; }
 
+template <typename SH>
 Q8Kernel pick_q8(int dtype, int block) {
   switch (dtype) {
-    case UPG_DTYPE_Q8_0: return block == 32 ? q8_kernel<UPG_DTYPE_Q8_0, 32>() : q8_kernel<UPG_DTYPE_Q8_0, 64>();
-    case UPG_DTYPE_Q4: return block == 32 ? q8_kernel<UPG_DTYPE_Q4, 32>() : q8_kernel<UPG_DTYPE_Q4, 64>();
-    case UPG_DTYPE_Q3: return block == 32 ? q8_kernel<UPG_DTYPE_Q3, 32>() : q8_kernel<UPG_DTYPE_Q3, 64>();
-    case UPG_DTYPE_IQ4_NL: return q8_kernel<UPG_DTYPE_IQ4_NL, 32>();  // the grid types: block 32 (check_weight)
-    case UPG_DTYPE_IQ4_XS: return q8_kernel<UPG_DTYPE_IQ4_XS, 32>();
-    default: return q8_kernel<UPG_DTYPE_IQ3, 32>();
+    case UPG_DTYPE_Q8_0: return block == 32 ? q8_kernel<UPG_DTYPE_Q8_0, 32, SH>() : q8_kernel<UPG_DTYPE_Q8_0, 64, SH>();
+    case UPG_DTYPE_Q4: return block == 32 ? q8_kernel<UPG_DTYPE_Q4, 32, SH>() : q8_kernel<UPG_DTYPE_Q4, 64, SH>();
+    case UPG_DTYPE_Q3: return block == 32 ? q8_kernel<UPG_DTYPE_Q3, 32, SH>() : q8_kernel<UPG_DTYPE_Q3, 64, SH>();
+    case UPG_DTYPE_IQ4_NL: return q8_kernel<UPG_DTYPE_IQ4_NL, 32, SH>();  // the grid types: block 32 (check_weight)
+    case UPG_DTYPE_IQ4_XS: return q8_kernel<UPG_DTYPE_IQ4_XS, 32, SH>();
+    default: return q8_kernel<UPG_DTYPE_IQ3, 32, SH>();
   }
+}
+
+// The tile for a launch of up to `cap` tokens: 8 and 32-token tiles for a step's generated tokens
+// (two 32-token tiles up to 64), the prompt tile beyond. Any tile gives the same bits.
+Q8Kernel pick_q8(int dtype, int block, int cap) {
+  if (cap <= 8) return pick_q8<Tokens8Tile>(dtype, block);
+  if (cap <= 64) return pick_q8<Tokens32Tile>(dtype, block);
+  return pick_q8<PromptTile>(dtype, block);
 }
 
 size_t codes_bytes(const Weight& w) { return (size_t(w.args.n_tokens) * w.args.cols + 15) / 16 * 16; }
@@ -485,7 +568,8 @@ size_t matmul_scratch(const Weight& w) {
 
 void init_matmul() {
   for (int dt : {UPG_DTYPE_Q8_0, UPG_DTYPE_Q4, UPG_DTYPE_Q3, UPG_DTYPE_IQ4_NL, UPG_DTYPE_IQ4_XS, UPG_DTYPE_IQ3})
-    for (int b : {32, 64}) allow_max_smem(reinterpret_cast<const void*>(pick_q8(dt, b).kernel));  // grid types: 32 twice
+    for (int b : {32, 64})  // grid types: 32 twice
+      for (int cap : {1, 64, 65}) allow_max_smem(reinterpret_cast<const void*>(pick_q8(dt, b, cap).kernel));
 }
 
 void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s, void* scratch) {
@@ -508,9 +592,9 @@ void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cuda
   const dim3 qgrid((nb + 7) / 8, w.args.n_tokens);
   if (B == 32) launch("matmul: round x", k_quantize_x<32>, qgrid, 256, 0, s, x, w.args.cols, zero, xq, xd, xz, pass);
   else launch("matmul: round x", k_quantize_x<64>, qgrid, 256, 0, s, x, w.args.cols, zero, xq, xd, xz, pass);
-  const Q8Kernel k = pick_q8(w.dtype, B);
-  const dim3 grid((w.args.n_tokens + kTn - 1) / kTn, (w.args.rows + kTm - 1) / kTm);
-  launch("matmul", k.kernel, grid, kThreads, k.smem, s, view(w), x, static_cast<const int8_t*>(xq),
+  const Q8Kernel k = pick_q8(w.dtype, B, w.args.n_tokens);
+  const dim3 grid((w.args.n_tokens + k.tn - 1) / k.tn, (w.args.rows + k.tm - 1) / k.tm);
+  launch("matmul", k.kernel, grid, k.threads, k.smem, s, view(w), x, static_cast<const int8_t*>(xq),
          static_cast<const float*>(xd), static_cast<const int32_t*>(xz), y, w.args.ldy, w.args.n_tokens, pass);
 }
 

@@ -1,10 +1,11 @@
 """Many sequences in one pass on the CUDA backend (GPU only: UPG_GPU_TESTS=1): the CUDA version of
 tests/test_batch.py. A BatchSession's sequences join and leave at different steps, their prompts cut
 into chunks beside the others' generated tokens; each sequence's logits must have the bits of that
-sequence alone on a CUDA Session (the kernels are chosen by the kind of token, never by what else a
-pass holds: docs/ARCHITECTURE.md "Batch-invariant arithmetic"), and agree with the CPU BatchSession
-within the tolerances of test_cuda_model.py (the two backends' arithmetic differs as it does for
-one sequence)."""
+sequence alone on a CUDA Session of the same generated-row kernels (the mat-vec, or the mat-mul that
+BatchSession uses; the kernels are chosen by the kind of token, never by what else a pass holds:
+docs/ARCHITECTURE.md "Batch-invariant arithmetic"), and agree with the CPU BatchSession within the
+tolerances of test_cuda_model.py (the two backends' arithmetic differs as it does for one
+sequence)."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,25 +47,28 @@ def core_model(path):
     return _core.Model(str(path), UPGFile(path).config.engine_config())
 
 
-def backend(name):
-    return _core.CudaBackend(0) if name == "cuda" else None
+def backend(name, generated="matvec"):
+    return _core.CudaBackend(0, generated) if name == "cuda" else None
 
 
-def run_batch(model, be, ps, n_gen, forced=None):
+def run_batch(model, be, ps, n_gen, forced=None, generated="matvec"):
     """tests/batch_schedule.py's schedule on a BatchSession of backend be: each sequence's rows and
     generated tokens."""
-    return run_schedule(_core.BatchSession(model, len(ps), 96, "f16", 2, 64, backend(be)), ps, n_gen, forced)
+    session = _core.BatchSession(model, len(ps), 96, "f16", 2, 64, backend(be, generated))
+    return run_schedule(session, ps, n_gen, forced)
 
 
+@pytest.mark.parametrize("generated", ["matvec", "matmul"])
 @pytest.mark.parametrize("type_", list(TYPES))
-def test_batch_equals_each_sequence_alone(models, type_):
+def test_batch_equals_each_sequence_alone(models, type_, generated):
     """12 sequences through 12 slots: every logits row has the bits of the sequence alone on a CUDA
-    Session, and the CPU BatchSession, fed the same tokens, agrees within the type's tolerance."""
+    Session of the same generated-row kernels, and the CPU BatchSession, fed the same tokens, agrees
+    within the type's tolerance."""
     model = core_model(models[type_])
     ps = prompts(12, seed=1)
     n_gen = [3 + (i * 7) % 11 for i in range(len(ps))]
-    want = [alone(model, p, g, backend=backend("cuda")) for p, g in zip(ps, n_gen)]
-    rows, gen = run_batch(model, "cuda", ps, n_gen)
+    want = [alone(model, p, g, backend=backend("cuda", generated)) for p, g in zip(ps, n_gen)]
+    rows, gen = run_batch(model, "cuda", ps, n_gen, generated=generated)
     for i, (w_rows, w_gen) in enumerate(want):
         assert gen[i] == w_gen, f"sequence {i}"
         np.testing.assert_array_equal(rows[i], w_rows, err_msg=f"sequence {i}")
@@ -75,10 +79,14 @@ def test_batch_equals_each_sequence_alone(models, type_):
         assert rel.max() <= tol, (i, rel)
 
 
-def test_decode_steps_of_a_batch_replay_one_graph(models):
+@pytest.mark.parametrize("generated", ["matvec", "matmul"])
+def test_decode_steps_of_a_batch_replay_one_graph(models, generated):
     """Steps of one generated token for each of 6 sequences have one shape: the first is captured,
     the rest replay it; a sequence leaving changes the shape (captured anew), then that replays."""
-    be = _core.CudaBackend(0)
+    be = _core.CudaBackend(0, generated)
+    assert be.generated == generated
+    with pytest.raises(ValueError, match="generated must be"):
+        _core.CudaBackend(0, "mat-vec")
     b = _core.BatchSession(core_model(models["q4"]), 6, 64, "f16", 2, 64, be)
     for slot in range(6):
         b.step([(slot, np.arange(3, 3 + slot + 2, dtype=np.int32), False, 1)])

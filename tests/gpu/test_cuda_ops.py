@@ -194,7 +194,8 @@ def test_matvec_fused_has_the_bits_of_the_ops(lib, dtype, block):
 @pytest.mark.parametrize("dtype,block,outliers", WEIGHT_CASES)
 def test_matmul(lib, dtype, block, outliers):
     rng = np.random.default_rng()
-    tokens = [(1, 3), (5, 70), (70, 70)] if SMALL else [(1, 3), (5, 70), (70, 70), (130, 200)]
+    # capacities 3 and 8: the 8-token tile; 40 and 64: the 32-token tile (two of them); beyond: the prompt tile
+    tokens = [(1, 3), (5, 70), (70, 70)] if SMALL else [(1, 3), (8, 8), (20, 40), (50, 64), (5, 70), (70, 70), (130, 200)]
     for rows, cols in matrix_shapes(dtype, block)[:3 if SMALL else 4]:
         w, dense, outl = make_weight(rng, dtype, block, rows, cols, outliers, split=True)
         for n, capacity in tokens:
@@ -212,6 +213,27 @@ def test_matmul(lib, dtype, block, outliers):
             want = np.stack([matvec_reference(dtype, block, dense, outl, row) for row in x])
             err = rel_err(y[:n, :rows], want)
             assert err < (1e-5 if block else 3e-3), (rows, cols, n, err)
+
+
+@pytest.mark.parametrize("dtype,block,outliers", [(t, b, t in ("q4", "q3")) for t, b in TYPES if b])
+def test_matmul_tiles_have_the_same_bits(lib, dtype, block, outliers):
+    """The quantized mat-mul picks its token tile by the launch's capacity (8, 32 or 64 tokens): a
+    token's row has the same bits in every tile, so a step's generated tokens get the same sums
+    however many streams the step holds (docs/ARCHITECTURE.md "Batch-invariant arithmetic")."""
+    rng = np.random.default_rng()
+    for rows, cols in matrix_shapes(dtype, block)[:2 if SMALL else 4]:
+        w, _, _ = make_weight(rng, dtype, block, rows, cols, outliers, split=True)
+        n = 7
+        x = dev((rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32))
+        got = {}
+        for capacity in (n, 33, 200):
+            xd = torch.zeros(capacity, cols, device="cuda")
+            xd[:n] = x
+            y = nan(capacity, rows)
+            lib.matmul(w, xd, y, capacity, rows, pass_tensor(0, n))
+            got[capacity] = y[:n].cpu().numpy()
+        for capacity in (33, 200):
+            np.testing.assert_array_equal(got[capacity], got[n], err_msg=f"{rows}x{cols}, capacity {capacity}")
 
 
 @pytest.mark.parametrize("dtype,block", TYPES)
