@@ -7,8 +7,9 @@ mat-vec GB/s per type for the Phi-4 matrices, decode attention at 4096 positions
 Phi-4-shaped decode step (40 layers, captured once as a CUDA graph that also feeds the argmax
 back as the next token) as tokens/s, unfused (one launch per graph op) and fused (rms_norm and
 silu_mul folded into the mat-vec prologue, the residual adds into its epilogue). --tokens instead:
-the mat-vec of several tokens (matvec_n, a step's generated tokens) per Phi-4 matrix for 1 to 32
-tokens, the sum of a decode step's mat-vecs, and decode attention of 32 sequences. Weights are random
+the mat-vec of several tokens (matvec_n, a step's generated tokens) and the mat-mul in its token
+tiles per Phi-4 matrix for 1 to 32 tokens, the sum of a decode step's linear layers by each, and
+decode attention of 32 sequences. Weights are random
 codes and scales (never zeros) in the file layout; every timing is the median of CUDA-event-timed
 graph replays, over enough weight copies to defeat the 60 MB L2.
 """

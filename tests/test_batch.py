@@ -203,6 +203,12 @@ def test_the_same_prompt_again_evaluates_nothing(models, monkeypatch):
             batch.release(v)
 
 
+def test_batch_refuses_an_unknown_kernel(models):
+    llm = Llama(str(models["q4"]), n_ctx=64, n_threads=1)
+    with pytest.raises(ValueError, match="generated must be 'matvec' or 'matmul'"):
+        Batch(llm, 2, generated="mat-vec")
+
+
 def test_closed_batch_fails_waiting_evals(models):
     llm = Llama(str(models["q4"]), n_ctx=64, n_threads=1)
     batch = Batch(llm, 2)

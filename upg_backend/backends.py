@@ -39,6 +39,14 @@ def _open(name: str, generated: str) -> Any:
     return _core.metal_device(str(here / "upg.metallib"), str(here / "metal"))
 
 
+GENERATED = ("matvec", "matmul")  # CUDA's kernels of generated tokens (open_backend)
+
+
+def check_generated(generated: str) -> None:
+    if generated not in GENERATED:
+        raise ValueError(f"generated must be 'matvec' or 'matmul', got {generated!r}")
+
+
 def open_backend(backend: Any, *, generated: str = "matvec") -> tuple[str, Any]:
     """(name, the object `_core.Session(backend=...)` takes) for a backend name or object.
 
@@ -51,6 +59,7 @@ def open_backend(backend: Any, *, generated: str = "matvec") -> tuple[str, Any]:
     Raises:
         ValueError: an unknown name, or a backend this build or machine lacks (naming what it needs).
     """
+    check_generated(generated)
     if isinstance(backend, _core.MetalGpu):
         return "metal", backend
     if isinstance(backend, _core.Backend):

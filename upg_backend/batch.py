@@ -101,6 +101,8 @@ class Batch:
         n_batch: the most tokens one step takes.
         prefill_chunk: the most prompt tokens (of all prompts together) a step takes while some
             sequence decodes.
+        generated: on CUDA, the generated tokens' kernels: "matvec" (the fastest up to 16
+            sequences at once) or "matmul" (the tensor-core mat-mul: the fastest for 32; docs/CUDA.md).
 
     Raises:
         ValueError: a bad argument, or a backend that runs one sequence per pass (Metal, CUDA today)
@@ -108,7 +110,8 @@ class Batch:
     """
 
     def __init__(self, llama: Llama, n_parallel: int, *, n_ctx: int | None = None, kv_type: str | None = None,
-                 n_threads: int | None = None, n_batch: int | None = None, prefill_chunk: int = 32):
+                 n_threads: int | None = None, n_batch: int | None = None, prefill_chunk: int = 32,
+                 generated: str = "matvec"):
         if not isinstance(n_parallel, int) or n_parallel < 1:
             raise ValueError(f"n_parallel must be a positive integer, got {n_parallel!r}")
         if prefill_chunk < 1:
@@ -118,7 +121,7 @@ class Batch:
         n_batch = n_batch or max(llama.n_batch, n_parallel)
         if n_batch < n_parallel:
             raise ValueError(f"n_batch ({n_batch}) must hold one token of each of the {n_parallel} slots")
-        _, device = open_backend(llama.backend)
+        _, device = open_backend(llama.backend, generated=generated)
         threads = n_threads or llama.context_params.n_threads or 0
         self._core = _core.BatchSession(llama._model, n_parallel, n_ctx, kv_type, threads, n_batch, device)
         self.n_parallel, self.n_ctx, self.n_batch, self.prefill_chunk = n_parallel, n_ctx, n_batch, prefill_chunk

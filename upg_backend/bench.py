@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import _core
-from .backends import NAMES, open_backend
+from .backends import NAMES, check_generated, open_backend
 from .config import ModelConfig
 from .llama import GREEDY_CHUNK
 
@@ -316,8 +316,7 @@ def run_parallel_bench(model: str, streams: list[int], type: str = "q4", threads
     _check_arguments(prompt, gen, runs, threads, backend)
     if not streams or min(streams) < 1:
         raise ValueError(f"parallel stream counts must be at least 1, got {streams}")
-    if generated not in ("matvec", "matmul"):
-        raise ValueError(f"generated must be 'matvec' or 'matmul', got {generated!r}")
+    check_generated(generated)
     path, type = _model_path(model, type, cache_dir)
     threads = threads or os.cpu_count() or 1
     counts = sorted(set(streams) | {1})

@@ -13,7 +13,7 @@ import sys
 from typing import Callable
 
 from ._core import UPGFormatError
-from .backends import NAMES
+from .backends import GENERATED, NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +242,12 @@ def _complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generated_argument(p: argparse.ArgumentParser, when: str) -> None:
+    p.add_argument("--generated", choices=GENERATED, default="matvec",
+                   help=f"{when}: the generated tokens' linear layers by the mat-vec (default: the fastest up "
+                        "to 16 streams) or the tensor-core mat-mul (the fastest for 32)")
+
+
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -262,6 +268,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=32,
                    help="prompt tokens a step takes while other requests decode (default 32; with --n-batch "
                         "as large, every waiting prompt is read before decoding goes on, as llama-server does)")
+    _generated_argument(p, "with --parallel on CUDA")
 
 
 @subcommand("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_arguments)
@@ -276,7 +283,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--parallel must be at least 1 and --queue at least 0")
     serve(llama, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
           aliases=tuple(args.alias), parallel=args.parallel, kv_budget_mib=args.kv_budget, queue_size=args.queue,
-          queue_timeout=args.queue_timeout, prefill_chunk=args.prefill_chunk)
+          queue_timeout=args.queue_timeout, prefill_chunk=args.prefill_chunk, generated=args.generated)
     return 0
 
 
@@ -305,9 +312,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, nargs="+", metavar="N",
                    help="instead: N streams decoding together in one pass (BatchSession), for each N given, "
                         "against one stream")
-    p.add_argument("--generated", choices=("matvec", "matmul"), default="matvec",
-                   help="with --parallel on CUDA: the generated tokens' linear layers by the mat-vec "
-                        "(default) or the tensor-core mat-mul")
+    _generated_argument(p, "with --parallel on CUDA")
     _backend_argument(p)
 
 

@@ -465,17 +465,18 @@ def _choices(one: Callable[[Llama, int, Any, bool, bool], Any], count: int, n: i
 def serve(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, aliases: tuple[str, ...] = (), log_level: str = "info", parallel: int = 1,
           kv_budget_mib: float | None = None, queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT,
-          prefill_chunk: int = 32) -> None:
+          prefill_chunk: int = 32, generated: str = "matvec") -> None:
     """Serves `llama` until interrupted (127.0.0.1 by default: pass host="0.0.0.0" to expose it).
 
     parallel > 1: a Batch of that many slots (requests at once), each of llama's n_ctx positions,
-    or of kv_budget_mib MiB of KV cache shared out between them."""
+    or of kv_budget_mib MiB of KV cache shared out between them; generated: the Batch's CUDA kernels
+    of the generated tokens (Batch)."""
     import uvicorn
 
     batch = None
     if parallel > 1:
         n_ctx = batch_n_ctx(llama, parallel, kv_budget_mib)
-        batch = Batch(llama, parallel, n_ctx=n_ctx, prefill_chunk=prefill_chunk)
+        batch = Batch(llama, parallel, n_ctx=n_ctx, prefill_chunk=prefill_chunk, generated=generated)
     app = create_app(llama, model_name=model_name, api_key=api_key, aliases=aliases, batch=batch,
                      queue_size=queue_size, queue_timeout=queue_timeout)
     try:
