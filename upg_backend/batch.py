@@ -105,7 +105,7 @@ class Batch:
             sequences at once) or "matmul" (the tensor-core mat-mul: the fastest for 32; docs/CUDA.md).
 
     Raises:
-        ValueError: a bad argument, or a backend that runs one sequence per pass (Metal, CUDA today)
+        ValueError: a bad argument, or a backend whose passes hold fewer sequences than n_parallel
             with n_parallel > 1.
     """
 
