@@ -105,8 +105,7 @@ class Batch:
             sequences at once) or "matmul" (the tensor-core mat-mul: the fastest for 32; docs/CUDA.md).
 
     Raises:
-        ValueError: a bad argument, or a backend whose passes hold fewer sequences than n_parallel
-            with n_parallel > 1.
+        ValueError: a bad argument, or a backend whose passes hold fewer sequences than n_parallel.
     """
 
     def __init__(self, llama: Llama, n_parallel: int, *, n_ctx: int | None = None, kv_type: str | None = None,
