@@ -242,10 +242,10 @@ def _complete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generated_argument(p: argparse.ArgumentParser, when: str) -> None:
+def _generated_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generated", choices=GENERATED, default="matvec",
-                   help=f"{when}: the generated tokens' linear layers by the mat-vec (default: the fastest up "
-                        "to 16 streams) or the tensor-core mat-mul (the fastest for 32)")
+                   help="with --parallel on CUDA: the generated tokens' linear layers by the mat-vec (default: "
+                        "the fastest up to 16 streams) or the tensor-core mat-mul (the fastest for 32)")
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -268,7 +268,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=32,
                    help="prompt tokens a step takes while other requests decode (default 32; with --n-batch "
                         "as large, every waiting prompt is read before decoding goes on, as llama-server does)")
-    _generated_argument(p, "with --parallel on CUDA")
+    _generated_argument(p)
 
 
 @subcommand("serve", "serve a model over an OpenAI-compatible HTTP API", _serve_arguments)
@@ -312,7 +312,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, nargs="+", metavar="N",
                    help="instead: N streams decoding together in one pass (BatchSession), for each N given, "
                         "against one stream")
-    _generated_argument(p, "with --parallel on CUDA")
+    _generated_argument(p)
     _backend_argument(p)
 
 
