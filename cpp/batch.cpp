@@ -19,8 +19,7 @@ BatchSession::BatchSession(std::shared_ptr<const Model> model, std::shared_ptr<B
       n_past_(size_t(std::max(n_slots, 0)), 0) {
   if (n_slots > backend_->max_seqs())
     throw std::invalid_argument(std::string("the ") + backend_->name() + " backend runs one sequence per pass (n_slots 1)");
-  const UPGFile& f = model_->file();
-  weights_ = backend_->weights(f.data_section(), f.file_size() - f.data_offset());
+  weights_ = model_weights(*backend_, *model_);
   buffers_ = graph_.alloc(*backend_);
 }
 

@@ -1,5 +1,5 @@
 // The CUDA backend in Python (builds with UPG_CUDA only): _core.CudaBackend(device), which a
-// Session runs on, _core.cuda_device_count() and the read-bandwidth probe.
+// Session runs on, _core.cuda_device_count(), its memory and the read-bandwidth probe.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -35,8 +35,18 @@ void bind_cuda(py::module_& m) {
       .def_property_readonly("passes", &CudaBackend::passes)
       .def_property_readonly("replays", &CudaBackend::replays, "Passes that replayed the previous pass's CUDA graph.")
       .def_property_readonly("device_bytes", &CudaBackend::device_bytes,
-                             "Bytes of device memory the backend holds: weights, buffers, workspace.");
+                             "Bytes of device memory the backend holds: weights (counted by each backend that "
+                             "shares one copy of them), buffers, workspace.");
   m.def("cuda_device_count", &cuda_device_count, "NVIDIA GPUs the CUDA runtime sees (0 when none or no driver).");
+  m.def(
+      "cuda_memory",
+      [](int device) {
+        size_t free = 0, total = 0;
+        if (cudaSetDevice(device) != cudaSuccess || cudaMemGetInfo(&free, &total) != cudaSuccess)
+          throw std::runtime_error("cuda: no GPU " + std::to_string(device));
+        return py::make_tuple(free, total);
+      },
+      "device"_a = 0, "(free, total) bytes of GPU `device`'s memory, as the driver counts them.");
   m.def(
       "cuda_read_bandwidth",
       [](size_t bytes, int device) {

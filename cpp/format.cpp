@@ -311,6 +311,10 @@ void UPGFile::parse() {
     if (a.offset + a.nbytes > b.offset) throw FormatError("tensors '" + a.name + "' and '" + b.name + "' overlap");
   }
   directory_end_ = dir_off + dir_size;
+  content_id_ = 14695981039346656037ull;  // FNV-1a over the directory's bytes, then the data size
+  const auto mix = [&](uint8_t b) { content_id_ = (content_id_ ^ b) * 1099511628211ull; };
+  for (uint64_t i = dir_off; i < directory_end_; ++i) mix(map_.data()[i]);
+  for (int i = 0; i < 8; ++i) mix(uint8_t(data_size_ >> (8 * i)));
 }
 
 const TensorInfo* UPGFile::find(const std::string& name) const {

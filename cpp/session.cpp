@@ -6,6 +6,11 @@
 
 namespace upg {
 
+Buf model_weights(Backend& backend, const Model& model) {
+  const UPGFile& f = model.file();
+  return backend.weights(f.data_section(), f.file_size() - f.data_offset(), f.content_id());
+}
+
 void check_tokens(const Model& model, const int32_t* tokens, int64_t n) {
   const int32_t vocab = model.config().vocab_size;
   if (n < 1) throw std::invalid_argument("eval needs at least one token");
@@ -22,8 +27,7 @@ Session::Session(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
       n_batch_(std::min(n_batch, n_ctx)),
       kv_type_(kv_type),
       graph_(*model_, n_ctx, n_batch_, kv_type) {
-  const UPGFile& f = model_->file();
-  weights_ = backend_->weights(f.data_section(), f.file_size() - f.data_offset());
+  weights_ = model_weights(*backend_, *model_);
   buffers_ = graph_.alloc(*backend_);
 }
 

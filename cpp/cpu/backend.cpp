@@ -31,7 +31,7 @@ CpuBackend::CpuBackend(int n_threads) : k_(kernels()), pool_(n_threads) {
   att_scratch_.resize(size_t(pool_.size()));
 }
 
-Buf CpuBackend::weights(const void* data, size_t) {
+Buf CpuBackend::weights(const void* data, size_t, uint64_t) {
   base_.push_back(static_cast<uint8_t*>(const_cast<void*>(data)));  // read-only: no op writes weights
   return Buf{int(base_.size() - 1), 0};
 }

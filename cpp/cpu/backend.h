@@ -21,7 +21,7 @@ class CpuBackend : public Backend {
 
   const char* name() const override { return "cpu"; }
   int max_seqs() const override { return 1 << 20; }
-  Buf weights(const void* data, size_t bytes) override;
+  Buf weights(const void* data, size_t bytes, uint64_t content) override;
   Buf alloc(size_t bytes) override;
   void upload(Buf dst, const void* src, size_t bytes) override;
   void download(void* dst, Buf src, size_t bytes) override;

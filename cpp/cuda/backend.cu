@@ -1,7 +1,10 @@
 #include "backend.h"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <stdexcept>
+#include <tuple>
 
 #include "common.cuh"  // check()
 
@@ -23,6 +26,33 @@ void append(std::string& sig, const Weight& w) {
   append(sig, w.val);
 }
 
+// Device memory freed with its last holder.
+std::shared_ptr<void> device_alloc(int device, size_t bytes) {
+  void* p = nullptr;
+  check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");  // 256-byte aligned
+  return std::shared_ptr<void>(p, [device](void* q) {
+    cudaSetDevice(device);
+    cudaFree(q);
+  });
+}
+
+// One device copy of each content on each GPU, shared by its backends (a server's Llama and its
+// BatchSession on one card would otherwise hold the weights twice); freed with the last of them.
+std::shared_ptr<void> shared_weights(int device, const void* data, size_t bytes, uint64_t content,
+                                     cudaStream_t stream) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, uint64_t, size_t>, std::weak_ptr<void>> copies;
+  std::lock_guard<std::mutex> lock(mu);  // a second loader of the same content waits for the first's copy
+  for (auto it = copies.begin(); it != copies.end();) it = it->second.expired() ? copies.erase(it) : std::next(it);
+  std::weak_ptr<void>& entry = copies[{device, content, bytes}];
+  if (std::shared_ptr<void> held = entry.lock()) return held;
+  std::shared_ptr<void> copy = device_alloc(device, bytes);
+  check(cudaMemcpyAsync(copy.get(), data, bytes, cudaMemcpyHostToDevice, stream), "upload the weights");
+  check(cudaStreamSynchronize(stream), "upload the weights");
+  entry = copy;
+  return copy;
+}
+
 }  // namespace
 
 CudaBackend::CudaBackend(int device, Generated generated) : device_(device), generated_(generated) {
@@ -37,23 +67,22 @@ CudaBackend::CudaBackend(int device, Generated generated) : device_(device), gen
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
   if (graph_) cudaGraphExecDestroy(graph_);
-  for (void* p : base_) cudaFree(p);
+  base_.clear();
   if (workspace_) cudaFree(workspace_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
-Buf CudaBackend::weights(const void* data, size_t bytes) {
-  Buf b = alloc(bytes);
-  upload(b, data, bytes);
-  return b;
+Buf CudaBackend::weights(const void* data, size_t bytes, uint64_t content) {
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  base_.push_back(shared_weights(device_, data, bytes, content, stream_));
+  device_bytes_ += bytes;
+  return Buf{int(base_.size() - 1), 0};
 }
 
 Buf CudaBackend::alloc(size_t bytes) {
   check(cudaSetDevice(device_), "cudaSetDevice");
-  void* p = nullptr;
-  check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");  // 256-byte aligned
-  check(cudaMemset(p, 0, bytes), "cudaMemset");
-  base_.push_back(p);
+  base_.push_back(device_alloc(device_, bytes));
+  check(cudaMemset(base_.back().get(), 0, bytes), "cudaMemset");
   device_bytes_ += bytes;
   return Buf{int(base_.size() - 1), 0};
 }

@@ -2,9 +2,10 @@
 // memory, and whole passes replayed as CUDA graphs.
 //
 // Memory: the weights (the file's data section) are copied to the device once, as they are (the
-// kernels read the file's layout with 16-byte loads: no repacking); buffers are cudaMalloc'd
-// and zero-filled; upload / download are stream copies. VRAM = weights + the session's buffers
-// (KV cache, activations, logits) + the decode-attention workspace.
+// kernels read the file's layout with 16-byte loads: no repacking), and that copy is shared by
+// every backend on the GPU whose sessions run the same content; buffers are cudaMalloc'd and
+// zero-filled; upload / download are stream copies. VRAM = weights + each session's buffers (KV
+// cache, activations, logits) + each backend's decode-attention workspace.
 //
 // Passes: the ops of a pass are recorded (not launched) between begin() and end(). end() compares
 // the record with the previous pass's: a decode step issues the same ops with the same arguments
@@ -15,6 +16,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -40,7 +42,7 @@ class CudaBackend : public Backend {
 
   const char* name() const override { return "cuda"; }
   int max_seqs() const override { return 1 << 20; }  // the kernels read each token's UpgToken
-  Buf weights(const void* data, size_t bytes) override;
+  Buf weights(const void* data, size_t bytes, uint64_t content) override;
   Buf alloc(size_t bytes) override;
   void upload(Buf dst, const void* src, size_t bytes) override;
   void download(void* dst, Buf src, size_t bytes) override;
@@ -67,12 +69,13 @@ class CudaBackend : public Backend {
   // Passes run so far, and how many of them were replays of the captured graph.
   int64_t passes() const { return passes_; }
   int64_t replays() const { return replays_; }
-  // Device memory held: weights, buffers and the attention workspace.
+  // Device memory held: weights (counted by every backend that shares them), buffers and the
+  // attention workspace.
   size_t device_bytes() const { return device_bytes_ + workspace_bytes_; }
 
  private:
   template <typename T = uint8_t>
-  T* ptr(Buf b) const { return reinterpret_cast<T*>(static_cast<uint8_t*>(base_.at(size_t(b.id))) + b.offset); }
+  T* ptr(Buf b) const { return reinterpret_cast<T*>(static_cast<uint8_t*>(base_.at(size_t(b.id)).get()) + b.offset); }
   Weight weight(const Matrix& m, int n_tokens) const;
   // Records one launch: its arguments' bytes go into the pass's signature.
   template <typename... A>
@@ -86,7 +89,7 @@ class CudaBackend : public Backend {
   int device_;
   Generated generated_;
   cudaStream_t stream_ = nullptr;
-  std::vector<void*> base_;       // by buffer id
+  std::vector<std::shared_ptr<void>> base_;  // by buffer id; the weights' may be shared
   int32_t* pass_ = nullptr;       // of the pass begun
   // One scratch buffer for the ops that need one (decode attention's splits, the mat-mul's rounded
   // x): the launches of a stream run one after another, so they can share it. Grows, never shrinks.

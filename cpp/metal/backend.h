@@ -49,7 +49,7 @@ class MetalBackend : public Backend {
 
   const char* name() const override { return "metal"; }
   int max_seqs() const override { return 1 << 20; }  // the kernels read each token's UpgToken
-  Buf weights(const void* data, size_t bytes) override { return gpu_->wrap(data, bytes); }
+  Buf weights(const void* data, size_t bytes, uint64_t) override { return gpu_->wrap(data, bytes); }
   Buf alloc(size_t bytes) override { return gpu_->alloc(bytes); }
   void upload(Buf dst, const void* src, size_t bytes) override;
   void download(void* dst, Buf src, size_t bytes) override;

@@ -42,9 +42,11 @@ class Backend {
 
   // ---- memory ----
   // The model's weights, [data, data + bytes) of the mapped file (16 KiB aligned and sized):
-  // wrapped without a copy where the backend shares host memory, else uploaded once. The memory
-  // outlives the backend's use of it.
-  virtual Buf weights(const void* data, size_t bytes) = 0;
+  // wrapped without a copy where the backend shares host memory, else uploaded once for each
+  // device: `content` names the bytes (UPGFile::content_id), and the sessions of one content on
+  // one device share a copy (a server's Llama and its BatchSession). The memory outlives the
+  // backend's use of it.
+  virtual Buf weights(const void* data, size_t bytes, uint64_t content) = 0;
   virtual Buf alloc(size_t bytes) = 0;  // zero-filled
   virtual void upload(Buf dst, const void* src, size_t bytes) = 0;
   virtual void download(void* dst, Buf src, size_t bytes) = 0;

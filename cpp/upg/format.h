@@ -58,6 +58,11 @@ class UPGFile {
   uint64_t data_offset() const { return data_offset_; }
   const uint8_t* data_section() const { return map_.data() + data_offset_; }
 
+  // Names the data section's content: the same for two files of the same tensors and bytes
+  // (a hash of the directory, whose entries hold each tensor's crc32, and the data size), so a
+  // backend that copies the weights can hold one copy for every session of the same content.
+  uint64_t content_id() const { return content_id_; }
+
   // Checks every tensor's crc32 and that every byte outside the tensors (the padding after the
   // directory, and every gap before, between and after the tensors) is zero; the error names the
   // first tensor or gap that fails.
@@ -75,7 +80,7 @@ class UPGFile {
   MappedFile map_;
   std::string path_;
   std::string header_;
-  uint64_t directory_end_ = 0, data_offset_ = 0, data_size_ = 0;
+  uint64_t directory_end_ = 0, data_offset_ = 0, data_size_ = 0, content_id_ = 0;
   std::vector<TensorInfo> tensors_;
   std::vector<size_t> by_offset_;  // indices into tensors_, in file order
   std::unordered_map<std::string, size_t> index_;

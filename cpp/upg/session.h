@@ -12,6 +12,9 @@
 
 namespace upg {
 
+// The model's weights on the backend (Backend::weights over the file's data section).
+Buf model_weights(Backend& backend, const Model& model);
+
 // Throws std::invalid_argument unless 1 <= n and every id is inside the model's vocabulary.
 void check_tokens(const Model& model, const int32_t* tokens, int64_t n);
 

@@ -161,3 +161,33 @@ def test_state_moves_between_backends(models):
     cpu.eval([89])
     gpu.eval([89])
     np.testing.assert_allclose(gpu.scores[-1], cpu.scores[-1], rtol=0, atol=1e-4 * np.abs(cpu.scores[-1]).max())
+
+
+def test_backends_on_one_gpu_share_a_files_weights(tmp_path):
+    """The sessions of one file on one GPU (a server's Llama and its Batch) hold one device copy of
+    its weights; a file of the same size and other content gets its own copy and its own logits."""
+    paths = []
+    for seed in (11, 12):
+        src = make_hf_checkpoint(tmp_path / f"hf{seed}", "Phi3ForCausalLM", seed=seed, **SMALL)
+        paths.append(tmp_path / f"q4-{seed}.upg")
+        convert_hf(src, paths[-1], type="q4", block=64, progress=False)
+    files = [UPGFile(p) for p in paths]
+    data = [p.stat().st_size - f.data_offset for p, f in zip(paths, files)]
+    assert data[0] == data[1]  # equal sizes: only the content tells the copies apart
+    models = [_core.Model(str(p), f.config.engine_config()) for p, f in zip(paths, files)]
+    backends = [_core.CudaBackend(0) for _ in range(3)]  # each opens its context before the counting
+    tokens = np.arange(3, 20, dtype=np.int32)
+
+    def session(model, be):
+        free = _core.cuda_memory(0)[0]
+        s = _core.Session(model, 64, "f16", n_batch=4, backend=be)
+        return s, free - _core.cuda_memory(0)[0], s.eval(tokens, False)
+
+    first, _, logits_a = session(models[0], backends[0])
+    second, shared, logits_shared = session(models[0], backends[1])
+    third, other, logits_b = session(models[1], backends[2])
+    assert other - shared >= 0.9 * data[0], (other, shared, data[0])
+    np.testing.assert_array_equal(logits_shared, logits_a)
+    cpu_b = _core.Session(models[1], 64, "f16", n_batch=4).eval(tokens, False)
+    np.testing.assert_allclose(logits_b, cpu_b, rtol=0, atol=FLIP_TOL * np.abs(cpu_b).max())
+    assert np.abs(logits_b - logits_a).max() > 10 * FLIP_TOL * np.abs(cpu_b).max()
