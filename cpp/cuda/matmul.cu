@@ -154,21 +154,22 @@ __global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x,
 }
 
 // A block's tile: WR x WT warps, each I row fragments of 16 by J token fragments of 8; a pipeline
-// step of G k groups of kQk, at most S steps in flight; MIN_BLOCKS blocks a multiprocessor (the
-// launch bound).
-template <int WR_, int WT_, int I_, int J_, int G_, int S_, int MIN_BLOCKS_>
+// step of G k groups of kQk, at most S steps in flight, the scales loaded LA steps ahead;
+// MIN_BLOCKS blocks a multiprocessor (the launch bound).
+template <int WR_, int WT_, int I_, int J_, int G_, int S_, int LA_, int MIN_BLOCKS_>
 struct Shape {
-  static constexpr int WR = WR_, WT = WT_, I = I_, J = J_, G = G_, S = S_, MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr int WR = WR_, WT = WT_, I = I_, J = J_, G = G_, S = S_, LA = LA_, MIN_BLOCKS = MIN_BLOCKS_;
   static constexpr int TM = WR * 16 * I, TN = WT * 8 * J, THREADS = 32 * WR * WT;
 };
 // Prompts: 128 rows x 64 tokens, 8 warps of 32 x 32, two blocks a multiprocessor (128 registers;
 // 1 block of more registers measured slower). A step's generated tokens: 32-row tiles, so that even
 // the 5120-row matrices spread over every multiprocessor, and several k groups a pipeline step:
-// a step waits once for its scales' loads (issued a step ahead), which the small tiles' few
-// products do not hide (one group a step: 1 us a step, 350 GB/s, on the H200).
-using PromptTile = Shape<4, 2, 2, 4, 1, 4, 2>;
-using Tokens8Tile = Shape<2, 1, 1, 1, 4, 4, 3>;
-using Tokens32Tile = Shape<2, 1, 1, 4, 2, 4, 3>;
+// a step waits for its scales' loads, which the small tiles' few products do not hide (one group
+// a step: 1 us a step, 350 GB/s, on the H200); loaded two steps ahead they cost 2-4% less than
+// one step ahead, three steps ahead no better (docs/CUDA.md).
+using PromptTile = Shape<4, 2, 2, 4, 1, 4, 1, 2>;
+using Tokens8Tile = Shape<2, 1, 1, 1, 4, 4, 2, 3>;
+using Tokens32Tile = Shape<2, 1, 1, 4, 2, 4, 2, 3>;
 
 // Shared-memory layout of one k step of the tile: the weights' raw bytes (codes; q3 also its high
 // bits) per row, padded so that a fragment load's 8 rows x 4 words hit 32 distinct banks, then
@@ -201,9 +202,15 @@ struct Q8Tile {
   static constexpr size_t kPipe = size_t(kStages) * kStep + 2 * kStepScales;
   static constexpr size_t kSmem = kPipe > kOut ? kPipe : kOut;
   static_assert(kStages >= 2, "one k step must fit twice");
-  static_assert(SH::TM * (kCodes / kCopy) % SH::THREADS == 0 && SH::TM * KB % SH::THREADS == 0 &&
-                SH::TN * (kQk / 16) % SH::THREADS == 0, "the copies and scales must share out evenly");
 };
+
+// `total` items (copies, scales) share out over a tile's threads: thread tid takes items
+// tid + threads q for q < kShares, of which those past the total (only where the count is no
+// multiple of the threads) are none.
+template <int total, int threads>
+constexpr int kShares = (total + threads - 1) / threads;
+template <int total, int threads>
+__device__ __forceinline__ bool past(int e) { return total % threads != 0 && e >= total; }
 
 // Issues the copies of k step `step` into one stage: rows past the matrix, blocks past cols and
 // tokens past the pass are zero-filled.
@@ -214,27 +221,32 @@ __device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restr
   constexpr int threads = SH::THREADS;
   const int tid = threadIdx.x, nb = m.cols / B;
   const int64_t row_bytes = int64_t(m.cols) * L::kCodes / kQk;
-  constexpr int per_row = L::kCodes / L::kCopy;
+  constexpr int per_row = L::kCodes / L::kCopy, copies = SH::TM * per_row;
 #pragma unroll
-  for (int q = 0; q < SH::TM * per_row / threads; ++q) {
+  for (int q = 0; q < kShares<copies, threads>; ++q) {
     const int e = tid + threads * q, rr = e / per_row, c = e % per_row, r = r0 + rr;
+    if (past<copies, threads>(e)) break;
     const bool ok = r < m.rows && step * L::KB + c * L::kCopy / L::kBlockBytes < nb;
     const uint8_t* src = m.codes + (ok ? int64_t(r) * row_bytes + int64_t(step) * L::kCodes + c * L::kCopy : 0);
     cp_async<L::kCopy>(stage + rr * L::kCodesLd + c * L::kCopy, src, ok);
   }
   if constexpr (kHigh<DT>) {  // qh: one copy of B / 8 bytes per block (iq3: the group's 16 bytes)
+    constexpr int blocks = SH::TM * L::KB;
 #pragma unroll
-    for (int q = 0; q < SH::TM * L::KB / threads; ++q) {
+    for (int q = 0; q < kShares<blocks, threads>; ++q) {
       const int e = tid + threads * q, rr = e / L::KB, c = e % L::KB, r = r0 + rr;
+      if (past<blocks, threads>(e)) break;
       const bool ok = r < m.rows && step * L::KB + c < nb;
       const uint8_t* src = m.high + (ok ? int64_t(r) * (m.cols / 8) + int64_t(step) * (kQk / 8) + c * (B / 8) : 0);
       cp_async<B / 8>(stage + L::kW + rr * L::kHighLd + c * (B / 8), src, ok);
     }
   }
   // x: 16-byte chunks; cols is a multiple of 32, so a chunk is in or out whole
+  constexpr int chunks = SH::TN * (kQk / 16);
 #pragma unroll
-  for (int q = 0; q < SH::TN * (kQk / 16) / threads; ++q) {
+  for (int q = 0; q < kShares<chunks, threads>; ++q) {
     const int e = tid + threads * q, tt = e / (kQk / 16), c = e % (kQk / 16), t = t0 + tt;
+    if (past<chunks, threads>(e)) break;
     const int64_t k = int64_t(step) * kQk + 16 * c;
     const bool ok = t < n && k < m.cols;
     cp_async<16>(stage + L::kW + L::kH + tt * kQxLd + 16 * c, xq + (ok ? int64_t(t) * m.cols + k : 0), ok);
@@ -244,8 +256,8 @@ __device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restr
 // One step's scales, loaded into registers a step ahead and stored after the step's compute.
 template <int DT, int B, typename SH>
 struct Q8Scales {
-  static constexpr int KB = kQk / B, WQ = SH::TM * KB / SH::THREADS;             // 2 or 1
-  static constexpr int XQ = (SH::TN * KB + SH::THREADS - 1) / SH::THREADS;       // x's: 1 or 2
+  static constexpr int KB = kQk / B, WQ = kShares<SH::TM * KB, SH::THREADS>;   // the weights' per thread
+  static constexpr int XQ = kShares<SH::TN * KB, SH::THREADS>;                  // x's
   float wd[WQ];
   float xd[XQ];
   int xz[XQ];
@@ -261,6 +273,7 @@ __device__ __forceinline__ void q8_load_scales(const MatView& m, const float* __
 #pragma unroll
   for (int q = 0; q < S::WQ; ++q) {
     const int e = tid + threads * q, r = r0 + e / KB, kb = step * KB + e % KB;
+    if (past<SH::TM * KB, threads>(e)) break;
     if constexpr (kGridType<DT>) sc.wd[q] = r < m.rows && kb < nb ? grid_scale<DT>(m.scales, m.sub, m.cols, r, kb) : 0.0f;
     else sc.wd[q] = r < m.rows && kb < nb ? f16(__ldg(m.scales + int64_t(r) * nb + kb)) : 0.0f;
   }
@@ -280,7 +293,8 @@ __device__ __forceinline__ void q8_store_scales(const Q8Scales<DT, B, SH>& sc, f
   constexpr int KB = kQk / B, TM = SH::TM, TN = SH::TN;
   const int tid = threadIdx.x;
 #pragma unroll
-  for (int q = 0; q < S::WQ; ++q) slot[tid + SH::THREADS * q] = sc.wd[q];
+  for (int q = 0; q < S::WQ; ++q)
+    if (const int e = tid + SH::THREADS * q; !past<TM * KB, SH::THREADS>(e)) slot[e] = sc.wd[q];
 #pragma unroll
   for (int q = 0; q < S::XQ; ++q) {
     const int i = tid + SH::THREADS * q;
@@ -401,7 +415,7 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
                                                        const int32_t* __restrict__ xzs, float* __restrict__ y, int ldy,
                                                        int cap, const int32_t* __restrict__ pass) {
   using L = Q8Tile<DT, B, SH>;
-  constexpr int KB = L::KB, S = L::kStages, TM = SH::TM, TN = SH::TN, I = SH::I, J = SH::J, G = SH::G;
+  constexpr int KB = L::KB, S = L::kStages, TM = SH::TM, TN = SH::TN, I = SH::I, J = SH::J, G = SH::G, LA = SH::LA;
   constexpr int zero = DT == UPG_DTYPE_Q4 ? UPG_Q4_ZERO : DT == UPG_DTYPE_Q3 ? UPG_Q3_ZERO : 0;
   pdl_enter();
   const int n = min(n_tokens(pass), cap);
@@ -422,32 +436,42 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
     for (int gi = 0; gi < G; ++gi)
       if (step * G + gi < groups) q8_issue<DT, B, SH>(m, xq, r0, t0, n, step * G + gi, smem + (step % S) * L::kStep + gi * L::kStage);
   };
-  Q8Scales<DT, B, SH> sc[G];
-  const auto load_scales = [&](int step) {
+  // The scales of the steps ahead in registers, step s's in sc[s % LA]: loaded LA steps before
+  // their step, stored into its slot at the end of the step before it.
+  using Scales = Q8Scales<DT, B, SH>[G];
+  Scales sc[LA];
+  const auto load_scales = [&](int step, Scales& r) {
 #pragma unroll
     for (int gi = 0; gi < G; ++gi)
-      if (step * G + gi < groups) q8_load_scales<DT, B, SH>(m, xds, xzs, r0, t0, n, step * G + gi, sc[gi]);
+      if (step * G + gi < groups) q8_load_scales<DT, B, SH>(m, xds, xzs, r0, t0, n, step * G + gi, r[gi]);
   };
-  const auto store_scales = [&](int step) {
+  const auto store_scales = [&](int step, const Scales& r) {
 #pragma unroll
     for (int gi = 0; gi < G; ++gi)
-      if (step * G + gi < groups) q8_store_scales<DT, B, SH>(sc[gi], scales + (step & 1) * G * slot_floats + gi * slot_floats);
+      if (step * G + gi < groups) q8_store_scales<DT, B, SH>(r[gi], scales + (step & 1) * G * slot_floats + gi * slot_floats);
   };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
     if (s < steps) issue(s);
     cp_commit();
   }
-  load_scales(0);
-  store_scales(0);
+  load_scales(0, sc[0]);
+  store_scales(0, sc[0]);
+#pragma unroll
+  for (int a = 1; a < LA; ++a)
+    if (a < steps) load_scales(a, sc[a]);
 
   float acc[I][J][4] = {};
-  for (int step = 0; step < steps; ++step) {
+  for (int s0 = 0; s0 < steps; s0 += LA)
+#pragma unroll
+  for (int u = 0; u < LA; ++u) {  // unrolled, so that sc's index is known: the registers stay registers
+    const int step = s0 + u;
+    if (step >= steps) break;
     cp_wait<S - 2>();  // this step's copies (each thread's own) have landed
     __syncthreads();   // everyone's have; and every warp is done with the stage the next copies overwrite
     if (step + S - 1 < steps) issue(step + S - 1);
     cp_commit();
-    if (step + 1 < steps) load_scales(step + 1);
+    if (step + LA < steps) load_scales(step + LA, sc[u]);
 
 #pragma unroll 1
     for (int gi = 0; gi < G && step * G + gi < groups; ++gi) {
@@ -498,7 +522,7 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
         }
       }
     }
-    if (step + 1 < steps) store_scales(step + 1);
+    if (step + 1 < steps) store_scales(step + 1, sc[(u + 1) % LA]);
   }
   cp_wait<0>();
   __syncthreads();  // the output tile reuses the stages
