@@ -180,13 +180,14 @@ def test_backends_on_one_gpu_share_a_files_weights(tmp_path):
     tokens = np.arange(3, 20, dtype=np.int32)
 
     def session(model, be):
+        """Device bytes a new session took (its backend keeps them), and its logits."""
         free = _core.cuda_memory(0)[0]
         s = _core.Session(model, 64, "f16", n_batch=4, backend=be)
-        return s, free - _core.cuda_memory(0)[0], s.eval(tokens, False)
+        return free - _core.cuda_memory(0)[0], s.eval(tokens, False)
 
-    first, _, logits_a = session(models[0], backends[0])
-    second, shared, logits_shared = session(models[0], backends[1])
-    third, other, logits_b = session(models[1], backends[2])
+    _, logits_a = session(models[0], backends[0])
+    shared, logits_shared = session(models[0], backends[1])
+    other, logits_b = session(models[1], backends[2])
     assert other - shared >= 0.9 * data[0], (other, shared, data[0])
     np.testing.assert_array_equal(logits_shared, logits_a)
     cpu_b = _core.Session(models[1], 64, "f16", n_batch=4).eval(tokens, False)
