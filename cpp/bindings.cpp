@@ -265,7 +265,24 @@ PYBIND11_MODULE(_core, m) {
       .def("sample", [](PySession& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
                         const SamplingParams& p, Tokens history) {
              return sample_checked(*s.model, logits, p, history, s.rng, s.mu);
-           }, py::arg("logits"), py::arg("params"), py::arg("history"));
+           }, py::arg("logits"), py::arg("params"), py::arg("history"))
+      .def("eval_sample", [](PySession& s, int32_t token, const SamplingParams& p, Tokens history) {
+             if (history.ndim() != 1) throw std::invalid_argument("history must be a 1-D array");
+             py::gil_scoped_release nogil;
+             std::lock_guard<std::mutex> lock(s.mu);
+             return s.session.eval_sample(token, p, history.data(), history.shape(0), s.rng);
+           }, py::arg("token"), py::arg("params"), py::arg("history"),
+           "eval([token]) (a generated token) and sample(its logits, params, history) in one call; only the "
+           "candidates leave the backend when the cut fits its top_k (1 <= top_k <= MAX_TOP_K, or greedy). "
+           "history: the tokens the penalties look at, ending with `token`.")
+      .def("last_logits", [](PySession& s) {
+             py::array_t<float> out(s.model->config().vocab_size);
+             float* op = out.mutable_data();
+             py::gil_scoped_release nogil;
+             std::lock_guard<std::mutex> lock(s.mu);
+             s.session.last_logits(op);
+             return out;
+           }, "The logits of the token eval_sample evaluated last, float32 [n_vocab].");
 
   py::class_<PyBatch>(m, "BatchSession", "n_slots sequences evaluated together (cpp/upg/batch.h).")
       .def(py::init<std::shared_ptr<Model>, int, int, const std::string&, int, int, py::object>(),
@@ -326,6 +343,16 @@ PYBIND11_MODULE(_core, m) {
                         const SamplingParams& p, Tokens history) {
              return sample_checked(*b.model, logits, p, history, b.rng(slot), b.sampler_mu(slot));
            }, py::arg("slot"), py::arg("logits"), py::arg("params"), py::arg("history"));
+
+  m.attr("MAX_TOP_K") = Backend::kMaxTopK;
+  m.def("sample_token", [](py::array_t<float, py::array::c_style | py::array::forcecast> logits, const SamplingParams& p,
+                           Tokens history, uint64_t seed) {
+        if (logits.ndim() != 1 || logits.shape(0) < 1) throw std::invalid_argument("logits must be a non-empty 1-D array");
+        if (history.ndim() != 1) throw std::invalid_argument("history must be a 1-D array");
+        Rng rng(seed);
+        return sample_token(logits.data(), int32_t(logits.shape(0)), p, history.data(), history.shape(0), rng);
+      }, py::arg("logits"), py::arg("params"), py::arg("history"), py::arg("seed"),
+      "The host sampler's pick from a whole row, with a generator of this seed (the tests' reference).");
 
   m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes") = uint64_t(1) << 30,
         py::arg("n_threads") = 0, py::arg("reps") = 5, py::call_guard<py::gil_scoped_release>(),

@@ -11,6 +11,7 @@
 
 #include "cpu/backend.h"
 #include "upg/backend.h"
+#include "upg/session.h"  // sample_row
 
 namespace py = pybind11;
 using namespace upg;
@@ -18,6 +19,7 @@ using namespace upg;
 namespace {
 
 using Bytes = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using Ids = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 DType dtype_by_name(const std::string& name) {
   for (int t = 0; t < kNumDTypes; ++t)
@@ -81,7 +83,25 @@ void bind_backend(py::module_& m) {
       .def("silu_linear_add", &Backend::silu_linear_add, "w"_a, "gate_up"_a, "n_tokens"_a, "n_decode"_a, "act"_a,
            "tmp"_a, "out"_a, "out += linear(w, silu_mul(gate_up)); act, tmp: scratch.")
       .def("argmax", &Backend::argmax, "x"_a, "n"_a, "out"_a)
-      .def("next_token", &Backend::next_token, "pass_"_a, "tokens"_a, "out"_a);
+      .def("next_token", &Backend::next_token, "pass_"_a, "tokens"_a, "out"_a)
+      .def("top_k", [](Backend& b, Buf logits, int n, int k, Ids skip) {
+             if (skip.ndim() != 1) throw std::invalid_argument("skip must be a 1-D array");
+             std::vector<Candidate> top(size_t(std::max(k, 0)));
+             py::array_t<float> skipped{skip.shape(0)};
+             b.top_k(logits, n, k, skip.data(), int(skip.shape(0)), top.data(), skipped.mutable_data());
+             py::array_t<int32_t> ids{py::ssize_t(top.size())};
+             py::array_t<float> values{py::ssize_t(top.size())};
+             for (size_t i = 0; i < top.size(); ++i) ids.mutable_data()[i] = top[i].id, values.mutable_data()[i] = top[i].logit;
+             return py::make_tuple(ids, values, skipped);
+           }, "logits"_a, "n"_a, "k"_a, "skip"_a,
+           "The sampler's cut of n floats: (ids int32 [k], -1 past the last; their floats; the skip ids' floats).")
+      .def("sample", [](Backend& b, Buf logits, int n, const SamplingParams& p, Ids history, uint64_t seed) {
+             if (history.ndim() != 1) throw std::invalid_argument("history must be a 1-D array");
+             if (n < 1) throw std::invalid_argument("sample: the row is empty");
+             Rng rng(seed);
+             return sample_row(b, logits, n, p, history.data(), history.shape(0), rng);
+           }, "logits"_a, "n"_a, "params"_a, "history"_a, "seed"_a,
+           "A Session's pick from n logits on the backend (sample_row), with a generator of this seed.");
   py::class_<CpuBackend, Backend, std::shared_ptr<CpuBackend>>(m, "CpuBackend")
       .def(py::init<int>(), "n_threads"_a = 0, "The CPU kernels on n_threads threads (0: all cores).")
       .def("collect_column_squares", &CpuBackend::collect_column_squares, "on"_a,

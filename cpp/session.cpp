@@ -19,6 +19,23 @@ void check_tokens(const Model& model, const int32_t* tokens, int64_t n) {
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
 }
 
+int32_t sample_row(Backend& backend, Buf row, int32_t n_vocab, const SamplingParams& p, const int32_t* history,
+                   int64_t n_history, Rng& rng) {
+  const int k = kept(p);
+  if (k < 1 || k > Backend::kMaxTopK) {
+    std::vector<float> logits(static_cast<size_t>(n_vocab));
+    backend.download(logits.data(), row, logits.size() * sizeof(float));
+    return sample_token(logits.data(), n_vocab, p, history, n_history, rng);
+  }
+  const std::vector<Adjustment> adj = adjustments(p, history, n_history, n_vocab);
+  std::vector<int32_t> skip;
+  for (const Adjustment& a : adj) skip.push_back(a.id);
+  std::vector<Candidate> top(static_cast<size_t>(k));
+  std::vector<float> raw(adj.size());
+  backend.top_k(row, n_vocab, k, skip.data(), int(skip.size()), top.data(), raw.data());
+  return sample_candidates(top.data(), k, adj, raw.data(), p, rng);
+}
+
 Session::Session(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int n_ctx, KVType kv_type,
                  int n_batch)
     : model_(std::move(model)),
@@ -101,6 +118,18 @@ void Session::decode_greedy(int32_t token, int64_t n, int32_t* out) {
   backend_->download(out, buffers_[Graph::kGenerated].at(uint64_t(n_past_) * sizeof(int32_t)),
                      size_t(n) * sizeof(int32_t));
   n_past_ += n;
+}
+
+int32_t Session::eval_sample(int32_t token, const SamplingParams& p, const int32_t* history, int64_t n_history,
+                             Rng& rng) {
+  const int32_t vocab = model_->config().vocab_size;
+  adjustments(p, history, n_history, vocab);  // throws on a bad bias before the token goes in
+  run(&token, 1, true, Graph::Output::kLogits, Graph::Output::kNone, false, [](int64_t, int, Graph::Output) {});
+  return sample_row(*backend_, buffers_[Graph::kLogits], vocab, p, history, n_history, rng);
+}
+
+void Session::last_logits(float* out) {
+  backend_->download(out, buffers_[Graph::kLogits], size_t(model_->config().vocab_size) * sizeof(float));
 }
 
 template <typename Fn>

@@ -9,8 +9,12 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "upg/quant.h"
+#include "upg/sampler.h"
 
 namespace upg {
 
@@ -114,6 +118,33 @@ class Backend {
   // then the pass moves on to that token (UpgPass::n_past, its UpgToken's pos and its UpgSeq's
   // n_past + 1), so the next pass runs on the device's own state with nothing uploaded.
   virtual void next_token(Buf pass, Buf tokens, Buf out) = 0;
+
+  // ---- the sampler's cut (sampler.h), outside a pass, as upload and download ----
+  // The k best drawable floats (not NaN, not -inf) of the n at `logits` by the sampler's order
+  // (logit descending, then id ascending), the ids in skip left out, into top[k] (id -1 past the
+  // last), and the skipped ids' floats into skipped[n_skip]. skip: ascending distinct ids in
+  // [0, n) (the tokens the penalties and bias change: the host adjusts those few itself, so their
+  // arithmetic has one definition). 1 <= k <= kMaxTopK. By default the row is downloaded and cut
+  // on the host; a GPU cuts it where it is and moves only the k candidates.
+  static constexpr int kMaxTopK = 256;
+  virtual void top_k(Buf logits, int n, int k, const int32_t* skip, int n_skip, Candidate* top, float* skipped) {
+    check_top_k(n, k, skip, n_skip);
+    std::vector<float> row(static_cast<size_t>(n));
+    download(row.data(), logits, row.size() * sizeof(float));
+    top_k_host(row.data(), n, k, skip, n_skip, top, skipped);
+  }
+
+ protected:
+  // Throws std::invalid_argument unless top_k's arguments are as it states.
+  static void check_top_k(int n, int k, const int32_t* skip, int n_skip) {
+    if (n < 1) throw std::invalid_argument("top_k: the row is empty");
+    if (k < 1 || k > kMaxTopK)
+      throw std::invalid_argument("top_k: k must be in [1, " + std::to_string(kMaxTopK) + "], got " + std::to_string(k));
+    if (n_skip < 0) throw std::invalid_argument("top_k: negative skip count");
+    for (int i = 0; i < n_skip; ++i)
+      if (skip[i] < 0 || skip[i] >= n || (i > 0 && skip[i] <= skip[i - 1]))
+        throw std::invalid_argument("top_k: skip ids must be ascending, distinct and inside the row");
+  }
 };
 
 }  // namespace upg

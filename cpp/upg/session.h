@@ -9,6 +9,7 @@
 #include "upg/backend.h"
 #include "upg/graph.h"
 #include "upg/model.h"
+#include "upg/sampler.h"
 
 namespace upg {
 
@@ -17,6 +18,11 @@ Buf model_weights(Backend& backend, const Model& model);
 
 // Throws std::invalid_argument unless 1 <= n and every id is inside the model's vocabulary.
 void check_tokens(const Model& model, const int32_t* tokens, int64_t n);
+
+// sample_token's pick from a logits row on the backend, moving only the candidates when the cut
+// fits the backend's top_k (1 <= kept(p) <= Backend::kMaxTopK), else the whole row. Same errors.
+int32_t sample_row(Backend& backend, Buf row, int32_t n_vocab, const SamplingParams& p, const int32_t* history,
+                   int64_t n_history, Rng& rng);
 
 class Session {
  public:
@@ -39,6 +45,14 @@ class Session {
   // not appended (as a sampled token is not until the next eval). One pass per token with nothing
   // uploaded or downloaded in between, so a GPU queues them back to back. Same errors as eval.
   void decode_greedy(int32_t token, int64_t n, int32_t* out);
+  // eval of one generated token, then the next token sampled from its logits (sample_row: the
+  // token sample_token picks with the same params, history and rng). The history should end with
+  // `token`, as it does for eval + sample. Same errors as eval and sample_token; a bad logit_bias
+  // is refused before the token is evaluated.
+  int32_t eval_sample(int32_t token, const SamplingParams& p, const int32_t* history, int64_t n_history, Rng& rng);
+  // The logits of the token eval_sample evaluated last, into out[vocab] (they stay on the backend
+  // until asked for).
+  void last_logits(float* out);
 
   int64_t n_past() const { return n_past_; }
   int n_ctx() const { return n_ctx_; }
