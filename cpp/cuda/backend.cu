@@ -1,6 +1,7 @@
 #include "backend.h"
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -285,6 +286,30 @@ void CudaBackend::next_token(Buf pass, Buf tokens, Buf out) {
   const int32_t* t = ptr<const int32_t>(tokens);
   int32_t* o = ptr<int32_t>(out);
   record("next_token", [=, s = stream_] { cuda::next_token(p, t, o, s); }, p, t, o);
+}
+
+static_assert(Backend::kMaxTopK <= kTopKMax, "the seam's bound on k is one the kernels take");
+
+void CudaBackend::top_k(Buf logits, int n, int k, const int32_t* skip, int n_skip, Candidate* top, float* skipped) {
+  check_top_k(n, k, skip, n_skip);
+  // sampler_: the blocks' keys, then int32 / float arrays: skip ids, and the results as one
+  // download (ids, logits, skipped floats)
+  const size_t keys = top_k_scratch(n, k), results = size_t(2 * k + n_skip);
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  uint8_t* base = static_cast<uint8_t*>(sampler_.need(keys + (size_t(n_skip) + results) * 4));
+  int32_t* skip_d = reinterpret_cast<int32_t*>(base + keys);
+  int32_t* ids = skip_d + n_skip;
+  float* values = reinterpret_cast<float*>(ids + k);
+  if (n_skip) check(cudaMemcpyAsync(skip_d, skip, size_t(n_skip) * 4, cudaMemcpyHostToDevice, stream_), "upload");
+  cuda::top_k(ptr<const float>(logits), n, k, skip_d, n_skip, ids, values, values + k, base, stream_);
+  std::vector<int32_t> out(results);
+  check(cudaMemcpyAsync(out.data(), ids, results * 4, cudaMemcpyDeviceToHost, stream_), "download");
+  check(cudaStreamSynchronize(stream_), "top_k");
+  for (int i = 0; i < k; ++i) {
+    top[i].id = out[size_t(i)];
+    std::memcpy(&top[i].logit, &out[size_t(k + i)], 4);
+  }
+  std::memcpy(skipped, out.data() + 2 * k, size_t(n_skip) * 4);
 }
 
 }  // namespace upg::cuda

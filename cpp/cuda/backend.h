@@ -64,6 +64,8 @@ class CudaBackend : public Backend {
   void silu_linear_add(const Matrix& w, Buf gate_up, int n_tokens, int n_decode, Buf act, Buf tmp, Buf x) override;
   void argmax(Buf x, int n, Buf out) override;
   void next_token(Buf pass, Buf tokens, Buf out) override;
+  // Two launches (top_k.cu) between one small upload (the skip ids) and one small download.
+  void top_k(Buf logits, int n, int k, const int32_t* skip, int n_skip, Candidate* top, float* skipped) override;
 
   Generated generated() const { return generated_; }
   // Passes run so far, and how many of them were replays of the captured graph.
@@ -105,6 +107,8 @@ class CudaBackend : public Backend {
   std::string graph_signature_;             // of the graph below
   cudaGraphExec_t graph_ = nullptr;
   int64_t passes_ = 0, replays_ = 0;
+
+  DeviceScratch sampler_;  // top_k's skip ids, results and blocks' keys
 };
 
 }  // namespace upg::cuda

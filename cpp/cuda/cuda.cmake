@@ -42,7 +42,8 @@ if(UPG_CUDA)
     ${CMAKE_CURRENT_LIST_DIR}/rms_norm.cu
     ${CMAKE_CURRENT_LIST_DIR}/rope.cu
     ${CMAKE_CURRENT_LIST_DIR}/elementwise.cu
-    ${CMAKE_CURRENT_LIST_DIR}/get_rows.cu)
+    ${CMAKE_CURRENT_LIST_DIR}/get_rows.cu
+    ${CMAKE_CURRENT_LIST_DIR}/top_k.cu)
   set_target_properties(upg_cuda PROPERTIES
     CUDA_ARCHITECTURES "${UPG_CUDA_ARCHS};${UPG_CUDA_PTX}"
     CUDA_STANDARD 17

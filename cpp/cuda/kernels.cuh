@@ -121,4 +121,27 @@ void argmax(const float* x, int n, int32_t* out, cudaStream_t s);
 // captured decode step replays with nothing uploaded.
 void next_token(int32_t* pass, const int32_t* token, int32_t* out, cudaStream_t s);
 
+// The sampler's cut (Backend::top_k), launched outside the passes: the k best floats of x[0..n)
+// by value descending, then index ascending, NaN, -inf and the skip indices (ascending, n_skip)
+// left out, into ids[k] (-1 past the last) and logits[k]; skipped[i] = x[skip[i]]. 1 <= k <=
+// kTopKMax; scratch: top_k_scratch(n, k) bytes.
+constexpr int kTopKMax = 256;
+size_t top_k_scratch(int n, int k);
+void top_k(const float* x, int n, int k, const int32_t* skip, int n_skip, int32_t* ids, float* logits, float* skipped,
+           void* scratch, cudaStream_t s);
+
+// Device memory that grows to the largest need asked of it and frees itself.
+class DeviceScratch {
+ public:
+  DeviceScratch() = default;
+  DeviceScratch(const DeviceScratch&) = delete;
+  DeviceScratch& operator=(const DeviceScratch&) = delete;
+  ~DeviceScratch();
+  void* need(size_t bytes);  // growing waits for the queued work (cudaFree synchronizes)
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 }  // namespace upg::cuda
