@@ -184,8 +184,10 @@ def test_the_same_prompt_again_evaluates_nothing(models, monkeypatch):
     p = prompts(1, seed=11)[0] + [3, 4, 5]
     first = llm.create_completion(p, max_tokens=5, temperature=0)["choices"][0]["text"]
     evals = []
-    real = Llama._eval
+    real, real_sample = Llama._eval, Llama._eval_sample
     monkeypatch.setattr(Llama, "_eval", lambda self, t, g: (evals.append((len(t), g)), real(self, t, g)))
+    # a generated token evaluated with the next one's sampling (Session.eval_sample) counts the same
+    monkeypatch.setattr(Llama, "_eval_sample", lambda self, *a: (evals.append((1, True)), real_sample(self, *a))[1])
     assert llm.create_completion(p, max_tokens=5, temperature=0)["choices"][0]["text"] == first
     assert evals == [(1, True)] * 4  # the generated tokens only
     evals.clear()

@@ -46,6 +46,7 @@ def scripted(llama, monkeypatch, tokens):
     """Makes the sampler return `tokens` in order (to drive the text pipeline exactly)."""
     it = iter(tokens)
     monkeypatch.setattr(llama, "sample", lambda sampling=None, logits=None: next(it))
+    monkeypatch.setattr(llama, "sample_on_backend", False)  # every token through sample, none by eval_sample
 
 
 def test_tokenize_matches_transformers(llama, model_path):

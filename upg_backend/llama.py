@@ -206,6 +206,11 @@ class Llama:
         # Greedy completions chosen on the backend a chunk at a time (_GreedyAhead): a GPU then runs
         # the passes back to back; on the CPU it would only evaluate tokens past a stop.
         self.greedy_ahead = self.backend != "cpu"
+        # Sampled tokens chosen by Session.eval_sample when nothing on the host needs the logits:
+        # the backend cuts the candidates, so only those leave a GPU (the same tokens as eval +
+        # sample). The last token's logits then stay on the backend until asked for (scores).
+        self.sample_on_backend = True
+        self._logits_on_backend = False
         self.model_params = SimpleNamespace(n_gpu_layers=0 if self.backend == "cpu" else -1, main_gpu=main_gpu)
         self._input_ids: list[int] = []
         # The leading positions computed as prompt tokens: only those are reused for a new prompt,
@@ -300,6 +305,8 @@ class Llama:
     @property
     def scores(self) -> np.ndarray:
         """Logits: float32 [n_tokens, n_vocab] with logits_all, else the last row as [1, n_vocab]."""
+        if self._logits_on_backend:  # eval_sample's token's (never with logits_all)
+            self._append_scores(self._live().last_logits()[None])
         return self._scores
 
     def set_seed(self, seed: int) -> None:
@@ -314,6 +321,7 @@ class Llama:
         self._live().truncate(n)
         del self._input_ids[n:]
         self._prompt_run = min(self._prompt_run, n)
+        self._logits_on_backend = False
         if self._prompt_logits is not None and self._prompt_logits[0] > n:
             self._prompt_logits = None
         self._scores = self._scores[:n] if self.logits_all else self._scores[:0]
@@ -350,6 +358,7 @@ class Llama:
                 self._prompt_logits = (self._prompt_run, logits[-1].copy())
 
     def _append_scores(self, logits: np.ndarray) -> None:
+        self._logits_on_backend = False
         if not self.logits_all:
             self._scores = logits
             return
@@ -362,9 +371,10 @@ class Llama:
         self._scores = self._score_buf[:need]
 
     def _last_logits(self) -> np.ndarray:
-        if not len(self._scores):
+        scores = self.scores
+        if not len(scores):
             raise ValueError("no logits yet: evaluate at least one token first")
-        return self._scores[-1]
+        return scores[-1]
 
     def _load_prompt(self, tokens: Sequence[int]) -> None:
         """Makes the context hold exactly `tokens`, keeping the KV cache of the common prefix."""
@@ -392,9 +402,30 @@ class Llama:
     def sample(self, sampling: SamplingParams | None = None, logits: np.ndarray | None = None) -> int:
         """Samples the next token from the last logits (or `logits`), with the recent tokens as penalty history."""
         params = sampling or self._sampling
-        history = np.asarray(self._input_ids[-params.penalty_last_n:] if params.penalty_last_n else [], dtype=np.int32)
         row = self._last_logits() if logits is None else logits
-        return int(self._live().sample(np.ascontiguousarray(row, dtype=np.float32), params.to_core(), history))
+        return int(self._live().sample(np.ascontiguousarray(row, dtype=np.float32), params.to_core(), self._history(params)))
+
+    def _history(self, params: SamplingParams) -> np.ndarray:
+        """The recent tokens the penalties look at."""
+        return np.asarray(self._input_ids[-params.penalty_last_n:] if params.penalty_last_n else [], dtype=np.int32)
+
+    def _eval_sample(self, token: int, params: SamplingParams, core: _core.SamplingParams) -> int:
+        """_eval([token], True) then sample(params) in one call on the backend (Session.eval_sample;
+        core: params.to_core()). The token's logits stay there until `scores` asks for them."""
+        if len(self._input_ids) + 1 > self._n_ctx:
+            raise ValueError(f"{len(self._input_ids) + 1} tokens exceed the context window of {self._n_ctx}")
+        session = self._live()
+        self._input_ids.append(token)
+        try:
+            token = int(session.eval_sample(token, core, self._history(params)))
+        except BaseException:
+            if session.n_past < len(self._input_ids):  # refused before the eval (a bad bias)
+                self._input_ids.pop()
+            else:  # evaluated, then nothing to sample (every token banned)
+                self._logits_on_backend = True
+            raise
+        self._logits_on_backend = True
+        return token
 
     def generate(self, tokens: Sequence[int], sampling: SamplingParams | None = None, *, reset: bool = True,
                  **sampling_kw: Any) -> Iterator[int]:
@@ -414,10 +445,14 @@ class Llama:
             self._eval(tokens, False)
         if params.seed is not None:
             self.set_seed(params.seed)
+        token, core = self.sample(params), params.to_core()
         while True:
-            token = self.sample(params)
             yield token
-            self._eval([token], True)
+            if self.sample_on_backend and not self.logits_all:
+                token = self._eval_sample(token, params, core)
+            else:
+                self._eval([token], True)
+                token = self.sample(params)
 
     # ----- generation -----
 
@@ -468,10 +503,15 @@ class Llama:
             self._tables.token_table = TokenTable(self.tokenizer.to_json(), self._n_vocab, self._eos_ids)
         return Matcher(grammar, self._tables.token_table)
 
+    def _host_needs_logits(self, grammar: Grammar | None, logprobs: int | None, stopping_criteria: StoppingCriteria,
+                           logits_processor: LogitsProcessors) -> bool:
+        return bool(grammar is not None or logprobs is not None or stopping_criteria or logits_processor
+                    or self.logits_all)
+
     def _greedy_ahead(self, sampling: SamplingParams, grammar: Grammar | None, logprobs: int | None,
                       stopping_criteria: StoppingCriteria, logits_processor: LogitsProcessors) -> _GreedyAhead | None:
         """Greedy tokens chosen on a GPU backend, when nothing on the host needs the logits."""
-        host = grammar is not None or logprobs is not None or stopping_criteria or logits_processor or self.logits_all
+        host = self._host_needs_logits(grammar, logprobs, stopping_criteria, logits_processor)
         return _GreedyAhead(self) if self.greedy_ahead and sampling.plain_greedy and not host else None
 
     def _stream(self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int | None,
@@ -485,6 +525,10 @@ class Llama:
         stops = [s.encode("utf-8") for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         matcher = self._matcher(grammar)
         ahead = self._greedy_ahead(sampling, grammar, logprobs, stopping_criteria, logits_processor)
+        # the tokens after the first by Session.eval_sample (the first is sampled from the prompt's logits)
+        on_backend = ahead is None and self.sample_on_backend and \
+            not self._host_needs_logits(grammar, logprobs, stopping_criteria, logits_processor)
+        core = sampling.to_core()
         self._load_prompt(prompt)
         room = self._n_ctx - len(prompt)
         limit = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)
@@ -498,6 +542,8 @@ class Llama:
             while n < limit:
                 if ahead is not None and n > 0:
                     token = ahead.next(token, limit - n)
+                elif on_backend and n > 0:
+                    token = self._eval_sample(token, sampling, core)
                 else:
                     logits = self._last_logits()
                     if stopping_criteria and any(c(self.input_ids, logits) for c in stopping_criteria):
@@ -533,7 +579,7 @@ class Llama:
                     pending = pending[len(sent):]
                     yield _Piece(out[emitted:safe].decode("utf-8", errors="ignore"), sent)
                     emitted = safe
-                if n < limit and ahead is None:
+                if n < limit and ahead is None and not on_backend:
                     self._eval([token], True)
         finally:  # also when the consumer stops reading
             if ahead is not None:
@@ -889,7 +935,7 @@ class Llama:
 
     def save_state(self) -> LlamaState:
         """The context's tokens, logits and KV cache (restored by `load_state`)."""
-        return LlamaState(self.input_ids.copy(), self._scores.copy(), self._live().save_kv())
+        return LlamaState(self.input_ids.copy(), self.scores.copy(), self._live().save_kv())
 
     def load_state(self, state: LlamaState) -> None:
         """Restores a saved context, KV cache included: nothing is evaluated again.
@@ -902,6 +948,7 @@ class Llama:
         self._prompt_run = len(self._input_ids)  # as the saved context was computed
         self._prompt_logits = None
         self._score_buf = self._scores = np.array(state.scores, dtype=np.float32)
+        self._logits_on_backend = False
 
     def close(self) -> None:
         """Frees the session and the model; the object cannot be used afterwards."""
