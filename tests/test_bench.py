@@ -52,3 +52,22 @@ def test_parallel_streams_on_the_cpu(tmp_path, capsys):
         assert row["aggregate_tps"] > 0 and abs(row["aggregate_tps"] - row["streams"] * row["per_stream_tps"]) < 1e-6 * row["aggregate_tps"]
         assert 0 <= row["host_ms"] < row["step_ms"]
     assert r["rows"][0]["vs_one_stream"] == 1.0
+
+
+def test_sampled_decode_on_the_cpu(tmp_path, capsys):
+    """`upg bench FILE --sampled`: the sampled decode's two rates, beside the greedy one."""
+    from conftest import make_hf_checkpoint
+    from upg_backend.convert import convert_hf
+
+    src = make_hf_checkpoint(tmp_path / "hf", "Phi3ForCausalLM", seed=1, hidden_size=64, intermediate_size=128,
+                             num_attention_heads=2, num_key_value_heads=1, vocab_size=96)
+    path = tmp_path / "m.upg"
+    convert_hf(src, path, type="q4", block=32, progress=False)
+    args = ["bench", str(path), "--backend", "cpu", "--threads", "1", "--prompt-tokens", "5", "--gen-tokens", "4",
+            "--runs", "1"]
+    assert cli.main([*args, "--json", "--sampled"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["decode_tps"] > 0 and r["sampled_tps"] > 0 and r["sampled_host_tps"] > 0
+    assert cli.main([*args, "--sampled"]) == 0 and "sampled decode" in capsys.readouterr().out

@@ -4,6 +4,10 @@ Decode streams every weight once per token, so its floor is weight bytes / memor
 report puts the achieved weight bandwidth next to the machine's measured read bandwidth. A model is
 a .upg file or a synthetic one of a named shape (random weights, written once and cached).
 
+`upg bench --sampled`: decode also with sampled tokens (llama-cpp-python's defaults: top_k 40,
+temperature 0.8), by Session.eval_sample (the backend cuts the candidates; only those leave it) and
+by eval + sample (the whole logits row to the host), against greedy decoding.
+
 `upg bench --parallel N ...`: N streams decoding together through a BatchSession (one generated
 token of every stream per step, greedy on the host), against one stream measured the same way.
 """
@@ -96,6 +100,8 @@ class BenchResult:
     peak_rss_bytes: int
     kv_bytes: int
     device_bytes: int = 0  # GPU memory the backend holds (weights, buffers, workspace); 0 on the CPU
+    sampled_tps: float = 0.0  # --sampled: decode by eval_sample (0: not measured)
+    sampled_host_tps: float = 0.0  # --sampled: decode by eval + sample
 
     @property
     def roofline(self) -> float:
@@ -115,6 +121,10 @@ class BenchResult:
                              f"{self.kv_bytes / 1e9:.2f} + {(self.peak_rss_bytes - self.file_bytes - self.kv_bytes) / 1e6:.0f} MB)")]
         if self.device_bytes:
             rows.append(("GPU memory", f"{self.device_bytes / 1e9:.2f} GB held by the backend"))
+        if self.sampled_tps:
+            rows.append(("sampled decode", f"{self.sampled_tps:.2f} tok/s by eval_sample (candidates from the backend), "
+                                           f"{self.sampled_host_tps:.2f} tok/s by eval + sample (the whole row); "
+                                           f"top_k 40, temperature 0.8"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -129,7 +139,8 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the portable figure
 
 
-def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str) -> dict[str, Any]:
+def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str,
+             sampled: bool) -> dict[str, Any]:
     """Runs in a fresh process so that peak RSS is the engine's alone (the mapped file's pages count)."""
     from .format import UPGFile
 
@@ -154,8 +165,8 @@ def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs:
     session.truncate(0)
     first_token_s = time.perf_counter() - t0
 
-    prefill, ttft, decode = [], [], []
-    greedy = _core.SamplingParams()
+    prefill, ttft, decode, by_backend, by_host = [], [], [], [], []
+    greedy, default = _core.SamplingParams(), _core.SamplingParams()
     greedy.temperature = 0.0
     for _ in range(runs):
         session.truncate(0)
@@ -175,6 +186,16 @@ def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs:
             for done in range(0, gen, GREEDY_CHUNK):
                 tok = int(session.decode_greedy(tok, min(GREEDY_CHUNK, gen - done))[-1])
         decode.append(gen / (time.perf_counter() - t0))
+        if sampled:  # the same gen tokens again after the prompt, sampled each way
+            history = tokens[-default.penalty_last_n:]
+            for rates, step in ((by_backend, lambda t: session.eval_sample(t, default, history)),
+                                (by_host, lambda t: session.sample(session.eval(np.array([t], np.int32))[-1], default,
+                                                                   history))):
+                session.truncate(prompt)
+                t0 = time.perf_counter()
+                for _ in range(gen):
+                    tok = step(tok)
+                rates.append(gen / (time.perf_counter() - t0))
     # The GPU's floor is measured here, in the process that holds the GPU.
     gpu_gbps = _core.cuda_read_bandwidth() if backend == "cuda" else 0.0
     device_bytes = device.device_bytes if backend == "cuda" else 0
@@ -184,7 +205,9 @@ def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs:
                 load_and_first_token_s=first_token_s,
                 prefill_tokens=prompt, prefill_tps=statistics.median(prefill), ttft_s=statistics.median(ttft),
                 decode_tokens=gen, decode_tps=tps, decode_gbps=per_token * tps / 1e9,
-                peak_rss_bytes=_peak_rss(), kv_bytes=kv_bytes, device_bytes=device_bytes, gpu_gbps=gpu_gbps)
+                peak_rss_bytes=_peak_rss(), kv_bytes=kv_bytes, device_bytes=device_bytes, gpu_gbps=gpu_gbps,
+                sampled_tps=statistics.median(by_backend) if sampled else 0.0,
+                sampled_host_tps=statistics.median(by_host) if sampled else 0.0)
 
 
 def _model_path(model: str, type: str, cache_dir: Path | None) -> tuple[Path, str]:
@@ -211,9 +234,10 @@ def _check_arguments(prompt: int, gen: int, runs: int, threads: int, backend: st
 
 
 def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512, gen: int = 128, runs: int = 3,
-              kv_type: str = "f16", cache_dir: Path | None = None, backend: str = "auto") -> BenchResult:
+              kv_type: str = "f16", cache_dir: Path | None = None, backend: str = "auto",
+              sampled: bool = False) -> BenchResult:
     """Benchmarks a .upg file, or a synthetic model when `model` names a shape in SHAPES, on a
-    backend (backends.NAMES).
+    backend (backends.NAMES). sampled: also decode with sampled tokens, both ways (module doc).
 
     Raises:
         ValueError: a count is not positive, the weight type is unknown, or the backend is unknown
@@ -224,7 +248,7 @@ def run_bench(model: str, type: str = "q4", threads: int = 0, prompt: int = 512,
     path, type = _model_path(model, type, cache_dir)
     threads = threads or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        r = pool.apply(_measure, (str(path), backend, threads, prompt, gen, runs, kv_type))
+        r = pool.apply(_measure, (str(path), backend, threads, prompt, gen, runs, kv_type, sampled))
     # here, so its buffer stays out of the child's RSS; the host's memory is the decode floor on the CPU only
     gpu_gbps = r.pop("gpu_gbps")
     machine = _core.measure_read_bandwidth(1 << 30, threads) if r["backend"] == "cpu" else gpu_gbps

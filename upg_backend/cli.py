@@ -309,6 +309,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "f32"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--sampled", action="store_true",
+                   help="also decode with sampled tokens (top_k 40, temperature 0.8): by Session.eval_sample "
+                        "(candidates from the backend) and by eval + sample (the whole logits row)")
     p.add_argument("--parallel", type=int, nargs="+", metavar="N",
                    help="instead: N streams decoding together in one pass (BatchSession), for each N given, "
                         "against one stream")
@@ -329,7 +332,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(p), indent=2) if args.json else p.table())
         return 0
     r = run_bench(args.model, type=args.type, threads=args.threads, prompt=args.prompt_tokens, gen=args.gen_tokens,
-                  runs=args.runs, kv_type=args.kv_type, backend=args.backend)
+                  runs=args.runs, kv_type=args.kv_type, backend=args.backend, sampled=args.sampled)
     print(json.dumps(dataclasses.asdict(r) | {"roofline": r.roofline}, indent=2) if args.json else r.table())
     return 0
 
