@@ -300,3 +300,14 @@ def test_a_slot_samples_and_truncates_while_another_step_runs(smollm2_q8):
     ticker.join()
     assert b.n_past(0) == 100
     assert len(ticks) - before > 10, "truncate held the GIL while it waited"
+
+
+def test_views_of_a_gpu_llama_decode_through_the_batch(models):
+    """A Llama on a GPU backend chooses greedy tokens by decode_greedy (greedy_ahead); its views
+    have no session of their own, so theirs go through the batch's steps."""
+    llm = Llama(str(models["q8_0"]), n_ctx=128, n_threads=2)
+    llm.greedy_ahead = True  # as on a GPU backend
+    p = prompts(1, seed=12)[0]
+    want = llm.create_completion(p, max_tokens=6, temperature=0)["choices"][0]["text"]
+    with Batch(llm, 2) as batch:
+        assert batch.create_completions([p], max_tokens=6, temperature=0)[0]["choices"][0]["text"] == want

@@ -144,7 +144,8 @@ class Batch:
         view._prompt_run = 0
         view._prompt_logits = None
         view._score_buf = view._scores = np.zeros((0, llama.n_vocab()), dtype=np.float32)
-        view.sample_on_backend = view._logits_on_backend = False  # a slot's evals are the batch's steps
+        # a slot's evals are the batch's steps: no decode_greedy or eval_sample of a Session
+        view.greedy_ahead = view.sample_on_backend = view._logits_on_backend = False
         view.context_params = SimpleNamespace(**{**vars(llama.context_params), "n_ctx": self.n_ctx})
         view._tables = llama._tables
         view._prefix_source = self._load_prefix
