@@ -69,7 +69,6 @@ CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
   if (graph_) cudaGraphExecDestroy(graph_);
   base_.clear();
-  if (workspace_) cudaFree(workspace_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -107,14 +106,8 @@ void CudaBackend::begin(Buf pass) {
 
 void CudaBackend::end() {
   ++passes_;
-  if (workspace_need_ > workspace_bytes_) {  // cudaFree waits for the queued passes that may still read the old one
-    if (workspace_) check(cudaFree(workspace_), "cudaFree");
-    workspace_ = nullptr;
-    workspace_bytes_ = 0;
-    check(cudaMalloc(&workspace_, workspace_need_), "cudaMalloc");
-    workspace_bytes_ = workspace_need_;
-  }
-  append(signature_, workspace_);  // the launches read it when captured
+  workspace_.need(workspace_need_);          // growing waits for the queued passes that may still read the old one
+  append(signature_, workspace_.get());  // the launches read it when captured
   if (graph_ && signature_ == graph_signature_) {
     ++replays_;
   } else {
@@ -194,7 +187,7 @@ void CudaBackend::linear(const Matrix& m, Buf x, int n_tokens, int n_decode, Buf
 
 void* const* CudaBackend::workspace(size_t bytes) {
   workspace_need_ = std::max(workspace_need_, bytes);
-  return &workspace_;
+  return workspace_.address();
 }
 
 void CudaBackend::rope(Buf qkv, Buf inv_freq, const UpgRopeArgs& a) {

@@ -73,7 +73,7 @@ class CudaBackend : public Backend {
   int64_t replays() const { return replays_; }
   // Device memory held: weights (counted by every backend that shares them), buffers and the
   // attention workspace.
-  size_t device_bytes() const { return device_bytes_ + workspace_bytes_; }
+  size_t device_bytes() const { return device_bytes_ + workspace_.bytes(); }
 
  private:
   template <typename T = uint8_t>
@@ -97,8 +97,7 @@ class CudaBackend : public Backend {
   // x): the launches of a stream run one after another, so they can share it. Grows, never shrinks.
   // The ops record its address and their need; end() grows it before the pass is captured.
   void* const* workspace(size_t bytes);
-  void* workspace_ = nullptr;
-  size_t workspace_bytes_ = 0;
+  DeviceScratch workspace_;
   size_t workspace_need_ = 0;     // of the pass being recorded
   size_t device_bytes_ = 0;       // of base_
 

@@ -1,4 +1,4 @@
-// Host-side helpers shared by the launchers (common.cuh) and init().
+// Host-side helpers shared by the launchers (common.cuh) and init(), and DeviceScratch.
 #include <stdexcept>
 #include <string>
 
@@ -124,6 +124,21 @@ void init(int device) {
   init_matvec();
   init_matmul();
   init_attention();
+}
+
+void* DeviceScratch::need(size_t bytes) {
+  if (bytes > bytes_) {
+    if (p_) check(cudaFree(p_), "cudaFree");  // waits for the queued work that may use the old one
+    p_ = nullptr;
+    bytes_ = 0;
+    check(cudaMalloc(&p_, bytes), "cudaMalloc");
+    bytes_ = bytes;
+  }
+  return p_;
+}
+
+DeviceScratch::~DeviceScratch() {
+  if (p_) cudaFree(p_);
 }
 
 }  // namespace upg::cuda

@@ -138,6 +138,9 @@ class DeviceScratch {
   DeviceScratch& operator=(const DeviceScratch&) = delete;
   ~DeviceScratch();
   void* need(size_t bytes);  // growing waits for the queued work (cudaFree synchronizes)
+  void* get() const { return p_; }
+  void* const* address() const { return &p_; }  // for launches recorded before it grows
+  size_t bytes() const { return bytes_; }
 
  private:
   void* p_ = nullptr;

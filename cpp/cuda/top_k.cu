@@ -109,19 +109,4 @@ void top_k(const float* x, int n, int k, const int32_t* skip, int n_skip, int32_
          skip, n_skip, ids, logits, skipped);
 }
 
-void* DeviceScratch::need(size_t bytes) {
-  if (bytes > bytes_) {
-    if (p_) check(cudaFree(p_), "cudaFree");  // waits for the queued work that may use the old one
-    p_ = nullptr;
-    bytes_ = 0;
-    check(cudaMalloc(&p_, bytes), "cudaMalloc");
-    bytes_ = bytes;
-  }
-  return p_;
-}
-
-DeviceScratch::~DeviceScratch() {
-  if (p_) cudaFree(p_);
-}
-
 }  // namespace upg::cuda
