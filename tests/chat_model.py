@@ -5,9 +5,12 @@ text round-trips), with ChatML special tokens and the SmolLM2-style ChatML templ
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import time
 from pathlib import Path
 
+import openai
 import pytest
 
 from conftest import make_hf_checkpoint
@@ -71,3 +74,31 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_path):
     return Llama(model_path, n_ctx=SERVER_N_CTX, n_threads=1)
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    """Request i's chat: a system prompt every request shares, and its own question."""
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}: how are you?"}]
+
+
+def join_and_leave(url: str, batch, reference: Llama) -> None:
+    """Ten chat requests (greedy and seeded sampling, 6 to 21 tokens) arriving one after another at
+    the server at url, into its running Batch: each answer must be reference's alone, bit for bit,
+    the requests evaluated together (fewer steps than their tokens one by one) and the shared
+    system prompt computed once and copied."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    jobs = [(i, 6 + 5 * (i % 4), 0.0 if i % 2 else 0.9) for i in range(10)]
+    want = {i: reference.create_chat_completion(messages(i), max_tokens=n, temperature=t, seed=i)
+            ["choices"][0]["message"]["content"] for i, n, t in jobs}
+
+    def run(job):
+        i, n, t = job
+        time.sleep(0.03 * i)  # arrive one after another, into a batch already running
+        r = c.chat.completions.create(model="tiny", messages=messages(i), max_tokens=n, temperature=t, seed=i)
+        return i, r.choices[0].message.content
+    steps0 = batch.steps
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        got = dict(pool.map(run, jobs))
+    assert got == want
+    assert batch.steps - steps0 < sum(n + 1 for _, n, _ in jobs)
+    assert batch.prefix_copies > 0

@@ -61,3 +61,14 @@ def reference_top_k(row: np.ndarray, k: int, skip: np.ndarray) -> tuple[np.ndarr
     order = np.lexsort((ids, -row[keep].astype(np.float64)))[:k]
     best = ids[order]
     return np.concatenate([best, np.full(k - len(best), -1)]).astype(np.int32), row[best]
+
+
+def sampled_steps(step, first: int, prompt: np.ndarray, n: int = 60) -> list[int]:
+    """n tokens of a sampling loop from `first` after `prompt`: step(token, history) evaluates the
+    token and returns the next (eval + sample, or eval_sample), the history ending with the token."""
+    tok, ids, out = first, list(prompt), []
+    for _ in range(n):
+        ids.append(tok)
+        tok = step(tok, np.array(ids, np.int32))
+        out.append(tok)
+    return out

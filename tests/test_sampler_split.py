@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from sampler_cases import random_history, random_params, random_row, reference_top_k
+from sampler_cases import random_history, random_params, random_row, reference_top_k, sampled_steps
 from upg_backend import _core
 from upg_backend.builtin import builtin_model_path
 from upg_backend.format import UPGFile
@@ -94,15 +94,9 @@ def test_eval_sample_is_eval_then_sample(kw):
     dev.eval(prompt)
     host.set_seed(11)
     dev.set_seed(11)
-    runs = []
-    for step in (lambda tok, ids: host.sample(host.eval(np.array([tok], np.int32))[-1], p, ids),
-                 lambda tok, ids: dev.eval_sample(tok, p, ids)):
-        tok, ids, out = first, list(prompt), []
-        for _ in range(60):
-            ids.append(tok)
-            tok = step(tok, np.array(ids, np.int32))
-            out.append(tok)
-        runs.append(out)
+    runs = [sampled_steps(step, first, prompt)
+            for step in (lambda tok, ids: host.sample(host.eval(np.array([tok], np.int32))[-1], p, ids),
+                         lambda tok, ids: dev.eval_sample(tok, p, ids))]
     assert runs[1] == runs[0]
     assert len(set(runs[0])) > 1 or kw.get("temperature") == 0.0
     assert dev.n_past == host.n_past

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from chat_model import SERVER_N_CTX as N_CTX, model_path, reference  # noqa: F401 (fixtures)
+from chat_model import SERVER_N_CTX as N_CTX, join_and_leave, messages, model_path, reference  # noqa: F401 (fixtures)
 from conftest import serve_app
 from upg_backend.batch import Batch
 from upg_backend.llama import Llama
@@ -40,10 +40,6 @@ def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
-def messages(i: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}: how are you?"}]
-
-
 def no_eos(llama) -> dict[str, float]:
     return {str(t): -100 for t in llama._eos_ids}
 
@@ -60,23 +56,7 @@ def test_requests_join_and_leave_a_running_batch(model_path, reference):
     each answer is the one Llama gives alone, bit for bit (greedy and seeded sampling)."""
     llama, batch, url, stop = start(model_path, 4)
     try:
-        c = client(url)
-        jobs = [(i, 6 + 5 * (i % 4), 0.0 if i % 2 else 0.9) for i in range(10)]
-        want = {i: reference.create_chat_completion(messages(i), max_tokens=n, temperature=t, seed=i)
-                ["choices"][0]["message"]["content"] for i, n, t in jobs}
-
-        def run(job):
-            i, n, t = job
-            time.sleep(0.03 * i)  # arrive one after another, into a batch already running
-            r = c.chat.completions.create(model="tiny", messages=messages(i), max_tokens=n, temperature=t, seed=i)
-            return i, r.choices[0].message.content
-        steps0 = batch.steps
-        with concurrent.futures.ThreadPoolExecutor(10) as pool:
-            got = dict(pool.map(run, jobs))
-        assert got == want
-        # fewer steps than the requests' tokens one by one: they were evaluated together
-        assert batch.steps - steps0 < sum(n + 1 for _, n, _ in jobs)
-        assert batch.prefix_copies > 0  # the shared system prompt was computed once and copied
+        join_and_leave(url, batch, reference)
     finally:
         stop()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sampler_cases import random_history, random_params, random_row, reference_top_k
+from sampler_cases import random_history, random_params, random_row, reference_top_k, sampled_steps
 from upg_backend import _core
 from upg_backend.builtin import builtin_model_path
 from upg_backend.format import UPGFile
@@ -109,12 +109,7 @@ def test_eval_sample_is_eval_then_sample_on_cuda():
                  lambda tok, ids: s.eval_sample(tok, p, ids)):
         s.truncate(len(prompt))
         s.set_seed(5)
-        tok, ids, out = first, list(prompt), []
-        for _ in range(60):
-            ids.append(tok)
-            tok = step(tok, np.array(ids, np.int32))
-            out.append(tok)
-        runs.append(out)
+        runs.append(sampled_steps(step, first, prompt))
     assert runs[1] == runs[0] and len(set(runs[0])) > 2
 
 
