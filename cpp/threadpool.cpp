@@ -1,6 +1,5 @@
 #include "upg/threadpool.h"
 
-#include <chrono>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -25,14 +24,6 @@ inline void spin_pause() {
 // small ops between two mat-vecs take (the mat-vec parts themselves are 64 KiB to 4 MiB of
 // weights: kernels.h's matmul_chunk_rows).
 constexpr int kPauseSpins = 2000;
-
-// A wait for the workers longer than this (and than the caller's own parts took) means a worker
-// lost its core while it held a part (a decode part takes microseconds, a time slice milliseconds;
-// at 300 us, Phi-4-shaped decode went solo often enough to lose about a tenth); the next kSoloJobs jobs then run on the caller alone (about a
-// token of decode), after which the workers are tried again. Which thread runs a part does not
-// change the results.
-constexpr std::chrono::microseconds kStall{1000};
-constexpr int kSoloJobs = 256;
 
 }  // namespace
 
@@ -61,8 +52,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t chunk, const std::function<void
 }
 
 void ThreadPool::dispatch(int64_t parts, const std::function<void(int64_t)>& fn) {
-  if (n_ == 1 || parts == 1 || solo_ > 0) {
-    if (solo_ > 0) --solo_;
+  if (n_ == 1 || parts == 1) {
     for (int64_t p = 0; p < parts; ++p) fn(p);
     return;
   }
@@ -76,18 +66,12 @@ void ThreadPool::dispatch(int64_t parts, const std::function<void(int64_t)>& fn)
     open_.store(++jobs_, std::memory_order_seq_cst);
   }
   wake_.notify_all();
-  const auto t0 = std::chrono::steady_clock::now();
   take_parts();
   open_.store(0, std::memory_order_seq_cst);  // late workers now leave without touching the job
-  const auto t1 = std::chrono::steady_clock::now();
   for (int spin = 0; active_.load(std::memory_order_seq_cst) != 0; ++spin) {
     if (spin < kPauseSpins) spin_pause();
     else std::this_thread::yield();
   }
-  // A worker that kept us waiting far longer than our own share took was descheduled while it
-  // held a part (the machine has more runnable threads than cores): for a while, run alone.
-  const auto waited = std::chrono::steady_clock::now() - t1;
-  if (waited > kStall && waited > t1 - t0) solo_ = kSoloJobs;
   job_ = nullptr;
   if (error_) std::rethrow_exception(error_);
 }

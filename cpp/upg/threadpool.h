@@ -4,9 +4,10 @@
 // Parts are taken one at a time from a shared counter by whichever thread is free (the caller
 // included), not assigned to threads: on a shared host a thread the OS has descheduled for a while
 // takes fewer parts instead of stalling every matrix, and a worker that has not started when the
-// parts run out is not waited for; after a worker held up the caller (descheduled while it held a
-// part), the caller runs jobs alone for a while. Which thread runs a part never changes what the
-// part computes.
+// parts run out is not waited for. The caller never gives up on the workers: running jobs alone
+// after a worker held it up (descheduled while it held a part) cost Phi-4-shaped decode 10-40% on
+// a shared 2-core host, where such waits come dozens of times a token (docs/BENCHMARKS.md). Which
+// thread runs a part never changes what the part computes.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -54,7 +55,6 @@ class ThreadPool {
   std::atomic<uint64_t> open_{0};
   std::atomic<int> active_{0};
   uint64_t jobs_ = 0;  // jobs dispatched (the caller's side only)
-  int solo_ = 0;       // jobs still to run on the caller alone (threadpool.cpp: kStall)
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable wake_;
