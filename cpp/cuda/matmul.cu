@@ -417,6 +417,7 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
   using L = Q8Tile<DT, B, SH>;
   constexpr int KB = L::KB, S = L::kStages, TM = SH::TM, TN = SH::TN, I = SH::I, J = SH::J, G = SH::G, LA = SH::LA;
   constexpr int zero = DT == UPG_DTYPE_Q4 ? UPG_Q4_ZERO : DT == UPG_DTYPE_Q3 ? UPG_Q3_ZERO : 0;
+  constexpr bool kUnroll = I * J <= 4;
   pdl_enter();
   const int n = min(n_tokens(pass), cap);
   const int t0 = blockIdx.x * TN, r0 = blockIdx.y * TM;
@@ -473,14 +474,16 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
     cp_commit();
     if (step + LA < steps) load_scales(step + LA, sc[u]);
 
-#pragma unroll 1
+    // The token tiles' loops over a step's groups and blocks unrolled: their few accumulators leave
+    // the registers for it, and the address arithmetic of each block then folds into constants.
+#pragma unroll kUnroll ? G : 1
     for (int gi = 0; gi < G && step * G + gi < groups; ++gi) {
       const uint8_t* st = smem + (step % S) * L::kStep + gi * L::kStage;
       const uint8_t* xs = st + L::kW + L::kH;
       const float* wd = scales + (step & 1) * G * slot_floats + gi * slot_floats;  // [TM][KB]
       const float* xd = wd + TM * KB;                                               // [KB][TN]
       const int32_t* xz = reinterpret_cast<const int32_t*>(xd + TN * KB);
-#pragma unroll 1  // one weight block at a time: unrolled, the blocks' registers spill (measured slower)
+#pragma unroll kUnroll ? KB : 1  // the prompt tile one block at a time: unrolled, its blocks' registers spill (measured slower)
       for (int kk = 0; kk < KB; ++kk) {
         int2 z[J];  // the integer sums' start, per token of the thread
 #pragma unroll
