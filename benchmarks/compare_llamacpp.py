@@ -323,6 +323,12 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(["python3 benchmarks/compare_llamacpp.py", *argv])
 
 
+def _simd_path() -> str:
+    """The CPU kernels ours ran: UPG_SIMD when set (the children inherit it), else the best this CPU runs."""
+    forced = os.environ.get("UPG_SIMD")
+    return f"{forced} (UPG_SIMD={forced})" if forced else "the best this CPU runs (UPG_SIMD unset)"
+
+
 def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list[dict], started: str,
            uptime: tuple[str, str], builds: tuple[str, str]) -> str:
     ours, peer = _versions(args.peer_python)
@@ -333,6 +339,7 @@ def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list
            f"- Load (`uptime`) before: `{uptime[0]}`; after: `{uptime[1]}`",
            f"- Command: `{_command(args)}`",
            f"- Ours: {ours}; peer: {peer}, CPU backend built as in benchmarks/README.md",
+           f"- Our kernel path: {_simd_path()}",
            *([f"- **Warning: our engine was rebuilt during this run (now {builds[1]}); the numbers mix two builds.**"]
              if builds[0] != builds[1] else []),
            f"- Protocol: threads {args.threads} (llama.cpp: n_threads = n_threads_batch), n_ctx {args.n_ctx}, "
