@@ -159,6 +159,17 @@ struct V256 {
     else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
+  // dpbusd(dpbusd(acc, w0, a0), w1, a1): for q4 and q3 the two 16-bit pair sums added first, one
+  // vpmaddwd for both (exact: |pair| <= 15 * 128 * 2, two of them < 2^15).
+  template <DType T>
+  static ireg dpbusd2(ireg acc, ireg w0, ireg a0, ireg w1, ireg a1) {
+    if constexpr (T == DType::Q4 || T == DType::Q3) {
+      const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(w1, a1));
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    } else {
+      return dpbusd<T>(dpbusd<T>(acc, w0, a0), w1, a1);
+    }
+  }
   static ireg q8_codes(const uint8_t* p) { return load_i(p); }
   // 32 q4 codes: a block of 32 from 16 bytes, or half c of a block of 64 from 32 bytes.
   template <int B>
@@ -230,14 +241,36 @@ struct V256 {
       _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ls), dsup), _mm256_loadu_ps(d + i)));
     }
   }
+  // The integer accumulator of a vector of P blocks: zs[p] (-zero x sum of codes) in the first lane
+  // of block p, 0 elsewhere. P = 2: block p in lanes 4p..4p+3 (the q4 pair layout below).
   template <int P>
   static ireg acc_init(const int32_t* zs) {
-    static_assert(P == 1, "a vector holds at most one block");
-    return _mm256_zextsi128_si256(_mm_cvtsi32_si128(zs[0]));
+    static_assert(P == 1 || P == 2, "a vector holds one block, or two in the q4 pair layout");
+    if constexpr (P == 1) return _mm256_zextsi128_si256(_mm_cvtsi32_si128(zs[0]));
+    return _mm256_set_m128i(_mm_cvtsi32_si128(zs[1]), _mm_cvtsi32_si128(zs[0]));
   }
   template <int P>
-  static reg block_scales(const float* s) { return _mm256_set1_ps(s[0]); }
-  static constexpr bool kQ4Quad = false;  // rows_dot_q4_quad: 16-lane paths only
+  static reg block_scales(const float* s) {
+    if constexpr (P == 1) return _mm256_set1_ps(s[0]);
+    const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
+  // q4 with blocks of 32, two blocks a vector pair (rows_dot_i8's quad loop): 32 code bytes hold
+  // elements 0-15 of both blocks in their low nibbles and 16-31 in their high nibbles; the
+  // activations of the same two blocks (64 bytes) are rearranged to match, once for the rows of a
+  // call. Per row and block this is half the loads, shifts and FMAs of the one-block vectors.
+  static constexpr bool kQ4Quad = true;
+  static constexpr int kQuadBlocks = 2;
+  static void q4_quad_codes(const uint8_t* p, ireg& lo, ireg& hi) {
+    const __m256i v = load_i(p), m = _mm256_set1_epi8(15);
+    lo = _mm256_and_si256(v, m);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+  }
+  static void q4_quad_act(const int8_t* q, ireg& lo, ireg& hi) {
+    const __m256i a = load_i(q), b = load_i(q + 32);  // block 0, block 1
+    lo = _mm256_permute2x128_si256(a, b, 0x20);        // first halves of blocks 0, 1
+    hi = _mm256_permute2x128_si256(a, b, 0x31);        // second halves
+  }
   static constexpr bool kIq3Quad = false;
   static __m256i first_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, first_n(n), v); }

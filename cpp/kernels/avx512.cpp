@@ -171,6 +171,8 @@ struct V512 {
   }
   template <DType T>
   static ireg dpbusd(ireg acc, ireg w, ireg a) { return _mm512_dpbusd_epi32(acc, w, a); }
+  template <DType T>
+  static ireg dpbusd2(ireg acc, ireg w0, ireg a0, ireg w1, ireg a1) { return dpbusd<T>(dpbusd<T>(acc, w0, a0), w1, a1); }
   static ireg q8_codes(const uint8_t* p) { return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(char(0x80))); }
   // 64 q4 codes from 32 bytes, in element order: one block of 64 (low nibbles, then high), or two
   // blocks of 32 (low and high nibbles of the first, then of the second). The 32 bytes are
@@ -293,6 +295,7 @@ struct V512 {
   // 0-15 of the four blocks in their low nibbles and 16-31 in their high nibbles; the activations
   // of the same four blocks (128 bytes) are rearranged to match, once for all rows of a call.
   static constexpr bool kQ4Quad = true;
+  static constexpr int kQuadBlocks = 4;
   static void q4_quad_codes(const uint8_t* p, ireg& lo, ireg& hi) {
     const __m512i v = _mm512_loadu_si512(p);
     const __m512i m = _mm512_set1_epi8(15);

@@ -323,18 +323,20 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8* a, const int32_t* cons
       }
     int64_t bq = b0;  // blocks [b0, bq) went through the quad loop
     if constexpr (B == 32 && ((kNibbles<T> && V::kQ4Quad) || (T == DType::IQ3 && V::kIq3Quad))) {
-      // Four blocks at a time (V::q4_quad_codes): 1 load and 3 bit operations for 128 codes where
-      // the pair loop below takes 2 loads and 6 (SmolLM2-shaped q4 in cache 21 -> 30 GB/s on one core).
+      // Q = V::kQuadBlocks blocks at a time (V::q4_quad_codes; 4 on AVX-512, 2 on AVX2): 1 load and
+      // 3 bit operations for 4 x 32 codes where the pair loop below takes 2 loads and 6 (SmolLM2-shaped
+      // q4 in cache 21 -> 30 GB/s on one core; on AVX2 the two blocks' scaling is one FMA, not two).
       // iq3: one group of its codes (V::iq3_quad_codes), in the same order.
-      const int64_t qend = b0 + n / 4 * 4;
-      for (int64_t bu = b0; bu < qend; bu += U * 4)
+      constexpr int Q = V::kQuadBlocks;
+      const int64_t qend = b0 + n / Q * Q;
+      for (int64_t bu = b0; bu < qend; bu += U * Q)
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) {
-          const int64_t b = bu + u * 4;
+          const int64_t b = bu + u * Q;
           if (U > 1 && b >= qend) break;
           typename V::ireg init[NT], alo[NT], ahi[NT];
           for (int j = 0; j < NT; ++j) {
-            init[j] = V::template acc_init<4>(zs[j] + b);
+            init[j] = V::template acc_init<Q>(zs[j] + b);
             V::q4_quad_act(a[j].q + b * B, alo[j], ahi[j]);
           }
 #pragma GCC unroll 4
@@ -354,8 +356,8 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8* a, const int32_t* cons
             }
 #pragma GCC unroll 8
             for (int j = 0; j < NT; ++j) {
-              const auto s = V::template dpbusd<T>(V::template dpbusd<T>(init[j], lo, alo[j]), hi, ahi[j]);
-              acc[j][i][u] = V::fma(V::cvt(s), V::template block_scales<4>(sd[j][i] + (b - b0)), acc[j][i][u]);
+              const auto s = V::template dpbusd2<T>(init[j], lo, alo[j], hi, ahi[j]);
+              acc[j][i][u] = V::fma(V::cvt(s), V::template block_scales<Q>(sd[j][i] + (b - b0)), acc[j][i][u]);
             }
           }
         }
@@ -383,7 +385,9 @@ inline void rows_dot_i8(const WeightView& w, const ActQ8* a, const int32_t* cons
 #pragma GCC unroll 8
           for (int j = 0; j < NT; ++j) {
             auto s = init[j];
-            for (int c = 0; c < C; ++c) s = V::template dpbusd<T>(s, codes[c], av[j][c]);
+            if constexpr (C == 2) s = V::template dpbusd2<T>(s, codes[0], av[j][0], codes[1], av[j][1]);
+            else
+              for (int c = 0; c < C; ++c) s = V::template dpbusd<T>(s, codes[c], av[j][c]);
             acc[j][i][u] = V::fma(V::cvt(s), V::template block_scales<P>(sd[j][i] + (b - b0)), acc[j][i][u]);
           }
         }
@@ -432,7 +436,7 @@ inline constexpr Ones kOnes{};
 template <class V, DType T, int B>
 struct TokenVecI8 {
   using S = I8Shape<V, T, B>;
-  static constexpr bool kQuad = B == 32 && kNibbles<T> && V::kQ4Quad;
+  static constexpr bool kQuad = B == 32 && kNibbles<T> && V::kQ4Quad && V::kQuadBlocks == 4;
   static constexpr int NV = kQuad ? 4 : S::P;
   static constexpr int NI = kQuad ? 2 : S::C;
   static constexpr bool kOn = V::kTokensI8 && !kThreeBit<T>;
