@@ -340,7 +340,7 @@ def report(args: argparse.Namespace, rows: list[tuple[Pair, dict]], checks: list
            f"- Command: `{_command(args)}`",
            f"- Ours: {ours}; peer: {peer}, CPU backend built as in benchmarks/README.md",
            f"- Our kernel path: {_simd_path()}",
-           *([f"- llama.cpp's libraries: from LLAMA_CPP_LIB_PATH (a build other than the peer venv's own)"]
+           *(["- llama.cpp's libraries: from LLAMA_CPP_LIB_PATH (a build other than the peer venv's own)"]
              if os.environ.get("LLAMA_CPP_LIB_PATH") else []),
            *([f"- **Warning: our engine was rebuilt during this run (now {builds[1]}); the numbers mix two builds.**"]
              if builds[0] != builds[1] else []),

@@ -291,7 +291,7 @@ struct V512 {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                  _mm512_castps128_ps512(pair));
   }
-  // q4 with blocks of 32, four blocks a vector pair (rows_dot_q4_quad): 64 code bytes hold elements
+  // q4 with blocks of 32, four blocks a vector pair (rows_dot_i8's quad loop): 64 code bytes hold elements
   // 0-15 of the four blocks in their low nibbles and 16-31 in their high nibbles; the activations
   // of the same four blocks (128 bytes) are rearranged to match, once for all rows of a call.
   static constexpr bool kQ4Quad = true;
