@@ -99,9 +99,10 @@ def test_gptq_bad_input():
     h = x.T @ x
     with pytest.raises(gptq.GPTQError, match=r"shape \[32, 32\].*needs \[64, 64\]"):
         gptq.quantize(w, h[:32, :32], "q4")
-    singular = h.copy()  # column 1 a copy of column 0: rank-deficient, as with fewer tokens than columns
-    singular[:, 1], singular[1, :] = singular[:, 0], singular[0, :]
-    singular[1, 1] = singular[0, 0]
+    # fewer tokens than columns: rank 16 of 64. (One duplicated column left a single zero pivot,
+    # whose rounding came out positive with one machine's LAPACK and negative with another's.)
+    few = correlated_inputs(rng, 16, 64).astype(np.float64)
+    singular = few.T @ few
     with pytest.raises(gptq.GPTQError, match="not positive definite with damping 0"):
         gptq.quantize(w, singular, "q4", damp=0.0)
     assert gptq.quantize(w, singular, "q4").size  # the default damping makes it invertible
