@@ -58,8 +58,13 @@ int64_t BatchSession::logit_rows(const std::vector<Entry>& entries) {
   return rows;
 }
 
-void BatchSession::step(const std::vector<Entry>& entries, float* out) {
+int64_t BatchSession::argmax_count(const std::vector<Entry>& entries) {
+  return std::count_if(entries.begin(), entries.end(), [](const Entry& e) { return e.logits == Logits::kArgmax; });
+}
+
+void BatchSession::step(const std::vector<Entry>& entries, float* out, int32_t* ids) {
   if (entries.empty()) throw std::invalid_argument("step: no entries");
+  if (argmax_count(entries) > 0 && !ids) throw std::invalid_argument("step: argmax entries need somewhere for their ids");
   std::vector<bool> seen(size_t(n_slots_), false);
   int64_t total = 0;
   for (const Entry& e : entries) {
@@ -83,6 +88,7 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out) {
   Graph::Pass p;
   std::vector<int32_t> tokens;
   std::vector<int> out_row(entries.size(), -1);  // first row of kLogits of each entry
+  std::vector<int> argmax_of(entries.size(), -1);  // the entry's index into p.argmax_rows
   int row = 0;
   for (size_t i : order) {
     const Entry& e = entries[i];
@@ -99,14 +105,25 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out) {
     else
       p.logits.push_back(r);
     out_row[i] = row;
+    if (e.logits == Logits::kArgmax) {
+      argmax_of[i] = int(p.argmax_rows.size());
+      p.argmax_rows.push_back(row);
+    }
     row += r.count;
   }
   p.output = row > 0 ? Graph::Output::kLogits : Graph::Output::kNone;
   graph_.run(*backend_, weights_, buffers_, tokens.data(), p);
   const size_t vocab = size_t(model_->config().vocab_size);
+  if (!p.argmax_rows.empty()) {  // the ids in kTokens, in the order of the argmax rows; handed out in the entries'
+    std::vector<int32_t> got(p.argmax_rows.size());
+    backend_->download(got.data(), buffers_[Graph::kTokens], got.size() * sizeof(int32_t));
+    int32_t* d = ids;
+    for (size_t i = 0; i < entries.size(); ++i)
+      if (argmax_of[i] >= 0) *d++ = got[size_t(argmax_of[i])];
+  }
   // The entries' rows, in their order; one download when kLogits holds them in that order already
   // (a GPU synchronizes once instead of once per entry).
-  bool in_order = true;
+  bool in_order = p.argmax_rows.empty();
   for (size_t i = 0, next = 0; i < entries.size(); ++i) {
     if (entries[i].logits == Logits::kNone) continue;
     in_order &= size_t(out_row[i]) == next;
@@ -118,7 +135,7 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out) {
     float* o = out;
     for (size_t i = 0; i < entries.size(); ++i) {
       const Entry& e = entries[i];
-      if (e.logits == Logits::kNone) continue;
+      if (e.logits == Logits::kNone || e.logits == Logits::kArgmax) continue;
       const size_t rows = e.logits == Logits::kAll ? size_t(e.n) : 1;
       backend_->download(o, buffers_[Graph::kLogits].at(uint64_t(out_row[i]) * vocab * 4), rows * vocab * sizeof(float));
       o += rows * vocab;

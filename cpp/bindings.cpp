@@ -292,14 +292,26 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_slots", [](PyBatch& b) { return b.batch.n_slots(); })
       .def_property_readonly("n_ctx", [](PyBatch& b) { return b.batch.n_ctx(); })
       .def_property_readonly("n_batch", [](PyBatch& b) { return b.batch.n_batch(); })
-      .def("step", [](PyBatch& b, const std::vector<std::tuple<int, Tokens, bool, int>>& entries) {
+      .def("step", [](PyBatch& b, const std::vector<std::tuple<int, Tokens, bool, int>>& entries, py::object ids) {
              std::vector<BatchSession::Entry> es;
              for (const auto& [slot, tokens, generated, logits] : entries) {
                if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a 1-D array");
-               if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
+               if (logits < 0 || logits > 3)
+                 throw std::invalid_argument("logits must be 0 (none), 1 (last), 2 (all) or 3 (the last token's argmax)");
                es.push_back({slot, tokens.data(), int(tokens.shape(0)), generated, BatchSession::Logits(logits)});
              }
-             const int64_t n_logits = BatchSession::logit_rows(es);
+             const int64_t n_logits = BatchSession::logit_rows(es), n_ids = BatchSession::argmax_count(es);
+             int32_t* idp = nullptr;
+             if (n_ids > 0) {
+               if (!py::isinstance<py::array_t<int32_t>>(ids))
+                 throw std::invalid_argument("argmax entries (logits 3) need ids: an int32 array of one element each");
+               auto arr = ids.cast<py::array_t<int32_t>>();
+               if (arr.ndim() != 1 || arr.shape(0) != n_ids || !arr.writeable() ||
+                   !(arr.flags() & py::array::c_style))
+                 throw std::invalid_argument("ids must be a writable contiguous int32 array of " + std::to_string(n_ids) +
+                                             " elements (one per argmax entry)");
+               idp = arr.mutable_data();
+             }
              py::array_t<float> out(std::vector<py::ssize_t>{py::ssize_t(n_logits), b.model->config().vocab_size});
              float* op = out.mutable_data();
              {
@@ -311,12 +323,13 @@ PYBIND11_MODULE(_core, m) {
                } held{b, es};
                b.mark(es, 1);
                std::lock_guard<std::mutex> lock(b.mu);
-               b.batch.step(es, op);
+               b.batch.step(es, op, idp);
              }
              return out;
-           }, py::arg("entries"),
-           "One pass over [(slot, tokens int32[n], generated, logits: 0 none, 1 last token, 2 every token)]: "
-           "the logits asked for, [rows, n_vocab], entry after entry.")
+           }, py::arg("entries"), py::arg("ids") = py::none(),
+           "One pass over [(slot, tokens int32[n], generated, logits: 0 none, 1 last token, 2 every token, "
+           "3 the last token's argmax)]: the logits asked for, [rows, n_vocab], entry after entry; the argmax "
+           "entries' token ids (the first maximum, computed on the backend) into ids, entry after entry.")
       .def("n_past", [](PyBatch& b, int slot) { return b.batch.n_past(slot); }, py::arg("slot"))
       .def("truncate", [](PyBatch& b, int slot, int64_t n) {
              b.check(slot);

@@ -153,6 +153,12 @@ void Graph::forward(Backend& be, Buf weights, const std::vector<Buf>& buffers, c
               buffers[kLogits].at(uint64_t(4) * row * c.vocab_size));
     row += uint64_t(r.count);
   }
+  for (size_t i = 0; i < p.argmax_rows.size(); ++i) {
+    if (p.argmax_rows[i] < 0 || uint64_t(p.argmax_rows[i]) >= row || i >= size_t(n))
+      throw std::invalid_argument("graph: an argmax row outside the pass's logits");
+    be.argmax(buffers[kLogits].at(uint64_t(4) * uint64_t(p.argmax_rows[i]) * c.vocab_size), c.vocab_size,
+              buffers[kTokens].at(uint64_t(4) * i));
+  }
   if (p.output != Output::kGreedy) return;
   if (p.seqs.size() != 1 || n != 1 || n_dec != 1 || p.logits.size() != 1)
     throw std::invalid_argument("graph: greedy decoding takes one generated token of one sequence, its logits");

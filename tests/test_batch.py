@@ -113,7 +113,13 @@ def test_step_refuses_bad_entries(models):
     with pytest.raises(ValueError, match="n_batch"):
         b.step([(0, np.arange(6, dtype=np.int32), False, 1), (1, np.arange(6, dtype=np.int32), False, 1)])
     with pytest.raises(ValueError, match="logits"):
+        b.step([(0, tok, False, 4)])
+    with pytest.raises(ValueError, match="need ids"):
         b.step([(0, tok, False, 3)])
+    with pytest.raises(ValueError, match="2 elements"):
+        b.step([(0, tok, False, 3), (1, tok, False, 3)], np.zeros(1, np.int32))
+    with pytest.raises(ValueError, match="need ids"):
+        b.step([(0, tok, False, 3)], np.zeros(1, np.int64))
     assert b.n_past(0) == b.n_past(1) == 0
     with pytest.raises(ValueError):
         b.copy_prefix(0, 1, 1)  # slot 0 holds nothing yet
@@ -130,6 +136,27 @@ def test_all_logits_rows(models):
     got = b.step([(1, np.array([3], np.int32), True, 1), (0, np.array(prompt, np.int32), False, 2)])
     assert got.shape == (1 + len(prompt), 320)
     np.testing.assert_array_equal(got[1:], want)
+
+
+@pytest.mark.parametrize("type_", ["q4", "f16"])
+def test_argmax_entries_give_the_first_maximum_of_their_logits(models, type_):
+    """logits 3: the last token's argmax chosen on the backend, the id numpy's argmax (the first
+    maximum) gives of the row logits 1 returns for the same step; the other entries' rows come
+    back as before, in order, and only theirs."""
+    model = core_model(models[type_])
+    ps = prompts(5, seed=9)
+    b = _core.BatchSession(model, 5, 96, "f16", 2, 256)
+    b.step([(s, np.array(p, np.int32), False, 0) for s, p in enumerate(ps)])
+    step = [(s, np.array([3 + s], np.int32), True) for s in range(4)] + [(4, np.array([7, 8], np.int32), False)]
+    modes = [3, 1, 3, 0, 2]
+    want = b.step([(*e, 1 if m == 3 else m) for e, m in zip(step, modes)])
+    for s in range(5):
+        b.truncate(s, len(ps[s]))
+    ids = np.full(2, -1, np.int32)
+    got = b.step([(*e, m) for e, m in zip(step, modes)], ids)
+    assert list(ids) == [int(want[0].argmax()), int(want[2].argmax())]
+    np.testing.assert_array_equal(got, want[[1, 3, 4]])  # slot 1's row, then slot 4's two
+    assert [b.n_past(s) for s in range(5)] == [len(p) + (2 if s == 4 else 1) for s, p in enumerate(ps)]
 
 
 # ---- the Python Batch: Llama views over the slots ----
@@ -311,3 +338,40 @@ def test_views_of_a_gpu_llama_decode_through_the_batch(models):
     want = llm.create_completion(p, max_tokens=6, temperature=0)["choices"][0]["text"]
     with Batch(llm, 2) as batch:
         assert batch.create_completions([p], max_tokens=6, temperature=0)[0]["choices"][0]["text"] == want
+
+
+def test_greedy_views_take_the_argmax_from_the_backend(models, monkeypatch):
+    """Views of a batch on a GPU choose greedy tokens by argmax steps (their greedy_ahead, as
+    there): the completions, their finish reasons and the scores left behind are a lone Llama's;
+    sampled and logprob requests beside them still get logits rows."""
+    path = str(models["q4"])
+    llm = Llama(path, n_ctx=128, n_threads=2)
+    ps = prompts(6, seed=13)
+    kw = [dict(max_tokens=3 + i, temperature=0 if i % 3 else 0.7, seed=i, logprobs=1 if i == 4 else None)
+          for i in range(len(ps))]
+    want = []
+    for p, k in zip(ps, kw):
+        want.append((llm.create_completion(p, **k)["choices"][0], llm.scores[-1].copy(), llm.n_tokens))
+    steps = []
+    with Batch(llm, 3) as batch:
+        for view in batch.views:
+            view.greedy_ahead = True  # as the batch sets it on a GPU backend
+        real = batch._core
+
+        class Spy:  # counts the argmax entries of each step
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def step(self, entries, ids=None):
+                steps.append(sum(e[3] == 3 for e in entries))
+                return real.step(entries, ids)
+        monkeypatch.setattr(batch, "_core", Spy())
+        got = batch._map(lambda view, i: (view.create_completion(ps[i], **kw[i])["choices"][0],
+                                          view.scores[-1].copy(), view.n_tokens), range(len(ps)))
+    # every greedy request without logprobs that ran to its length: one argmax step a token after the first
+    assert sum(steps) >= sum(k["max_tokens"] - 1 for k, (w, _, _) in zip(kw, want)
+                             if k["temperature"] == 0 and k["logprobs"] is None and w["finish_reason"] == "length") > 0
+    for (g, scores, n_tokens), (w, w_scores, w_tokens) in zip(got, want):
+        assert (g["text"], g["finish_reason"], g["logprobs"]) == (w["text"], w["finish_reason"], w["logprobs"])
+        assert n_tokens == w_tokens
+        np.testing.assert_array_equal(scores, w_scores)

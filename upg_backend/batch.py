@@ -48,6 +48,7 @@ class _Job:
     tokens: np.ndarray
     generated: bool
     logits_all: bool
+    argmax: bool = False  # the last token's argmax, chosen on the backend, instead of its logits
     done: threading.Event = field(default_factory=threading.Event)
     offset: int = 0
     rows: list = field(default_factory=list)
@@ -73,6 +74,16 @@ class _SlotSession:
         if generated is None:
             generated = len(tokens) == 1
         return self._batch._submit(_Job(self._slot, tokens, bool(generated), bool(logits_all)))
+
+    def decode_greedy(self, token: int, n: int) -> np.ndarray:
+        """Session.decode_greedy in steps of the batch: appends `token` and n - 1 greedy tokens after
+        it, one a step, each the argmax of the logits before it, chosen on the backend (one id comes
+        back from a step instead of a row of logits); returns the n argmaxes."""
+        out = np.empty(n, dtype=np.int32)
+        for i in range(n):
+            job = _Job(self._slot, np.array([token], dtype=np.int32), True, False, argmax=True)
+            token = out[i] = self._batch._submit(job)
+        return out
 
     def truncate(self, n: int) -> None:
         self._batch._core.truncate(self._slot, n)
@@ -144,8 +155,11 @@ class Batch:
         view._prompt_run = 0
         view._prompt_logits = None
         view._score_buf = view._scores = np.zeros((0, llama.n_vocab()), dtype=np.float32)
-        # a slot's evals are the batch's steps: no decode_greedy or eval_sample of a Session
-        view.greedy_ahead = view.sample_on_backend = view._logits_on_backend = False
+        # a slot's evals are the batch's steps: no eval_sample of a Session; greedy streams on a GPU
+        # take their argmax there (_SlotSession.decode_greedy), a token a step so that stops end them
+        # at once (on the CPU the host's argmax costs less than the step settle() adds at the end)
+        view.sample_on_backend = view._logits_on_backend = False
+        view.greedy_ahead, view.greedy_chunk = self._core.backend != "cpu", 1
         view.context_params = SimpleNamespace(**{**vars(llama.context_params), "n_ctx": self.n_ctx})
         view._tables = llama._tables
         view._prefix_source = self._load_prefix
@@ -244,6 +258,8 @@ class Batch:
         job.done.wait()
         if job.error is not None:
             raise job.error
+        if job.argmax:
+            return job.rows[-1]
         return job.rows[0] if len(job.rows) == 1 else np.concatenate(job.rows)
 
     def _run(self) -> None:
@@ -281,27 +297,32 @@ class Batch:
                 prompt_budget -= take
             final = job.offset + take == len(job.tokens)
             entries.append((job.slot, job.tokens[job.offset:job.offset + take], job.generated,
-                            2 if job.logits_all else int(final)))
+                            2 if job.logits_all else (3 if job.argmax else 1) if final else 0))
             jobs.append((job, take))
         return entries, jobs
 
     def _step(self, entries: list, jobs: list) -> None:
+        ids = np.empty(sum(e[3] == 3 for e in entries), dtype=np.int32)
         try:
-            logits = self._core.step(entries)
+            logits = self._core.step(entries, ids)
             err = None
         except Exception as e:  # noqa: BLE001 - handed to the waiting views
             logits, err = None, e
         self.steps += 1
-        row = 0
+        row = n_id = 0
         with self._cv:
             for (job, take), entry in zip(jobs, entries):
                 if err is not None:
                     job.error = err
+                elif entry[3] == 3:
+                    job.rows.append(int(ids[n_id]))
+                    n_id += 1
                 else:
                     n_rows = take if entry[3] == 2 else entry[3]
                     if n_rows:
                         job.rows.append(logits[row:row + n_rows])
                     row += n_rows
+                if err is None:
                     job.offset += take
                 if err is not None or job.offset == len(job.tokens):
                     del self._pending[job.slot]

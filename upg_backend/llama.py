@@ -206,6 +206,7 @@ class Llama:
         # Greedy completions chosen on the backend a chunk at a time (_GreedyAhead): a GPU then runs
         # the passes back to back; on the CPU it would only evaluate tokens past a stop.
         self.greedy_ahead = self.backend != "cpu"
+        self.greedy_chunk = GREEDY_CHUNK  # tokens a decode_greedy call asks for (_GreedyAhead)
         # Sampled tokens chosen by Session.eval_sample when nothing on the host needs the logits:
         # the backend cuts the candidates, so only those leave a GPU (the same tokens as eval +
         # sample). The last token's logits then stay on the backend until asked for (scores).
@@ -968,7 +969,7 @@ GREEDY_CHUNK = 8
 
 
 class _GreedyAhead:
-    """Greedy tokens from the backend, GREEDY_CHUNK at a time (Session.decode_greedy): one call queues a
+    """Greedy tokens from the backend, llm.greedy_chunk at a time (Session.decode_greedy): one call queues a
     chunk's passes back to back on the GPU, with no logits downloaded or sampled on the host.
 
     next(token) appends `token` to the context and returns the argmax after it; the backend may
@@ -983,7 +984,7 @@ class _GreedyAhead:
     def next(self, token: int, room: int) -> int:
         llm = self.llm
         if self.used == len(self.ahead):
-            n = max(1, min(GREEDY_CHUNK, room, llm._n_ctx - len(llm._input_ids)))
+            n = max(1, min(llm.greedy_chunk, room, llm._n_ctx - len(llm._input_ids)))
             self.ahead = [int(t) for t in llm._live().decode_greedy(token, n)]
             llm._input_ids.append(token)
             llm._input_ids.extend(self.ahead[:-1])

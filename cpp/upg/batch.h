@@ -22,8 +22,9 @@ class BatchSession {
   // Tokens of one slot in a step, appended at its n_past. generated: sampled tokens (decode
   // arithmetic), else prompt tokens (prompt arithmetic): a token's results depend on its kind and
   // its sequence only, never on what else the step holds. logits: which of the entry's tokens'
-  // logits are wanted.
-  enum class Logits { kNone, kLast, kAll };
+  // logits are wanted; kArgmax: only the argmax of the last token's (the first maximum), computed
+  // on the backend (a greedy stream: one id comes back instead of a row).
+  enum class Logits { kNone, kLast, kAll, kArgmax };
   struct Entry {
     int slot;
     const int32_t* tokens;
@@ -31,13 +32,14 @@ class BatchSession {
     bool generated;
     Logits logits;
   };
-  // Rows of logits step() writes for these entries.
+  // Rows of logits step() writes for these entries, and the ids it writes (kArgmax entries).
   static int64_t logit_rows(const std::vector<Entry>& entries);
+  static int64_t argmax_count(const std::vector<Entry>& entries);
   // One pass over the entries (at most one per slot, n_batch tokens in all); writes the logits
-  // the entries ask for into out[row][vocab], entry after entry in order. Throws
-  // std::invalid_argument (nothing evaluated) when an entry does not fit its slot, names a slot
-  // twice or holds a token outside the vocabulary.
-  void step(const std::vector<Entry>& entries, float* out);
+  // the entries ask for into out[row][vocab] and the kArgmax entries' ids into ids[], each entry
+  // after entry in order. Throws std::invalid_argument (nothing evaluated) when an entry does not
+  // fit its slot, names a slot twice or holds a token outside the vocabulary.
+  void step(const std::vector<Entry>& entries, float* out, int32_t* ids = nullptr);
 
   int n_slots() const { return n_slots_; }
   int n_ctx() const { return n_ctx_; }

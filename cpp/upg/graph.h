@@ -62,6 +62,9 @@ class Graph {
     int n_decode = 0;          // tokens [0, n_decode) are generated tokens (UpgPass): whole sequences
     Output output = Output::kNone;
     std::vector<Rows> logits;  // kLogits: runs of rows, in the order their logits are written
+    // kLogits: rows of kLogits whose argmax (the first maximum) goes into kTokens [i], on the
+    // backend (a step's greedy streams download one id each instead of a row of logits)
+    std::vector<int> argmax_rows;
     int n_tokens() const;
   };
   // What kPass must hold for p (upload it before Backend::begin); throws std::invalid_argument

@@ -99,3 +99,32 @@ def test_decode_steps_of_a_batch_replay_one_graph(models, generated):
         b.step([(slot, tok, True, 1) for slot in range(5)])
     assert be.replays - before == 13
 
+
+
+@pytest.mark.parametrize("generated", ["matvec", "matmul"])
+@pytest.mark.parametrize("type_", ["q4", "q8_0", "f16"])
+def test_argmax_entries_on_the_device(models, type_, generated):
+    """logits 3 on CUDA: each id is numpy's argmax (the first maximum) of the row that logits 1
+    returns for the same step, other entries' rows unchanged; the steps of argmax entries replay
+    one graph like those of rows."""
+    be = _core.CudaBackend(0, generated)
+    b = _core.BatchSession(core_model(models[type_]), 8, 96, "f16", 2, 256, be)
+    ps = prompts(8, seed=4)
+    b.step([(s, np.array(p, np.int32), False, 0) for s, p in enumerate(ps)])
+    toks = np.arange(3, 11, dtype=np.int32)
+    for n in range(3):
+        step = [(s, toks[s:s + 1], True) for s in range(8)]
+        want = b.step([(*e, 1) for e in step])
+        for s in range(8):
+            b.truncate(s, len(ps[s]) + n)
+        ids = np.full(7, -1, np.int32)
+        got = b.step([(*e, 3 if s != 5 else 1) for s, e in enumerate(step)], ids)
+        np.testing.assert_array_equal(ids, np.delete(want.argmax(axis=1), 5))
+        np.testing.assert_array_equal(got, want[5:6])
+        toks = want.argmax(axis=1).astype(np.int32)
+    before = be.replays
+    for _ in range(4):
+        ids = np.empty(8, np.int32)
+        b.step([(s, toks[s:s + 1], True, 3) for s in range(8)], ids)
+        toks = ids.copy()
+    assert be.replays - before == 3
