@@ -88,7 +88,6 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out, int32_t* 
   Graph::Pass p;
   std::vector<int32_t> tokens;
   std::vector<int> out_row(entries.size(), -1);  // first row of kLogits of each entry
-  std::vector<int> argmax_of(entries.size(), -1);  // the entry's index into p.argmax_rows
   int row = 0;
   for (size_t i : order) {
     const Entry& e = entries[i];
@@ -105,22 +104,14 @@ void BatchSession::step(const std::vector<Entry>& entries, float* out, int32_t* 
     else
       p.logits.push_back(r);
     out_row[i] = row;
-    if (e.logits == Logits::kArgmax) {
-      argmax_of[i] = int(p.argmax_rows.size());
-      p.argmax_rows.push_back(row);
-    }
     row += r.count;
   }
+  for (size_t i = 0; i < entries.size(); ++i)  // in the entries' order: kTokens then holds the ids as step() returns them
+    if (entries[i].logits == Logits::kArgmax) p.argmax_rows.push_back(out_row[i]);
   p.output = row > 0 ? Graph::Output::kLogits : Graph::Output::kNone;
   graph_.run(*backend_, weights_, buffers_, tokens.data(), p);
   const size_t vocab = size_t(model_->config().vocab_size);
-  if (!p.argmax_rows.empty()) {  // the ids in kTokens, in the order of the argmax rows; handed out in the entries'
-    std::vector<int32_t> got(p.argmax_rows.size());
-    backend_->download(got.data(), buffers_[Graph::kTokens], got.size() * sizeof(int32_t));
-    int32_t* d = ids;
-    for (size_t i = 0; i < entries.size(); ++i)
-      if (argmax_of[i] >= 0) *d++ = got[size_t(argmax_of[i])];
-  }
+  if (!p.argmax_rows.empty()) backend_->download(ids, buffers_[Graph::kTokens], p.argmax_rows.size() * sizeof(int32_t));
   // The entries' rows, in their order; one download when kLogits holds them in that order already
   // (a GPU synchronizes once instead of once per entry).
   bool in_order = p.argmax_rows.empty();
