@@ -212,47 +212,6 @@ constexpr int kShares = (total + threads - 1) / threads;
 template <int total, int threads>
 __device__ __forceinline__ bool past(int e) { return total % threads != 0 && e >= total; }
 
-// Issues the copies of k step `step` into one stage: rows past the matrix, blocks past cols and
-// tokens past the pass are zero-filled.
-template <int DT, int B, typename SH>
-__device__ __forceinline__ void q8_issue(const MatView& m, const int8_t* __restrict__ xq, int r0, int t0, int n, int step,
-                                         uint8_t* stage) {
-  using L = Q8Tile<DT, B, SH>;
-  constexpr int threads = SH::THREADS;
-  const int tid = threadIdx.x, nb = m.cols / B;
-  const int64_t row_bytes = int64_t(m.cols) * L::kCodes / kQk;
-  constexpr int per_row = L::kCodes / L::kCopy, copies = SH::TM * per_row;
-#pragma unroll
-  for (int q = 0; q < kShares<copies, threads>; ++q) {
-    const int e = tid + threads * q, rr = e / per_row, c = e % per_row, r = r0 + rr;
-    if (past<copies, threads>(e)) break;
-    const bool ok = r < m.rows && step * L::KB + c * L::kCopy / L::kBlockBytes < nb;
-    const uint8_t* src = m.codes + (ok ? int64_t(r) * row_bytes + int64_t(step) * L::kCodes + c * L::kCopy : 0);
-    cp_async<L::kCopy>(stage + rr * L::kCodesLd + c * L::kCopy, src, ok);
-  }
-  if constexpr (kHigh<DT>) {  // qh: one copy of B / 8 bytes per block (iq3: the group's 16 bytes)
-    constexpr int blocks = SH::TM * L::KB;
-#pragma unroll
-    for (int q = 0; q < kShares<blocks, threads>; ++q) {
-      const int e = tid + threads * q, rr = e / L::KB, c = e % L::KB, r = r0 + rr;
-      if (past<blocks, threads>(e)) break;
-      const bool ok = r < m.rows && step * L::KB + c < nb;
-      const uint8_t* src = m.high + (ok ? int64_t(r) * (m.cols / 8) + int64_t(step) * (kQk / 8) + c * (B / 8) : 0);
-      cp_async<B / 8>(stage + L::kW + rr * L::kHighLd + c * (B / 8), src, ok);
-    }
-  }
-  // x: 16-byte chunks; cols is a multiple of 32, so a chunk is in or out whole
-  constexpr int chunks = SH::TN * (kQk / 16);
-#pragma unroll
-  for (int q = 0; q < kShares<chunks, threads>; ++q) {
-    const int e = tid + threads * q, tt = e / (kQk / 16), c = e % (kQk / 16), t = t0 + tt;
-    if (past<chunks, threads>(e)) break;
-    const int64_t k = int64_t(step) * kQk + 16 * c;
-    const bool ok = t < n && k < m.cols;
-    cp_async<16>(stage + L::kW + L::kH + tt * kQxLd + 16 * c, xq + (ok ? int64_t(t) * m.cols + k : 0), ok);
-  }
-}
-
 // One step's scales, loaded into registers a step ahead and stored after the step's compute.
 template <int DT, int B, typename SH>
 struct Q8Scales {
@@ -263,28 +222,117 @@ struct Q8Scales {
   int xz[XQ];
 };
 
+// A thread's share of every k group's copies and scale loads, worked out once per launch: the
+// group's loads then add only the group's offset (the per-copy row, token and bound arithmetic
+// was most of a step's instructions in the token tiles: docs/CUDA.md). A load whose row or token is
+// past the matrix or the pass gets a block index no group reaches (kNever), so one comparison with
+// the block count zero-fills it, as the blocks past cols are.
 template <int DT, int B, typename SH>
-__device__ __forceinline__ void q8_load_scales(const MatView& m, const float* __restrict__ xds,
-                                               const int32_t* __restrict__ xzs, int r0, int t0, int n, int step,
-                                               Q8Scales<DT, B, SH>& sc) {
+struct Q8Plan {
+  using L = Q8Tile<DT, B, SH>;
   using S = Q8Scales<DT, B, SH>;
-  constexpr int KB = kQk / B, threads = SH::THREADS;
-  const int tid = threadIdx.x, nb = m.cols / B;
+  static constexpr int KB = L::KB, threads = SH::THREADS, kNever = 1 << 29;
+  static constexpr int per_row = L::kCodes / L::kCopy, copies = SH::TM * per_row;  // weight copies of a group
+  static constexpr int NW = kShares<copies, threads>;
+  static constexpr int highs = SH::TM * KB, NH = kHigh<DT> ? kShares<highs, threads> : 0;  // q3 qh copies
+  static constexpr int chunks = SH::TN * (kQk / 16), NX = kShares<chunks, threads>;      // x's 16-byte chunks
+  const uint8_t* w_src[NW];
+  int w_dst[NW], w_kb[NW];
+  const uint8_t* h_src[NH > 0 ? NH : 1];
+  int h_dst[NH > 0 ? NH : 1], h_kb[NH > 0 ? NH : 1];
+  const int8_t* x_src[NX];
+  int x_dst[NX], x_k[NX];
+  const uint16_t* s_w[S::WQ];  // a weight scale's row at group 0 (f16-scale types)
+  int s_wkb[S::WQ], s_wq[S::WQ];
+  int s_x[S::XQ], s_xkb[S::XQ];  // x's scales: offset at group 0 into xds / xzs
+  int nb, cols;
+
+  __device__ __forceinline__ Q8Plan(const MatView& m, const int8_t* __restrict__ xq, int r0, int t0, int n) {
+    const int tid = threadIdx.x;
+    nb = m.cols / B;
+    cols = m.cols;
+    const int64_t row_bytes = int64_t(m.cols) * L::kCodes / kQk;
 #pragma unroll
-  for (int q = 0; q < S::WQ; ++q) {
-    const int e = tid + threads * q, r = r0 + e / KB, kb = step * KB + e % KB;
-    if (past<SH::TM * KB, threads>(e)) break;
-    if constexpr (kGridType<DT>) sc.wd[q] = r < m.rows && kb < nb ? grid_scale<DT>(m.scales, m.sub, m.cols, r, kb) : 0.0f;
-    else sc.wd[q] = r < m.rows && kb < nb ? f16(__ldg(m.scales + int64_t(r) * nb + kb)) : 0.0f;
-  }
+    for (int q = 0; q < NW; ++q) {
+      const int e = tid + threads * q, rr = e / per_row, c = e % per_row, r = r0 + rr;
+      const bool ok = !past<copies, threads>(e) && r < m.rows;
+      w_src[q] = m.codes + (ok ? int64_t(r) * row_bytes + c * L::kCopy : 0);
+      w_dst[q] = rr * L::kCodesLd + c * L::kCopy;
+      w_kb[q] = ok ? c * L::kCopy / L::kBlockBytes : kNever;
+    }
 #pragma unroll
-  for (int q = 0; q < S::XQ; ++q) {
-    const int e = tid + threads * q, t = t0 + e / KB, kb = step * KB + e % KB;
-    const bool ok = e < SH::TN * KB && t < n && kb < nb;
-    sc.xd[q] = ok ? __ldg(xds + int64_t(t) * nb + kb) : 0.0f;
-    sc.xz[q] = ok ? __ldg(xzs + int64_t(t) * nb + kb) : kMagic;
+    for (int q = 0; q < NH; ++q) {  // qh: one copy of B / 8 bytes per block (iq3: the group's 16 bytes)
+      const int e = tid + threads * q, rr = e / KB, c = e % KB, r = r0 + rr;
+      const bool ok = !past<highs, threads>(e) && r < m.rows;
+      h_src[q] = m.high + (ok ? int64_t(r) * (m.cols / 8) + c * (B / 8) : 0);
+      h_dst[q] = L::kW + rr * L::kHighLd + c * (B / 8);
+      h_kb[q] = ok ? c : kNever;
+    }
+#pragma unroll
+    for (int q = 0; q < NX; ++q) {  // cols is a multiple of 32, so a chunk is in or out whole
+      const int e = tid + threads * q, tt = e / (kQk / 16), c = e % (kQk / 16), t = t0 + tt;
+      const bool ok = !past<chunks, threads>(e) && t < n;
+      x_src[q] = xq + (ok ? int64_t(t) * m.cols + 16 * c : 0);
+      x_dst[q] = L::kW + L::kH + tt * kQxLd + 16 * c;
+      x_k[q] = ok ? 16 * c : kNever;
+    }
+#pragma unroll
+    for (int q = 0; q < S::WQ; ++q) {
+      const int e = tid + threads * q, r = r0 + e / KB;
+      const bool ok = !past<SH::TM * KB, threads>(e) && r < m.rows;
+      s_w[q] = m.scales + (ok ? int64_t(r) * nb + e % KB : 0);
+      s_wkb[q] = ok ? e % KB : kNever;
+      s_wq[q] = ok ? r : 0;
+    }
+#pragma unroll
+    for (int q = 0; q < S::XQ; ++q) {
+      const int e = tid + threads * q, t = t0 + e / KB;
+      const bool ok = e < SH::TN * KB && t < n;
+      s_x[q] = ok ? t * nb + e % KB : 0;
+      s_xkb[q] = ok ? e % KB : kNever;
+    }
   }
-}
+
+  // The copies of k group `group` into one stage (blocks past cols, rows past the matrix and tokens
+  // past the pass zero-filled).
+  __device__ __forceinline__ void issue(const MatView& m, const int8_t* __restrict__ xq, int group, uint8_t* stage) const {
+#pragma unroll
+    for (int q = 0; q < NW; ++q) {
+      if (past<copies, threads>(int(threadIdx.x) + threads * q)) break;
+      const bool ok = group * KB + w_kb[q] < nb;
+      cp_async<L::kCopy>(stage + w_dst[q], ok ? w_src[q] + int64_t(group) * L::kCodes : m.codes, ok);
+    }
+#pragma unroll
+    for (int q = 0; q < NH; ++q) {
+      if (past<highs, threads>(int(threadIdx.x) + threads * q)) break;
+      const bool ok = group * KB + h_kb[q] < nb;
+      cp_async<B / 8>(stage + h_dst[q], ok ? h_src[q] + int64_t(group) * (kQk / 8) : m.high, ok);
+    }
+#pragma unroll
+    for (int q = 0; q < NX; ++q) {
+      if (past<chunks, threads>(int(threadIdx.x) + threads * q)) break;
+      const bool ok = group * kQk + x_k[q] < cols;
+      cp_async<16>(stage + x_dst[q], ok ? x_src[q] + int64_t(group) * kQk : xq, ok);
+    }
+  }
+
+  __device__ __forceinline__ void load_scales(const MatView& m, const float* __restrict__ xds,
+                                              const int32_t* __restrict__ xzs, int group, S& sc) const {
+#pragma unroll
+    for (int q = 0; q < S::WQ; ++q) {
+      if (past<SH::TM * KB, threads>(int(threadIdx.x) + threads * q)) break;
+      const int kb = group * KB + s_wkb[q];
+      if constexpr (kGridType<DT>) sc.wd[q] = kb < nb ? grid_scale<DT>(m.scales, m.sub, m.cols, s_wq[q], kb) : 0.0f;
+      else sc.wd[q] = kb < nb ? f16(__ldg(s_w[q] + group * KB)) : 0.0f;
+    }
+#pragma unroll
+    for (int q = 0; q < S::XQ; ++q) {
+      const bool ok = group * KB + s_xkb[q] < nb;
+      sc.xd[q] = ok ? __ldg(xds + s_x[q] + group * KB) : 0.0f;
+      sc.xz[q] = ok ? __ldg(xzs + s_x[q] + group * KB) : kMagic;
+    }
+  }
+};
 
 // slot: wd [TM][KB], xd [KB][TN], xz [KB][TN] (a thread's two adjacent tokens in one 8-byte load)
 template <int DT, int B, typename SH>
@@ -432,10 +480,11 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
 
   const int groups = (m.cols + kQk - 1) / kQk;  // the last group's blocks past cols are zeros
   const int steps = (groups + G - 1) / G;        // groups past the last are neither copied nor summed
+  const Q8Plan<DT, B, SH> plan(m, xq, r0, t0, n);
   const auto issue = [&](int step) {
 #pragma unroll
     for (int gi = 0; gi < G; ++gi)
-      if (step * G + gi < groups) q8_issue<DT, B, SH>(m, xq, r0, t0, n, step * G + gi, smem + (step % S) * L::kStep + gi * L::kStage);
+      if (step * G + gi < groups) plan.issue(m, xq, step * G + gi, smem + (step % S) * L::kStep + gi * L::kStage);
   };
   // The scales of the steps ahead in registers, step s's in sc[s % LA]: loaded LA steps before
   // their step, stored into its slot at the end of the step before it.
@@ -444,7 +493,7 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
   const auto load_scales = [&](int step, Scales& r) {
 #pragma unroll
     for (int gi = 0; gi < G; ++gi)
-      if (step * G + gi < groups) q8_load_scales<DT, B, SH>(m, xds, xzs, r0, t0, n, step * G + gi, r[gi]);
+      if (step * G + gi < groups) plan.load_scales(m, xds, xzs, step * G + gi, r[gi]);
   };
   const auto store_scales = [&](int step, const Scales& r) {
 #pragma unroll
