@@ -123,15 +123,28 @@ __global__ void __launch_bounds__(kThreads) k_matmul(MatView m, const float* __r
 constexpr int kQk = 128;          // k per step
 constexpr int kQxLd = kQk + 16;   // bytes per shared x row: ldmatrix's 8 rows fall on distinct bank groups
 
-// xq [cap][cols] int8, xd [cap][cols / B] f32 and xz [cap][cols / B] = kMagic - zero * (the codes'
-// sum) of the pass's rows; one warp per block of B.
+// The x scales' row stride: tokens of one block contiguous, in 16-byte chunks (the DIRECT tiles
+// copy them by cp.async).
+__host__ __device__ constexpr int scales_ld(int cap) { return (cap + 3) / 4 * 4; }
+
+// xq [cap][cols] int8, xd [cols / B][scales_ld(cap)] f32 and xz (same) = kMagic - zero * (the
+// codes' sum) of the pass's rows (at most cap: a pass may hold more tokens than this launch's x);
+// one warp per block of B. Grid y: scales_ld(cap); the scales of tokens past those are 0 and kMagic,
+// so whole chunks may be copied.
 template <int B>
-__global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x, int cols, int zero,
+__global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x, int cols, int cap, int zero,
                                                     int8_t* __restrict__ xq, float* __restrict__ xd,
                                                     int32_t* __restrict__ xz, const int32_t* __restrict__ pass) {
   pdl_enter();
-  const int t = blockIdx.y, nb = cols / B, b = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (t >= n_tokens(pass) || b >= nb) return;  // grid y: the capacity
+  const int t = blockIdx.y, ld = gridDim.y, nb = cols / B, b = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (b >= nb) return;
+  if (t >= min(n_tokens(pass), cap)) {
+    if (lane == 0) {
+      xd[int64_t(b) * ld + t] = 0.0f;
+      xz[int64_t(b) * ld + t] = kMagic;
+    }
+    return;
+  }
   const float* xb = x + int64_t(t) * cols + int64_t(b) * B;
   float v[B / 32];
   float a = 0.0f;
@@ -148,18 +161,20 @@ __global__ void __launch_bounds__(256) k_quantize_x(const float* __restrict__ x,
   }
   sum = __reduce_add_sync(0xffffffffu, sum);
   if (lane == 0) {
-    xd[int64_t(t) * nb + b] = __half2float(__float2half_rn(a / 127.0f));
-    xz[int64_t(t) * nb + b] = kMagic - zero * sum;
+    xd[int64_t(b) * ld + t] = __half2float(__float2half_rn(a / 127.0f));
+    xz[int64_t(b) * ld + t] = kMagic - zero * sum;
   }
 }
 
 // A block's tile: WR x WT warps, each I row fragments of 16 by J token fragments of 8; a pipeline
-// step of G k groups of kQk, at most S steps in flight, the scales loaded LA steps ahead;
-// MIN_BLOCKS blocks a multiprocessor (the launch bound).
-template <int WR_, int WT_, int I_, int J_, int G_, int S_, int LA_, int MIN_BLOCKS_>
+// step of G k groups of kQk, at most S steps in flight, the scales loaded LA steps ahead into
+// registers, or (DIRECT) copied by cp.async with the codes into each group's stage; MIN_BLOCKS
+// blocks a multiprocessor (the launch bound).
+template <int WR_, int WT_, int I_, int J_, int G_, int S_, int LA_, int MIN_BLOCKS_, bool DIRECT_ = false>
 struct Shape {
   static constexpr int WR = WR_, WT = WT_, I = I_, J = J_, G = G_, S = S_, LA = LA_, MIN_BLOCKS = MIN_BLOCKS_;
   static constexpr int TM = WR * 16 * I, TN = WT * 8 * J, THREADS = 32 * WR * WT;
+  static constexpr bool DIRECT = DIRECT_;
 };
 // Prompts: 128 rows x 64 tokens, 8 warps of 32 x 32, two blocks a multiprocessor (128 registers;
 // 1 block of more registers measured slower). A step's generated tokens: 32-row tiles, so that even
@@ -170,11 +185,19 @@ struct Shape {
 using PromptTile = Shape<4, 2, 2, 4, 1, 4, 1, 2>;
 using Tokens8Tile = Shape<2, 1, 1, 1, 4, 4, 2, 3>;
 using Tokens32Tile = Shape<2, 1, 1, 4, 2, 4, 2, 3>;
+// The token tiles with their scales in the pipeline, where the weights' f16 scales of a k group
+// are 4- or 8-byte aligned words (cols a multiple of kQk; not the super-block types, whose scales
+// are decoded from two sections): the register-staged scales' loads cost about a quarter of the
+// 32-token tile's time (docs/CUDA.md).
+using Tokens8Direct = Shape<2, 1, 1, 1, 4, 4, 2, 3, true>;
+using Tokens32Direct = Shape<2, 1, 1, 4, 2, 4, 2, 3, true>;
 
 // Shared-memory layout of one k step of the tile: the weights' raw bytes (codes; q3 also its high
 // bits) per row, padded so that a fragment load's 8 rows x 4 words hit 32 distinct banks, then
-// the x codes. The scales live in two slots of their own (register-staged one step ahead: the
-// weights' f16 scales need not be 4-byte aligned, which cp.async requires).
+// the x codes; DIRECT tiles then the group's scales (the weights' f16 [TM][KB], x's f32 [KB][TN] and
+// the zero-point starts [KB][TN]). Other tiles keep their scales in two slots of their own
+// (register-staged one step ahead: the weights' f16 scales need not be 4-byte aligned, which
+// cp.async requires).
 template <int DT>
 constexpr bool kHigh = DT == UPG_DTYPE_Q3 || DT == UPG_DTYPE_IQ3;  // a qh section
 template <int DT>
@@ -191,8 +214,9 @@ struct Q8Tile {
   static constexpr int kCodesLd = kCodes + 16;                                    // 144, 80, 48 bytes
   static constexpr int kHighLd = kHigh<DT> ? 24 : 0;                             // qh (16 bytes / row), 6 words
   static constexpr int kW = SH::TM * kCodesLd, kH = SH::TM * kHighLd, kX = SH::TN * kQxLd;
-  static constexpr int kStage = kW + kH + kX;                                     // one group; a multiple of 16
-  static constexpr int kScales = (SH::TM + 2 * SH::TN) * KB * 4;                  // wd f32, xd f32, xz int32
+  static constexpr int kWs = SH::DIRECT ? SH::TM * KB * 2 : 0, kXs = SH::DIRECT ? SH::TN * KB * 4 : 0;
+  static constexpr int kStage = kW + kH + kX + kWs + 2 * kXs;                     // one group; a multiple of 16
+  static constexpr int kScales = SH::DIRECT ? 0 : (SH::TM + 2 * SH::TN) * KB * 4; // wd f32, xd f32, xz int32
   static constexpr int kStep = SH::G * kStage, kStepScales = SH::G * kScales;     // a pipeline step
   // As many steps in flight as fit two blocks on a multiprocessor, at most S (prompt tile: q8_0 3,
   // q4 and q3 4).
@@ -236,6 +260,10 @@ struct Q8Plan {
   static constexpr int NW = kShares<copies, threads>;
   static constexpr int highs = SH::TM * KB, NH = kHigh<DT> ? kShares<highs, threads> : 0;  // q3 qh copies
   static constexpr int chunks = SH::TN * (kQk / 16), NX = kShares<chunks, threads>;      // x's 16-byte chunks
+  // DIRECT: a row's KB f16 weight scales (one 8- or 4-byte copy), x's scales and zero-point starts
+  // in 16-byte chunks of 4 tokens
+  static constexpr int NWS = SH::DIRECT ? kShares<SH::TM, threads> : 0;
+  static constexpr int xs_chunks = KB * SH::TN / 4, NXS = SH::DIRECT ? kShares<xs_chunks, threads> : 0;
   const uint8_t* w_src[NW];
   int w_dst[NW], w_kb[NW];
   const uint8_t* h_src[NH > 0 ? NH : 1];
@@ -245,12 +273,18 @@ struct Q8Plan {
   const uint16_t* s_w[S::WQ];  // a weight scale's row at group 0 (f16-scale types)
   int s_wkb[S::WQ], s_wq[S::WQ];
   int s_x[S::XQ], s_xkb[S::XQ];  // x's scales: offset at group 0 into xds / xzs
-  int nb, cols;
+  const uint16_t* ws_src[NWS > 0 ? NWS : 1];
+  int ws_dst[NWS > 0 ? NWS : 1];
+  bool ws_ok[NWS > 0 ? NWS : 1];
+  int xs_src[NXS > 0 ? NXS : 1], xs_dst[NXS > 0 ? NXS : 1];  // offset at group 0 into xds / xzs
+  bool xs_ok[NXS > 0 ? NXS : 1];
+  int nb, cols, ldx;
 
-  __device__ __forceinline__ Q8Plan(const MatView& m, const int8_t* __restrict__ xq, int r0, int t0, int n) {
+  __device__ __forceinline__ Q8Plan(const MatView& m, const int8_t* __restrict__ xq, int r0, int t0, int n, int cap) {
     const int tid = threadIdx.x;
     nb = m.cols / B;
     cols = m.cols;
+    ldx = scales_ld(cap);
     const int64_t row_bytes = int64_t(m.cols) * L::kCodes / kQk;
 #pragma unroll
     for (int q = 0; q < NW; ++q) {
@@ -288,14 +322,29 @@ struct Q8Plan {
     for (int q = 0; q < S::XQ; ++q) {
       const int e = tid + threads * q, t = t0 + e / KB;
       const bool ok = e < SH::TN * KB && t < n;
-      s_x[q] = ok ? t * nb + e % KB : 0;
+      s_x[q] = ok ? (e % KB) * ldx + t : 0;
       s_xkb[q] = ok ? e % KB : kNever;
+    }
+#pragma unroll
+    for (int q = 0; q < NWS; ++q) {
+      const int rr = tid + threads * q, r = r0 + rr;
+      ws_ok[q] = !past<SH::TM, threads>(rr) && r < m.rows;
+      ws_src[q] = m.scales + (ws_ok[q] ? int64_t(r) * nb : 0);
+      ws_dst[q] = L::kW + L::kH + L::kX + rr * KB * 2;
+    }
+#pragma unroll
+    for (int q = 0; q < NXS; ++q) {
+      const int e = tid + threads * q, kk = e / (SH::TN / 4), c = e % (SH::TN / 4);
+      xs_ok[q] = !past<xs_chunks, threads>(e) && t0 + 4 * c < n;
+      xs_src[q] = xs_ok[q] ? kk * ldx + t0 + 4 * c : 0;
+      xs_dst[q] = L::kW + L::kH + L::kX + L::kWs + (kk * SH::TN + 4 * c) * 4;
     }
   }
 
   // The copies of k group `group` into one stage (blocks past cols, rows past the matrix and tokens
   // past the pass zero-filled).
-  __device__ __forceinline__ void issue(const MatView& m, const int8_t* __restrict__ xq, int group, uint8_t* stage) const {
+  __device__ __forceinline__ void issue(const MatView& m, const int8_t* __restrict__ xq, const float* __restrict__ xds,
+                                        const int32_t* __restrict__ xzs, int group, uint8_t* stage) const {
 #pragma unroll
     for (int q = 0; q < NW; ++q) {
       if (past<copies, threads>(int(threadIdx.x) + threads * q)) break;
@@ -314,6 +363,19 @@ struct Q8Plan {
       const bool ok = group * kQk + x_k[q] < cols;
       cp_async<16>(stage + x_dst[q], ok ? x_src[q] + int64_t(group) * kQk : xq, ok);
     }
+    // DIRECT: every group is whole (cols a multiple of kQk)
+#pragma unroll
+    for (int q = 0; q < NWS; ++q) {
+      if (past<SH::TM, threads>(int(threadIdx.x) + threads * q)) break;
+      cp_async<KB * 2>(stage + ws_dst[q], ws_src[q] + (ws_ok[q] ? group * KB : 0), ws_ok[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < NXS; ++q) {
+      if (past<xs_chunks, threads>(int(threadIdx.x) + threads * q)) break;
+      const int off = xs_ok[q] ? xs_src[q] + group * KB * ldx : 0;
+      cp_async<16>(stage + xs_dst[q], xds + off, xs_ok[q]);
+      cp_async<16>(stage + xs_dst[q] + L::kXs, xzs + off, xs_ok[q]);
+    }
   }
 
   __device__ __forceinline__ void load_scales(const MatView& m, const float* __restrict__ xds,
@@ -328,8 +390,8 @@ struct Q8Plan {
 #pragma unroll
     for (int q = 0; q < S::XQ; ++q) {
       const bool ok = group * KB + s_xkb[q] < nb;
-      sc.xd[q] = ok ? __ldg(xds + s_x[q] + group * KB) : 0.0f;
-      sc.xz[q] = ok ? __ldg(xzs + s_x[q] + group * KB) : kMagic;
+      sc.xd[q] = ok ? __ldg(xds + s_x[q] + group * KB * ldx) : 0.0f;
+      sc.xz[q] = ok ? __ldg(xzs + s_x[q] + group * KB * ldx) : kMagic;
     }
   }
 };
@@ -480,14 +542,14 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
 
   const int groups = (m.cols + kQk - 1) / kQk;  // the last group's blocks past cols are zeros
   const int steps = (groups + G - 1) / G;        // groups past the last are neither copied nor summed
-  const Q8Plan<DT, B, SH> plan(m, xq, r0, t0, n);
+  const Q8Plan<DT, B, SH> plan(m, xq, r0, t0, n, cap);
   const auto issue = [&](int step) {
 #pragma unroll
     for (int gi = 0; gi < G; ++gi)
-      if (step * G + gi < groups) plan.issue(m, xq, step * G + gi, smem + (step % S) * L::kStep + gi * L::kStage);
+      if (step * G + gi < groups) plan.issue(m, xq, xds, xzs, step * G + gi, smem + (step % S) * L::kStep + gi * L::kStage);
   };
-  // The scales of the steps ahead in registers, step s's in sc[s % LA]: loaded LA steps before
-  // their step, stored into its slot at the end of the step before it.
+  // Other than DIRECT: the scales of the steps ahead in registers, step s's in sc[s % LA]: loaded LA
+  // steps before their step, stored into its slot at the end of the step before it.
   using Scales = Q8Scales<DT, B, SH>[G];
   Scales sc[LA];
   const auto load_scales = [&](int step, Scales& r) {
@@ -505,11 +567,13 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
     if (s < steps) issue(s);
     cp_commit();
   }
-  load_scales(0, sc[0]);
-  store_scales(0, sc[0]);
+  if constexpr (!SH::DIRECT) {
+    load_scales(0, sc[0]);
+    store_scales(0, sc[0]);
 #pragma unroll
-  for (int a = 1; a < LA; ++a)
-    if (a < steps) load_scales(a, sc[a]);
+    for (int a = 1; a < LA; ++a)
+      if (a < steps) load_scales(a, sc[a]);
+  }
 
   float acc[I][J][4] = {};
   for (int s0 = 0; s0 < steps; s0 += LA)
@@ -521,7 +585,8 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
     __syncthreads();   // everyone's have; and every warp is done with the stage the next copies overwrite
     if (step + S - 1 < steps) issue(step + S - 1);
     cp_commit();
-    if (step + LA < steps) load_scales(step + LA, sc[u]);
+    if constexpr (!SH::DIRECT)
+      if (step + LA < steps) load_scales(step + LA, sc[u]);
 
     // The token tiles' loops over a step's groups and blocks unrolled: their few accumulators leave
     // the registers for it, and the address arithmetic of each block then folds into constants.
@@ -529,9 +594,12 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
     for (int gi = 0; gi < G && step * G + gi < groups; ++gi) {
       const uint8_t* st = smem + (step % S) * L::kStep + gi * L::kStage;
       const uint8_t* xs = st + L::kW + L::kH;
-      const float* wd = scales + (step & 1) * G * slot_floats + gi * slot_floats;  // [TM][KB]
-      const float* xd = wd + TM * KB;                                               // [KB][TN]
+      // the weights' scales [TM][KB] (DIRECT: f16 bits in the stage), x's [KB][TN], the starts [KB][TN]
+      const float* wd = scales + (step & 1) * G * slot_floats + gi * slot_floats;
+      const uint16_t* wh = reinterpret_cast<const uint16_t*>(xs + L::kX);
+      const float* xd = SH::DIRECT ? reinterpret_cast<const float*>(xs + L::kX + L::kWs) : wd + TM * KB;
       const int32_t* xz = reinterpret_cast<const int32_t*>(xd + TN * KB);
+      const auto w_scale = [&](int row, int kk) { return SH::DIRECT ? f16(wh[row * KB + kk]) : wd[row * KB + kk]; };
 #pragma unroll kUnroll ? KB : 1  // the prompt tile one block at a time: unrolled, its blocks' registers spill (measured slower)
       for (int kk = 0; kk < KB; ++kk) {
         int2 z[J];  // the integer sums' start, per token of the thread
@@ -561,7 +629,7 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
         // c[0], c[1]: row g, tokens 2 tig, 2 tig + 1; c[2], c[3]: row g + 8
 #pragma unroll
         for (int i = 0; i < I; ++i) {
-          const float d0 = wd[(row0 + i * 16 + g) * KB + kk], d1 = wd[(row0 + i * 16 + g + 8) * KB + kk];
+          const float d0 = w_scale(row0 + i * 16 + g, kk), d1 = w_scale(row0 + i * 16 + g + 8, kk);
 #pragma unroll
           for (int j = 0; j < J; ++j) {
             const float2 xs = *reinterpret_cast<const float2*>(xd + kk * TN + tok0 + j * 8 + 2 * tig);
@@ -574,7 +642,8 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
         }
       }
     }
-    if (step + 1 < steps) store_scales(step + 1, sc[(u + 1) % LA]);
+    if constexpr (!SH::DIRECT)
+      if (step + 1 < steps) store_scales(step + 1, sc[(u + 1) % LA]);
   }
   cp_wait<0>();
   __syncthreads();  // the output tile reuses the stages
@@ -620,16 +689,20 @@ Q8Kernel pick_q8(int dtype, int block) {
     case UPG_DTYPE_Q4: return block == 32 ? q8_kernel<UPG_DTYPE_Q4, 32, SH>() : q8_kernel<UPG_DTYPE_Q4, 64, SH>();
     case UPG_DTYPE_Q3: return block == 32 ? q8_kernel<UPG_DTYPE_Q3, 32, SH>() : q8_kernel<UPG_DTYPE_Q3, 64, SH>();
     case UPG_DTYPE_IQ4_NL: return q8_kernel<UPG_DTYPE_IQ4_NL, 32, SH>();  // the grid types: block 32 (check_weight)
-    case UPG_DTYPE_IQ4_XS: return q8_kernel<UPG_DTYPE_IQ4_XS, 32, SH>();
-    default: return q8_kernel<UPG_DTYPE_IQ3, 32, SH>();
+    default:
+      if constexpr (SH::DIRECT) throw std::logic_error("cuda matmul: the super-block types have no DIRECT tile");
+      else return dtype == UPG_DTYPE_IQ4_XS ? q8_kernel<UPG_DTYPE_IQ4_XS, 32, SH>() : q8_kernel<UPG_DTYPE_IQ3, 32, SH>();
   }
 }
 
+// Whether a matrix's scales can be copied by cp.async with its codes (the DIRECT tiles).
+bool direct_scales(int dtype, int cols) { return !has_super_block(DType(dtype)) && cols % kQk == 0; }
+
 // The tile for a launch of up to `cap` tokens: 8 and 32-token tiles for a step's generated tokens
 // (two 32-token tiles up to 64), the prompt tile beyond. Any tile gives the same bits.
-Q8Kernel pick_q8(int dtype, int block, int cap) {
-  if (cap <= 8) return pick_q8<Tokens8Tile>(dtype, block);
-  if (cap <= 64) return pick_q8<Tokens32Tile>(dtype, block);
+Q8Kernel pick_q8(int dtype, int block, int cap, bool direct) {
+  if (cap <= 8) return direct ? pick_q8<Tokens8Direct>(dtype, block) : pick_q8<Tokens8Tile>(dtype, block);
+  if (cap <= 64) return direct ? pick_q8<Tokens32Direct>(dtype, block) : pick_q8<Tokens32Tile>(dtype, block);
   return pick_q8<PromptTile>(dtype, block);
 }
 
@@ -639,13 +712,15 @@ size_t codes_bytes(const Weight& w) { return (size_t(w.args.n_tokens) * w.args.c
 
 size_t matmul_scratch(const Weight& w) {
   if (!is_quantized(DType(w.dtype))) return 0;
-  return codes_bytes(w) + size_t(w.args.n_tokens) * (w.args.cols / w.args.block) * (sizeof(float) + sizeof(int32_t));
+  return codes_bytes(w) + size_t(scales_ld(w.args.n_tokens)) * (w.args.cols / w.args.block) * (sizeof(float) + sizeof(int32_t));
 }
 
 void init_matmul() {
   for (int dt : {UPG_DTYPE_Q8_0, UPG_DTYPE_Q4, UPG_DTYPE_Q3, UPG_DTYPE_IQ4_NL, UPG_DTYPE_IQ4_XS, UPG_DTYPE_IQ3})
     for (int b : {32, 64})  // grid types: 32 twice
-      for (int cap : {1, 64, 65}) allow_max_smem(reinterpret_cast<const void*>(pick_q8(dt, b, cap).kernel));
+      for (int cap : {1, 64, 65})
+        for (bool direct : {false, true})
+          if (!direct || !has_super_block(DType(dt))) allow_max_smem(reinterpret_cast<const void*>(pick_q8(dt, b, cap, direct).kernel));
 }
 
 void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cudaStream_t s, void* scratch) {
@@ -663,12 +738,12 @@ void matmul(const Weight& w, const float* x, float* y, const int32_t* pass, cuda
   int8_t* xq = static_cast<int8_t*>(scratch);
   const int B = w.args.block, nb = w.args.cols / B;
   float* xd = reinterpret_cast<float*>(xq + codes_bytes(w));
-  int32_t* xz = reinterpret_cast<int32_t*>(xd + size_t(w.args.n_tokens) * nb);
+  int32_t* xz = reinterpret_cast<int32_t*>(xd + size_t(scales_ld(w.args.n_tokens)) * nb);
   const int zero = zero_point(DType(w.dtype));
-  const dim3 qgrid((nb + 7) / 8, w.args.n_tokens);
-  if (B == 32) launch("matmul: round x", k_quantize_x<32>, qgrid, 256, 0, s, x, w.args.cols, zero, xq, xd, xz, pass);
-  else launch("matmul: round x", k_quantize_x<64>, qgrid, 256, 0, s, x, w.args.cols, zero, xq, xd, xz, pass);
-  const Q8Kernel k = pick_q8(w.dtype, B, w.args.n_tokens);
+  const dim3 qgrid((nb + 7) / 8, scales_ld(w.args.n_tokens));
+  if (B == 32) launch("matmul: round x", k_quantize_x<32>, qgrid, 256, 0, s, x, w.args.cols, w.args.n_tokens, zero, xq, xd, xz, pass);
+  else launch("matmul: round x", k_quantize_x<64>, qgrid, 256, 0, s, x, w.args.cols, w.args.n_tokens, zero, xq, xd, xz, pass);
+  const Q8Kernel k = pick_q8(w.dtype, B, w.args.n_tokens, direct_scales(w.dtype, w.args.cols));
   const dim3 grid((w.args.n_tokens + k.tn - 1) / k.tn, (w.args.rows + k.tm - 1) / k.tm);
   launch("matmul", k.kernel, grid, k.threads, k.smem, s, view(w), x, static_cast<const int8_t*>(xq),
          static_cast<const float*>(xd), static_cast<const int32_t*>(xz), y, w.args.ldy, w.args.n_tokens, pass);

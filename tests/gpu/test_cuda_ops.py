@@ -194,17 +194,20 @@ def test_matvec_fused_has_the_bits_of_the_ops(lib, dtype, block):
 @pytest.mark.parametrize("dtype,block,outliers", WEIGHT_CASES)
 def test_matmul(lib, dtype, block, outliers):
     rng = np.random.default_rng()
-    # capacities 3 and 8: the 8-token tile; 40 and 64: the 32-token tile (two of them); beyond: the prompt tile
-    tokens = [(1, 3), (5, 70), (70, 70)] if SMALL else [(1, 3), (8, 8), (20, 40), (50, 64), (5, 70), (70, 70), (130, 200)]
+    # (the pass's tokens, the launch's capacity): capacities 3 and 8: the 8-token tile; 40 to 64: the
+    # 32-token tile (two of them); beyond: the prompt tile. A pass may hold more tokens than the
+    # launch (a batch's generated rows beside its prompt rows): the first `capacity` are computed.
+    tokens = [(1, 3), (5, 3), (5, 70), (70, 70)] if SMALL else [
+        (1, 3), (5, 3), (8, 8), (20, 40), (45, 42), (50, 64), (5, 70), (70, 70), (130, 200)]
     for rows, cols in matrix_shapes(dtype, block)[:3 if SMALL else 4]:
         w, dense, outl = make_weight(rng, dtype, block, rows, cols, outliers, split=True)
-        for n, capacity in tokens:
-            ldy = rows + 3
+        for n_pass, capacity in tokens:
+            n, ldy = min(n_pass, capacity), rows + 3
             x = rng.standard_normal((n, cols)).astype(np.float32)
             xd = torch.zeros(capacity, cols, device="cuda")
             xd[:n] = dev(x)
             y = nan(capacity, ldy)
-            lib.matmul(w, xd, y, capacity, ldy, pass_tensor(11, n))
+            lib.matmul(w, xd, y, capacity, ldy, pass_tensor(11, n_pass))
             y = y.cpu().numpy()
             assert np.all(np.isnan(y[n:])), "rows past the pass's token count were written"
             assert np.all(np.isnan(y[:n, rows:])), "the ldy gap was written"
