@@ -89,7 +89,9 @@ def matrix_shapes(dtype, block):
     elif dtype in SUPER_TYPES:  # whole super-blocks of 256; iq3's mat-vec takes 128 columns a lane
         shapes = [(37, 256 * 3), (300, 256 * 5), (5, 256)]
     else:
-        shapes = [(37, block * 7), (300, block * 10), (5, block * 3)]  # odd block counts
+        # odd block counts; 12 blocks: cols a multiple of 128 at either block (the mat-mul's token
+        # tiles then take their scales by cp.async)
+        shapes = [(37, block * 7), (300, block * 10), (5, block * 12)]
     if not SMALL:  # iq4_xs, iq3: 21 super-blocks, more chunks than lanes and not a multiple of 32
         shapes.append((1030, 256 * 21 if dtype in SUPER_TYPES else 2048 if block != 32 or dtype not in ("q3", "iq4_nl") else 2080))
     return shapes
