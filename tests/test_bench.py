@@ -34,7 +34,8 @@ def test_parallel_refuses_an_unknown_kernel():
 
 def test_parallel_streams_on_the_cpu(tmp_path, capsys):
     """`upg bench FILE --parallel 3`: rows for one stream (the reference) and three, each stream's
-    tokens counted once (aggregate = streams x per stream), one stream's ratio 1."""
+    tokens counted once (aggregate = streams x per stream), one stream's ratio 1, the weights' GB/s
+    of each step beside the read probe."""
     from conftest import make_hf_checkpoint
     from upg_backend.convert import convert_hf
 
@@ -48,10 +49,20 @@ def test_parallel_streams_on_the_cpu(tmp_path, capsys):
 
     r = json.loads(capsys.readouterr().out)
     assert r["backend"] == "cpu" and r["type"] == "q4" and [row["streams"] for row in r["rows"]] == [1, 3]
+    per_step = []
     for row in r["rows"]:
         assert row["aggregate_tps"] > 0 and abs(row["aggregate_tps"] - row["streams"] * row["per_stream_tps"]) < 1e-6 * row["aggregate_tps"]
         assert 0 <= row["host_ms"] < row["step_ms"]
+        per_step.append(row["weights_gbps"] * 1e9 * row["step_ms"] / 1e3)
+    # a step reads the weights once, whatever its streams: every matrix, but one row of the embedding
+    from upg_backend.format import UPGFile
+
+    tensors = UPGFile(path).tensors
+    total = sum(t.nbytes for t in tensors.values())
+    assert abs(per_step[1] - per_step[0]) < 1e-6 * per_step[0]
+    assert 0.9 * (total - tensors["model.embed_tokens.weight"].nbytes) < per_step[0] < total
     assert r["rows"][0]["vs_one_stream"] == 1.0
+    assert r["machine_gbps"] > 0  # the host's read probe of the same run
 
 
 def test_sampled_decode_on_the_cpu(tmp_path, capsys):

@@ -139,22 +139,25 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the portable figure
 
 
+def _step_weight_bytes(path: str) -> int:
+    """Bytes of weights one decode step reads: every matrix (outliers too), one embedding row, and
+    the embedding again as the lm_head when tied (a step of several streams reads them once)."""
+    from .format import UPGFile
+
+    upg = UPGFile(path)
+    matrices = [t for t in upg.tensors.values() if len(t.dims) == 2 or ".outlier_" in t.name]
+    embed = upg.tensors["model.embed_tokens.weight"]
+    per_token = sum(t.nbytes for t in matrices) - embed.nbytes + embed.nbytes // embed.dims[0]
+    return per_token + (embed.nbytes if upg.config.tie_word_embeddings else 0)
+
+
 def _measure(path: str, backend: str, threads: int, prompt: int, gen: int, runs: int, kv_type: str,
              sampled: bool) -> dict[str, Any]:
     """Runs in a fresh process so that peak RSS is the engine's alone (the mapped file's pages count)."""
     from .format import UPGFile
 
-    upg = UPGFile(path)
-    cfg = upg.config
-    # Bytes one decode step reads: every matrix (outliers too), one embedding row, and the
-    # embedding again as the lm_head when tied.
-    matrices = [t for t in upg.tensors.values() if len(t.dims) == 2 or ".outlier_" in t.name]
-    embed = upg.tensors["model.embed_tokens.weight"]
-    per_token = sum(t.nbytes for t in matrices) - embed.nbytes + embed.nbytes // embed.dims[0]
-    if cfg.tie_word_embeddings:
-        per_token += embed.nbytes
-    del upg
-
+    cfg = UPGFile(path).config
+    per_token = _step_weight_bytes(path)
     t0 = time.perf_counter()
     model = _core.Model(path, cfg.engine_config())
     backend, device = open_backend(backend)
@@ -266,6 +269,7 @@ class ParallelRow:
     vs_one_stream: float  # aggregate tok/s over one stream's
     step_ms: float  # one step (median of runs), the greedy choice included
     host_ms: float  # of which the argmax of the step's logits rows on the host (0 where the backend chooses)
+    weights_gbps: float  # the weights a step reads (once for all its streams) over the step's time
 
 
 @dataclasses.dataclass
@@ -278,6 +282,7 @@ class ParallelResult:
     decode_steps: int
     rows: list[ParallelRow]
     generated: str  # CUDA's kernels of the generated tokens (open_backend)
+    machine_gbps: float  # the backend's memory read bandwidth (host or GPU) measured in the same run
 
     def table(self) -> str:
         kernels = f", generated tokens by the {self.generated}" if self.backend == "cuda" else ""
@@ -285,18 +290,23 @@ class ParallelResult:
                 f"{self.prompt_tokens} prompt tokens, then {self.decode_steps} steps of one generated token per "
                 f"stream (BatchSession{kernels}, greedy on the {'host' if self.backend == 'cpu' else 'backend'}; "
                 f"medians of runs)")
+        probe = (f"{'GPU' if self.backend == 'cuda' else 'host'} read probe {self.machine_gbps:.0f} GB/s"
+                 if self.machine_gbps else "no read probe here")
         lines = [head, f"{'streams':>8}  {'aggregate tok/s':>15}  {'per stream':>10}  {'x one stream':>12}  "
-                       f"{'step ms':>8}  {'host argmax ms':>14}"]
+                       f"{'step ms':>8}  {'host argmax ms':>14}  {'weights GB/s':>12}  {'of probe':>8}  ({probe})"]
         lines += [f"{r.streams:>8}  {r.aggregate_tps:>15.1f}  {r.per_stream_tps:>10.2f}  {r.vs_one_stream:>12.2f}  "
-                  f"{r.step_ms:>8.2f}  {r.host_ms:>14.2f}" for r in self.rows]
+                  f"{r.step_ms:>8.2f}  {r.host_ms:>14.2f}  {r.weights_gbps:>12.1f}  "
+                  + (f"{100 * r.weights_gbps / self.machine_gbps:>7.0f}%" if self.machine_gbps else f"{'-':>8}")
+                  for r in self.rows]
         return "\n".join(lines)
 
 
 def _measure_parallel(path: str, backend: str, threads: int, streams: list[int], prompt: int, gen: int, runs: int,
-                      kv_type: str, generated: str) -> tuple[str, list[tuple[float, float]]]:
-    """(seconds a step, of which the host's argmax) of each stream count (medians of runs), in a
-    fresh process (a fresh backend each). Greedy as a batch's views choose it: on the host on the
-    CPU, else on the backend (BatchSession's argmax entries)."""
+                      kv_type: str, generated: str) -> tuple[str, list[tuple[float, float]], float]:
+    """(backend, (seconds a step, of which the host's argmax) of each stream count (medians of
+    runs), the GPU's read bandwidth or 0), in a fresh process (a fresh backend each). Greedy as a
+    batch's views choose it: on the host on the CPU, else on the backend (BatchSession's argmax
+    entries)."""
     from .format import UPGFile
 
     cfg = UPGFile(path).config
@@ -329,7 +339,8 @@ def _measure_parallel(path: str, backend: str, threads: int, streams: list[int],
             host.append(argmax_s / gen)
         out.append((statistics.median(steps), statistics.median(host)))
         del b, device
-    return name, out
+    # the GPU's floor is measured here, in the process that holds the GPU
+    return name, out, _core.cuda_read_bandwidth() if name == "cuda" else 0.0
 
 
 def run_parallel_bench(model: str, streams: list[int], type: str = "q4", threads: int = 0, prompt: int = 512,
@@ -352,9 +363,11 @@ def run_parallel_bench(model: str, streams: list[int], type: str = "q4", threads
     threads = threads or os.cpu_count() or 1
     counts = sorted(set(streams) | {1})
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        name, times = pool.apply(_measure_parallel, (str(path), backend, threads, counts, prompt, gen, runs, kv_type,
-                                                      generated))
-    one = 1 / times[0][0]
-    rows = [ParallelRow(n, n / s, 1 / s, n / s / one, 1e3 * s, 1e3 * h) for n, (s, h) in zip(counts, times)]
+        name, times, gpu_gbps = pool.apply(_measure_parallel, (str(path), backend, threads, counts, prompt, gen, runs,
+                                                                kv_type, generated))
+    machine = _core.measure_read_bandwidth(1 << 30, threads) if name == "cpu" else gpu_gbps
+    one, per_step = 1 / times[0][0], _step_weight_bytes(str(path))
+    rows = [ParallelRow(n, n / s, 1 / s, n / s / one, 1e3 * s, 1e3 * h, per_step / s / 1e9)
+            for n, (s, h) in zip(counts, times)]
     return ParallelResult(model=model, type=type, backend=name, threads=threads, prompt_tokens=prompt,
-                          decode_steps=gen, rows=rows, generated=generated)
+                          decode_steps=gen, rows=rows, generated=generated, machine_gbps=machine)
