@@ -182,7 +182,7 @@ def main():
                     p.result()
 
             t2 = median_time(two_threads, reps)
-            mm_rows = 32 if path == "scalar" else 1024  # a row slice keeps the slow path short
+            mm_rows = min(rows, 32 if path == "scalar" else 1024)  # a row slice keeps the slow path short
             tm = median_time(lambda: _core.matmul(type_, block, data, rows, cols, x64, path, r1=mm_rows),
                              reps)
             gflops = 2 * mm_rows * cols * 64 / tm / 1e9
