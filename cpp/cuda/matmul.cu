@@ -248,9 +248,9 @@ struct Q8Scales {
 
 // A thread's share of every k group's copies and scale loads, worked out once per launch: the
 // group's loads then add only the group's offset (redone every step, the per-copy row, token and
-// bound arithmetic was a third of the 32-token tile's instructions: docs/CUDA.md). A load whose row or token is
-// past the matrix or the pass gets a block index no group reaches (kNever), so one comparison with
-// the block count zero-fills it, as the blocks past cols are.
+// bound arithmetic was a third of the 32-token tile's instructions: docs/CUDA.md). A load whose row
+// or token is past the matrix or the pass gets a block index no group reaches (kNever), so one
+// comparison with the block count zero-fills it, as the blocks past cols are.
 template <int DT, int B, typename SH>
 struct Q8Plan {
   using L = Q8Tile<DT, B, SH>;
