@@ -216,6 +216,8 @@ struct Q8Tile {
   static constexpr int kW = SH::TM * kCodesLd, kH = SH::TM * kHighLd, kX = SH::TN * kQxLd;
   static constexpr int kWs = SH::DIRECT ? SH::TM * KB * 2 : 0, kXs = SH::DIRECT ? SH::TN * KB * 4 : 0;
   static constexpr int kStage = kW + kH + kX + kWs + 2 * kXs;                     // one group; a multiple of 16
+  // where a stage's sections start: the x codes, then (DIRECT) the weights' scales, x's, the starts
+  static constexpr int kXAt = kW + kH, kWsAt = kXAt + kX, kXdAt = kWsAt + kWs, kXzAt = kXdAt + kXs;
   static constexpr int kScales = SH::DIRECT ? 0 : (SH::TM + 2 * SH::TN) * KB * 4; // wd f32, xd f32, xz int32
   static constexpr int kStep = SH::G * kStage, kStepScales = SH::G * kScales;     // a pipeline step
   // As many steps in flight as fit two blocks on a multiprocessor, at most S (prompt tile: q8_0 3,
@@ -307,7 +309,7 @@ struct Q8Plan {
       const int e = tid + threads * q, tt = e / (kQk / 16), c = e % (kQk / 16), t = t0 + tt;
       const bool ok = !past<chunks, threads>(e) && t < n;
       x_src[q] = xq + (ok ? int64_t(t) * m.cols + 16 * c : 0);
-      x_dst[q] = L::kW + L::kH + tt * kQxLd + 16 * c;
+      x_dst[q] = L::kXAt + tt * kQxLd + 16 * c;
       x_k[q] = ok ? 16 * c : kNever;
     }
 #pragma unroll
@@ -330,14 +332,14 @@ struct Q8Plan {
       const int rr = tid + threads * q, r = r0 + rr;
       ws_ok[q] = !past<SH::TM, threads>(rr) && r < m.rows;
       ws_src[q] = m.scales + (ws_ok[q] ? int64_t(r) * nb : 0);
-      ws_dst[q] = L::kW + L::kH + L::kX + rr * KB * 2;
+      ws_dst[q] = L::kWsAt + rr * KB * 2;
     }
 #pragma unroll
     for (int q = 0; q < NXS; ++q) {
       const int e = tid + threads * q, kk = e / (SH::TN / 4), c = e % (SH::TN / 4);
       xs_ok[q] = !past<xs_chunks, threads>(e) && t0 + 4 * c < n;
       xs_src[q] = xs_ok[q] ? kk * ldx + t0 + 4 * c : 0;
-      xs_dst[q] = L::kW + L::kH + L::kX + L::kWs + (kk * SH::TN + 4 * c) * 4;
+      xs_dst[q] = L::kXdAt + (kk * SH::TN + 4 * c) * 4;  // xd; xz at the same place of its section
     }
   }
 
@@ -374,7 +376,7 @@ struct Q8Plan {
       if (past<xs_chunks, threads>(int(threadIdx.x) + threads * q)) break;
       const int off = xs_ok[q] ? xs_src[q] + group * KB * ldx : 0;
       cp_async<16>(stage + xs_dst[q], xds + off, xs_ok[q]);
-      cp_async<16>(stage + xs_dst[q] + L::kXs, xzs + off, xs_ok[q]);
+      cp_async<16>(stage + xs_dst[q] + (L::kXzAt - L::kXdAt), xzs + off, xs_ok[q]);
     }
   }
 
@@ -593,11 +595,11 @@ __global__ void __launch_bounds__(SH::THREADS, SH::MIN_BLOCKS) k_matmul_q8(MatVi
 #pragma unroll kUnroll ? G : 1
     for (int gi = 0; gi < G && step * G + gi < groups; ++gi) {
       const uint8_t* st = smem + (step % S) * L::kStep + gi * L::kStage;
-      const uint8_t* xs = st + L::kW + L::kH;
+      const uint8_t* xs = st + L::kXAt;
       // the weights' scales [TM][KB] (DIRECT: f16 bits in the stage), x's [KB][TN], the starts [KB][TN]
       const float* wd = scales + (step & 1) * G * slot_floats + gi * slot_floats;
-      const uint16_t* wh = reinterpret_cast<const uint16_t*>(xs + L::kX);
-      const float* xd = SH::DIRECT ? reinterpret_cast<const float*>(xs + L::kX + L::kWs) : wd + TM * KB;
+      const uint16_t* wh = reinterpret_cast<const uint16_t*>(st + L::kWsAt);
+      const float* xd = SH::DIRECT ? reinterpret_cast<const float*>(st + L::kXdAt) : wd + TM * KB;
       const int32_t* xz = reinterpret_cast<const int32_t*>(xd + TN * KB);
       const auto w_scale = [&](int row, int kk) { return SH::DIRECT ? f16(wh[row * KB + kk]) : wd[row * KB + kk]; };
 #pragma unroll kUnroll ? KB : 1  // the prompt tile one block at a time: unrolled, its blocks' registers spill (measured slower)
